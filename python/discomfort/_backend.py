@@ -1,0 +1,79 @@
+"""Chooses the store implementation: the C++ core or the pure-Python twin.
+
+DISCOMFORT_BACKEND=auto|native|python picks one (auto: native when it loads).
+DISCOMFORT_REQUIRE_NATIVE=1 turns a missing core into an import error instead of a fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+VALID = ("auto", "native", "python")
+
+
+class BackendUnavailableError(ImportError):
+    """The requested backend cannot be loaded."""
+
+
+def _require_native() -> bool:
+    return os.environ.get("DISCOMFORT_REQUIRE_NATIVE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def requested() -> str:
+    value = os.environ.get("DISCOMFORT_BACKEND", "auto").strip().lower() or "auto"
+    if value not in VALID:
+        raise ValueError(
+            f"DISCOMFORT_BACKEND={os.environ.get('DISCOMFORT_BACKEND')!r} is not valid; "
+            f"use one of: {', '.join(VALID)}"
+        )
+    return value
+
+
+def _import_core() -> ModuleType:
+    try:
+        return importlib.import_module("discomfort._core")
+    except ImportError as exc:
+        # Fall back only when the core module itself is what is missing or broken; an import
+        # error raised from inside it for another module propagates.
+        if exc.name not in (None, "discomfort._core"):
+            raise
+        raise BackendUnavailableError(f"the native core discomfort._core could not be loaded: {exc}") from exc
+
+
+def load(name: str) -> ModuleType:
+    """Return the store module of backend `name` ("native" or "python")."""
+    if name == "native":
+        return _import_core()
+    if name == "python":
+        return importlib.import_module("discomfort._pystore")
+    raise ValueError(f"unknown backend {name!r}; use one of: native, python")
+
+
+def select() -> tuple[str, ModuleType]:
+    """The backend this process uses, by the environment."""
+    want = requested()
+    if want == "python":
+        if _require_native():
+            raise BackendUnavailableError(
+                "DISCOMFORT_REQUIRE_NATIVE=1 conflicts with DISCOMFORT_BACKEND=python"
+            )
+        return "python", load("python")
+    try:
+        return "native", load("native")
+    except BackendUnavailableError:
+        if want == "native" or _require_native():
+            raise
+    return "python", load("python")
+
+
+def available() -> list[str]:
+    names = []
+    for name in ("native", "python"):
+        try:
+            load(name)
+        except BackendUnavailableError:
+            continue
+        names.append(name)
+    return names

@@ -1,0 +1,1263 @@
+"""The pure-Python store: the same segment format and behaviour as the C++ core.
+
+docs/FORMAT.md is the contract both follow. This module is the fallback where the core
+cannot be built, and the reference the core is tested against.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import re
+import struct
+import threading
+import time
+import weakref
+from collections import deque
+from functools import lru_cache
+from typing import Any, Iterator, Sequence
+
+from .errors import (
+    CorruptedStoreError,
+    DiskFullError,
+    InvalidKeyError,
+    InvalidRunIdError,
+    RunFinishedError,
+    StoreAccessError,
+    StoreClosedError,
+    StoreFullError,
+    UnknownKeyError,
+    UnknownRunError,
+)
+
+__version__ = "0.1.0"
+FORMAT_VERSION = 1
+SMALL_OBJECT_BYTES = 65536
+
+MAGIC = b"DCFSTORE"
+OBJ_MAGIC = 0x4F464344
+PAGE = 4096
+HEADER_SIZE = 4096
+MAX_CHUNKS = 64
+SLOT_CAP = 128
+TABLE_CAP = 4096
+PIN_CAP = 4096
+CHUNK_OFF = 4096
+SLOT_OFF = 6144
+OBJ_OFF = 12288
+ENTRY = 320
+PIN_OFF = OBJ_OFF + TABLE_CAP * ENTRY
+TOTAL = PIN_OFF + PIN_CAP * 32
+LOCK_BYTE = 1 << 40
+SLOT_LOCK_BASE = LOCK_BYTE + 4096
+MIN_CHUNK = 64 << 20
+FLAG_FINISHED = 1
+
+EMPTY, RESERVED, SEALED, TOMBSTONE = 0, 1, 2, 3
+RAM, DISK = 0, 1
+TIER_NAMES = ("ram", "disk")
+
+# Header fields: name -> (offset, struct format).
+_H = {
+    "format_version": (8, "<I"),
+    "header_size": (12, "<I"),
+    "total_size": (16, "<Q"),
+    "flags": (24, "<I"),
+    "dirty": (28, "<I"),
+    "epoch": (32, "<Q"),
+    "next_version": (40, "<Q"),
+    "ram_budget": (48, "<Q"),
+    "creator_uid": (56, "<I"),
+    "creator_pid": (60, "<I"),
+    "max_chunks": (64, "<I"),
+    "slot_capacity": (68, "<I"),
+    "table_capacity": (72, "<I"),
+    "pin_capacity": (76, "<I"),
+    "chunk_table_off": (80, "<Q"),
+    "slot_table_off": (88, "<Q"),
+    "obj_table_off": (96, "<Q"),
+    "pin_table_off": (104, "<Q"),
+    "disk_dir_len": (176, "<I"),
+    "created_ns": (184, "<Q"),
+}
+_EXPECTED = {
+    "header_size": HEADER_SIZE,
+    "total_size": TOTAL,
+    "max_chunks": MAX_CHUNKS,
+    "slot_capacity": SLOT_CAP,
+    "table_capacity": TABLE_CAP,
+    "pin_capacity": PIN_CAP,
+    "chunk_table_off": CHUNK_OFF,
+    "slot_table_off": SLOT_OFF,
+    "obj_table_off": OBJ_OFF,
+    "pin_table_off": PIN_OFF,
+}
+_ENTRY = struct.Struct("<IIIIQQQQQQ256s")
+_ENTRY_HEAD = struct.Struct("<IIIIQQQQQQ")
+_PIN = struct.Struct("<IIQQQ")
+_CHUNK = struct.Struct("<IIQ")
+_SLOT = struct.Struct("<IIQ")
+_EXT_HEAD = struct.Struct("<IIQQQ")
+_BUFDESC = struct.Struct("<QQ")
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux (64-bit off_t)
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_KILLPOINT = os.environ.get("DISCOMFORT_TEST_KILLPOINT", "")
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@lru_cache(maxsize=4096)
+def fnv1a64(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for c in data:
+        h = ((h ^ c) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def check_key(key: object) -> bytes:
+    if not isinstance(key, str):
+        raise InvalidKeyError(f"key must be a str, not {type(key).__name__}")
+    if not key:
+        raise InvalidKeyError("key must not be empty")
+    if "\0" in key:
+        raise InvalidKeyError(f"key {key!r} contains a NUL character")
+    try:
+        raw = key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError(f"key {key!r} is not valid UTF-8: {exc}") from None
+    if len(raw) > 255:
+        raise InvalidKeyError(f"key is {len(raw)} UTF-8 bytes long; the limit is 255")
+    return raw
+
+
+def check_run_id(run_id: object) -> str:
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise InvalidRunIdError(f"run id {run_id!r} is not 1-64 characters of [A-Za-z0-9_-]")
+    return run_id
+
+
+def layout(meta_len: int, sizes: Sequence[int]) -> tuple[int, list[int], int]:
+    """Offsets of the meta and of each buffer inside an extent, and the extent's length."""
+    meta_off = _align(32 + 16 * len(sizes), 64)
+    pos = meta_off + meta_len
+    offsets = []
+    for n in sizes:
+        pos = _align(pos, PAGE if n >= SMALL_OBJECT_BYTES else 64)
+        offsets.append(pos)
+        pos += n
+    return meta_off, offsets, _align(pos, PAGE)
+
+
+def parse_directory(view: Any, length: int, where: str) -> tuple[int, int, list[tuple[int, int]]]:
+    """Validate an extent's directory; return (meta_off, meta_len, [(off, len)])."""
+    if length < 32:
+        raise CorruptedStoreError(f"{where}: extent of {length} bytes is too short")
+    magic, nbuf, meta_off, meta_len, _ = _EXT_HEAD.unpack_from(view, 0)
+    if magic != OBJ_MAGIC:
+        raise CorruptedStoreError(f"{where}: bad object magic {magic:#x}")
+    if nbuf > 65536 or 32 + 16 * nbuf > length:
+        raise CorruptedStoreError(f"{where}: buffer count {nbuf} does not fit the extent")
+    if meta_off < 32 + 16 * nbuf or meta_off > length or meta_len > length - meta_off:
+        raise CorruptedStoreError(f"{where}: metadata range out of bounds")
+    bufs = []
+    for i in range(nbuf):
+        off, n = _BUFDESC.unpack_from(view, 32 + 16 * i)
+        if off > length or n > length - off:
+            raise CorruptedStoreError(f"{where}: buffer {i} out of bounds")
+        bufs.append((off, n))
+    return meta_off, meta_len, bufs
+
+
+def parse_extent(view: Any, length: int, where: str) -> tuple[bytes, list[tuple[int, int]]]:
+    """The meta bytes and buffer ranges of a validated extent."""
+    meta_off, meta_len, bufs = parse_directory(view, length, where)
+    return bytes(view[meta_off : meta_off + meta_len]), bufs
+
+
+def _ofd(fd: int, cmd: int, ltype: int, start: int) -> int:
+    res = fcntl.fcntl(fd, cmd, _FLOCK.pack(ltype, os.SEEK_SET, start, 1, 0))
+    return _FLOCK.unpack(res)[0]
+
+
+def _ofd_lock_wait(fd: int, start: int) -> None:
+    while True:
+        try:
+            _ofd(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, start)
+            return
+        except InterruptedError:
+            continue
+
+
+def _ofd_try(fd: int, start: int) -> bool:
+    try:
+        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, start)
+        return True
+    except (BlockingIOError, PermissionError):
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def _ofd_unlock(fd: int, start: int) -> None:
+    _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, start)
+
+
+def _killpoint(name: str) -> None:
+    """Test-only: park the process at a named point so a test can SIGKILL it there."""
+    if _KILLPOINT != name:
+        return
+    fd = os.environ.get("DISCOMFORT_TEST_KILLPOINT_FD")
+    if fd:
+        os.write(int(fd), b"K")
+    while True:
+        time.sleep(3600)  # parked until the test kills us; never a synchronisation sleep
+
+
+def read_meminfo(path: str) -> dict[str, int]:
+    out = {}
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith(b":"):
+                    mult = 1024 if len(parts) > 2 and parts[2] == b"kB" else 1
+                    out[parts[0][:-1].decode()] = int(parts[1]) * mult
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def memory_allows(probe: str, nbytes: int) -> bool:
+    info = read_meminfo(probe)
+    avail, total = info.get("MemAvailable"), info.get("MemTotal")
+    if avail is None or total is None:
+        return True
+    reserve = min(1 << 30, total // 10)
+    if avail - nbytes < reserve:
+        return False
+    if probe == "/proc/meminfo":
+        try:
+            with open("/sys/fs/cgroup/memory.max") as fh:
+                limit = fh.read().strip()
+            if limit != "max":
+                with open("/sys/fs/cgroup/memory.current") as fh:
+                    current = int(fh.read())
+                if int(limit) - current - nbytes < reserve:
+                    return False
+        except (OSError, ValueError):
+            pass
+    return True
+
+
+class _Control:
+    """What outlives a closed handle while its views are alive: the fd, its locks and pins."""
+
+    def __init__(self, fd: int, mm: mmap.mmap, run_id: str):
+        self.fd = fd
+        self.mm = mm
+        self.run_id = run_id
+        self.mutex = threading.Lock()
+        self.slot = -1
+        self.pins: dict[tuple[int, int, int], list[int]] = {}  # extent -> [count, pin index]
+        self.pending: deque = deque()
+        self.closing = False
+        self.released = False
+        mv = memoryview(mm)
+        self.states = mv[OBJ_OFF : OBJ_OFF + TABLE_CAP * ENTRY].cast("I")[0 :: ENTRY // 4]
+        self.pin_states = mv[PIN_OFF : PIN_OFF + PIN_CAP * 32].cast("I")[0 :: 8]
+
+    # header fields
+    def hget(self, name: str) -> int:
+        off, fmt = _H[name]
+        return struct.unpack_from(fmt, self.mm, off)[0]
+
+    def hset(self, name: str, value: int) -> None:
+        off, fmt = _H[name]
+        struct.pack_into(fmt, self.mm, off, value)
+
+    # locking
+    def lock(self) -> None:
+        self.mutex.acquire()
+        try:
+            _ofd_lock_wait(self.fd, LOCK_BYTE)
+        except BaseException:
+            self.mutex.release()
+            raise
+
+    def unlock(self) -> None:
+        try:
+            self._drain()
+        finally:
+            try:
+                _ofd_unlock(self.fd, LOCK_BYTE)
+            finally:
+                self.mutex.release()
+        if self.closing and not self.pins and not self.released:
+            self.release()
+
+    def release_pin(self, extent: tuple[int, int, int]) -> None:
+        """Finalizer of a view: never blocks, so it cannot deadlock with the thread it runs on."""
+        self.pending.append(extent)
+        if self.released or not self.mutex.acquire(blocking=False):
+            return  # the holder drains it when it unlocks
+        try:
+            _ofd_lock_wait(self.fd, LOCK_BYTE)
+        except BaseException:
+            self.mutex.release()
+            raise
+        self.unlock()
+
+    def _drain(self) -> None:
+        if not self.pending or self.hget("dirty"):
+            return  # an interrupted update is repaired by the next operation, which drains then
+        began = False
+        while self.pending:
+            extent = self.pending.popleft()
+            rec = self.pins.get(extent)
+            if rec is None:
+                continue
+            rec[0] -= 1
+            if rec[0] > 0:
+                continue
+            del self.pins[extent]
+            if not began:
+                self.begin()
+                began = True
+            index = rec[1]
+            state, slot, chunk, off, length = _PIN.unpack_from(self.mm, PIN_OFF + index * 32)
+            if state == 1 and slot == self.slot and (chunk, off, length) == extent:
+                struct.pack_into("<I", self.mm, PIN_OFF + index * 32, 0)
+        if began:
+            self.end()
+
+    def begin(self) -> None:
+        self.hset("dirty", 1)
+
+    def end(self) -> None:
+        self.hset("epoch", self.hget("epoch") + 1)
+        self.hset("dirty", 0)
+
+    def release(self) -> None:
+        """Give back the slot and every lock; after this the handle is gone for good."""
+        if self.released:
+            return
+        self.released = True
+        try:
+            self.mutex.acquire()
+            try:
+                _ofd_lock_wait(self.fd, LOCK_BYTE)
+                try:
+                    if self.slot >= 0 and not self.hget("dirty"):
+                        self.hset("dirty", 1)
+                        for index in range(PIN_CAP):
+                            if self.pin_states[index] == 1:
+                                _, slot, *_ = _PIN.unpack_from(self.mm, PIN_OFF + index * 32)
+                                if slot == self.slot:
+                                    struct.pack_into("<I", self.mm, PIN_OFF + index * 32, 0)
+                        struct.pack_into("<I", self.mm, SLOT_OFF + self.slot * 32, 0)
+                        self.end()
+                    if self.slot >= 0:
+                        _ofd_unlock(self.fd, SLOT_LOCK_BASE + self.slot)
+                finally:
+                    _ofd_unlock(self.fd, LOCK_BYTE)
+            finally:
+                self.mutex.release()
+        finally:
+            self.states.release()
+            self.pin_states.release()
+            try:
+                self.mm.close()
+            except BufferError:
+                pass
+            os.close(self.fd)
+
+
+class Reservation:
+    """A reserved object that readers cannot see until `seal()`."""
+
+    def __init__(self, store: Store, key: str, index: int, file_id: int, tier: int,
+                 buffers: list[memoryview], mapping: Any):
+        self._store = store
+        self._key = key
+        self._index = index
+        self._file_id = file_id
+        self._tier = tier
+        self._buffers = buffers
+        self._mapping = mapping
+        self._done = False
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def buffers(self) -> list[memoryview]:
+        return self._buffers
+
+    @property
+    def tier(self) -> str:
+        return TIER_NAMES[self._tier]
+
+    def _finish(self) -> None:
+        self._done = True
+        self._buffers = []
+        if self._mapping is not None:
+            try:
+                self._mapping.close()
+            except BufferError:
+                pass  # a caller still holds a buffer; the mapping goes with it
+            self._mapping = None
+
+    def seal(self) -> int:
+        if self._done:
+            raise StoreClosedError(f"reservation of {self._key!r} was already sealed or aborted")
+        try:
+            return self._store._seal(self._index, self._file_id, self._key)
+        finally:
+            self._finish()
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        try:
+            self._store._abort(self._index, self._file_id)
+        finally:
+            self._finish()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.seal()
+
+
+class Store:
+    """A run's object store: RAM chunks in shared memory, overflow files on disk."""
+
+    def __init__(self, run_id: str, shm_dir: str, fd: int, mm: mmap.mmap, owner: bool,
+                 mem_probe: str):
+        self._run_id = run_id
+        self._shm_dir = shm_dir
+        self._owner = owner
+        self._pid = os.getpid()
+        self._probe = mem_probe
+        self._c = _Control(fd, mm, run_id)
+        self._closed = False
+        self._chunk_fds: dict[int, int] = {}
+        self._chunk_maps: dict[int, mmap.mmap] = {}
+        n = self._c.hget("disk_dir_len")
+        self._disk_dir = bytes(mm[256 : 256 + n]).decode() if n else None
+        _live_stores.add(self)
+
+    # ---- construction -------------------------------------------------------------------
+    @staticmethod
+    def _control_path(shm_dir: str, run_id: str) -> str:
+        return os.path.join(shm_dir, f"dcf-{run_id}")
+
+    @classmethod
+    def create(cls, run_id: str, *, ram_budget: int, disk_root: str | None = None,
+               shm_dir: str = "/dev/shm", mem_probe: str = "/proc/meminfo") -> Store:
+        check_run_id(run_id)
+        if not isinstance(ram_budget, int) or ram_budget < 0:
+            raise ValueError(f"ram_budget must be a non-negative int, not {ram_budget!r}")
+        disk_dir = None
+        if disk_root is not None:
+            disk_dir = os.path.join(os.path.abspath(disk_root), f"dcf-{run_id}")
+            if len(disk_dir.encode()) > 1023:
+                raise ValueError(f"disk root path is too long: {disk_root!r}")
+        path = cls._control_path(shm_dir, run_id)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"run {run_id!r} already exists in {shm_dir}") from None
+        try:
+            try:
+                os.posix_fallocate(fd, 0, TOTAL)
+            except OSError as exc:
+                raise StoreFullError(f"cannot create run {run_id!r} in {shm_dir}: {exc.strerror}") from None
+            if disk_dir is not None:
+                os.makedirs(os.path.dirname(disk_dir), exist_ok=True)
+                os.mkdir(disk_dir, 0o700)
+            mm = mmap.mmap(fd, TOTAL, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            for name, value in _EXPECTED.items():
+                off, fmt = _H[name]
+                struct.pack_into(fmt, mm, off, value)
+            for name, value in (("format_version", FORMAT_VERSION), ("next_version", 1),
+                                ("ram_budget", ram_budget), ("creator_uid", os.geteuid()),
+                                ("creator_pid", os.getpid()), ("created_ns", time.time_ns())):
+                off, fmt = _H[name]
+                struct.pack_into(fmt, mm, off, value)
+            mm[112 : 112 + len(run_id)] = run_id.encode()
+            if disk_dir is not None:
+                raw = disk_dir.encode()
+                struct.pack_into("<I", mm, 176, len(raw))
+                mm[256 : 256 + len(raw)] = raw
+            mm[0:8] = MAGIC
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            if disk_dir is not None and os.path.isdir(disk_dir):
+                os.rmdir(disk_dir)
+            raise
+        store = cls(run_id, shm_dir, fd, mm, True, mem_probe)
+        try:
+            store._open()
+        except BaseException:
+            store.destroy()
+            raise
+        return store
+
+    @classmethod
+    def attach(cls, run_id: str, *, shm_dir: str = "/dev/shm") -> Store:
+        check_run_id(run_id)
+        path = cls._control_path(shm_dir, run_id)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UnknownRunError(f"no discomfort run {run_id!r} in {shm_dir}") from None
+        except PermissionError:
+            raise StoreAccessError(f"run {run_id!r} in {shm_dir} is not accessible to this user") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise StoreAccessError(
+                    f"run {run_id!r} belongs to uid {st.st_uid}, not to this user ({os.geteuid()}); refusing to attach"
+                )
+            if st.st_size < HEADER_SIZE:
+                raise CorruptedStoreError(f"run {run_id!r}: control segment truncated ({st.st_size} bytes)")
+            head = os.pread(fd, HEADER_SIZE, 0)
+            _validate_header(head, st.st_size, run_id)
+            if struct.unpack_from("<I", head, 24)[0] & FLAG_FINISHED:
+                raise RunFinishedError(f"run {run_id!r} has finished")
+            mm = mmap.mmap(fd, TOTAL, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        store = cls(run_id, shm_dir, fd, mm, False, "/proc/meminfo")
+        try:
+            store._open()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _open(self) -> None:
+        c = self._c
+        fcntl.flock(c.fd, fcntl.LOCK_SH)
+        c.lock()
+        try:
+            self._repair_if_dirty()
+            for i in range(SLOT_CAP):
+                if _ofd_try(c.fd, SLOT_LOCK_BASE + i):
+                    c.begin()
+                    if struct.unpack_from("<I", c.mm, SLOT_OFF + i * 32)[0] == 1:
+                        self._reclaim_slot(i)
+                    _SLOT.pack_into(c.mm, SLOT_OFF + i * 32, 1, os.getpid(), c.hget("epoch"))
+                    c.slot = i
+                    c.end()
+                    return
+            raise StoreFullError(f"run {self._run_id!r}: all {SLOT_CAP} process slots are in use")
+        finally:
+            c.unlock()
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def owner(self) -> bool:
+        return self._owner
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def finished(self) -> bool:
+        if self._c.released:
+            return True
+        return bool(self._c.hget("flags") & FLAG_FINISHED)
+
+    @property
+    def slot(self) -> int:
+        return self._c.slot
+
+    @property
+    def disk_dir(self) -> str | None:
+        return self._disk_dir
+
+    @property
+    def shm_dir(self) -> str:
+        return self._shm_dir
+
+    def chunk_path(self, index: int) -> str:
+        return os.path.join(self._shm_dir, f"dcf-{self._run_id}.c{index}")
+
+    def _disk_path(self, file_id: int) -> str:
+        return os.path.join(self._disk_dir, f"{file_id:016x}.obj")
+
+    # ---- locking ------------------------------------------------------------------------------
+    def _locked(self) -> _Locked:
+        if self._closed:
+            raise StoreClosedError(f"store of run {self._run_id!r} is closed")
+        if os.getpid() != self._pid:
+            raise StoreClosedError(
+                f"store handle of run {self._run_id!r} belongs to process {self._pid}; attach again in this process"
+            )
+        return _Locked(self)
+
+    def _repair_if_dirty(self) -> None:
+        if self._c.hget("dirty"):
+            self._repair()
+
+    # ---- table access -------------------------------------------------------------------------
+    def _entry(self, index: int) -> tuple:
+        return _ENTRY.unpack_from(self._c.mm, OBJ_OFF + index * ENTRY)
+
+    def _set_state(self, index: int, state: int) -> None:
+        struct.pack_into("<I", self._c.mm, OBJ_OFF + index * ENTRY, state)
+
+    def _chunk_size(self, k: int) -> int:
+        state, _, size = _CHUNK.unpack_from(self._c.mm, CHUNK_OFF + k * 32)
+        return size if state == 1 else 0
+
+    def _entry_problem(self, e: tuple) -> str | None:
+        state, tier, owner, key_len, h, _v, file_id, chunk, off, length, key = e
+        if not 1 <= key_len <= 255:
+            return f"key length {key_len}"
+        if fnv1a64(bytes(key[:key_len])) != h:
+            return "key hash mismatch"
+        if owner >= SLOT_CAP:
+            return f"owner slot {owner}"
+        if length == 0:
+            return "zero length"
+        if tier == RAM:
+            if chunk >= MAX_CHUNKS:
+                return f"chunk {chunk}"
+            size = self._chunk_size(chunk)
+            if size == 0 or off % PAGE or length % PAGE or off + length > size:
+                return f"extent {off}+{length} outside chunk {chunk}"
+        elif tier == DISK:
+            if file_id == 0 or self._disk_dir is None:
+                return "disk object without a disk tier"
+        else:
+            return f"tier {tier}"
+        return None
+
+    def _valid(self, index: int) -> tuple:
+        e = self._entry(index)
+        problem = self._entry_problem(e)
+        if problem:
+            raise CorruptedStoreError(f"run {self._run_id!r}: object table entry {index} is corrupted ({problem})")
+        return e
+
+    def _probe_path(self, raw: bytes, h: int) -> Iterator[int]:
+        """Indices of live entries on the key's probe path with this key."""
+        states = self._c.states
+        start = h % TABLE_CAP
+        for step in range(TABLE_CAP):
+            i = (start + step) % TABLE_CAP
+            s = states[i]
+            if s == EMPTY:
+                return
+            if s in (RESERVED, SEALED):
+                _, _, _, key_len, eh = _ENTRY_HEAD.unpack_from(self._c.mm, OBJ_OFF + i * ENTRY)[:5]
+                if eh == h and key_len == len(raw):
+                    koff = OBJ_OFF + i * ENTRY + 64
+                    if self._c.mm[koff : koff + key_len] == raw:
+                        yield i
+
+    def _find_sealed(self, raw: bytes) -> int:
+        for i in self._probe_path(raw, fnv1a64(raw)):
+            if self._c.states[i] == SEALED:
+                return i
+        return -1
+
+    def _insert(self, raw: bytes, fields: tuple) -> int:
+        states = self._c.states
+        used = TABLE_CAP - states.tolist().count(EMPTY)
+        if used + 1 > TABLE_CAP * 3 // 4:
+            raise StoreFullError(f"run {self._run_id!r}: object table full ({used} of {TABLE_CAP} entries in use)")
+        h = fnv1a64(raw)
+        start = h % TABLE_CAP
+        for step in range(TABLE_CAP):
+            i = (start + step) % TABLE_CAP
+            if states[i] in (EMPTY, TOMBSTONE):
+                tier, owner, file_id, chunk, off, length = fields
+                _ENTRY.pack_into(self._c.mm, OBJ_OFF + i * ENTRY, TOMBSTONE, tier, owner, len(raw), h,
+                                 0, file_id, chunk, off, length, raw)
+                self._set_state(i, RESERVED)
+                return i
+        raise StoreFullError(f"run {self._run_id!r}: object table full")
+
+    def _tombstone(self, index: int) -> None:
+        """Retire an entry; unlink its disk file. Keeps every probe path intact."""
+        e = self._entry(index)
+        if e[1] == DISK and self._disk_dir is not None and e[6]:
+            try:
+                os.unlink(self._disk_path(e[6]))
+            except FileNotFoundError:
+                pass
+        self._set_state(index, TOMBSTONE)
+        states = self._c.states
+        if states[(index + 1) % TABLE_CAP] == EMPTY:
+            i = index
+            while states[i] == TOMBSTONE:
+                self._set_state(i, EMPTY)
+                i = (i - 1) % TABLE_CAP
+
+    # ---- liveness -------------------------------------------------------------------------------
+    def _slot_alive(self, i: int) -> bool:
+        if i == self._c.slot:
+            return True
+        return _ofd(self._c.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, SLOT_LOCK_BASE + i) != fcntl.F_UNLCK
+
+    def _reclaim_slot(self, slot: int) -> int:
+        """Free what a dead handle held: its reservations and its pins (inside an update)."""
+        count = 0
+        states = self._c.states
+        for i in range(TABLE_CAP):
+            if states[i] == RESERVED and self._entry(i)[2] == slot:
+                self._tombstone(i)
+                count += 1
+        for p in range(PIN_CAP):
+            if self._c.pin_states[p] == 1 and _PIN.unpack_from(self._c.mm, PIN_OFF + p * 32)[1] == slot:
+                struct.pack_into("<I", self._c.mm, PIN_OFF + p * 32, 0)
+                count += 1
+        struct.pack_into("<I", self._c.mm, SLOT_OFF + slot * 32, 0)
+        return count
+
+    def _reclaim_dead(self) -> int:
+        dead = [
+            i for i in range(SLOT_CAP)
+            if struct.unpack_from("<I", self._c.mm, SLOT_OFF + i * 32)[0] == 1 and not self._slot_alive(i)
+        ]
+        if not dead:
+            return 0
+        self._c.begin()
+        count = sum(self._reclaim_slot(i) for i in dead)
+        self._c.end()
+        return count
+
+    def _repair(self) -> None:
+        """A handle died inside an update: rebuild a consistent table from what is valid."""
+        c = self._c
+        c.hset("dirty", 1)
+        sealed: dict[bytes, list[tuple[int, int]]] = {}
+        for i in range(TABLE_CAP):
+            s = c.states[i]
+            if s in (EMPTY, TOMBSTONE):
+                continue
+            if s not in (RESERVED, SEALED):
+                self._set_state(i, TOMBSTONE)
+                continue
+            e = self._entry(i)
+            if self._entry_problem(e) is not None:
+                self._set_state(i, TOMBSTONE)
+            elif s == RESERVED and not self._slot_alive(e[2]):
+                self._tombstone(i)
+            elif s == SEALED:
+                sealed.setdefault(bytes(e[10][: e[3]]), []).append((e[5], i))
+        for versions in sealed.values():
+            for _, i in sorted(versions)[:-1]:
+                self._tombstone(i)
+        for p in range(PIN_CAP):
+            if c.pin_states[p] == 0:
+                continue
+            state, slot, chunk, off, length = _PIN.unpack_from(c.mm, PIN_OFF + p * 32)
+            size = self._chunk_size(chunk) if chunk < MAX_CHUNKS else 0
+            if state != 1 or slot >= SLOT_CAP or off + length > size:
+                struct.pack_into("<I", c.mm, PIN_OFF + p * 32, 0)
+        c.end()
+
+    # ---- allocation -------------------------------------------------------------------------------
+    def _used_extents(self) -> dict[int, list[tuple[int, int]]]:
+        used: dict[int, list[tuple[int, int]]] = {}
+        states = self._c.states
+        for i, s in enumerate(states.tolist()):
+            if s in (RESERVED, SEALED):
+                e = self._entry(i)
+                if e[1] == RAM:
+                    used.setdefault(e[7], []).append((e[8], e[9]))
+        for p, s in enumerate(self._c.pin_states.tolist()):
+            if s == 1:
+                _, _, chunk, off, length = _PIN.unpack_from(self._c.mm, PIN_OFF + p * 32)
+                used.setdefault(chunk, []).append((off, length))
+        return used
+
+    def _first_fit(self, length: int) -> tuple[int, int] | None:
+        used = self._used_extents()
+        for k in range(MAX_CHUNKS):
+            size = self._chunk_size(k)
+            if size == 0:
+                continue
+            pos = 0
+            for off, n in sorted(used.get(k, ())):
+                if off - pos >= length:
+                    return k, pos
+                pos = max(pos, off + n)
+            if size - pos >= length:
+                return k, pos
+        return None
+
+    def _grow(self, length: int) -> int | None:
+        """Create a new chunk that holds `length` bytes, or None when RAM may not grow."""
+        sizes = [self._chunk_size(k) for k in range(MAX_CHUNKS)]
+        k = next((i for i, s in enumerate(sizes) if s == 0), None)
+        if k is None:
+            return None
+        have = sum(sizes)
+        size = min(self._c.hget("ram_budget") - have, max(length, MIN_CHUNK, have)) // PAGE * PAGE
+        if size < length or not memory_allows(self._probe, size):
+            return None
+        path = self.chunk_path(k)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            os.unlink(path)  # a leftover of a creator that died before recording it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            return None  # /dev/shm full: the disk tier takes it, never a SIGBUS later
+        self._chunk_fds[k] = fd
+        _CHUNK.pack_into(self._c.mm, CHUNK_OFF + k * 32, 0, 0, size)
+        struct.pack_into("<I", self._c.mm, CHUNK_OFF + k * 32, 1)
+        return k
+
+    def _chunk_fd(self, k: int) -> int:
+        fd = self._chunk_fds.get(k)
+        if fd is None:
+            size = self._chunk_size(k)
+            fd = os.open(self.chunk_path(k), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if st.st_size < size or st.st_uid != os.geteuid():
+                os.close(fd)
+                raise CorruptedStoreError(f"run {self._run_id!r}: chunk {k} truncated or not ours")
+            self._chunk_fds[k] = fd
+        return fd
+
+    def _chunk_map(self, k: int) -> mmap.mmap:
+        mm = self._chunk_maps.get(k)
+        if mm is None:
+            mm = mmap.mmap(self._chunk_fd(k), self._chunk_size(k), mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
+            self._chunk_maps[k] = mm
+        return mm
+
+    # ---- writes --------------------------------------------------------------------------------------
+    def reserve(self, key: str, meta: bytes, sizes: Sequence[int]) -> Reservation:
+        raw = check_key(key)
+        meta = bytes(meta)
+        sizes = [int(n) for n in sizes]
+        if any(n < 0 for n in sizes) or len(sizes) > 65536:
+            raise ValueError("buffer sizes must be non-negative and at most 65536 buffers")
+        meta_off, offsets, length = layout(len(meta), sizes)
+        c = self._c
+        with self._locked():
+            place = self._first_fit(length)
+            if place is None and self._reclaim_dead():
+                place = self._first_fit(length)
+            c.begin()
+            _killpoint("after_lock")
+            try:
+                if place is None:
+                    k = self._grow(length)
+                    if k is not None:
+                        place = (k, 0)
+                if place is None and self._disk_dir is None:
+                    raise StoreFullError(
+                        f"run {self._run_id!r}: object {key!r} of {length} bytes does not fit the RAM budget "
+                        f"and the run has no disk tier"
+                    )
+                file_id = c.hget("next_version")
+                c.hset("next_version", file_id + 1)
+                tier = RAM if place is not None else DISK
+                chunk, off = place if place is not None else (0, 0)
+                index = self._insert(raw, (tier, c.slot, file_id, chunk, off, length))
+            finally:
+                c.end()
+        try:
+            if tier == RAM:
+                region = memoryview(self._chunk_map(chunk))[off : off + length]
+                mapping = None
+            else:
+                mapping = self._create_disk_object(file_id, length)
+                region = memoryview(mapping)
+            _EXT_HEAD.pack_into(region, 0, OBJ_MAGIC, len(sizes), meta_off, len(meta), 0)
+            for i, (o, n) in enumerate(zip(offsets, sizes)):
+                _BUFDESC.pack_into(region, 32 + 16 * i, o, n)
+            region[meta_off : meta_off + len(meta)] = meta
+            buffers = [region[o : o + n] for o, n in zip(offsets, sizes)]
+        except BaseException:
+            with self._locked():
+                c.begin()
+                self._tombstone(index)
+                c.end()
+            raise
+        _killpoint("after_reserve")
+        return Reservation(self, key, index, file_id, tier, buffers, mapping)
+
+    def _create_disk_object(self, file_id: int, length: int) -> mmap.mmap:
+        path = self._disk_path(file_id)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, length)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(
+                        f"run {self._run_id!r}: disk tier {self._disk_dir} is full "
+                        f"({length} bytes needed): {exc.strerror}"
+                    ) from None
+                raise
+            return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+
+    def _own_reserved(self, index: int, file_id: int) -> tuple:
+        e = self._valid(index)
+        if e[0] != RESERVED or e[2] != self._c.slot or e[6] != file_id:
+            raise CorruptedStoreError(f"run {self._run_id!r}: reservation entry {index} changed under its writer")
+        return e
+
+    def _seal(self, index: int, file_id: int, key: str) -> int:
+        c = self._c
+        with self._locked():
+            e = self._own_reserved(index, file_id)
+            c.begin()
+            try:
+                raw = bytes(e[10][: e[3]])
+                for i in self._probe_path(raw, e[4]):
+                    if i != index and c.states[i] == SEALED:
+                        self._tombstone(i)
+                version = c.hget("next_version")
+                c.hset("next_version", version + 1)
+                struct.pack_into("<Q", c.mm, OBJ_OFF + index * ENTRY + 24, version)
+                self._set_state(index, SEALED)
+            finally:
+                c.end()
+        return version
+
+    def _abort(self, index: int, file_id: int) -> None:
+        c = self._c
+        with self._locked():
+            self._own_reserved(index, file_id)
+            c.begin()
+            self._tombstone(index)
+            c.end()
+
+    def put(self, key: str, meta: bytes, buffers: Sequence[Any]) -> int:
+        views = []
+        for b in buffers:
+            v = memoryview(b)
+            if not v.c_contiguous:
+                raise ValueError("put() needs C-contiguous buffers")
+            views.append(v if v.ndim == 1 and v.format == "B" else v.cast("B"))
+        res = self.reserve(key, meta, [v.nbytes for v in views])
+        try:
+            for dst, src in zip(res.buffers, views):
+                dst[:] = src
+        except BaseException:
+            res.abort()
+            raise
+        return res.seal()
+
+    # ---- reads -------------------------------------------------------------------------------------
+    def get(self, key: str) -> tuple[bytes, list[memoryview], dict[str, Any]]:
+        raw = check_key(key)
+        c = self._c
+        with self._locked():
+            index = self._find_sealed(raw)
+            if index < 0:
+                raise UnknownKeyError(f"no object {key!r} in run {self._run_id!r}")
+            e = self._valid(index)
+            tier, version, file_id, chunk, off, length = e[1], e[5], e[6], e[7], e[8], e[9]
+            where = f"run {self._run_id!r}, object {key!r}"
+            if tier == RAM and length < SMALL_OBJECT_BYTES:
+                data = bytearray(memoryview(self._chunk_map(chunk))[off : off + length])
+                return self._views(data, length, where, version, tier, False)
+            if tier == RAM:
+                extent = (chunk, off, length)
+                rec = c.pins.get(extent)
+                if rec is None:
+                    p = next((i for i, s in enumerate(c.pin_states.tolist()) if s == 0), None)
+                    if p is None:
+                        raise StoreFullError(f"run {self._run_id!r}: pin table full ({PIN_CAP} live views)")
+                    c.begin()
+                    _PIN.pack_into(c.mm, PIN_OFF + p * 32, 0, c.slot, chunk, off, length)
+                    struct.pack_into("<I", c.mm, PIN_OFF + p * 32, 1)
+                    c.end()
+                    rec = c.pins[extent] = [0, p]
+                rec[0] += 1
+                fd = self._chunk_fd(chunk)
+            else:
+                try:
+                    fd = os.open(self._disk_path(file_id), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise CorruptedStoreError(f"{where}: its disk file is missing") from None
+        if tier == DISK:
+            try:
+                if os.fstat(fd).st_size < length:
+                    raise CorruptedStoreError(f"{where}: disk file truncated")
+                if length < SMALL_OBJECT_BYTES:
+                    return self._views(bytearray(os.pread(fd, length, 0)), length, where, version, tier, False)
+                mm = mmap.mmap(fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            return self._views(mm, length, where, version, tier, True)
+        try:
+            mm = mmap.mmap(fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=off)
+        except BaseException:
+            c.release_pin(extent)
+            raise
+        weakref.finalize(mm, c.release_pin, extent)
+        return self._views(mm, length, where, version, tier, True)
+
+    @staticmethod
+    def _views(data: Any, length: int, where: str, version: int, tier: int, zero_copy: bool):
+        meta, bufs = parse_extent(data, length, where)
+        whole = memoryview(data)
+        views = [whole[o : o + n] for o, n in bufs]
+        return meta, views, {"version": version, "tier": TIER_NAMES[tier], "zero_copy": zero_copy}
+
+    def contains(self, key: str) -> bool:
+        raw = check_key(key)
+        with self._locked():
+            return self._find_sealed(raw) >= 0
+
+    __contains__ = contains
+
+    def delete(self, key: str) -> bool:
+        raw = check_key(key)
+        c = self._c
+        with self._locked():
+            index = self._find_sealed(raw)
+            if index < 0:
+                return False
+            c.begin()
+            self._tombstone(index)
+            c.end()
+            return True
+
+    def keys(self) -> list[str]:
+        with self._locked():
+            out = []
+            for i, s in enumerate(self._c.states.tolist()):
+                if s == SEALED:
+                    e = self._valid(i)
+                    out.append(bytes(e[10][: e[3]]).decode())
+            return sorted(out)
+
+    def info(self, key: str) -> dict[str, Any]:
+        raw = check_key(key)
+        with self._locked():
+            index = self._find_sealed(raw)
+            if index < 0:
+                raise UnknownKeyError(f"no object {key!r} in run {self._run_id!r}")
+            e = self._valid(index)
+            tier, version, file_id, chunk, off, length = e[1], e[5], e[6], e[7], e[8], e[9]
+            where = f"run {self._run_id!r}, object {key!r}"
+            if tier == RAM:
+                meta_len, bufs = parse_directory(memoryview(self._chunk_map(chunk))[off : off + length], length, where)[1:]
+            else:
+                with open(self._disk_path(file_id), "rb") as fh:
+                    with mmap.mmap(fh.fileno(), length, mmap.MAP_PRIVATE, mmap.PROT_READ) as mm:
+                        meta_len, bufs = parse_directory(mm, length, where)[1:]
+        return {
+            "key": key, "tier": TIER_NAMES[tier], "version": version, "size": length, "nbuf": len(bufs),
+            "nbytes": sum(n for _, n in bufs), "meta_len": meta_len,
+            "chunk": chunk if tier == RAM else None, "offset": off,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        c = self._c
+        with self._locked():
+            self._reclaim_dead()
+            out = {"run_id": self._run_id, "objects_ram": 0, "objects_disk": 0, "bytes_ram": 0,
+                   "bytes_disk": 0, "reserved": 0}
+            for i, s in enumerate(c.states.tolist()):
+                if s == RESERVED:
+                    out["reserved"] += 1
+                elif s == SEALED:
+                    e = self._valid(i)
+                    name = TIER_NAMES[e[1]]
+                    out[f"objects_{name}"] += 1
+                    out[f"bytes_{name}"] += e[9]
+            sizes = [self._chunk_size(k) for k in range(MAX_CHUNKS)]
+            pins = [_PIN.unpack_from(c.mm, PIN_OFF + p * 32) for p, s in enumerate(c.pin_states.tolist()) if s == 1]
+            out.update(
+                ram_capacity=sum(sizes), ram_budget=c.hget("ram_budget"), chunks=sum(1 for s in sizes if s),
+                pins=len(pins), pinned_bytes=sum(p[4] for p in pins),
+                slots_used=sum(struct.unpack_from("<I", c.mm, SLOT_OFF + i * 32)[0] == 1 for i in range(SLOT_CAP)),
+                epoch=c.hget("epoch"), next_version=c.hget("next_version"),
+            )
+            return out
+
+    def reclaim(self) -> int:
+        with self._locked():
+            return self._reclaim_dead()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def mark_finished(self) -> None:
+        with self._locked():
+            c = self._c
+            c.hset("flags", c.hget("flags") | FLAG_FINISHED)
+
+    def close(self) -> None:
+        """Detach. Views handed out stay valid; the slot and pins go when the last one does."""
+        if self._closed:
+            return
+        self._closed = True
+        _live_stores.discard(self)
+        for fd in self._chunk_fds.values():
+            os.close(fd)
+        self._chunk_fds.clear()
+        for mm in self._chunk_maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a reservation buffer is still held; the mapping goes with it
+        self._chunk_maps.clear()
+        c = self._c
+        c.closing = True
+        if os.getpid() != self._pid or c.released:
+            return  # a forked child owns nothing of the parent's handle
+        with _Locked(self):
+            pass  # drains released views; the unlock gives the slot back when no pin is left
+
+    def destroy(self) -> None:
+        """Remove everything of the run (the creator's job); views handed out stay valid."""
+        if not self._owner:
+            raise StoreAccessError(f"run {self._run_id!r}: only the process that created it may destroy it")
+        if os.getpid() != self._pid:
+            raise StoreClosedError(f"run {self._run_id!r} belongs to process {self._pid}, not to this forked child")
+        if not self._c.released:
+            with self._c.mutex:
+                self._c.hset("flags", self._c.hget("flags") | FLAG_FINISHED)
+        remove_run_files(self._shm_dir, self._run_id, self._disk_dir)
+        self.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owner:
+            self.destroy()
+        else:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("owner" if self._owner else "attached")
+        return f"<discomfort._pystore.Store run_id={self._run_id!r} {state}>"
+
+
+class _Locked:
+    __slots__ = ("_store",)
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def __enter__(self) -> None:
+        c = self._store._c
+        c.lock()
+        try:
+            self._store._repair_if_dirty()
+        except BaseException:
+            c.unlock()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._store._c.unlock()
+
+
+def _validate_header(head: bytes, file_size: int, run_id: str) -> None:
+    if head[:8] != MAGIC:
+        raise CorruptedStoreError(f"run {run_id!r}: not a discomfort store (bad magic {head[:8]!r})")
+    version = struct.unpack_from("<I", head, 8)[0]
+    if version != FORMAT_VERSION:
+        raise CorruptedStoreError(
+            f"run {run_id!r}: segment format version {version}, this build reads version {FORMAT_VERSION}"
+        )
+    for name, want in _EXPECTED.items():
+        off, fmt = _H[name]
+        got = struct.unpack_from(fmt, head, off)[0]
+        if got != want:
+            raise CorruptedStoreError(f"run {run_id!r}: header field {name} is {got}, expected {want}")
+    if file_size != TOTAL:
+        raise CorruptedStoreError(f"run {run_id!r}: control segment is {file_size} bytes, expected {TOTAL}")
+    if struct.unpack_from("<I", head, 176)[0] > 1023:
+        raise CorruptedStoreError(f"run {run_id!r}: disk directory length out of range")
+    stored = head[112:176].rstrip(b"\0")
+    if stored != run_id.encode():
+        raise CorruptedStoreError(f"run {run_id!r}: header names run {stored!r}")
+
+
+def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None) -> None:
+    """Unlink a run's chunks, control segment and disk directory (only our own names)."""
+    prefix = f"dcf-{run_id}.c"
+    try:
+        names = os.listdir(shm_dir)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+            except FileNotFoundError:
+                pass
+    try:
+        os.unlink(os.path.join(shm_dir, f"dcf-{run_id}"))
+    except FileNotFoundError:
+        pass
+    if disk_dir and os.path.basename(disk_dir) == f"dcf-{run_id}" and os.path.isdir(disk_dir):
+        for name in os.listdir(disk_dir):
+            if name.endswith(".obj"):
+                try:
+                    os.unlink(os.path.join(disk_dir, name))
+                except FileNotFoundError:
+                    pass
+        try:
+            os.rmdir(disk_dir)
+        except OSError:
+            pass
+
+
+_live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """A forked child inherits descriptors that share the parent's locks: let go of them."""
+    for store in list(_live_stores):
+        store._closed = True
+        c = store._c
+        c.released = True
+        for fd in store._chunk_fds.values():
+            os.close(fd)
+        store._chunk_fds.clear()
+        c.states.release()
+        c.pin_states.release()
+        try:
+            c.mm.close()
+        except BufferError:
+            pass
+        os.close(c.fd)
+    _live_stores.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

@@ -1,0 +1,311 @@
+"""Turns Python values into (meta, buffers) for the store, and back.
+
+Values are pickled with cloudpickle at protocol 5. Large payloads (tensors, numpy arrays, Arrow
+data) travel out of band as raw byte buffers: the store copies each one once into shared memory,
+and decoding rebuilds the value as a zero-copy view over the buffer the store hands back.
+
+torch, numpy and pyarrow are optional: they are never imported here to classify or encode a value,
+only looked up in ``sys.modules`` (a tensor can only exist once torch is imported). Decoding imports
+them on demand, when the payload holds such a value.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import pickle
+import socket
+import sys
+import threading
+import types
+import warnings
+from typing import Any, Literal
+
+import cloudpickle
+
+from .errors import SerializationError
+
+__all__ = ["encode", "decode", "choose_pass_by"]
+
+PROTOCOL = 5
+
+
+# --------------------------------------------------------------------------------------- encode
+
+
+def encode(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle `obj` into metadata bytes plus out-of-band buffers for its large payloads.
+
+    Each buffer is a 1-D, C-contiguous memoryview of format 'B'. It may alias `obj`'s memory (or a
+    temporary contiguous copy it keeps alive), so the caller copies it into the store before
+    mutating `obj`.
+    """
+    buffers: list[memoryview] = []
+    out = io.BytesIO()
+    try:
+        _Pickler(out, protocol=PROTOCOL, buffer_callback=lambda pb: buffers.append(_raw(pb))).dump(obj)
+    except SerializationError:
+        raise
+    except Exception as exc:  # pickling fails with many types: TypeError, PicklingError, ...
+        raise SerializationError(f"cannot serialize a value of type {_type_name(obj)}: {exc}") from exc
+    return out.getvalue(), buffers
+
+
+def _raw(pb: pickle.PickleBuffer) -> memoryview:
+    try:
+        return pb.raw()  # 1-D, 'B', C-contiguous, keeps the exporter alive
+    except BufferError as exc:
+        raise SerializationError(f"an out-of-band buffer is not contiguous: {exc}") from exc
+
+
+def _type_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle plus fast paths that send array payloads out of band as raw bytes."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        mods = sys.modules
+        torch = mods.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            cls = type(obj)
+            if cls is torch.Tensor:
+                return _reduce_tensor(torch, obj)
+            if cls is torch.nn.Parameter:  # the inner tensor takes the fast path
+                return torch.nn.Parameter, (obj.detach(), obj.requires_grad)
+            # Other subclasses keep torch's own (slower, in-band) pickling.
+        np = mods.get("numpy")
+        if np is not None and type(obj) is np.ndarray:
+            flags = obj.flags
+            if not (flags.c_contiguous or flags.f_contiguous or obj.dtype.hasobject):
+                # numpy pickles non-contiguous arrays in band; a contiguous copy goes out of band.
+                return np.ascontiguousarray(obj).__reduce_ex__(PROTOCOL)
+            return NotImplemented  # numpy's protocol-5 reduce already emits a PickleBuffer
+        pa = mods.get("pyarrow")
+        if pa is not None and isinstance(obj, (pa.Table, pa.RecordBatch, pa.Array, pa.ChunkedArray)):
+            return _reduce_arrow(pa, obj)
+        return super().reducer_override(obj)
+
+
+# ---------------------------------------------------------------------------------------- torch
+
+
+def _reduce_tensor(torch: Any, t: Any) -> tuple:
+    """Reduce a dense tensor to its bytes (one PickleBuffer) plus dtype, shape, grad and device.
+
+    torch's own reduce goes through torch.save into a BytesIO, an order of magnitude slower than a
+    memcpy. Non-contiguous tensors and views are stored contiguous; CUDA tensors cost one
+    device-to-host copy here and one host-to-device copy at decode.
+    """
+    if t.is_nested:
+        raise SerializationError("nested tensors are not supported; unbind() them into a list")
+    if t.layout != torch.strided:
+        raise SerializationError(f"tensors of layout {t.layout} are not supported; use .to_dense()")
+    if t.is_quantized:
+        raise SerializationError("quantized tensors are not supported; use .dequantize()")
+    shape = tuple(t.shape)
+    device = str(t.device)
+    if t.device.type == "meta":  # no data to carry
+        return _rebuild_meta_tensor, (t.dtype, shape, t.requires_grad)
+    data = t.detach().resolve_conj().resolve_neg().contiguous()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    data = data.reshape(-1).view(torch.uint8)  # 1-D, contiguous: valid for every dtype and size
+    return _rebuild_tensor, (_tensor_buffer(data), t.dtype, shape, t.requires_grad, device)
+
+
+def _tensor_buffer(u8: Any) -> pickle.PickleBuffer:
+    """A PickleBuffer over a contiguous uint8 CPU tensor that keeps the tensor alive."""
+    try:
+        return pickle.PickleBuffer(u8.numpy())  # the array holds a reference to the tensor
+    except RuntimeError:  # numpy missing, or torch built without it
+        pass
+    if u8.numel() == 0:
+        return pickle.PickleBuffer(bytearray())
+    import ctypes
+
+    block = (ctypes.c_ubyte * u8.numel()).from_address(u8.data_ptr())
+    block._discomfort_owner = u8  # ctypes does not own the memory: keep the tensor alive
+    return pickle.PickleBuffer(block)
+
+
+def _rebuild_tensor(buf: Any, dtype: Any, shape: tuple, requires_grad: bool, device: str) -> Any:
+    """Rebuild a tensor as a zero-copy view over `buf` (a copy only if `buf` is read-only)."""
+    import torch
+
+    view = memoryview(buf)
+    if view.ndim != 1 or view.format not in ("B", "b", "c"):
+        view = view.cast("B")
+    if view.nbytes == 0:
+        t = torch.empty(shape, dtype=dtype)
+    else:
+        if view.readonly:  # torch has no read-only tensors: writing would fault, so copy
+            view = memoryview(bytearray(view))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(view, dtype=torch.uint8)
+        t = t.view(dtype).view(shape)
+    if device != "cpu":
+        t = t.to(device)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def _rebuild_meta_tensor(dtype: Any, shape: tuple, requires_grad: bool) -> Any:
+    import torch
+
+    return torch.empty(shape, dtype=dtype, device="meta", requires_grad=requires_grad)
+
+
+# ---------------------------------------------------------------------------------------- arrow
+
+_ARROW_KINDS = ("table", "batch", "array", "chunked")
+
+
+def _reduce_arrow(pa: Any, obj: Any) -> tuple:
+    """Write Arrow data as one IPC stream, sent out of band; decode reads it back zero-copy."""
+    if isinstance(obj, pa.Table):
+        kind, table = "table", obj
+    elif isinstance(obj, pa.RecordBatch):
+        kind, table = "batch", obj
+    elif isinstance(obj, pa.Array):
+        kind, table = "array", pa.RecordBatch.from_arrays([obj], names=["values"])
+    else:
+        kind, table = "chunked", pa.Table.from_arrays([obj], names=["values"])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write(table)
+    return _rebuild_arrow, (pickle.PickleBuffer(sink.getvalue()), kind)
+
+
+def _rebuild_arrow(buf: Any, kind: str) -> Any:
+    import pyarrow as pa
+
+    reader = pa.ipc.open_stream(pa.py_buffer(buf))
+    if kind == "batch":
+        return reader.read_next_batch()
+    if kind == "array":
+        return reader.read_next_batch().column(0)
+    table = reader.read_all()
+    return table if kind == "table" else table.column(0)
+
+
+# --------------------------------------------------------------------------------------- decode
+
+
+def decode(meta: bytes, buffers: list) -> Any:
+    """Rebuild a value from `encode`'s output; arrays and tensors become views over `buffers`."""
+    return pickle.loads(meta, buffers=buffers)
+
+
+# -------------------------------------------------------------------------------------- pass_by
+
+PassBy = Literal["val", "ref", "try"]
+
+_MAX_DEPTH = 8
+_MAX_ITEMS = 10_000
+
+_VAL_ATOMS = frozenset({str, int, float, bool, type(None), bytes, bytearray, complex})
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+# Process-bound objects: pickling them is impossible or meaningless.
+_REF_TYPES: tuple[type, ...] = (
+    type(threading.Lock()),
+    type(threading.RLock()),
+    threading._RLock,  # type: ignore[attr-defined]  # the pure-Python RLock
+    threading.Condition,
+    threading.Semaphore,
+    threading.Event,
+    threading.Barrier,
+    threading.Thread,
+    threading.local,
+    io.IOBase,
+    socket.socket,
+    types.GeneratorType,
+    types.AsyncGeneratorType,
+    types.CoroutineType,
+    types.ModuleType,
+)
+
+# ComfyUI model classes, matched by name so that ComfyUI is never imported. Any class in the MRO
+# whose module is under `comfy.` and whose name is one of these makes the value a reference.
+_COMFY_NAMES = frozenset({
+    "ModelPatcher",  # comfy.model_patcher
+    "CLIP", "VAE", "StyleModel",  # comfy.sd
+    "ControlNet", "ControlBase", "ControlLora", "T2IAdapter",  # comfy.controlnet
+    "ClipVisionModel",  # comfy.clip_vision
+    "BaseModel",  # comfy.model_base
+})
+
+
+def choose_pass_by(obj: Any) -> PassBy:
+    """Decide by type alone how `obj` should be stored: "val", "ref" or "try".
+
+    Never pickles anything: models are often picklable and gigabytes would be copied. "val":
+    arrays, tensors, primitives and containers of those. "ref": models, locks, files, sockets,
+    generators, modules, and containers holding any of them. "try": anything else (pickle it, and
+    fall back to a reference if that fails), including containers too deep or too big to scan.
+    """
+    return _classify(obj, 0, [_MAX_ITEMS])
+
+
+def _classify(obj: Any, depth: int, budget: list[int]) -> PassBy:
+    cls = type(obj)
+    if cls in _VAL_ATOMS:
+        return "val"
+    if isinstance(obj, _CONTAINERS):
+        if depth >= _MAX_DEPTH:
+            return "try"
+        items = itertools.chain.from_iterable(obj.items()) if isinstance(obj, dict) else obj
+        budget[0] -= 2 * len(obj) if isinstance(obj, dict) else len(obj)
+        if budget[0] < 0:
+            return "try"
+        # A subclass (namedtuple, OrderedDict, ...) may carry more state than its items.
+        verdict: PassBy = "val" if cls in _CONTAINERS else "try"
+        for item in items:  # keys and values alike
+            sub = _classify(item, depth + 1, budget)
+            if sub == "ref":
+                return "ref"
+            if sub == "try":
+                verdict = "try"
+        return verdict
+    return _classify_type(obj, cls)
+
+
+def _classify_type(obj: Any, cls: type) -> PassBy:
+    if _is_ref_type(cls):
+        return "ref"
+    mods = sys.modules
+    torch = mods.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return "val"
+    np = mods.get("numpy")
+    if np is not None:
+        if isinstance(obj, np.ndarray):
+            return "try" if obj.dtype.hasobject else "val"
+        if isinstance(obj, np.generic):
+            return "val"
+    pa = mods.get("pyarrow")
+    if pa is not None and isinstance(obj, (pa.Table, pa.RecordBatch, pa.Array, pa.ChunkedArray)):
+        return "val"
+    return "try"
+
+
+def _is_ref_type(cls: type) -> bool:
+    try:
+        if issubclass(cls, _REF_TYPES):
+            return True
+    except TypeError:  # a broken __subclasscheck__ somewhere: judge by the MRO alone
+        pass
+    torch = sys.modules.get("torch")
+    module_cls = getattr(getattr(torch, "nn", None), "Module", None) if torch is not None else None
+    for klass in getattr(cls, "__mro__", ()):
+        if klass is module_cls:
+            return True
+        module = getattr(klass, "__module__", None) or ""
+        if module.startswith("comfy.") and getattr(klass, "__name__", None) in _COMFY_NAMES:
+            return True
+    return False
