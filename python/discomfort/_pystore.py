@@ -6,6 +6,7 @@ cannot be built, and the reference the core is tested against.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -176,6 +177,16 @@ def parse_extent(view: Any, length: int, where: str) -> tuple[bytes, list[tuple[
     """The meta bytes and buffer ranges of a validated extent."""
     meta_off, meta_len, bufs = parse_directory(view, length, where)
     return bytes(view[meta_off : meta_off + meta_len]), bufs
+
+
+def _aligned_copy(src: Any) -> memoryview:
+    """A private copy of a small extent whose start is 64-byte aligned, like the store's."""
+    n = len(src)
+    raw = bytearray(n + 64)
+    pad = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % 64
+    view = memoryview(raw)[pad : pad + n]
+    view[:] = src
+    return view
 
 
 def _ofd(fd: int, cmd: int, ltype: int, start: int) -> int:
@@ -990,7 +1001,7 @@ class Store:
             tier, version, file_id, chunk, off, length = e[1], e[5], e[6], e[7], e[8], e[9]
             where = f"run {self._run_id!r}, object {key!r}"
             if tier == RAM and length < SMALL_OBJECT_BYTES:
-                data = bytearray(memoryview(self._chunk_map(chunk))[off : off + length])
+                data = _aligned_copy(memoryview(self._chunk_map(chunk))[off : off + length])
                 return self._views(data, length, where, version, tier, False)
             if tier == RAM:
                 extent = (chunk, off, length)
@@ -1016,7 +1027,8 @@ class Store:
                 if os.fstat(fd).st_size < length:
                     raise CorruptedStoreError(f"{where}: disk file truncated")
                 if length < SMALL_OBJECT_BYTES:
-                    return self._views(bytearray(os.pread(fd, length, 0)), length, where, version, tier, False)
+                    data = _aligned_copy(os.pread(fd, length, 0))
+                    return self._views(data, length, where, version, tier, False)
                 mm = mmap.mmap(fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)

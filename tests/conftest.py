@@ -1,0 +1,63 @@
+"""Fixtures shared by the whole suite: every store test runs on every backend."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+
+from discomfort import _backend
+
+BACKENDS = ("native", "python")
+
+
+def load_backend(name: str):
+    """The store module of a backend; a missing native core fails when it is required."""
+    try:
+        return _backend.load(name)
+    except _backend.BackendUnavailableError as exc:
+        if os.environ.get("DISCOMFORT_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"the native core is required but did not load: {exc}")
+        pytest.skip(f"native core not available: {exc}")
+
+
+def leftovers(run_id: str, shm_dir: str = "/dev/shm", disk_root: str | None = None) -> list[str]:
+    """Files of this run still present (looked up by the run's own names only)."""
+    found = [n for n in os.listdir(shm_dir) if n == f"dcf-{run_id}" or n.startswith(f"dcf-{run_id}.")]
+    if disk_root and os.path.exists(os.path.join(disk_root, f"dcf-{run_id}")):
+        found.append(os.path.join(disk_root, f"dcf-{run_id}"))
+    return found
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def store_mod(backend):
+    return load_backend(backend)
+
+
+@pytest.fixture
+def run_id() -> str:
+    return "t" + secrets.token_hex(12)
+
+
+@pytest.fixture
+def make_store(store_mod, tmp_path):
+    """Create stores with an explicit RAM budget; destroy them and check nothing is left."""
+    made = []
+
+    def make(ram_budget: int = 256 << 20, disk: bool = True, run_id: str | None = None, module=None, **kw):
+        rid = run_id or "t" + secrets.token_hex(12)
+        mod = module or store_mod
+        store = mod.Store.create(rid, ram_budget=ram_budget, disk_root=str(tmp_path) if disk else None, **kw)
+        made.append((store, kw.get("shm_dir", "/dev/shm")))
+        return store
+
+    yield make
+    for store, shm_dir in made:
+        store.destroy()  # also after close(): a closed owner leaves its run for destroy
+        assert leftovers(store.run_id, shm_dir, str(tmp_path)) == []
