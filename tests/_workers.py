@@ -43,3 +43,56 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def context_child(backend: str, run_id: str, conn) -> None:
+    """Attached side of the context tests: answers commands sent through a pipe."""
+    import torch
+
+    from discomfort import errors
+    from discomfort.context import WorkflowContext
+
+    ctx = WorkflowContext.attach(run_id, backend=backend)
+    try:
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "stop":
+                break
+            try:
+                if cmd == "load_sum":
+                    value = ctx.load(args[0])
+                    conn.send(("ok", float(value.double().sum()), str(value.dtype), tuple(value.shape)))
+                elif cmd == "save_tensor":
+                    ctx.save(args[0], torch.arange(args[1], dtype=torch.float32).reshape(-1, 2))
+                    conn.send(("ok",))
+                elif cmd == "load":
+                    conn.send(("ok", ctx.load(args[0])))
+            except errors.DiscomfortError as exc:
+                conn.send(("error", type(exc).__name__, str(exc)))
+    finally:
+        ctx.close()
+        conn.close()
+
+
+def serve_runs(backend: str, conn) -> None:
+    """A long-lived attacher (like a ComfyUI server): loads from each run it is sent."""
+    from discomfort.context import get_context
+
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        ctx = get_context(msg)
+        value = ctx.load("image")
+        total = float(value.view(-1)[::1024].sum())  # touch every page
+        del value
+        conn.send((total, rss_shmem()))
+    conn.close()
+
+
+def rss_shmem() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    return 0

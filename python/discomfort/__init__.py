@@ -11,6 +11,8 @@ backend, _store_module = _select()
 
 Store = _store_module.Store
 
+from .context import WorkflowContext, get_context  # noqa: E402  (needs the backend chosen above)
+
 __version__ = "0.1.0"
 
-__all__ = ["backend", "Store", "errors", "__version__", *errors.__all__]
+__all__ = ["backend", "Store", "WorkflowContext", "get_context", "errors", "__version__", *errors.__all__]

@@ -490,6 +490,7 @@ class Store:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             raise FileExistsError(errno.EEXIST, f"run {run_id!r} already exists in {shm_dir}") from None
+        fcntl.flock(fd, fcntl.LOCK_SH)  # before anything else, so a sweeper never takes a run being born
         try:
             try:
                 os.posix_fallocate(fd, 0, TOTAL)
@@ -1221,7 +1222,10 @@ def _validate_header(head: bytes, file_size: int, run_id: str) -> None:
 
 
 def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None) -> None:
-    """Unlink a run's chunks, control segment and disk directory (only our own names)."""
+    """Unlink a run's chunks, disk directory and control segment (only our own names).
+
+    The control segment goes last, so a sweep that dies half-way is finished by the next one.
+    """
     prefix = f"dcf-{run_id}.c"
     try:
         names = os.listdir(shm_dir)
@@ -1233,10 +1237,6 @@ def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None) -> None:
                 os.unlink(os.path.join(shm_dir, name))
             except FileNotFoundError:
                 pass
-    try:
-        os.unlink(os.path.join(shm_dir, f"dcf-{run_id}"))
-    except FileNotFoundError:
-        pass
     if disk_dir and os.path.basename(disk_dir) == f"dcf-{run_id}" and os.path.isdir(disk_dir):
         for name in os.listdir(disk_dir):
             if name.endswith(".obj"):
@@ -1248,6 +1248,10 @@ def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None) -> None:
             os.rmdir(disk_dir)
         except OSError:
             pass
+    try:
+        os.unlink(os.path.join(shm_dir, f"dcf-{run_id}"))
+    except FileNotFoundError:
+        pass
 
 
 _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()

@@ -78,15 +78,26 @@ class _Pickler(cloudpickle.Pickler):
             # Other subclasses keep torch's own (slower, in-band) pickling.
         np = mods.get("numpy")
         if np is not None and type(obj) is np.ndarray:
-            flags = obj.flags
-            if not (flags.c_contiguous or flags.f_contiguous or obj.dtype.hasobject):
-                # numpy pickles non-contiguous arrays in band; a contiguous copy goes out of band.
-                return np.ascontiguousarray(obj).__reduce_ex__(PROTOCOL)
-            return NotImplemented  # numpy's protocol-5 reduce already emits a PickleBuffer
+            return _reduce_ndarray(np, obj)
         pa = mods.get("pyarrow")
         if pa is not None and isinstance(obj, (pa.Table, pa.RecordBatch, pa.Array, pa.ChunkedArray)):
             return _reduce_arrow(pa, obj)
         return super().reducer_override(obj)
+
+
+def _reduce_ndarray(np: Any, a: Any) -> Any:
+    """Help numpy's own protocol-5 reduce (a PickleBuffer) where it would pickle in band."""
+    if a.dtype.hasobject:
+        return NotImplemented  # pickled item by item, as numpy does
+    flags = a.flags
+    contiguous = a if flags.c_contiguous or flags.f_contiguous else np.ascontiguousarray(a)
+    if a.dtype.kind in "Mm":  # numpy keeps datetime/timedelta in band: send same-size raw items
+        return _view_as, (contiguous.view(np.dtype((np.void, a.dtype.itemsize))), a.dtype)
+    return NotImplemented if contiguous is a else contiguous.__reduce_ex__(PROTOCOL)
+
+
+def _view_as(array: Any, dtype: Any) -> Any:
+    return array.view(dtype)
 
 
 # ---------------------------------------------------------------------------------------- torch
@@ -136,7 +147,7 @@ def _rebuild_tensor(buf: Any, dtype: Any, shape: tuple, requires_grad: bool, dev
     import torch
 
     view = memoryview(buf)
-    if view.ndim != 1 or view.format not in ("B", "b", "c"):
+    if view.ndim != 1 or view.format != "B":
         view = view.cast("B")
     if view.nbytes == 0:
         t = torch.empty(shape, dtype=dtype)
@@ -161,9 +172,6 @@ def _rebuild_meta_tensor(dtype: Any, shape: tuple, requires_grad: bool) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- arrow
-
-_ARROW_KINDS = ("table", "batch", "array", "chunked")
-
 
 def _reduce_arrow(pa: Any, obj: Any) -> tuple:
     """Write Arrow data as one IPC stream, sent out of band; decode reads it back zero-copy."""
@@ -215,7 +223,7 @@ _CONTAINERS = (list, tuple, dict, set, frozenset)
 _REF_TYPES: tuple[type, ...] = (
     type(threading.Lock()),
     type(threading.RLock()),
-    threading._RLock,  # type: ignore[attr-defined]  # the pure-Python RLock
+    getattr(threading, "_RLock", threading.Condition),  # the pure-Python RLock
     threading.Condition,
     threading.Semaphore,
     threading.Event,

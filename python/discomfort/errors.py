@@ -21,6 +21,11 @@ __all__ = [
     "StoreClosedError",
     "ReferenceUnavailableError",
     "SerializationError",
+    "WorkflowError",
+    "NodeExecutionError",
+    "PromptValidationError",
+    "ComfyConnectionError",
+    "UnsupportedWorkflowError",
 ]
 
 
@@ -86,3 +91,41 @@ class ReferenceUnavailableError(DiscomfortError):
 
 class SerializationError(DiscomfortError, TypeError):
     """A value saved with pass_by="val" could not be serialized."""
+
+
+class WorkflowError(DiscomfortError):
+    """Base class of the errors about workflows and running them in ComfyUI."""
+
+
+class NodeExecutionError(WorkflowError):
+    """A node of a workflow failed while ComfyUI executed it."""
+
+    def __init__(self, node_id: object, class_type: object, message: object, *, details: object = None) -> None:
+        super().__init__(node_id, class_type, message)
+        self.node_id = None if node_id is None else str(node_id)
+        self.class_type = None if class_type is None else str(class_type)
+        self.message = str(message)
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"node {self.node_id} ({self.class_type}) failed: {self.message}"
+
+
+class PromptValidationError(WorkflowError):
+    """ComfyUI rejected a prompt before running it (unknown node, wrong input types...)."""
+
+    def __init__(self, message: object, node_errors: object = None, error: object = None) -> None:
+        super().__init__(message)
+        self.node_errors = node_errors or {}
+        self.error = error
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ComfyConnectionError(WorkflowError):
+    """ComfyUI could not be reached, started, or stopped answering."""
+
+
+class UnsupportedWorkflowError(WorkflowError, ValueError):
+    """A workflow uses a feature this package cannot convert or run."""

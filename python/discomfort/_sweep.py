@@ -1,0 +1,70 @@
+"""Removes what runs nobody uses any more left behind (an owner killed with SIGKILL, say).
+
+A run is swept only when its control segment carries the store's magic, belongs to this user,
+and an exclusive flock on it succeeds: every live owner or attacher holds a shared one.
+Process ids are never used: they are reused, and containers have their own.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import struct
+
+from ._pystore import MAGIC, TOTAL, remove_run_files
+
+_CONTROL = re.compile(r"^dcf-([A-Za-z0-9_-]{1,64})$")
+_CHUNK = re.compile(r"^dcf-([A-Za-z0-9_-]{1,64})\.c\d+$")
+
+
+def sweep(shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove stale runs in shm_dir; return their run ids."""
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return []
+    swept = []
+    controls = set()
+    for name in names:
+        m = _CONTROL.match(name)
+        if not m:
+            continue
+        controls.add(m.group(1))
+        if _sweep_one(shm_dir, m.group(1)):
+            swept.append(m.group(1))
+    for name in names:  # chunks whose control segment is gone: a destroy that died half-way
+        m = _CHUNK.match(name)
+        if m and m.group(1) not in controls:
+            path = os.path.join(shm_dir, name)
+            try:
+                if os.lstat(path).st_uid == os.geteuid():
+                    os.unlink(path)
+            except OSError:
+                pass
+    return swept
+
+
+def _sweep_one(shm_dir: str, run_id: str) -> bool:
+    path = os.path.join(shm_dir, f"dcf-{run_id}")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_size != TOTAL:
+            return False
+        head = os.pread(fd, 1280, 0)
+        if head[:8] != MAGIC:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # someone alive still uses it
+        n = struct.unpack_from("<I", head, 176)[0]
+        disk_dir = head[256 : 256 + n].decode(errors="replace") if 0 < n <= 1023 else None
+        remove_run_files(shm_dir, run_id, disk_dir)
+        return True
+    finally:
+        os.close(fd)

@@ -1,0 +1,27 @@
+"""Talking to ComfyUI: in-process executor, HTTP client, server launcher.
+
+Nothing here imports ComfyUI (or requests) until it is used.
+
+* :class:`InProcessComfy` runs ComfyUI's own ``PromptExecutor`` in this process.
+* :class:`ComfyServer` talks to a running server (``POST /prompt``, ``/ws``).
+* :func:`launch_server` starts a local server with the node pack loaded.
+* :func:`install_torchvision_shim` makes torchvision importable with the CPU torch.
+"""
+
+from __future__ import annotations
+
+from ._tvshim import install as install_torchvision_shim
+from .client import ComfyServer
+from .inprocess import InProcessComfy
+from .launcher import free_port, launch_server
+from .nodes_support import host_info, same_host
+
+__all__ = [
+    "InProcessComfy",
+    "ComfyServer",
+    "launch_server",
+    "free_port",
+    "install_torchvision_shim",
+    "host_info",
+    "same_host",
+]

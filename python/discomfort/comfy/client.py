@@ -1,0 +1,188 @@
+"""A ComfyUI server over HTTP: queue a prompt, wait for it on the websocket, surface errors."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from ..errors import ComfyConnectionError
+from ._common import raise_for_messages, validation_error
+
+__all__ = ["ComfyServer"]
+
+
+def _require(name: str):
+    try:
+        return __import__(name)
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError(
+            f"discomfort.comfy.ComfyServer needs the {name!r} package (pip install requests websocket-client)"
+        ) from exc
+
+
+class ComfyServer:
+    """A running ComfyUI server, e.g. ``ComfyServer("http://127.0.0.1:8188")``.
+
+    ``execute(prompt)`` posts to ``/prompt``, follows the run on the ``/ws`` websocket until the
+    server reports it finished, and returns its history outputs ``{node_id: ui}``.
+    """
+
+    def __init__(self, url: str, *, request_timeout: float = 30.0, log_tail=None) -> None:
+        self.url = url.rstrip("/")
+        self.request_timeout = request_timeout
+        self.client_id = uuid.uuid4().hex
+        self._log_tail = log_tail  # callable giving the server log's tail, for error messages
+        self._requests = _require("requests")
+        self._session = self._requests.Session()
+
+    def __repr__(self) -> str:
+        return f"ComfyServer({self.url!r})"
+
+    # -- plain HTTP ---------------------------------------------------------------------------
+
+    def _context(self) -> str:
+        if self._log_tail is None:
+            return ""
+        tail = self._log_tail()
+        return f"\n--- server log (tail) ---\n{tail}" if tail else ""
+
+    def _request(self, method: str, route: str, **kw):
+        kw.setdefault("timeout", self.request_timeout)
+        try:
+            return self._session.request(method, self.url + route, **kw)
+        except self._requests.RequestException as exc:
+            raise ComfyConnectionError(f"{method} {self.url}{route} failed: {exc}{self._context()}") from exc
+
+    def get_json(self, route: str, **kw) -> Any:
+        """GET ``route`` (e.g. ``/system_stats``) and decode the JSON answer."""
+        if not route.startswith("/"):
+            route = "/" + route
+        resp = self._request("GET", route, **kw)
+        if resp.status_code != 200:
+            raise ComfyConnectionError(f"GET {route} answered HTTP {resp.status_code}: {resp.text[:500]}")
+        return resp.json()
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        return self.get_json(f"/object_info/{node_class}" if node_class else "/object_info")
+
+    def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
+        """Ask the server to drop its caches (POST /free); it acts between prompts."""
+        resp = self._request("POST", "/free", json={"unload_models": unload_models, "free_memory": free_memory})
+        if resp.status_code != 200:
+            raise ComfyConnectionError(f"POST /free answered HTTP {resp.status_code}: {resp.text[:500]}")
+
+    def history(self, prompt_id: str) -> dict:
+        return self.get_json(f"/history/{prompt_id}").get(prompt_id, {})
+
+    def host_info(self) -> dict:
+        """What the node pack's ``/discomfort/host_info`` route reports about the server process."""
+        return self.get_json("/discomfort/host_info")
+
+    # -- running prompts ----------------------------------------------------------------------
+
+    def _ws_url(self) -> str:
+        base = self.url
+        if base.startswith("https://"):
+            base = "wss://" + base[len("https://"):]
+        elif base.startswith("http://"):
+            base = "ws://" + base[len("http://"):]
+        return f"{base}/ws?clientId={self.client_id}"
+
+    def execute(self, prompt: dict, timeout: float | None = 600.0, *, extra_data: dict | None = None) -> dict:
+        """Run an API-format prompt; returns the history outputs ``{node_id: ui}``.
+
+        Raises :class:`~discomfort.errors.PromptValidationError` when the server rejects the
+        prompt (HTTP 400 with node errors), :class:`~discomfort.errors.NodeExecutionError` when a
+        node fails, ``TimeoutError`` after ``timeout`` seconds, and
+        :class:`~discomfort.errors.ComfyConnectionError` when the server cannot be reached.
+        """
+        websocket = _require("websocket")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            ws = websocket.create_connection(self._ws_url(), timeout=self.request_timeout)
+        except (OSError, websocket.WebSocketException) as exc:
+            raise ComfyConnectionError(f"cannot open {self._ws_url()}: {exc}{self._context()}") from exc
+        try:
+            body = {"prompt": prompt, "client_id": self.client_id}
+            if extra_data:
+                body["extra_data"] = dict(extra_data)
+            resp = self._request("POST", "/prompt", json=body)
+            if resp.status_code == 400:
+                try:
+                    data = resp.json()
+                except ValueError:
+                    data = {"error": {"message": resp.text[:500]}, "node_errors": {}}
+                raise validation_error(data.get("error"), data.get("node_errors"))
+            if resp.status_code != 200:
+                raise ComfyConnectionError(f"POST /prompt answered HTTP {resp.status_code}: {resp.text[:500]}")
+            answer = resp.json()
+            prompt_id = answer["prompt_id"]
+            if answer.get("node_errors"):
+                raise validation_error(None, answer["node_errors"])
+            error_message = self._wait(ws, websocket, prompt_id, deadline, timeout)
+        finally:
+            try:
+                ws.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        entry = self.history(prompt_id)
+        status = entry.get("status") or {}
+        messages = status.get("messages") or []
+        raise_for_messages(messages, prompt_id)
+        if error_message is not None:
+            raise_for_messages([("execution_error", error_message)], prompt_id)
+        if status.get("status_str") not in (None, "success") or not entry:
+            raise ComfyConnectionError(f"prompt {prompt_id} ended with status {status!r}{self._context()}")
+        return entry.get("outputs", {})
+
+    def _wait(self, ws, websocket, prompt_id: str, deadline: float | None, timeout) -> dict | None:
+        """Read websocket messages until the server reports the prompt done; the error, if any."""
+        error = None
+        while True:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._interrupt(prompt_id)
+                    raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
+                ws.settimeout(min(remaining, 60.0))
+            else:
+                ws.settimeout(60.0)
+            try:
+                msg = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue  # the deadline is checked above; without one, keep waiting
+            except (OSError, websocket.WebSocketException) as exc:
+                raise ComfyConnectionError(f"lost the websocket while waiting for prompt {prompt_id}: "
+                                           f"{exc}{self._context()}") from exc
+            if not isinstance(msg, str):
+                continue  # binary previews
+            try:
+                event = json.loads(msg)
+            except ValueError:
+                continue
+            kind, data = event.get("type"), event.get("data") or {}
+            if data.get("prompt_id") != prompt_id:
+                continue
+            if kind == "execution_error":
+                error = data
+            elif kind == "executing" and data.get("node") is None:
+                # Sent by the prompt worker after the history is written, success or not.
+                return error
+
+    def _interrupt(self, prompt_id: str) -> None:
+        try:
+            self._request("POST", "/queue", json={"delete": [prompt_id]})  # if still queued
+            self._request("POST", "/interrupt", json={"prompt_id": prompt_id})  # if running
+        except ComfyConnectionError:
+            pass
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> "ComfyServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

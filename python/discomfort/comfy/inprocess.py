@@ -1,0 +1,242 @@
+"""ComfyUI's own ``PromptExecutor``, run inside this process.
+
+ComfyUI keeps its node registry, caches and settings in module globals, so a process holds at
+most one :class:`InProcessComfy`: constructing it again with the same ComfyUI path returns the
+same object; another path raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ComfyConnectionError
+from . import _tvshim
+from ._common import make_custom_nodes_dir, raise_for_messages, resolve_node_packs, validation_error
+
+__all__ = ["InProcessComfy"]
+
+log = logging.getLogger(__name__)
+
+_instance: "InProcessComfy | None" = None
+_instance_lock = threading.Lock()
+
+
+class _ServerStandIn:
+    """What ComfyUI's executor needs of ``server.PromptServer.instance`` when there is no server."""
+
+    def __init__(self) -> None:
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.routes = None  # no HTTP routes in-process: node packs must tolerate this
+        self.messages: list = []
+
+    def send_sync(self, event, data, sid=None) -> None:
+        # Only reached when a client id is set or for broadcast messages; nothing listens.
+        pass
+
+    def queue_updated(self) -> None:
+        pass
+
+
+class InProcessComfy:
+    """Execute API-format prompts with ComfyUI's real executor in this process.
+
+    ``comfy_path``: the ComfyUI tree (``scripts/setup_comfyui.py`` prints it).
+    ``custom_nodes``: node-pack folders to load (default: the repository's ``comfy_nodes/``).
+    ``work_dir``: where output/temp/input/user folders go (default: a fresh temporary folder).
+    """
+
+    def __new__(cls, comfy_path, custom_nodes: Sequence[os.PathLike | str] | None = None,
+                work_dir: os.PathLike | str | None = None):
+        global _instance
+        path = Path(comfy_path).expanduser().resolve()
+        with _instance_lock:
+            if _instance is not None:
+                if _instance.comfy_path != path:
+                    raise RuntimeError(
+                        f"ComfyUI from {_instance.comfy_path} is already loaded in this process; "
+                        f"cannot load another one from {path}"
+                    )
+                if custom_nodes is not None and resolve_node_packs(custom_nodes) != _instance.node_packs:
+                    raise RuntimeError(
+                        "ComfyUI is already loaded in this process with node packs "
+                        f"{[str(p) for p in _instance.node_packs]}; cannot reload with others"
+                    )
+                return _instance
+            self = super().__new__(cls)
+            self._boot(path, custom_nodes, work_dir)
+            _instance = self
+            return self
+
+    def __init__(self, *args, **kwargs) -> None:  # all the work is in __new__/_boot
+        pass
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _boot(self, path: Path, custom_nodes, work_dir) -> None:
+        t0 = time.monotonic()
+        if not (path / "execution.py").is_file() or not (path / "nodes.py").is_file():
+            raise FileNotFoundError(f"{path} is not a ComfyUI tree (no execution.py / nodes.py)")
+        self.comfy_path = path
+        self.node_packs = resolve_node_packs(custom_nodes)
+        if work_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="discomfort-comfy-")
+            self.work_dir = Path(self._tmp.name)
+        else:
+            self._tmp = None
+            self.work_dir = Path(work_dir).resolve()
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+
+        _tvshim.install()
+        if str(path) in sys.path:
+            sys.path.remove(str(path))
+        sys.path.insert(0, str(path))
+
+        import comfy.options  # noqa: F401  (no argument parsing: defaults)
+        import comfy.cli_args
+
+        args = comfy.cli_args.args
+        args.cpu = True
+        args.disable_api_nodes = True
+        if "comfy.model_management" in sys.modules and not sys.modules["comfy.model_management"].cpu_state.name == "CPU":
+            log.warning("comfy.model_management was imported before --cpu could be set")
+
+        import folder_paths
+
+        for sub in ("output", "temp", "input", "user"):
+            (self.work_dir / sub).mkdir(exist_ok=True)
+        folder_paths.set_output_directory(str(self.work_dir / "output"))
+        folder_paths.set_temp_directory(str(self.work_dir / "temp"))
+        folder_paths.set_input_directory(str(self.work_dir / "input"))
+        folder_paths.set_user_directory(str(self.work_dir / "user"))
+        nodes_dir = make_custom_nodes_dir(self.node_packs, self.work_dir)
+        # Only our packs: not the ComfyUI tree's own custom_nodes folder.
+        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(nodes_dir)], set())
+
+        import utils.extra_config  # noqa: F401  (before nodes, which puts comfy/ first on sys.path)
+        import nodes
+        import execution
+        import server
+
+        self._nodes = nodes
+        self._execution = execution
+        self.server = _ServerStandIn()
+        server.PromptServer.instance = self.server
+
+        failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        if failed:
+            log.warning("ComfyUI extras that did not import: %s", failed)
+        missing = [p for p in self.node_packs if not self._pack_loaded(p)]
+        if missing:
+            raise ComfyConnectionError(f"ComfyUI could not import the node pack(s) {[str(p) for p in missing]}"
+                                       " (see the log above: IMPORT FAILED)")
+        self.executor = execution.PromptExecutor(
+            self.server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+        )
+        self.startup_seconds = time.monotonic() - t0
+        log.info("ComfyUI in-process ready in %.1fs", self.startup_seconds)
+
+    def _pack_loaded(self, pack: Path) -> bool:
+        dirs = {os.path.realpath(d) for d in self._nodes.LOADED_MODULE_DIRS.values()}
+        return os.path.realpath(pack) in dirs or os.path.realpath(pack.parent) in dirs and pack.is_file()
+
+    # -- API --------------------------------------------------------------------------------
+
+    @property
+    def node_class_mappings(self) -> dict:
+        return self._nodes.NODE_CLASS_MAPPINGS
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        """What the server's ``/object_info`` (or ``/object_info/{node_class}``) answers."""
+        import json
+
+        from comfy_api.internal import _ComfyNodeInternal
+
+        nodes = self._nodes
+        names = [node_class] if node_class else list(nodes.NODE_CLASS_MAPPINGS)
+        out = {}
+        for name in names:
+            cls = nodes.NODE_CLASS_MAPPINGS.get(name)
+            if cls is None:
+                continue
+            if issubclass(cls, _ComfyNodeInternal):
+                info = cls.GET_NODE_INFO_V1()
+            else:
+                inputs = cls.INPUT_TYPES()
+                info = {
+                    "input": inputs,
+                    "input_order": {k: list(v.keys()) for k, v in inputs.items()},
+                    "output": cls.RETURN_TYPES,
+                    "output_is_list": getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES)),
+                    "output_name": getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES),
+                    "name": name,
+                    "display_name": nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name, name),
+                    "description": getattr(cls, "DESCRIPTION", ""),
+                    "python_module": getattr(cls, "RELATIVE_PYTHON_MODULE", "nodes"),
+                    "category": getattr(cls, "CATEGORY", "sd"),
+                    "output_node": getattr(cls, "OUTPUT_NODE", False) is True,
+                }
+            try:
+                out[name] = json.loads(json.dumps(info, default=str))
+            except (TypeError, ValueError):
+                continue
+        return out
+
+    def execute(self, prompt: dict, timeout: float | None = None, *, extra_data: dict | None = None) -> dict:
+        """Validate and run an API-format prompt; returns the history outputs ``{node_id: ui}``.
+
+        Raises :class:`~discomfort.errors.PromptValidationError` when ComfyUI rejects the prompt,
+        :class:`~discomfort.errors.NodeExecutionError` when a node fails, and ``TimeoutError``
+        when ``timeout`` seconds pass (the run is interrupted before its next node).
+        """
+        execution = self._execution
+        with self._lock:
+            prompt_id = str(uuid.uuid4())
+            prompt = copy.deepcopy(prompt)
+            valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+            if not valid[0] or valid[3]:
+                raise validation_error(valid[1], valid[3])
+            outputs_to_execute = valid[2]
+            timer = None
+            timed_out = threading.Event()
+            if timeout is not None:
+                def _interrupt() -> None:
+                    timed_out.set()
+                    self._nodes.interrupt_processing(True)
+                timer = threading.Timer(timeout, _interrupt)
+                timer.daemon = True
+                timer.start()
+            try:
+                # A fresh deep copy: the executor writes is_changed into the dict.
+                self.executor.execute(copy.deepcopy(prompt), prompt_id, dict(extra_data or {}), outputs_to_execute)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._nodes.interrupt_processing(False)
+            messages = list(self.executor.status_messages)
+            if timed_out.is_set() and (
+                not self.executor.success or any(m[0] == "execution_interrupted" for m in messages)
+            ):
+                raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
+            raise_for_messages(messages, prompt_id)
+            if not self.executor.success:
+                raise ComfyConnectionError(f"prompt {prompt_id} failed without an error message: {messages}")
+            return copy.deepcopy(self.executor.history_result.get("outputs", {}))
+
+    def free(self) -> None:
+        """Drop ComfyUI's caches (what POST /free with free_memory does)."""
+        with self._lock:
+            self.executor.reset()

@@ -1,0 +1,212 @@
+"""Launch a local ComfyUI server with the Discomfort node pack loaded."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ..errors import ComfyConnectionError
+from ._common import default_node_pack, make_custom_nodes_dir, resolve_node_packs
+from .client import ComfyServer
+
+__all__ = ["launch_server", "free_port"]
+
+_BIND_FAILURE_MARKERS = ("address already in use", "errno 98", "error while attempting to bind")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (ComfyUI does not accept port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _pythonpath_with_package(env: dict) -> str:
+    """PYTHONPATH that makes this very ``discomfort`` importable in the child."""
+    pkg_parent = str(Path(__file__).resolve().parents[2])
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if pkg_parent not in parts:
+        parts.insert(0, pkg_parent)
+    return os.pathsep.join(parts)
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)
+
+
+def _start(cmd: list[str], cwd: Path, env: dict, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(cmd, cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        log.close()
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, deadline: float) -> str | None:
+    """Wait until the server answers; returns None when ready, else why it is not."""
+    import requests
+
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with code {proc.returncode}"
+        try:
+            r = requests.get(url + "/system_stats", timeout=2)
+            if r.status_code == 200:
+                return None
+        except requests.RequestException:
+            pass
+        # Wait for the process to change state (bounded): exits are noticed at once.
+        try:
+            proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
+    return "did not answer in time"
+
+
+@contextlib.contextmanager
+def launch_server(
+    comfy_path: os.PathLike | str,
+    port: int | None = None,
+    python: str | None = None,
+    custom_nodes: Sequence[os.PathLike | str] | None = None,
+    extra_args: Sequence[str] = (),
+    *,
+    startup_timeout: float = 120.0,
+    stop_timeout: float = 10.0,
+    work_dir: os.PathLike | str | None = None,
+    log_path: os.PathLike | str | None = None,
+    env: dict | None = None,
+) -> Iterator[ComfyServer]:
+    """Start ``main.py --cpu --listen 127.0.0.1 --port P`` and yield a :class:`ComfyServer`.
+
+    The server runs in ``python`` (default: this interpreter) through
+    ``python -m discomfort.comfy.serve`` (the torchvision shim, then ComfyUI's own ``main.py``),
+    with the node pack(s) on its custom_nodes path and its output/temp/user folders and database
+    in a temporary work directory. It must load ``DiscomfortPort`` (checked on
+    ``/object_info/DiscomfortPort`` when the default pack is used). On exit it gets SIGTERM, then
+    SIGKILL after ``stop_timeout`` seconds. The log goes to ``log_path`` (default: in the work
+    directory); errors quote its tail.
+    """
+    comfy_path = Path(comfy_path).expanduser().resolve()
+    if not (comfy_path / "main.py").is_file():
+        raise FileNotFoundError(f"{comfy_path} is not a ComfyUI tree (no main.py)")
+    packs = resolve_node_packs(custom_nodes)
+    default_pack = default_node_pack()
+    check_port_node = any(p == default_pack or p.name == "comfy_nodes" for p in packs)
+    python = python or sys.executable
+
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="discomfort-server-")))
+        else:
+            work = Path(work_dir).resolve()
+            work.mkdir(parents=True, exist_ok=True)
+        nodes_dir = make_custom_nodes_dir(packs, work)
+        config = work / "extra_model_paths.yaml"
+        # JSON is YAML: no quoting issues with odd paths.
+        import json
+
+        config.write_text(json.dumps({"discomfort": {"custom_nodes": str(nodes_dir)}}))
+        for sub in ("output", "temp", "input", "user"):
+            (work / sub).mkdir(exist_ok=True)
+        log_file = Path(log_path) if log_path else work / "comfyui.log"
+
+        child_env = dict(os.environ if env is None else env)
+        child_env["PYTHONPATH"] = _pythonpath_with_package(child_env)
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        child_env.setdefault("HF_HUB_OFFLINE", "1")
+        child_env.setdefault("DO_NOT_TRACK", "1")
+
+        attempts = 1 if port else 2
+        last_error = None
+        for attempt in range(attempts):
+            p = port or free_port()
+            url = f"http://127.0.0.1:{p}"
+            cmd = [
+                python, "-m", "discomfort.comfy.serve", str(comfy_path),
+                "--cpu", "--listen", "127.0.0.1", "--port", str(p),
+                "--extra-model-paths-config", str(config),
+                "--output-directory", str(work / "output"),
+                "--temp-directory", str(work / "temp"),
+                "--input-directory", str(work / "input"),
+                "--user-directory", str(work / "user"),
+                "--database-url", "sqlite:///:memory:",
+                "--disable-api-nodes", "--disable-auto-launch",
+                *extra_args,
+            ]
+            log_start = log_file.stat().st_size if log_file.exists() else 0
+            t0 = time.monotonic()
+            proc = _start(cmd, comfy_path, child_env, log_file)
+            try:
+                why = _wait_ready(proc, url, log_file, time.monotonic() + startup_timeout)
+            except BaseException:
+                _stop(proc, stop_timeout)
+                raise
+            if why is None:
+                break
+            _stop(proc, stop_timeout)
+            tail = _tail(log_file)
+            new_log = ""
+            try:
+                with open(log_file, "rb") as f:
+                    f.seek(log_start)
+                    new_log = f.read().decode("utf-8", "replace").lower()
+            except OSError:
+                pass
+            last_error = ComfyConnectionError(
+                f"ComfyUI server on port {p} {why} (command: {' '.join(cmd)})\n--- log tail ({log_file}) ---\n{tail}"
+            )
+            if port is None and any(m in new_log for m in _BIND_FAILURE_MARKERS):
+                continue  # someone took the port in between: one more try on another
+            raise last_error
+        else:
+            raise last_error  # type: ignore[misc]
+
+        server = ComfyServer(url, log_tail=lambda: _tail(log_file))
+        server.process = proc
+        server.log_path = log_file
+        server.work_dir = work
+        server.startup_seconds = time.monotonic() - t0
+        try:
+            if check_port_node:
+                info = server.object_info("DiscomfortPort")
+                if "DiscomfortPort" not in info:
+                    raise ComfyConnectionError(
+                        "the ComfyUI server started but did not load the Discomfort node pack "
+                        f"(no /object_info/DiscomfortPort)\n--- log tail ({log_file}) ---\n{_tail(log_file)}"
+                    )
+            yield server
+        finally:
+            server.close()
+            _stop(proc, stop_timeout)

@@ -1,0 +1,317 @@
+"""WorkflowContext: one run's ephemeral object store, its registry, and its lifecycle.
+
+`run_sequential` owns one context per call; ComfyUI nodes find it by `run_id` through the
+registry (in this process) or attach to it (in a ComfyUI server process).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import signal
+import threading
+from types import ModuleType
+from typing import Any, Iterator, Literal
+
+from . import _backend, codecs, sysinfo
+from ._sweep import sweep
+from .errors import (
+    ReferenceUnavailableError,
+    RunFinishedError,
+    SerializationError,
+    StoreClosedError,
+    UnknownRunError,
+)
+
+PassBy = Literal["auto", "val", "ref"]
+
+# The seed's registry: run_id -> the context this process holds for it.
+_active_handlers: dict[str, WorkflowContext] = {}
+_handler_lock = threading.Lock()
+
+# Objects saved by reference live here, in the process that saved them.
+_refs: dict[tuple[str, str], Any] = {}
+_refs_lock = threading.Lock()
+_PROCESS_TOKEN = secrets.token_hex(16)
+
+_TAG_VALUE = b"V"
+_TAG_REF = b"R"
+
+
+def _store_module(backend: str | None) -> ModuleType:
+    if backend is None:
+        from . import _store_module as default
+
+        return default
+    return _backend.load(backend)
+
+
+class WorkflowContext:
+    """A per-run object store: `save` values under unique ids, `load` them back zero-copy.
+
+    Use it as a context manager; on exit its shared memory and files are removed and it leaves
+    the registry, whatever happened inside.
+    """
+
+    def __init__(self, run_id: str | None = None, ram_budget: int | str | None = None,
+                 disk_dir: str | os.PathLike | None = None, *, backend: str | None = None,
+                 shm_dir: str = sysinfo.SHM_DIR, _store: Any = None):
+        self._lock = threading.Lock()
+        self._closed = False
+        if _store is not None:  # attach()
+            self._store = _store
+            self._owner = False
+            self.run_id = _store.run_id
+            return
+        self.run_id = run_id if run_id is not None else secrets.token_hex(16)
+        sweep(shm_dir)
+        module = _store_module(backend)
+        self._store = module.Store.create(
+            self.run_id,
+            ram_budget=sysinfo.ram_budget(ram_budget, shm_dir),
+            disk_root=sysinfo.disk_root(disk_dir),
+            shm_dir=shm_dir,
+        )
+        self._owner = True
+        self._pid = os.getpid()
+        _install_signal_handler()
+        with _handler_lock:
+            _active_handlers[self.run_id] = self
+
+    # ---- attaching ---------------------------------------------------------------------------
+    @classmethod
+    def attach(cls, run_id: str, *, backend: str | None = None,
+               shm_dir: str = sysinfo.SHM_DIR) -> WorkflowContext:
+        """Open a run another process owns: same data, no ownership; `close()` detaches."""
+        store = _store_module(backend).Store.attach(run_id, shm_dir=shm_dir)
+        return cls(_store=store)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    @property
+    def owner(self) -> bool:
+        return self._owner
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def backend(self) -> str:
+        return "python" if type(self._store).__module__.endswith("_pystore") else "native"
+
+    @property
+    def store(self) -> Any:
+        return self._store
+
+    def shutdown(self) -> None:
+        """Release the run: the owner removes everything, an attacher detaches. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self._owner and os.getpid() == self._pid:
+                self._store.destroy()
+            else:
+                self._store.close()
+        finally:
+            with _handler_lock:
+                if _active_handlers.get(self.run_id) is self:
+                    del _active_handlers[self.run_id]
+            if self._owner:
+                with _refs_lock:
+                    for k in [k for k in _refs if k[0] == self.run_id]:
+                        del _refs[k]
+
+    close = shutdown
+
+    def __enter__(self) -> WorkflowContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _check(self) -> Any:
+        if self._closed:
+            raise RunFinishedError(f"run {self.run_id!r} has finished: its context was shut down")
+        return self._store
+
+    # ---- data -------------------------------------------------------------------------------------
+    def save(self, unique_id: str, data: Any, pass_by: PassBy = "auto") -> int:
+        """Store `data` under `unique_id`; returns its version (store-wide, never repeated)."""
+        store = self._check()
+        if pass_by not in ("auto", "val", "ref"):
+            raise ValueError(f"pass_by must be 'auto', 'val' or 'ref', not {pass_by!r}")
+        mode = codecs.choose_pass_by(data) if pass_by == "auto" else pass_by
+        if mode != "ref":
+            try:
+                meta, buffers = codecs.encode(data)
+            except SerializationError as exc:
+                if mode != "try":
+                    raise SerializationError(
+                        f"cannot save {unique_id!r} in run {self.run_id!r} by value: {exc}"
+                    ) from exc
+                mode = "ref"
+            else:
+                version = store.put(unique_id, _TAG_VALUE + meta, buffers)
+                with _refs_lock:
+                    _refs.pop((self.run_id, unique_id), None)
+                return version
+        marker = json.dumps({"process": _PROCESS_TOKEN, "pid": os.getpid(),
+                             "type": f"{type(data).__module__}.{type(data).__qualname__}"})
+        with _refs_lock:
+            _refs[(self.run_id, unique_id)] = data
+        return store.put(unique_id, _TAG_REF + marker.encode(), [])
+
+    def load(self, unique_id: str) -> Any:
+        """The value saved under `unique_id`: CPU tensors and arrays are zero-copy views."""
+        meta, views, _ = self._check().get(unique_id)
+        if meta[:1] == _TAG_REF:
+            return self._load_ref(unique_id, json.loads(meta[1:]))
+        return codecs.decode(meta[1:], views)
+
+    def _load_ref(self, unique_id: str, marker: dict) -> Any:
+        if marker.get("process") != _PROCESS_TOKEN:
+            raise ReferenceUnavailableError(
+                f"{unique_id!r} in run {self.run_id!r} is a {marker.get('type')} saved by reference in process "
+                f"{marker.get('pid')}; references cannot leave the process that saved them "
+                f"(save it with pass_by='val' to share it)"
+            )
+        with _refs_lock:
+            try:
+                return _refs[(self.run_id, unique_id)]
+            except KeyError:
+                raise ReferenceUnavailableError(
+                    f"{unique_id!r} in run {self.run_id!r}: the referenced object is gone"
+                ) from None
+
+    def delete(self, unique_id: str) -> bool:
+        removed = self._check().delete(unique_id)
+        with _refs_lock:
+            _refs.pop((self.run_id, unique_id), None)
+        return removed
+
+    def keys(self) -> list[str]:
+        return self._check().keys()
+
+    def __contains__(self, unique_id: object) -> bool:
+        return self._check().contains(unique_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def info(self, unique_id: str) -> dict[str, Any]:
+        """Tier, size and version (store-wide, never repeated) of the stored object."""
+        return self._check().info(unique_id)
+
+    def stats(self) -> dict[str, Any]:
+        out = self._check().stats()
+        out["backend"] = self.backend
+        out["owner"] = self._owner
+        return out
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("owner" if self._owner else "attached")
+        return f"<WorkflowContext run_id={self.run_id!r} {state} backend={self.backend}>"
+
+
+def get_context(run_id: str) -> WorkflowContext:
+    """The context of `run_id` registered in this process, else an attachment to it.
+
+    Attachments of runs that have finished are dropped here, so a long-lived server that serves
+    many runs does not keep their memory mapped.
+    """
+    if not isinstance(run_id, str) or not run_id:
+        raise UnknownRunError(f"no run id given (got {run_id!r})")
+    with _handler_lock:
+        _drop_finished_locked()
+        ctx = _active_handlers.get(run_id)
+        if ctx is not None:
+            return ctx
+        try:
+            ctx = WorkflowContext.attach(run_id)
+        except StoreClosedError as exc:
+            raise RunFinishedError(f"run {run_id!r} has finished") from exc
+        _active_handlers[run_id] = ctx
+        return ctx
+
+
+def release_finished() -> int:
+    """Detach from every attached run that has finished; returns how many."""
+    with _handler_lock:
+        return _drop_finished_locked()
+
+
+def _drop_finished_locked() -> int:
+    dropped = 0
+    for rid, ctx in list(_active_handlers.items()):
+        if ctx._owner:
+            continue
+        try:
+            finished = ctx._closed or ctx._store.finished
+        except Exception:
+            finished = True
+        if finished:
+            del _active_handlers[rid]
+            ctx._closed = True
+            ctx._store.close()
+            dropped += 1
+    return dropped
+
+
+def active_runs() -> list[str]:
+    with _handler_lock:
+        return sorted(_active_handlers)
+
+
+# ---- process lifecycle: exit, SIGTERM, fork -------------------------------------------------------
+def _shutdown_all() -> None:
+    with _handler_lock:
+        contexts = list(_active_handlers.values())
+    for ctx in contexts:
+        try:
+            ctx.shutdown()
+        except Exception:
+            pass
+
+
+atexit.register(_shutdown_all)
+
+_signal_installed = False
+_previous_sigterm: Any = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Only raises: cleanup runs in __exit__/shutdown, never inside the handler."""
+    if callable(_previous_sigterm):
+        _previous_sigterm(signum, frame)
+    raise SystemExit(128 + signum)
+
+
+def _install_signal_handler() -> None:
+    global _signal_installed, _previous_sigterm
+    if _signal_installed or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        return  # the program chose to ignore SIGTERM; leave that alone
+    _previous_sigterm = previous if callable(previous) else None
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _signal_installed = True
+
+
+def _after_fork_in_child() -> None:
+    """A forked child inherits no ownership: it must never unlink its parent's runs."""
+    global _handler_lock, _refs_lock
+    _handler_lock = threading.Lock()
+    _refs_lock = threading.Lock()
+    for ctx in _active_handlers.values():
+        ctx._owner = False
+        ctx._closed = True
+    _active_handlers.clear()
+    _refs.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

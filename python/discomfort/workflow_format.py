@@ -1,0 +1,586 @@
+"""Workflow formats, port discovery and stitching: pure data, no ComfyUI import.
+
+ComfyUI knows two JSON forms of a workflow:
+
+* the **API format** ("prompt") that ``POST /prompt`` takes: ``{node_id: {"class_type": ...,
+  "inputs": {name: value | [origin_node_id, origin_slot]}}}``;
+* the **UI format** the editor saves: ``{"nodes": [...], "links": [...], "groups": [...], ...}``
+  with positional ``widgets_values``.
+
+:func:`load_workflow` turns either into an API prompt; the UI conversion follows what ComfyUI's
+frontend does when it queues a workflow (``graphToPrompt``), using the server's ``/object_info``
+to know each node type's widgets. :func:`discover_ports` finds the ``DiscomfortPort`` nodes of a
+prompt and their mode; :func:`stitch` joins several prompts into one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import UnsupportedWorkflowError
+
+__all__ = [
+    "Port",
+    "PORT_CLASS",
+    "LOADER_CLASS",
+    "INPUT",
+    "OUTPUT",
+    "PASSTHRU",
+    "load_workflow",
+    "is_api_format",
+    "is_ui_format",
+    "ui_to_api",
+    "is_link",
+    "port_mode_in_prompt",
+    "discover_port_nodes",
+    "discover_ports",
+    "stitch",
+]
+
+PORT_CLASS = "DiscomfortPort"
+LOADER_CLASS = "DiscomfortDataLoader"
+INPUT, OUTPUT, PASSTHRU = "INPUT", "OUTPUT", "PASSTHRU"
+PORT_DATA_INPUT = "input_data"
+
+# LiteGraph node modes.
+MODE_ALWAYS, MODE_ON_EVENT, MODE_NEVER, MODE_ON_TRIGGER, MODE_BYPASS = 0, 1, 2, 3, 4
+
+# Frontend-only nodes that never reach the API prompt.
+NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
+REROUTE_TYPES = frozenset({"Reroute"})
+PRIMITIVE_TYPES = frozenset({"PrimitiveNode"})
+
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+SEED_WIDGET_NAMES = frozenset({"seed", "noise_seed"})
+UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and format detection
+
+
+def is_link(value: Any) -> bool:
+    """An API-format input that is a link: ``[origin_node_id, origin_slot]``."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and isinstance(value[0], (str, int))
+        and not isinstance(value[0], bool)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
+    )
+
+
+def is_ui_format(data: Any) -> bool:
+    return isinstance(data, Mapping) and isinstance(data.get("nodes"), list) and "links" in data
+
+
+def is_api_format(data: Any) -> bool:
+    if not isinstance(data, Mapping) or not data or is_ui_format(data):
+        return False
+    return all(isinstance(v, Mapping) and "class_type" in v for v in data.values())
+
+
+def load_workflow(workflow: Mapping | str | os.PathLike, object_info: Mapping | None = None) -> dict:
+    """An API-format prompt from a workflow (a dict or a JSON file, API or UI format).
+
+    API format is returned as is (a deep copy, node ids as strings). UI format needs
+    ``object_info`` (what the server's ``/object_info`` answers) to map positional widget
+    values to input names. Features this cannot convert raise :class:`UnsupportedWorkflowError`.
+    """
+    if isinstance(workflow, (str, os.PathLike)):
+        with open(Path(workflow), encoding="utf-8") as f:
+            data = json.load(f)
+    else:
+        data = workflow
+    # A file saved with "Save (API)" under a wrapper, or a /prompt body.
+    if isinstance(data, Mapping) and "prompt" in data and isinstance(data["prompt"], Mapping) \
+            and not is_ui_format(data) and is_api_format(data["prompt"]):
+        data = data["prompt"]
+    if is_ui_format(data):
+        if object_info is None:
+            raise ValueError("converting a UI-format workflow needs object_info (the server's /object_info)")
+        return ui_to_api(data, object_info)
+    if is_api_format(data):
+        return {str(k): copy.deepcopy(dict(v)) for k, v in data.items()}
+    raise ValueError("not a ComfyUI workflow: expected an API-format prompt or a UI-format workflow")
+
+
+# ---------------------------------------------------------------------------------------------
+# UI format -> API format
+
+
+def _input_spec_type(spec: Any) -> Any:
+    if isinstance(spec, (list, tuple)) and spec:
+        return spec[0]
+    return spec
+
+
+def _input_spec_options(spec: Any) -> dict:
+    if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], Mapping):
+        return dict(spec[1])
+    return {}
+
+
+def _is_widget_spec(spec: Any) -> bool:
+    typ = _input_spec_type(spec)
+    opts = _input_spec_options(spec)
+    if opts.get("forceInput"):
+        return False
+    if isinstance(typ, (list, tuple)):
+        return True  # a combo: list of choices
+    return isinstance(typ, str) and typ in WIDGET_TYPES
+
+
+def widget_layout(node_info: Mapping) -> list[str | None]:
+    """The names behind a node's positional ``widgets_values``; None for frontend-only extras.
+
+    Order: required then optional inputs, in ``input_order``. A seed-like INT widget (option
+    ``control_after_generate``, or named seed/noise_seed) is followed by the frontend's
+    "control after generate" value; an upload combo by its upload button's value.
+    """
+    inputs = node_info.get("input", {}) or {}
+    order = node_info.get("input_order") or {}
+    layout: list[str | None] = []
+    for category in ("required", "optional"):
+        specs = inputs.get(category) or {}
+        names = list(order.get(category) or specs.keys())
+        for name in names:
+            if name not in specs:
+                continue
+            spec = specs[name]
+            if not _is_widget_spec(spec):
+                continue
+            layout.append(name)
+            typ = _input_spec_type(spec)
+            opts = _input_spec_options(spec)
+            control = opts.get("control_after_generate")
+            if control is None and typ == "INT" and name in SEED_WIDGET_NAMES:
+                control = True
+            if control:
+                layout.append(None)
+            if any(opts.get(o) for o in UPLOAD_OPTIONS):
+                layout.append(None)
+    return layout
+
+
+def _input_spec(node_info: Mapping, name: str) -> Any:
+    inputs = node_info.get("input", {}) or {}
+    for category in ("required", "optional"):
+        specs = inputs.get(category) or {}
+        if name in specs:
+            return specs[name]
+    return None
+
+
+@dataclass
+class _Link:
+    id: int
+    origin_id: Any
+    origin_slot: int
+    target_id: Any
+    target_slot: int
+    type: Any = None
+
+
+def _parse_links(raw: Iterable) -> dict[int, _Link]:
+    links: dict[int, _Link] = {}
+    for item in raw or ():
+        if isinstance(item, Mapping):
+            link = _Link(item["id"], item["origin_id"], int(item["origin_slot"]), item["target_id"],
+                         int(item["target_slot"]), item.get("type"))
+        else:
+            link = _Link(item[0], item[1], int(item[2]), item[3], int(item[4]), item[5] if len(item) > 5 else None)
+        links[link.id] = link
+    return links
+
+
+def _unsupported(node: Mapping, why: str) -> UnsupportedWorkflowError:
+    return UnsupportedWorkflowError(f"node {node.get('id')} (type {node.get('type')!r}): {why}")
+
+
+def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
+    """Convert a UI-format workflow into an API-format prompt (see :func:`load_workflow`)."""
+    subgraph_ids = set()
+    definitions = workflow.get("definitions") or {}
+    for sg in definitions.get("subgraphs") or ():
+        if isinstance(sg, Mapping) and "id" in sg:
+            subgraph_ids.add(sg["id"])
+    group_nodes = set(((workflow.get("extra") or {}).get("groupNodes") or {}).keys())
+
+    nodes_by_id: dict[Any, Mapping] = {}
+    for node in workflow["nodes"]:
+        nodes_by_id[node["id"]] = node
+    links = _parse_links(workflow.get("links"))
+
+    # 1. Which nodes become API nodes; everything unknown is refused before any work.
+    real: list[Mapping] = []
+    for node in workflow["nodes"]:
+        typ = node.get("type")
+        mode = node.get("mode", MODE_ALWAYS)
+        if typ in NOTE_TYPES or typ in REROUTE_TYPES or typ in PRIMITIVE_TYPES:
+            continue
+        if typ in subgraph_ids:
+            raise _unsupported(node, "subgraphs are not supported; convert the subgraph back to nodes")
+        if isinstance(typ, str) and (typ.startswith("workflow>") or typ.startswith("workflow/")) \
+                or typ in group_nodes:
+            raise _unsupported(node, "group nodes are not supported; convert the group node back to nodes")
+        if typ not in object_info:
+            raise _unsupported(node, "unknown node type (not in the server's object_info); "
+                                     "a missing custom node, or a subgraph")
+        if mode in (MODE_NEVER, MODE_BYPASS):
+            continue
+        real.append(node)
+
+    def input_link(node: Mapping, slot: int) -> _Link | None:
+        ins = node.get("inputs") or []
+        if slot < 0 or slot >= len(ins):
+            return None
+        link_id = ins[slot].get("link")
+        if link_id is None:
+            return None
+        return links.get(link_id)
+
+    def resolve(link: _Link, want_type: Any) -> tuple[str, Any]:
+        """Follow a link through reroutes and bypassed nodes.
+
+        Returns ("link", [origin_id, slot]), ("value", v) for a PrimitiveNode, or ("none", None).
+        """
+        seen = set()
+        while True:
+            key = (link.origin_id, link.origin_slot)
+            if key in seen:
+                return "none", None
+            seen.add(key)
+            parent = nodes_by_id.get(link.origin_id)
+            if parent is None:
+                return "none", None
+            ptype = parent.get("type")
+            if ptype in PRIMITIVE_TYPES:
+                values = parent.get("widgets_values")
+                if isinstance(values, list) and values:
+                    return "value", copy.deepcopy(values[0])
+                return "none", None
+            if ptype in REROUTE_TYPES:
+                nxt = input_link(parent, 0)
+                if nxt is None:
+                    return "none", None
+                link = nxt
+                continue
+            if ptype in NOTE_TYPES:
+                return "none", None
+            pmode = parent.get("mode", MODE_ALWAYS)
+            if pmode == MODE_BYPASS:
+                pins = parent.get("inputs") or []
+                outs = parent.get("outputs") or []
+                out_type = outs[link.origin_slot].get("type") if link.origin_slot < len(outs) else None
+                candidates = [link.origin_slot] + list(range(len(pins)))
+                match = None
+                for t in (want_type, out_type):
+                    if t in (None, "*"):
+                        continue
+                    for idx in candidates:
+                        if 0 <= idx < len(pins) and pins[idx].get("type") == t and pins[idx].get("link") is not None:
+                            match = idx
+                            break
+                    if match is not None:
+                        break
+                if match is None:
+                    return "none", None
+                nxt = input_link(parent, match)
+                if nxt is None:
+                    return "none", None
+                link = nxt
+                continue
+            if pmode == MODE_NEVER:
+                return "none", None  # removed below like the frontend does
+            return "link", [str(link.origin_id), int(link.origin_slot)]
+
+    prompt: dict[str, dict] = {}
+    for node in real:
+        typ = node["type"]
+        info = object_info[typ]
+        inputs: dict[str, Any] = {}
+        values = node.get("widgets_values")
+        if isinstance(values, Mapping):
+            for name, value in values.items():
+                if _input_spec(info, name) is not None and _is_widget_spec(_input_spec(info, name)):
+                    inputs[name] = copy.deepcopy(value)
+        elif isinstance(values, list) and values:
+            layout = widget_layout(info)
+            plain = [n for n in layout if n is not None]
+            if len(values) == len(layout):
+                names = layout
+            elif len(values) == len(plain):
+                names = plain  # saved without the frontend-only extras
+            else:
+                raise _unsupported(node, f"{len(values)} widget values where this node type has "
+                                         f"{len(layout)} ({', '.join(n or '<control>' for n in layout)}): "
+                                         "a different version of the node?")
+            for name, value in zip(names, values):
+                if name is not None:
+                    inputs[name] = copy.deepcopy(value)
+
+        for slot, inp in enumerate(node.get("inputs") or []):
+            name = inp.get("name")
+            widget = inp.get("widget")
+            if isinstance(widget, Mapping) and widget.get("name"):
+                name = widget["name"]
+            link = input_link(node, slot)
+            if link is None or name is None:
+                continue
+            kind, value = resolve(link, inp.get("type"))
+            if kind == "link":
+                inputs[name] = value
+            elif kind == "value":
+                inputs[name] = value
+            else:
+                # Unresolvable (bypassed without a matching input, dangling reroute): like the
+                # frontend, no link; a widget keeps its own value.
+                if _input_spec(info, name) is None or not _is_widget_spec(_input_spec(info, name)):
+                    inputs.pop(name, None)
+
+        title = node.get("title") or info.get("display_name") or typ
+        prompt[str(node["id"])] = {"inputs": inputs, "class_type": typ, "_meta": {"title": title}}
+
+    # Inputs linked to nodes that are not in the prompt (muted, removed) are dropped.
+    for entry in prompt.values():
+        for name in list(entry["inputs"]):
+            value = entry["inputs"][name]
+            if is_link(value) and str(value[0]) not in prompt:
+                del entry["inputs"][name]
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Ports
+
+
+@dataclass(frozen=True)
+class Port:
+    """A ``DiscomfortPort`` (or, for a key, all the port nodes sharing its ``unique_id``).
+
+    ``mode``: INPUT (no incoming link, feeds other nodes), OUTPUT (incoming link, nothing
+    downstream) or PASSTHRU (both). For a key, INPUT/OUTPUT when all its nodes agree, else
+    PASSTHRU (a key read and written by the same workflow, e.g. a loop state).
+    ``type``: the ComfyUI type inferred from what is linked to or from it ("*" when unknown).
+    """
+
+    node_id: str
+    unique_id: str
+    mode: str
+    type: str = "*"
+    node_ids: tuple[str, ...] = ()
+    input_node_ids: tuple[str, ...] = ()
+    output_node_ids: tuple[str, ...] = ()
+    consumers: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    @property
+    def reads(self) -> bool:
+        """The key is read by the workflow (some node of it is an INPUT port)."""
+        return bool(self.input_node_ids)
+
+    @property
+    def writes(self) -> bool:
+        """The key is written by the workflow (some node of it is an OUTPUT or PASSTHRU port)."""
+        return bool(self.output_node_ids)
+
+
+def _consumers(prompt: Mapping, node_id: str, slot: int | None = 0) -> list[tuple[str, str]]:
+    out = []
+    for nid, entry in prompt.items():
+        for name, value in (entry.get("inputs") or {}).items():
+            if is_link(value) and str(value[0]) == node_id and (slot is None or value[1] == slot):
+                out.append((str(nid), name))
+    return out
+
+
+def port_mode_in_prompt(prompt: Mapping, node_id: str) -> str:
+    """INPUT, OUTPUT or PASSTHRU of the port node ``node_id``, by its links in ``prompt``."""
+    entry = prompt[str(node_id)]
+    incoming = is_link((entry.get("inputs") or {}).get(PORT_DATA_INPUT))
+    downstream = bool(_consumers(prompt, str(node_id), None))
+    if incoming and downstream:
+        return PASSTHRU
+    if incoming:
+        return OUTPUT
+    return INPUT
+
+
+def _output_type(prompt: Mapping, object_info: Mapping | None, link: Any, depth: int = 0) -> str:
+    if object_info is None or depth > 64 or not is_link(link):
+        return "*"
+    origin = prompt.get(str(link[0]))
+    if origin is None:
+        return "*"
+    cls = origin.get("class_type")
+    if cls == PORT_CLASS:
+        return _output_type(prompt, object_info, (origin.get("inputs") or {}).get(PORT_DATA_INPUT), depth + 1)
+    info = object_info.get(cls) or {}
+    outputs = info.get("output") or []
+    if link[1] < len(outputs):
+        t = outputs[link[1]]
+        if isinstance(t, (list, tuple)):
+            return "COMBO"
+        return str(t)
+    return "*"
+
+
+def _input_type(prompt: Mapping, object_info: Mapping | None, node_id: str, depth: int = 0) -> str:
+    if object_info is None or depth > 64:
+        return "*"
+    for cid, name in _consumers(prompt, node_id, 0):
+        entry = prompt[cid]
+        cls = entry.get("class_type")
+        if cls == PORT_CLASS:
+            t = _input_type(prompt, object_info, cid, depth + 1)
+        else:
+            spec = _input_spec(object_info.get(cls) or {}, name)
+            if spec is None:
+                spec = ((object_info.get(cls) or {}).get("input", {}).get("hidden") or {}).get(name)
+            t = _input_spec_type(spec) if spec is not None else "*"
+            if isinstance(t, (list, tuple)):
+                t = "COMBO"
+        if t and t != "*":
+            return str(t)
+    return "*"
+
+
+def discover_port_nodes(prompt: Mapping, object_info: Mapping | None = None) -> dict[str, Port]:
+    """Every DiscomfortPort node of an API prompt: ``{node_id: Port}``."""
+    found: dict[str, Port] = {}
+    for nid, entry in prompt.items():
+        if entry.get("class_type") != PORT_CLASS:
+            continue
+        nid = str(nid)
+        inputs = entry.get("inputs") or {}
+        uid = inputs.get("unique_id")
+        if not isinstance(uid, str) or not uid:
+            raise UnsupportedWorkflowError(
+                f"node {nid} ({PORT_CLASS}): its unique_id must be a non-empty string widget, got {uid!r}"
+            )
+        mode = port_mode_in_prompt(prompt, nid)
+        if mode == INPUT:
+            typ = _input_type(prompt, object_info, nid)
+        else:
+            typ = _output_type(prompt, object_info, inputs.get(PORT_DATA_INPUT))
+            if typ == "*" and mode == PASSTHRU:
+                typ = _input_type(prompt, object_info, nid)
+        found[nid] = Port(
+            node_id=nid, unique_id=uid, mode=mode, type=typ, node_ids=(nid,),
+            input_node_ids=(nid,) if mode == INPUT else (),
+            output_node_ids=(nid,) if mode != INPUT else (),
+            consumers=tuple(_consumers(prompt, nid, 0)),
+        )
+    return found
+
+
+def discover_ports(prompt: Mapping, object_info: Mapping | None = None) -> dict[str, Port]:
+    """The ports of an API prompt by key: ``{unique_id: Port}``.
+
+    Several port nodes may share a key (a loop reads and writes the same key): the Port then
+    lists them all (``node_ids``, ``input_node_ids``, ``output_node_ids``), ``node_id`` is the
+    first, and ``mode`` is PASSTHRU unless they all agree.
+    """
+    by_key: dict[str, list[Port]] = {}
+    for port in discover_port_nodes(prompt, object_info).values():
+        by_key.setdefault(port.unique_id, []).append(port)
+    out: dict[str, Port] = {}
+    for uid, ports in by_key.items():
+        ports.sort(key=lambda p: _sort_key(p.node_id))
+        modes = {p.mode for p in ports}
+        mode = modes.pop() if len(modes) == 1 else PASSTHRU
+        types = [p.type for p in ports if p.type != "*"]
+        out[uid] = Port(
+            node_id=ports[0].node_id, unique_id=uid, mode=mode, type=types[0] if types else "*",
+            node_ids=tuple(p.node_id for p in ports),
+            input_node_ids=tuple(n for p in ports for n in p.input_node_ids),
+            output_node_ids=tuple(n for p in ports for n in p.output_node_ids),
+            consumers=tuple(c for p in ports for c in p.consumers),
+        )
+    return out
+
+
+def _sort_key(node_id: str):
+    try:
+        return (0, int(node_id), "")
+    except ValueError:
+        return (1, 0, node_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stitching
+
+
+def stitch(prompts: list[Mapping]) -> dict:
+    """Join several API prompts into one, in order.
+
+    Node ids are renumbered ("1", "2", ... across all prompts). An INPUT port of prompt k whose
+    unique_id an earlier prompt writes (OUTPUT or PASSTHRU port) is removed, and its consumers
+    are linked straight to what feeds the latest such port. An OUTPUT port whose key a later
+    prompt writes again is removed too (its consumers, if any, linked to its source), so that
+    each key is written once, by the last prompt that writes it. INPUT ports of keys no earlier
+    prompt writes stay: they are the stitched prompt's inputs.
+    """
+    result: dict[str, dict] = {}
+    producer: dict[str, Any] = {}  # unique_id -> link feeding the latest writer
+    writer: dict[str, str] = {}  # unique_id -> new node id of the latest writer port
+    counter = 0
+
+    def rewire(old_link_target: str, replacement: Any) -> None:
+        for entry in result.values():
+            for name, value in list(entry["inputs"].items()):
+                if is_link(value) and value[0] == old_link_target:
+                    if replacement is None:
+                        del entry["inputs"][name]
+                    else:
+                        entry["inputs"][name] = list(replacement)
+
+    for prompt in prompts:
+        prompt = load_workflow(prompt) if not is_api_format(prompt) else prompt
+        ports = discover_port_nodes(prompt)
+        mapping: dict[str, str] = {}
+        for nid in sorted((str(k) for k in prompt), key=_sort_key):
+            counter += 1
+            mapping[nid] = str(counter)
+        new_entries: dict[str, dict] = {}
+        for nid, entry in prompt.items():
+            entry = copy.deepcopy(dict(entry))
+            inputs = entry.get("inputs") or {}
+            for name, value in list(inputs.items()):
+                if is_link(value):
+                    if str(value[0]) not in mapping:
+                        raise UnsupportedWorkflowError(
+                            f"node {nid} ({entry.get('class_type')}): input {name!r} links to node "
+                            f"{value[0]!r}, which is not in the workflow"
+                        )
+                    inputs[name] = [mapping[str(value[0])], value[1]]
+            entry["inputs"] = inputs
+            new_entries[mapping[str(nid)]] = entry
+        result.update(new_entries)
+
+        # INPUT ports fed by an earlier workflow: consumers take the producer's link directly.
+        for old_id, port in ports.items():
+            new_id = mapping[old_id]
+            if port.mode == INPUT and port.unique_id in producer:
+                rewire(new_id, producer[port.unique_id])
+                del result[new_id]
+        # Writers of this workflow supersede earlier writers of the same key.
+        for old_id, port in sorted(ports.items(), key=lambda kv: _sort_key(kv[0])):
+            if port.mode == INPUT:
+                continue
+            new_id = mapping[old_id]
+            src = result[new_id]["inputs"].get(PORT_DATA_INPUT)
+            previous = writer.get(port.unique_id)
+            if previous is not None and previous in result and previous != new_id:
+                prev_src = result[previous]["inputs"].get(PORT_DATA_INPUT)
+                rewire(previous, prev_src if is_link(prev_src) else None)
+                del result[previous]
+            writer[port.unique_id] = new_id
+            producer[port.unique_id] = src if is_link(src) else [new_id, 0]
+    return result
