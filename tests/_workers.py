@@ -85,9 +85,20 @@ def serve_runs(backend: str, conn) -> None:
         ctx = get_context(msg)
         value = ctx.load("image")
         total = float(value.view(-1)[::1024].sum())  # touch every page
+        held = rss_shmem()
         del value
-        conn.send((total, rss_shmem()))
+        conn.send((total, held, mapped_runs()))
     conn.close()
+
+
+def mapped_runs() -> int:
+    """How many distinct runs this process still maps (control segments and chunks)."""
+    runs = set()
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            if "/dcf-" in line:  # also "(deleted)": the run is gone but still mapped here
+                runs.add(line.split("/dcf-", 1)[1].split()[0].split(".")[0])
+    return len(runs)
 
 
 def rss_shmem() -> int:
