@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: builds the wheel, installs it into a virtual
+# environment together with a real ComfyUI, and runs every test on both backends against the
+# installed package (never the source tree).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${DISCOMFORT_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3}
+CONSTRAINTS=$ROOT/.ci/constraints.txt
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "virtual environment $VENV"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install -c "$CONSTRAINTS" torch==2.13.0 numpy pyarrow cloudpickle tqdm matplotlib \
+    pytest pytest-benchmark pytest-timeout requests websocket-client \
+    "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake
+
+step "build and install the wheel"
+rm -rf "$ROOT/dist"
+timeout 900 "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps -q -w "$ROOT/dist" "$ROOT"
+"${PIP[@]}" install --force-reinstall --no-deps "$ROOT"/dist/discomfort-*.whl
+
+step "ComfyUI for the node tests"
+COMFY=$(timeout 1200 "$VENV/bin/python" "$ROOT/scripts/setup_comfyui.py" --python "$VENV/bin/python" | tail -n 1)
+export DISCOMFORT_COMFYUI=$COMFY
+
+step "tests (installed package, both backends)"
+export DISCOMFORT_REQUIRE_NATIVE=1
+cd "$ROOT/tests"
+set +e
+timeout 2700 "$VENV/bin/python" -m pytest -p no:cacheprovider --timeout 600 -q "$@" .
+rc=$?
+set -e
+[ "$rc" -eq 5 ] && { echo "pytest collected no tests"; exit 1; }
+exit "$rc"
