@@ -468,7 +468,7 @@ class Store:
         self._chunk_fds: dict[int, int] = {}
         self._chunk_maps: dict[int, mmap.mmap] = {}
         n = self._c.hget("disk_dir_len")
-        self._disk_dir = bytes(mm[256 : 256 + n]).decode() if n else None
+        self._disk_dir = os.fsdecode(bytes(mm[256 : 256 + n])) if n else None
         _live_stores.add(self)
 
     # ---- construction -------------------------------------------------------------------
@@ -485,7 +485,7 @@ class Store:
         disk_dir = None
         if disk_root is not None:
             disk_dir = os.path.join(os.path.abspath(disk_root), f"dcf-{run_id}")
-            if len(disk_dir.encode()) > 1023:
+            if len(os.fsencode(disk_dir)) > 1023:
                 raise ValueError(f"disk root path is too long: {disk_root!r}")
         path = cls._control_path(shm_dir, run_id)
         try:
@@ -512,7 +512,7 @@ class Store:
                 struct.pack_into(fmt, mm, off, value)
             mm[112 : 112 + len(run_id)] = run_id.encode()
             if disk_dir is not None:
-                raw = disk_dir.encode()
+                raw = os.fsencode(disk_dir)
                 struct.pack_into("<I", mm, 176, len(raw))
                 mm[256 : 256 + len(raw)] = raw
             mm[0:8] = MAGIC
@@ -1098,7 +1098,13 @@ class Store:
             if tier == RAM:
                 meta_len, bufs = parse_directory(memoryview(self._chunk_map(chunk))[off : off + length], length, where)[1:]
             else:
-                with open(self._disk_path(file_id), "rb") as fh:
+                try:
+                    fh = open(self._disk_path(file_id), "rb")
+                except FileNotFoundError:
+                    raise CorruptedStoreError(f"{where}: its disk file is missing") from None
+                with fh:
+                    if os.fstat(fh.fileno()).st_size < length:
+                        raise CorruptedStoreError(f"{where}: disk file truncated")
                     with mmap.mmap(fh.fileno(), length, mmap.MAP_PRIVATE, mmap.PROT_READ) as mm:
                         meta_len, bufs = parse_directory(mm, length, where)[1:]
         return {
@@ -1223,8 +1229,13 @@ def _validate_header(head: bytes, file_size: int, run_id: str) -> None:
             raise CorruptedStoreError(f"run {run_id!r}: header field {name} is {got}, expected {want}")
     if file_size != TOTAL:
         raise CorruptedStoreError(f"run {run_id!r}: control segment is {file_size} bytes, expected {TOTAL}")
-    if struct.unpack_from("<I", head, 176)[0] > 1023:
+    n = struct.unpack_from("<I", head, 176)[0]
+    if n > 1023:
         raise CorruptedStoreError(f"run {run_id!r}: disk directory length out of range")
+    disk_dir = head[256 : 256 + n]
+    if n and (not disk_dir.startswith(b"/") or b"\0" in disk_dir
+              or not disk_dir.endswith(f"/dcf-{run_id}".encode())):
+        raise CorruptedStoreError(f"run {run_id!r}: disk directory {disk_dir!r} is not this run's")
     stored = head[112:176].rstrip(b"\0")
     if stored != run_id.encode():
         raise CorruptedStoreError(f"run {run_id!r}: header names run {stored!r}")

@@ -63,7 +63,7 @@ def _sweep_one(shm_dir: str, run_id: str) -> bool:
         except BlockingIOError:
             return False  # someone alive still uses it
         n = struct.unpack_from("<I", head, 176)[0]
-        disk_dir = head[256 : 256 + n].decode(errors="replace") if 0 < n <= 1023 else None
+        disk_dir = os.fsdecode(head[256 : 256 + n]) if 0 < n <= 1023 else None
         remove_run_files(shm_dir, run_id, disk_dir)
         return True
     finally:
