@@ -135,50 +135,56 @@ def test_fuzzed_segments_never_crash(store_mod, backend, make_store, seed):
     assert store.get("small")[0] == b"s" and store.stats()["objects_disk"] == 1
 
 
-def _as_nobody(code: str) -> subprocess.CompletedProcess:
-    def drop():
-        os.setgid(65534)
-        os.setuid(65534)
+def _as_nobody(fn) -> str:
+    """Run fn in a forked child that has dropped to the user nobody; return what it returned.
 
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          preexec_fn=drop, cwd="/")
+    A fork, not a new interpreter: the interpreter may live where nobody cannot read it.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            result = str(fn())
+        except BaseException as exc:  # reported to the parent
+            result = f"raised {type(exc).__name__}: {exc}"
+        os.write(w, result.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        out = fh.read().decode()
+    os.waitpid(pid, 0)
+    return out
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
-def test_another_user_cannot_attach(backend, make_store):
+def test_another_user_cannot_attach(store_mod, make_store):
     store = make_store()
     store.put("secret", b"", [b"s" * 10])
-    import discomfort
 
-    pkg = os.path.dirname(os.path.dirname(discomfort.__file__))
-    out = _as_nobody(f"""
-import sys; sys.path.insert(0, {pkg!r})
-from discomfort import _backend, errors
-try:
-    _backend.load({backend!r}).Store.attach({store.run_id!r})
-    print("attached")
-except errors.StoreAccessError as exc:
-    print("refused:", exc)
-""")
-    assert out.stdout.startswith("refused:"), out.stdout + out.stderr
+    def attach():
+        store_mod.Store.attach(store.run_id)
+        return "attached"
+
+    out = _as_nobody(attach)
+    assert out.startswith("raised StoreAccessError"), out
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
-def test_runs_of_another_user_are_refused(store_mod, backend):
-    import discomfort
-
-    pkg = os.path.dirname(os.path.dirname(discomfort.__file__))
+def test_runs_of_another_user_are_refused(store_mod):
     run_id = "n" + secrets.token_hex(10)
-    out = _as_nobody(f"""
-import sys; sys.path.insert(0, {pkg!r})
-from discomfort import _backend
-s = _backend.load({backend!r}).Store.create({run_id!r}, ram_budget=1 << 20)
-s.put("k", b"", [b"payload"])
-s.close()
-print("made")
-""")
+
+    def create():
+        s = store_mod.Store.create(run_id, ram_budget=1 << 20)
+        s.put("k", b"", [b"payload"])
+        s.close()
+        return "made"
+
     try:
-        assert out.stdout.strip() == "made", out.stderr
+        out = _as_nobody(create)
+        assert out == "made", out
         assert os.stat(f"/dev/shm/dcf-{run_id}").st_uid == 65534
         with pytest.raises(errors.StoreAccessError, match="uid 65534"):
             store_mod.Store.attach(run_id)
