@@ -522,3 +522,24 @@ def test_put_accepts_multidimensional_buffers(make_store):
 def test_address_helper():
     buf = bytearray(16)
     assert address(memoryview(buf)) == ctypes.addressof((ctypes.c_char * 16).from_buffer(buf))
+
+
+def test_dropped_reservation_is_retired(make_store):
+    store = make_store()
+    store.reserve("ram", b"", [MiB])
+    store.reserve("disk", b"", [1 << 30])  # past the budget: a disk file
+    import gc
+
+    gc.collect()
+    stats = store.stats()
+    assert stats["reserved"] == 0 and not store.contains("ram")
+    assert os.listdir(store.disk_dir) == []
+
+
+def test_close_retires_own_reservations(store_mod, make_store):
+    store = make_store()
+    other = store_mod.Store.attach(store.run_id)
+    res = other.reserve("pending", b"", [MiB])
+    other.close()
+    res.abort()  # a no-op once the store is closed
+    assert store.stats()["reserved"] == 0

@@ -281,6 +281,7 @@ class _Control:
         self.pending: deque = deque()
         self.closing = False
         self.released = False
+        self.disk_dir: str | None = None
         mv = memoryview(mm)
         self.states = mv[OBJ_OFF : OBJ_OFF + TABLE_CAP * ENTRY].cast("I")[0 :: ENTRY // 4]
         self.pin_states = mv[PIN_OFF : PIN_OFF + PIN_CAP * 32].cast("I")[0 :: 8]
@@ -316,7 +317,14 @@ class _Control:
 
     def release_pin(self, extent: tuple[int, int, int]) -> None:
         """Finalizer of a view: never blocks, so it cannot deadlock with the thread it runs on."""
-        self.pending.append(extent)
+        self._defer(("unpin", extent))
+
+    def abort_dropped(self, index: int, file_id: int, path: str | None) -> None:
+        """Finalizer of a reservation collected without seal() or abort()."""
+        self._defer(("abort", index, file_id, path))
+
+    def _defer(self, item: tuple) -> None:
+        self.pending.append(item)
         if self.released or not self.mutex.acquire(blocking=False):
             return  # the holder drains it when it unlocks
         try:
@@ -331,7 +339,14 @@ class _Control:
             return  # an interrupted update is repaired by the next operation, which drains then
         began = False
         while self.pending:
-            extent = self.pending.popleft()
+            item = self.pending.popleft()
+            if item[0] == "abort":
+                if not began:
+                    self.begin()
+                    began = True
+                self._abort_own(*item[1:])
+                continue
+            extent = item[1]
             rec = self.pins.get(extent)
             if rec is None:
                 continue
@@ -348,6 +363,21 @@ class _Control:
                 struct.pack_into("<I", self.mm, PIN_OFF + index * 32, 0)
         if began:
             self.end()
+
+    def _file_id_at(self, index: int) -> int:
+        return struct.unpack_from("<Q", self.mm, OBJ_OFF + index * ENTRY + 32)[0]
+
+    def _abort_own(self, index: int, file_id: int, path: str | None) -> None:
+        """Retire one of this handle's reservations (inside an update)."""
+        off = OBJ_OFF + index * ENTRY
+        state, _, owner, _, _, _, fid = _ENTRY_HEAD.unpack_from(self.mm, off)[:7]
+        if state == RESERVED and owner == self.slot and fid == file_id:
+            struct.pack_into("<I", self.mm, off, TOMBSTONE)
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def begin(self) -> None:
         self.hset("dirty", 1)
@@ -368,6 +398,13 @@ class _Control:
                 try:
                     if self.slot >= 0 and not self.hget("dirty"):
                         self.hset("dirty", 1)
+                        for index in range(TABLE_CAP):
+                            if self.states[index] == RESERVED:
+                                file_id = self._file_id_at(index)
+                                tier = struct.unpack_from("<I", self.mm, OBJ_OFF + index * ENTRY + 4)[0]
+                                path = (os.path.join(self.disk_dir, f"{file_id:016x}.obj")
+                                        if tier == DISK and self.disk_dir else None)
+                                self._abort_own(index, file_id, path)
                         for index in range(PIN_CAP):
                             if self.pin_states[index] == 1:
                                 _, slot, *_ = _PIN.unpack_from(self.mm, PIN_OFF + index * 32)
@@ -404,6 +441,8 @@ class Reservation:
         self._buffers = buffers
         self._mapping = mapping
         self._done = False
+        path = store._disk_path(file_id) if tier == DISK else None
+        self._dropped = weakref.finalize(self, store._c.abort_dropped, index, file_id, path)
 
     @property
     def key(self) -> str:
@@ -419,6 +458,7 @@ class Reservation:
 
     def _finish(self) -> None:
         self._done = True
+        self._dropped.detach()
         self._buffers = []
         if self._mapping is not None:
             try:
@@ -437,6 +477,9 @@ class Reservation:
 
     def abort(self) -> None:
         if self._done:
+            return
+        if self._store.closed:  # closing the store retired the reservation already
+            self._finish()
             return
         try:
             self._store._abort(self._index, self._file_id)
@@ -469,6 +512,7 @@ class Store:
         self._chunk_maps: dict[int, mmap.mmap] = {}
         n = self._c.hget("disk_dir_len")
         self._disk_dir = os.fsdecode(bytes(mm[256 : 256 + n])) if n else None
+        self._c.disk_dir = self._disk_dir
         _live_stores.add(self)
 
     # ---- construction -------------------------------------------------------------------
@@ -698,21 +742,26 @@ class Store:
         return -1
 
     def _insert(self, raw: bytes, fields: tuple) -> int:
+        """Take the first EMPTY or TOMBSTONE entry on the key's probe path (state written last)."""
         states = self._c.states
-        used = len(self._nonempty(OBJ_OFF, TABLE_CAP, ENTRY))
-        if used + 1 > TABLE_CAP * 3 // 4:
-            raise StoreFullError(f"run {self._run_id!r}: object table full ({used} of {TABLE_CAP} entries in use)")
         h = fnv1a64(raw)
         start = h % TABLE_CAP
         for step in range(TABLE_CAP):
             i = (start + step) % TABLE_CAP
             if states[i] in (EMPTY, TOMBSTONE):
-                tier, owner, file_id, chunk, off, length = fields
-                _ENTRY.pack_into(self._c.mm, OBJ_OFF + i * ENTRY, TOMBSTONE, tier, owner, len(raw), h,
-                                 0, file_id, chunk, off, length, raw)
-                self._set_state(i, RESERVED)
-                return i
-        raise StoreFullError(f"run {self._run_id!r}: object table full")
+                break
+        else:
+            raise StoreFullError(f"run {self._run_id!r}: object table full")
+        if states[i] == EMPTY:
+            used = len(self._nonempty(OBJ_OFF, TABLE_CAP, ENTRY))
+            if used + 1 > TABLE_CAP * 3 // 4:
+                raise StoreFullError(
+                    f"run {self._run_id!r}: object table full ({used} of {TABLE_CAP} entries in use)")
+        tier, owner, file_id, chunk, off, length = fields
+        _ENTRY.pack_into(self._c.mm, OBJ_OFF + i * ENTRY, TOMBSTONE, tier, owner, len(raw), h,
+                         0, file_id, chunk, off, length, raw)
+        self._set_state(i, RESERVED)
+        return i
 
     def _tombstone(self, index: int) -> None:
         """Retire an entry; unlink its disk file. Keeps every probe path intact."""

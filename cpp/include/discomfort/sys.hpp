@@ -1,0 +1,93 @@
+// Thin, exception-throwing wrappers around the system calls the store uses.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace discomfort {
+
+// An owned file descriptor.
+class Fd {
+public:
+    Fd() = default;
+    explicit Fd(int fd) : fd_(fd) {}
+    Fd(Fd&& other) noexcept : fd_(other.release()) {}
+    Fd& operator=(Fd&& other) noexcept;
+    Fd(const Fd&) = delete;
+    Fd& operator=(const Fd&) = delete;
+    ~Fd() { reset(); }
+
+    int get() const { return fd_; }
+    bool valid() const { return fd_ >= 0; }
+    int release() {
+        int fd = fd_;
+        fd_ = -1;
+        return fd;
+    }
+    void reset();
+
+private:
+    int fd_ = -1;
+};
+
+// An owned mmap'ed range.
+class Mapping {
+public:
+    Mapping() = default;
+    // Throws OSError when mmap fails.
+    Mapping(int fd, size_t length, int flags, uint64_t offset);
+    Mapping(Mapping&& other) noexcept;
+    Mapping& operator=(Mapping&& other) noexcept;
+    Mapping(const Mapping&) = delete;
+    Mapping& operator=(const Mapping&) = delete;
+    ~Mapping() { reset(); }
+
+    uint8_t* data() const { return data_; }
+    size_t size() const { return size_; }
+    void reset();
+
+private:
+    uint8_t* data_ = nullptr;
+    size_t size_ = 0;
+};
+
+// open(2) that retries on EINTR; returns -1 with errno set on failure.
+int open_retry(const std::string& path, int flags, mode_t mode = 0);
+
+// posix_fallocate; returns 0 or the error number.
+int fallocate_file(int fd, uint64_t length);
+
+// Full pread; throws OSError.
+void pread_all(int fd, void* dst, size_t length, uint64_t offset, const std::string& what);
+
+// OFD locks on one byte of `fd`.
+void ofd_lock_wait(int fd, uint64_t byte);  // F_OFD_SETLKW, retried on EINTR
+bool ofd_try_lock(int fd, uint64_t byte);   // F_OFD_SETLK; false when someone else holds it
+void ofd_unlock(int fd, uint64_t byte);
+bool ofd_locked_by_other(int fd, uint64_t byte);  // F_OFD_GETLK
+
+// flock(LOCK_SH) held by every open handle.
+void flock_shared(int fd);
+
+// mkdir -p for the parents of a path; mode 0777 before the umask.
+void make_dirs(const std::string& path);
+
+// os.path.abspath: absolute, lexically normalised.
+std::string absolute_path(const std::string& path);
+
+// Names in a directory (empty when it does not exist).
+std::vector<std::string> list_dir(const std::string& path);
+
+// unlink that ignores ENOENT.
+void unlink_quiet(const std::string& path);
+
+uint64_t realtime_ns();
+
+// Test-only: park the process at a named point when DISCOMFORT_TEST_KILLPOINT says so.
+void killpoint(const char* name);
+
+}  // namespace discomfort

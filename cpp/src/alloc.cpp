@@ -1,0 +1,142 @@
+// RAM allocation (first fit over ranges derived from entries and pins), chunk growth and
+// access, and the files of the disk tier.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "discomfort/errors.hpp"
+#include "discomfort/memprobe.hpp"
+#include "guard.hpp"
+
+namespace discomfort {
+
+std::optional<std::pair<uint32_t, uint64_t>> Store::first_fit(uint64_t length) const {
+    std::vector<std::vector<Span>> used(kMaxChunks);
+    for (uint32_t i = 0; i < kTableCapacity; ++i) {
+        uint32_t s = entry_state(i);
+        if (s != kReserved && s != kSealed) continue;
+        ObjEntry e = valid_entry(i);  // an extent we cannot trust could overlap a new one
+        if (e.tier == kTierRam) used[e.chunk].push_back({e.offset, e.length});
+    }
+    for (uint32_t p = 0; p < kPinCapacity; ++p) {
+        PinEntry pin;
+        std::memcpy(&pin, pin_at(p), sizeof pin);
+        if (pin.state == 1 && pin.chunk < kMaxChunks) used[pin.chunk].push_back({pin.offset, pin.length});
+    }
+    for (uint32_t k = 0; k < kMaxChunks; ++k) {
+        uint64_t size = chunk_size(k);
+        if (size == 0) continue;
+        auto& ranges = used[k];
+        std::sort(ranges.begin(), ranges.end(),
+                  [](const Span& a, const Span& b) { return a.offset < b.offset; });
+        uint64_t pos = 0;
+        for (const Span& r : ranges) {
+            if (r.offset >= pos && r.offset - pos >= length) return std::make_pair(k, pos);
+            uint64_t end = r.offset + r.length < r.offset ? UINT64_MAX : r.offset + r.length;
+            pos = std::max(pos, end);
+        }
+        if (size >= pos && size - pos >= length) return std::make_pair(k, pos);
+    }
+    return std::nullopt;
+}
+
+std::optional<uint32_t> Store::grow(uint64_t length) {
+    uint32_t k = kMaxChunks;
+    uint64_t have = 0;
+    for (uint32_t i = 0; i < kMaxChunks; ++i) {
+        uint64_t size = chunk_size(i);
+        if (size == 0 && k == kMaxChunks) k = i;
+        have += size;
+    }
+    if (k == kMaxChunks) return std::nullopt;
+    uint64_t budget = header()->ram_budget;
+    uint64_t room = budget > have ? budget - have : 0;
+    uint64_t size = std::min(room, std::max({length, kMinChunk, have})) / kPage * kPage;
+    if (size < length || !memory_allows(mem_probe_, size)) return std::nullopt;
+
+    std::string path = chunk_path(k);
+    Fd fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL, 0600));
+    if (!fd.valid() && errno == EEXIST) {
+        unlink_quiet(path);  // left by a creator that died before recording it
+        fd = Fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL, 0600));
+    }
+    if (!fd.valid() && (errno == ENOSPC || errno == EDQUOT)) return std::nullopt;  // no inode left
+    if (!fd.valid()) throw_system("create " + path, errno);
+    if (fallocate_file(fd.get(), size) != 0) {
+        fd.reset();
+        unlink_quiet(path);
+        return std::nullopt;  // /dev/shm is full: the disk tier takes it, never a SIGBUS later
+    }
+    Chunk& c = chunks_[k];
+    c.fd = std::make_shared<Fd>(std::move(fd));
+    c.map.reset();
+    c.size = size;
+    ChunkEntry* entry = chunk_at(k);
+    entry->zero0 = 0;
+    entry->size = size;
+    entry->zero1[0] = entry->zero1[1] = 0;
+    __atomic_store_n(&entry->state, 1u, __ATOMIC_RELEASE);
+    return k;
+}
+
+Store::Chunk& Store::open_chunk(uint32_t k) {
+    uint64_t size = chunk_size(k);
+    if (size == 0)
+        throw StoreError(ErrorCode::Corrupted, "run " + quoted(run_id_) + ": chunk " + std::to_string(k) + " is absent");
+    Chunk& c = chunks_[k];
+    if (c.fd) {
+        if (c.size != size)
+            throw StoreError(ErrorCode::Corrupted,
+                             "run " + quoted(run_id_) + ": chunk " + std::to_string(k) + " changed size");
+        return c;
+    }
+    std::string path = chunk_path(k);
+    Fd fd(open_retry(path, O_RDWR | O_NOFOLLOW));
+    if (!fd.valid()) {
+        if (errno == ENOENT)
+            throw StoreError(ErrorCode::Corrupted,
+                             "run " + quoted(run_id_) + ": chunk " + std::to_string(k) + " is missing");
+        throw_system("open " + path, errno);
+    }
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0) throw_system("fstat " + path, errno);
+    if (uint64_t(st.st_size) < size || st.st_uid != ::geteuid())
+        throw StoreError(ErrorCode::Corrupted,
+                         "run " + quoted(run_id_) + ": chunk " + std::to_string(k) + " truncated or not ours");
+    c.fd = std::make_shared<Fd>(std::move(fd));
+    c.map.reset();
+    c.size = size;
+    return c;
+}
+
+std::shared_ptr<Mapping> Store::chunk_map(uint32_t k) {
+    Chunk& c = open_chunk(k);
+    if (!c.map) c.map = std::make_shared<Mapping>(c.fd->get(), c.size, MAP_SHARED, 0);
+    return c.map;
+}
+
+Mapping Store::create_disk_object(uint64_t file_id, uint64_t length) {
+    std::string path = disk_path(file_id);
+    Fd fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL, 0600));
+    if (!fd.valid()) throw_system("create " + path, errno);
+    try {
+        int rc = fallocate_file(fd.get(), length);
+        if (rc == ENOSPC || rc == EDQUOT)
+            throw StoreError(ErrorCode::DiskFull,
+                             "run " + quoted(run_id_) + ": disk tier " + *disk_dir_ + " is full (" +
+                                 std::to_string(length) + " bytes needed): " + std::strerror(rc),
+                             rc);
+        if (rc != 0) throw_system("allocate " + path, rc);
+        return Mapping(fd.get(), length, MAP_SHARED, 0);
+    } catch (...) {
+        unlink_quiet(path);
+        throw;
+    }
+}
+
+}  // namespace discomfort

@@ -1,0 +1,14 @@
+// Internal to the store: the live handles of this process, for the fork handler.
+#pragma once
+
+namespace discomfort {
+
+class Store;
+
+// Add or remove a live handle; the first call installs the pthread_atfork handler.
+void track_store(Store* store, bool live);
+
+// The fork handler's work in the child: every live handle lets go of the parent's locks.
+void forget_stores_after_fork() noexcept;
+
+}  // namespace discomfort

@@ -1,0 +1,363 @@
+// The operations on objects: reserve/seal/abort, put, get and the read-only queries.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include "discomfort/copy.hpp"
+#include "discomfort/errors.hpp"
+#include "guard.hpp"
+
+namespace discomfort {
+
+const char* tier_name(Tier tier) { return tier == Tier::Ram ? "ram" : "disk"; }
+
+namespace {
+
+StoreError unknown_key(const std::string& key, const std::string& run_id) {
+    return StoreError(ErrorCode::UnknownKey, "no object " + quoted(key) + " in run " + quoted(run_id));
+}
+
+// A private, page-aligned copy of `length` bytes (length is a multiple of the page size).
+std::shared_ptr<Region> heap_region(uint64_t length) {
+    void* p = std::aligned_alloc(kPage, length);
+    if (!p) throw std::bad_alloc();
+    auto region = std::make_shared<Region>();
+    region->owner = std::shared_ptr<void>(p, std::free);
+    region->data = static_cast<uint8_t*>(p);
+    region->size = length;
+    return region;
+}
+
+std::shared_ptr<Region> mapped_region(Mapping mapping, PinRef pin) {
+    auto region = std::make_shared<Region>();
+    region->pin = std::move(pin);
+    auto owner = std::make_shared<Mapping>(std::move(mapping));
+    region->data = owner->data();
+    region->size = owner->size();
+    region->owner = std::move(owner);
+    return region;
+}
+
+}  // namespace
+
+// ---- reservations ----------------------------------------------------------------------------
+
+Reservation::Reservation(std::shared_ptr<Store> store, std::string key, uint32_t index, uint64_t file_id, Tier tier,
+                         std::shared_ptr<Region> region, std::vector<Span> buffers)
+    : store_(std::move(store)),
+      key_(std::move(key)),
+      index_(index),
+      file_id_(file_id),
+      tier_(tier),
+      region_(std::move(region)),
+      buffers_(std::move(buffers)) {}
+
+Reservation::~Reservation() {
+    if (!done_.exchange(true)) store_->abort_later(index_, file_id_);
+}
+
+uint64_t Reservation::seal() {
+    if (done_.exchange(true))
+        throw StoreError(ErrorCode::Closed, "reservation of " + quoted(key_) + " was already sealed or aborted");
+    region_.reset();
+    return store_->seal_reserved(index_, file_id_, key_);
+}
+
+void Reservation::abort() {
+    if (done_.exchange(true)) return;
+    region_.reset();
+    store_->abort_reserved(index_, file_id_);
+}
+
+std::unique_ptr<Reservation> Store::reserve(const std::string& key, const void* meta, uint64_t meta_len,
+                                            const std::vector<uint64_t>& sizes) {
+    check_usable();
+    check_key(key);
+    ExtentPlan plan = plan_extent(meta_len, sizes);
+    const uint64_t length = plan.length;
+    const uint64_t hash = fnv1a64(key.data(), key.size());
+    uint32_t index;
+    uint64_t file_id;
+    std::optional<std::pair<uint32_t, uint64_t>> place;
+    std::shared_ptr<Mapping> chunk_mapping;
+    {
+        Guard guard(*this);
+        place = first_fit(length);
+        if (!place && reclaim_dead()) place = first_fit(length);
+        Update update(*this);
+        killpoint("after_lock");
+        if (!place) {
+            if (auto k = grow(length)) place = std::make_pair(*k, uint64_t(0));
+        }
+        if (!place && !disk_dir_)
+            throw StoreError(ErrorCode::StoreFull, "run " + quoted(run_id_) + ": object " + quoted(key) + " of " +
+                                                       std::to_string(length) +
+                                                       " bytes does not fit the RAM budget and the run has no disk tier");
+        if (place) chunk_mapping = chunk_map(place->first);
+        file_id = header()->next_version++;
+        index = place ? insert(key, hash, kTierRam, file_id, place->first, place->second, length)
+                      : insert(key, hash, kTierDisk, file_id, 0, 0, length);
+    }
+    auto region = std::make_shared<Region>();
+    try {
+        if (place) {
+            region->data = chunk_mapping->data() + place->second;
+            region->size = length;
+            region->owner = std::move(chunk_mapping);
+        } else {
+            auto mapping = std::make_shared<Mapping>(create_disk_object(file_id, length));
+            region->data = mapping->data();
+            region->size = length;
+            region->owner = std::move(mapping);
+        }
+        write_extent_head(region->data, plan, meta, meta_len);
+    } catch (...) {
+        try {
+            Guard guard(*this);
+            Update update(*this);
+            if (entry_state(index) == kReserved && entry_at(index)->file_id == file_id) tombstone(index);
+        } catch (...) {
+            // closed meanwhile: its release tombstoned the entry
+        }
+        throw;
+    }
+    killpoint("after_reserve");
+    return std::unique_ptr<Reservation>(new Reservation(shared_from_this(), key, index, file_id,
+                                                        place ? Tier::Ram : Tier::Disk, std::move(region),
+                                                        std::move(plan.buffers)));
+}
+
+ObjEntry Store::own_reserved(uint32_t index, uint64_t file_id) const {
+    ObjEntry e = valid_entry(index);
+    if (e.state != kReserved || e.owner_slot != slot_ || e.file_id != file_id)
+        throw StoreError(ErrorCode::Corrupted, "run " + quoted(run_id_) + ": reservation entry " +
+                                                   std::to_string(index) + " changed under its writer");
+    return e;
+}
+
+uint64_t Store::seal_reserved(uint32_t index, uint64_t file_id, const std::string& key) {
+    check_usable();
+    Guard guard(*this);
+    ObjEntry e = own_reserved(index, file_id);
+    Update update(*this);
+    for (uint32_t i : probe_path(key, e.hash))
+        if (i != index && entry_state(i) == kSealed) tombstone(i);
+    uint64_t version = header()->next_version++;
+    entry_at(index)->version = version;
+    set_entry_state(index, kSealed);
+    return version;
+}
+
+void Store::abort_reserved(uint32_t index, uint64_t file_id) {
+    if (closed_) return;  // the handle's release tombstones its reservations
+    check_usable();
+    Guard guard(*this);
+    own_reserved(index, file_id);
+    Update update(*this);
+    tombstone(index);
+}
+
+uint64_t Store::put(const std::string& key, const void* meta, uint64_t meta_len, const std::vector<Source>& buffers) {
+    std::vector<uint64_t> sizes;
+    sizes.reserve(buffers.size());
+    for (const Source& b : buffers) sizes.push_back(b.size);
+    std::unique_ptr<Reservation> res = reserve(key, meta, meta_len, sizes);
+    uint8_t* base = res->region()->data;
+    for (size_t i = 0; i < buffers.size(); ++i)
+        if (buffers[i].size) copy_bytes(base + res->buffers()[i].offset, buffers[i].data, buffers[i].size);
+    return res->seal();
+}
+
+// ---- reads -----------------------------------------------------------------------------------
+
+Object Store::get(const std::string& key) {
+    check_usable();
+    check_key(key);
+    const std::string where = object_where(key);
+    Object out;
+    ObjEntry e;
+    PinRef pin;                 // declared before the guard: released after it on any exit
+    std::shared_ptr<Fd> map_fd;  // RAM objects mapped outside the lock
+    Fd disk_fd;
+    {
+        Guard guard(*this);
+        auto index = find_sealed(key);
+        if (!index) throw unknown_key(key, run_id_);
+        e = valid_entry(*index);
+        if (e.tier == kTierRam && e.length < kSmallObjectBytes) {
+            // Small: copied under the lock, as the extent may be reused once we let go.
+            std::shared_ptr<Mapping> m = chunk_map(uint32_t(e.chunk));
+            out.region = heap_region(e.length);
+            std::memcpy(out.region->data, m->data() + e.offset, e.length);
+        } else if (e.tier == kTierRam) {
+            map_fd = open_chunk(uint32_t(e.chunk)).fd;
+            pin = pin_locked({e.chunk, e.offset, e.length});
+        } else {
+            // Opened under the lock: an overwrite may unlink it right after.
+            disk_fd = Fd(open_retry(disk_path(e.file_id), O_RDONLY | O_NOFOLLOW));
+            if (!disk_fd.valid()) {
+                if (errno == ENOENT) throw StoreError(ErrorCode::Corrupted, where + ": its disk file is missing");
+                throw_system("open " + disk_path(e.file_id), errno);
+            }
+        }
+    }
+    out.version = e.version;
+    out.tier = e.tier == kTierRam ? Tier::Ram : Tier::Disk;
+    if (map_fd) {
+        out.region = mapped_region(Mapping(map_fd->get(), e.length, MAP_PRIVATE, e.offset), std::move(pin));
+        out.zero_copy = true;
+    } else if (disk_fd.valid()) {
+        struct stat st;
+        if (::fstat(disk_fd.get(), &st) != 0) throw_system("fstat of " + where, errno);
+        if (uint64_t(st.st_size) < e.length) throw StoreError(ErrorCode::Corrupted, where + ": disk file truncated");
+        if (e.length < kSmallObjectBytes) {
+            out.region = heap_region(e.length);
+            pread_all(disk_fd.get(), out.region->data, e.length, 0, where);
+        } else {
+            out.region = mapped_region(Mapping(disk_fd.get(), e.length, MAP_PRIVATE, 0), PinRef());
+            out.zero_copy = true;
+        }
+    }
+    ExtentDir dir = parse_extent(out.region->data, out.region->size, e.length, where);
+    out.meta.assign(reinterpret_cast<const char*>(out.region->data + dir.meta_off), dir.meta_len);
+    out.buffers = std::move(dir.buffers);
+    return out;
+}
+
+bool Store::contains(const std::string& key) {
+    check_usable();
+    check_key(key);
+    Guard guard(*this);
+    return find_sealed(key).has_value();
+}
+
+bool Store::remove(const std::string& key) {
+    check_usable();
+    check_key(key);
+    Guard guard(*this);
+    auto index = find_sealed(key);
+    if (!index) return false;
+    valid_entry(*index);  // its file_id names the file to unlink
+    Update update(*this);
+    tombstone(*index);
+    return true;
+}
+
+std::vector<std::string> Store::keys() {
+    check_usable();
+    std::vector<std::string> out;
+    {
+        Guard guard(*this);
+        for (uint32_t i = 0; i < kTableCapacity; ++i) {
+            if (entry_state(i) != kSealed) continue;
+            ObjEntry e = valid_entry(i);
+            if (!valid_utf8(e.key, e.key_len))
+                throw StoreError(ErrorCode::Corrupted, "run " + quoted(run_id_) + ": object table entry " +
+                                                           std::to_string(i) + " holds a key that is not UTF-8");
+            out.emplace_back(reinterpret_cast<const char*>(e.key), e.key_len);
+        }
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+ObjectInfo Store::info(const std::string& key) {
+    check_usable();
+    check_key(key);
+    const std::string where = object_where(key);
+    ObjEntry e;
+    std::vector<uint8_t> head;
+    {
+        Guard guard(*this);
+        auto index = find_sealed(key);
+        if (!index) throw unknown_key(key, run_id_);
+        e = valid_entry(*index);
+        // The directory only: its size follows from nbuf, read first.
+        auto dir_bytes = [&](uint32_t nbuf) {
+            return std::min<uint64_t>(e.length, 32 + 16 * uint64_t(std::min(nbuf, kMaxBuffers)));
+        };
+        if (e.tier == kTierRam) {
+            const uint8_t* src = chunk_map(uint32_t(e.chunk))->data() + e.offset;
+            ExtentHead h;
+            std::memcpy(&h, src, sizeof h);
+            head.assign(src, src + dir_bytes(h.nbuf));
+        } else {
+            Fd fd(open_retry(disk_path(e.file_id), O_RDONLY | O_NOFOLLOW));
+            if (!fd.valid()) {
+                if (errno == ENOENT) throw StoreError(ErrorCode::Corrupted, where + ": its disk file is missing");
+                throw_system("open " + disk_path(e.file_id), errno);
+            }
+            ExtentHead h;
+            pread_all(fd.get(), &h, sizeof h, 0, where);
+            head.resize(dir_bytes(h.nbuf));
+            pread_all(fd.get(), head.data(), head.size(), 0, where);
+        }
+    }
+    ExtentDir dir = parse_extent(head.data(), head.size(), e.length, where);
+    ObjectInfo info;
+    info.key = key;
+    info.tier = e.tier == kTierRam ? Tier::Ram : Tier::Disk;
+    info.version = e.version;
+    info.size = e.length;
+    info.nbuf = dir.buffers.size();
+    for (const Span& b : dir.buffers) info.nbytes += b.length;
+    info.meta_len = dir.meta_len;
+    if (e.tier == kTierRam) info.chunk = e.chunk;
+    info.offset = e.offset;
+    return info;
+}
+
+Stats Store::stats() {
+    check_usable();
+    Guard guard(*this);
+    reclaim_dead();
+    Stats st;
+    st.run_id = run_id_;
+    for (uint32_t i = 0; i < kTableCapacity; ++i) {
+        uint32_t s = entry_state(i);
+        if (s == kReserved) {
+            ++st.reserved;
+        } else if (s == kSealed) {
+            ObjEntry e = valid_entry(i);
+            (e.tier == kTierRam ? st.objects_ram : st.objects_disk) += 1;
+            (e.tier == kTierRam ? st.bytes_ram : st.bytes_disk) += e.length;
+        }
+    }
+    for (uint32_t k = 0; k < kMaxChunks; ++k) {
+        uint64_t size = chunk_size(k);
+        st.ram_capacity += size;
+        st.chunks += size != 0;
+    }
+    for (uint32_t p = 0; p < kPinCapacity; ++p) {
+        const PinEntry* pin = pin_at(p);
+        if (pin->state != 1) continue;
+        ++st.pins;
+        st.pinned_bytes += pin->length;
+    }
+    for (uint32_t i = 0; i < kSlotCapacity; ++i) st.slots_used += slot_at(i)->state == 1;
+    st.ram_budget = header()->ram_budget;
+    st.epoch = header()->epoch;
+    st.next_version = header()->next_version;
+    return st;
+}
+
+uint64_t Store::reclaim() {
+    check_usable();
+    Guard guard(*this);
+    return reclaim_dead();
+}
+
+void Store::mark_finished() {
+    check_usable();
+    Guard guard(*this);
+    Update update(*this);
+    __atomic_fetch_or(&header()->flags, kFlagFinished, __ATOMIC_SEQ_CST);
+}
+
+}  // namespace discomfort
