@@ -107,7 +107,13 @@ def load_workflow(workflow: Mapping | str | os.PathLike, object_info: Mapping | 
             raise ValueError("converting a UI-format workflow needs object_info (the server's /object_info)")
         return ui_to_api(data, object_info)
     if is_api_format(data):
-        return {str(k): copy.deepcopy(dict(v)) for k, v in data.items()}
+        out = {str(k): copy.deepcopy(dict(v)) for k, v in data.items()}
+        for entry in out.values():
+            inputs = entry.setdefault("inputs", {})
+            for name, value in inputs.items():
+                if is_link(value):
+                    inputs[name] = [str(value[0]), value[1]]
+        return out
     raise ValueError("not a ComfyUI workflow: expected an API-format prompt or a UI-format workflow")
 
 
@@ -163,7 +169,9 @@ def widget_layout(node_info: Mapping) -> list[str | None]:
             if control is None and typ == "INT" and name in SEED_WIDGET_NAMES:
                 control = True
             if control:
-                layout.append(None)
+                layout.append(None)  # "control after generate"
+                if isinstance(typ, (list, tuple)) or typ == "COMBO":
+                    layout.append(None)  # combos also get a "control filter list"
             if any(opts.get(o) for o in UPLOAD_OPTIONS):
                 layout.append(None)
     return layout
@@ -198,6 +206,37 @@ def _parse_links(raw: Iterable) -> dict[int, _Link]:
             link = _Link(item[0], item[1], int(item[2]), item[3], int(item[4]), item[5] if len(item) > 5 else None)
         links[link.id] = link
     return links
+
+
+_VIRTUAL_TYPES = NOTE_TYPES | REROUTE_TYPES | PRIMITIVE_TYPES
+
+
+def _type_ok(a: Any, b: Any) -> bool:
+    """LiteGraph.isValidConnection: "*" and "" match anything; "A,B" unions overlap."""
+    if a in ("", "*", None, 0) or b in ("", "*", None, 0) or a == b:
+        return True
+    sa = {t.strip().lower() for t in str(a).split(",")}
+    sb = {t.strip().lower() for t in str(b).split(",")}
+    return bool(sa & sb)
+
+
+def _bypass_input_for(node: Mapping, out_slot: int, want_type: Any) -> int:
+    """Which input of a bypassed node stands in for output ``out_slot`` (frontend rule); -1: none."""
+    ins = node.get("inputs") or []
+    outs = node.get("outputs") or []
+    out_type = outs[out_slot].get("type") if out_slot < len(outs) else None
+    if want_type in ("*", ""):
+        return out_slot if len(ins) > out_slot else 0
+    if out_slot < len(ins) and _type_ok(ins[out_slot].get("type"), out_type) \
+            and _type_ok(ins[out_slot].get("type"), want_type):
+        return out_slot
+    for i, inp in enumerate(ins):
+        if inp.get("type") == want_type:
+            return i
+    for i, inp in enumerate(ins):
+        if _type_ok(inp.get("type"), out_type) and _type_ok(inp.get("type"), want_type):
+            return i
+    return -1
 
 
 def _unsupported(node: Mapping, why: str) -> UnsupportedWorkflowError:
@@ -246,60 +285,74 @@ def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
             return None
         return links.get(link_id)
 
-    def resolve(link: _Link, want_type: Any) -> tuple[str, Any]:
-        """Follow a link through reroutes and bypassed nodes.
+    def resolve_input(node: Mapping, slot: int, want_type: Any, seen: set) -> list | None:
+        """Where input ``slot`` of ``node`` really comes from, as the frontend resolves it."""
+        key = (node.get("id"), "I", slot)
+        if key in seen:
+            raise UnsupportedWorkflowError(f"node {node.get('id')}: circular link through input {slot}")
+        seen.add(key)
+        link = input_link(node, slot)
+        if link is None:
+            return None
+        origin = nodes_by_id.get(link.origin_id)
+        if origin is None:
+            return None
+        if want_type is None:
+            ins = node.get("inputs") or []
+            want_type = ins[slot].get("type") if slot < len(ins) else None
+        return resolve_output(origin, link.origin_slot, want_type, seen)
 
-        Returns ("link", [origin_id, slot]), ("value", v) for a PrimitiveNode, or ("none", None).
-        """
-        seen = set()
-        while True:
-            key = (link.origin_id, link.origin_slot)
-            if key in seen:
-                return "none", None
-            seen.add(key)
-            parent = nodes_by_id.get(link.origin_id)
-            if parent is None:
-                return "none", None
-            ptype = parent.get("type")
-            if ptype in PRIMITIVE_TYPES:
-                values = parent.get("widgets_values")
-                if isinstance(values, list) and values:
-                    return "value", copy.deepcopy(values[0])
-                return "none", None
-            if ptype in REROUTE_TYPES:
-                nxt = input_link(parent, 0)
-                if nxt is None:
-                    return "none", None
-                link = nxt
+    def resolve_output(node: Mapping, slot: int, want_type: Any, seen: set) -> list | None:
+        key = (node.get("id"), "O", slot)
+        if key in seen:
+            raise UnsupportedWorkflowError(f"node {node.get('id')}: circular link through output {slot}")
+        seen.add(key)
+        typ = node.get("type")
+        if node.get("mode", MODE_ALWAYS) == MODE_BYPASS and typ not in _VIRTUAL_TYPES:
+            idx = _bypass_input_for(node, slot, want_type)
+            if idx < 0:
+                return None
+            return resolve_input(node, idx, None, seen)
+        if typ in _VIRTUAL_TYPES:
+            # A reroute's output slot k comes from its input slot k; a PrimitiveNode has no
+            # input (its value reaches its consumers' widgets, below); notes have no links.
+            if input_link(node, slot) is None:
+                return None
+            return resolve_input(node, slot, want_type, seen)
+        # Muted nodes resolve like any other: the link is removed afterwards with the node.
+        return [str(node["id"]), int(slot)]
+
+    # What PrimitiveNodes write into their consumers' widgets (the frontend's applyToGraph).
+    primitive_values: dict[Any, dict[str, Any]] = {}
+
+    def push_primitive(value: Any, link_ids: Iterable, seen: set) -> None:
+        for lid in link_ids or ():
+            link = links.get(lid)
+            if link is None or lid in seen:
                 continue
-            if ptype in NOTE_TYPES:
-                return "none", None
-            pmode = parent.get("mode", MODE_ALWAYS)
-            if pmode == MODE_BYPASS:
-                pins = parent.get("inputs") or []
-                outs = parent.get("outputs") or []
-                out_type = outs[link.origin_slot].get("type") if link.origin_slot < len(outs) else None
-                candidates = [link.origin_slot] + list(range(len(pins)))
-                match = None
-                for t in (want_type, out_type):
-                    if t in (None, "*"):
-                        continue
-                    for idx in candidates:
-                        if 0 <= idx < len(pins) and pins[idx].get("type") == t and pins[idx].get("link") is not None:
-                            match = idx
-                            break
-                    if match is not None:
-                        break
-                if match is None:
-                    return "none", None
-                nxt = input_link(parent, match)
-                if nxt is None:
-                    return "none", None
-                link = nxt
+            seen.add(lid)
+            target = nodes_by_id.get(link.target_id)
+            if target is None:
                 continue
-            if pmode == MODE_NEVER:
-                return "none", None  # removed below like the frontend does
-            return "link", [str(link.origin_id), int(link.origin_slot)]
+            if target.get("type") in REROUTE_TYPES:
+                for out in target.get("outputs") or []:
+                    push_primitive(value, out.get("links"), seen)
+                continue
+            ins = target.get("inputs") or []
+            if link.target_slot >= len(ins):
+                continue
+            inp = ins[link.target_slot]
+            widget = inp.get("widget")
+            name = widget.get("name") if isinstance(widget, Mapping) and widget.get("name") else inp.get("name")
+            if name:
+                primitive_values.setdefault(target["id"], {})[name] = copy.deepcopy(value)
+
+    for node in workflow["nodes"]:
+        if node.get("type") in PRIMITIVE_TYPES:
+            values = node.get("widgets_values")
+            if isinstance(values, list) and values:
+                for out in node.get("outputs") or []:
+                    push_primitive(values[0], out.get("links"), set())
 
     prompt: dict[str, dict] = {}
     for node in real:
@@ -309,7 +362,8 @@ def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
         values = node.get("widgets_values")
         if isinstance(values, Mapping):
             for name, value in values.items():
-                if _input_spec(info, name) is not None and _is_widget_spec(_input_spec(info, name)):
+                spec = _input_spec(info, name)
+                if spec is not None and _is_widget_spec(spec):
                     inputs[name] = copy.deepcopy(value)
         elif isinstance(values, list) and values:
             layout = widget_layout(info)
@@ -325,25 +379,20 @@ def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
             for name, value in zip(names, values):
                 if name is not None:
                     inputs[name] = copy.deepcopy(value)
+        for name, value in primitive_values.get(node["id"], {}).items():
+            if name in inputs or _input_spec(info, name) is not None:
+                inputs[name] = value
+        for name, value in list(inputs.items()):
+            if isinstance(value, list):
+                inputs[name] = {"__value__": value}  # as the frontend does: never mistaken for a link
 
         for slot, inp in enumerate(node.get("inputs") or []):
             name = inp.get("name")
-            widget = inp.get("widget")
-            if isinstance(widget, Mapping) and widget.get("name"):
-                name = widget["name"]
-            link = input_link(node, slot)
-            if link is None or name is None:
+            if name is None:
                 continue
-            kind, value = resolve(link, inp.get("type"))
-            if kind == "link":
-                inputs[name] = value
-            elif kind == "value":
-                inputs[name] = value
-            else:
-                # Unresolvable (bypassed without a matching input, dangling reroute): like the
-                # frontend, no link; a widget keeps its own value.
-                if _input_spec(info, name) is None or not _is_widget_spec(_input_spec(info, name)):
-                    inputs.pop(name, None)
+            source = resolve_input(node, slot, None, set())
+            if source is not None:
+                inputs[name] = source
 
         title = node.get("title") or info.get("display_name") or typ
         prompt[str(node["id"])] = {"inputs": inputs, "class_type": typ, "_meta": {"title": title}}

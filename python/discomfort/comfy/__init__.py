@@ -10,6 +10,7 @@ Nothing here imports ComfyUI (or requests) until it is used.
 
 from __future__ import annotations
 
+from ._common import cached_nodes
 from ._tvshim import install as install_torchvision_shim
 from .client import ComfyServer
 from .inprocess import InProcessComfy
@@ -24,4 +25,5 @@ __all__ = [
     "install_torchvision_shim",
     "host_info",
     "same_host",
+    "cached_nodes",
 ]

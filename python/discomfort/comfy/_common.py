@@ -106,3 +106,11 @@ def format_validation_error(error: dict | None, node_errors: dict | None) -> str
 
 def validation_error(error: dict | None, node_errors: dict | None) -> PromptValidationError:
     return PromptValidationError(format_validation_error(error, node_errors), node_errors or {}, error)
+
+
+def cached_nodes(messages) -> list[str]:
+    """Node ids ComfyUI served from its cache, from an execute()'s status messages."""
+    for item in messages or ():
+        if item[0] == "execution_cached":
+            return [str(n) for n in item[1].get("nodes", [])]
+    return []

@@ -36,6 +36,7 @@ class ComfyServer:
         self._log_tail = log_tail  # callable giving the server log's tail, for error messages
         self._requests = _require("requests")
         self._session = self._requests.Session()
+        self.last_messages: list = []  # ComfyUI's status messages of the last execute()
 
     def __repr__(self) -> str:
         return f"ComfyServer({self.url!r})"
@@ -82,13 +83,13 @@ class ComfyServer:
 
     # -- running prompts ----------------------------------------------------------------------
 
-    def _ws_url(self) -> str:
+    def _ws_url(self, client_id: str) -> str:
         base = self.url
         if base.startswith("https://"):
             base = "wss://" + base[len("https://"):]
         elif base.startswith("http://"):
             base = "ws://" + base[len("http://"):]
-        return f"{base}/ws?clientId={self.client_id}"
+        return f"{base}/ws?clientId={client_id}"
 
     def execute(self, prompt: dict, timeout: float | None = 600.0, *, extra_data: dict | None = None) -> dict:
         """Run an API-format prompt; returns the history outputs ``{node_id: ui}``.
@@ -100,12 +101,16 @@ class ComfyServer:
         """
         websocket = _require("websocket")
         deadline = None if timeout is None else time.monotonic() + timeout
+        # One websocket client id per call: calls from several threads do not steal each
+        # other's socket (the server keeps one socket per client id).
+        client_id = f"{self.client_id}-{uuid.uuid4().hex[:12]}"
+        ws_url = self._ws_url(client_id)
         try:
-            ws = websocket.create_connection(self._ws_url(), timeout=self.request_timeout)
+            ws = websocket.create_connection(ws_url, timeout=self.request_timeout)
         except (OSError, websocket.WebSocketException) as exc:
-            raise ComfyConnectionError(f"cannot open {self._ws_url()}: {exc}{self._context()}") from exc
+            raise ComfyConnectionError(f"cannot open {ws_url}: {exc}{self._context()}") from exc
         try:
-            body = {"prompt": prompt, "client_id": self.client_id}
+            body = {"prompt": prompt, "client_id": client_id}
             if extra_data:
                 body["extra_data"] = dict(extra_data)
             resp = self._request("POST", "/prompt", json=body)
@@ -130,6 +135,7 @@ class ComfyServer:
         entry = self.history(prompt_id)
         status = entry.get("status") or {}
         messages = status.get("messages") or []
+        self.last_messages = [tuple(m) for m in messages]
         raise_for_messages(messages, prompt_id)
         if error_message is not None:
             raise_for_messages([("execution_error", error_message)], prompt_id)

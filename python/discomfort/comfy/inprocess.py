@@ -40,11 +40,14 @@ class _ServerStandIn:
         self.last_prompt_id = None
         self.sockets_metadata: dict = {}
         self.routes = None  # no HTTP routes in-process: node packs must tolerate this
-        self.messages: list = []
+
+    on_event = None  # callable(event, data) while a run wants to hear about its progress
 
     def send_sync(self, event, data, sid=None) -> None:
-        # Only reached when a client id is set or for broadcast messages; nothing listens.
-        pass
+        # Nothing listens on a socket; a running execute() may watch the events.
+        hook = self.on_event
+        if hook is not None:
+            hook(event, data)
 
     def queue_updated(self) -> None:
         pass
@@ -99,8 +102,18 @@ class InProcessComfy:
             self.work_dir = Path(work_dir).resolve()
             self.work_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self.last_messages: list = []  # ComfyUI's status messages of the last execute()
+        self.client_id = "discomfort-inprocess"
 
         _tvshim.install()
+        for name in ("comfy", "nodes", "execution", "server", "folder_paths"):
+            mod = sys.modules.get(name)
+            where = getattr(mod, "__file__", None) or next(iter(getattr(mod, "__path__", []) or []), None)
+            if mod is not None and (where is None or not Path(where).resolve().is_relative_to(path)):
+                raise RuntimeError(
+                    f"a module named {name!r} from {where} is already imported; ComfyUI's own "
+                    f"{name!r} from {path} cannot be loaded in this process"
+                )
         if str(path) in sys.path:
             sys.path.remove(str(path))
         sys.path.insert(0, str(path))
@@ -210,23 +223,37 @@ class InProcessComfy:
             if not valid[0] or valid[3]:
                 raise validation_error(valid[1], valid[3])
             outputs_to_execute = valid[2]
-            timer = None
+            done = threading.Event()
             timed_out = threading.Event()
+            watchdog = None
             if timeout is not None:
-                def _interrupt() -> None:
-                    timed_out.set()
-                    self._nodes.interrupt_processing(True)
-                timer = threading.Timer(timeout, _interrupt)
-                timer.daemon = True
-                timer.start()
+                def _watch() -> None:
+                    if not done.wait(max(0.0, timeout)):
+                        timed_out.set()
+                        self._nodes.interrupt_processing(True)
+
+                def _on_event(event, data) -> None:
+                    # ComfyUI clears the interrupt flag when a run starts ("execution_start") and
+                    # checks it before each node ("executing"): raise it again at those points.
+                    if timed_out.is_set() and event in ("execution_start", "executing"):
+                        self._nodes.interrupt_processing(True)
+
+                self.server.on_event = _on_event
+                watchdog = threading.Thread(target=_watch, name="discomfort-comfy-timeout", daemon=True)
+                watchdog.start()
             try:
-                # A fresh deep copy: the executor writes is_changed into the dict.
-                self.executor.execute(copy.deepcopy(prompt), prompt_id, dict(extra_data or {}), outputs_to_execute)
+                # With a client id (as a server has), ComfyUI also reports the UI outputs of
+                # nodes served from its cache; the stand-in server just drops the messages.
+                extra = {"client_id": self.client_id, **(extra_data or {})}
+                self.executor.execute(copy.deepcopy(prompt), prompt_id, extra, outputs_to_execute)
             finally:
-                if timer is not None:
-                    timer.cancel()
+                done.set()
+                if watchdog is not None:
+                    watchdog.join()
+                self.server.on_event = None
                 self._nodes.interrupt_processing(False)
             messages = list(self.executor.status_messages)
+            self.last_messages = messages
             if timed_out.is_set() and (
                 not self.executor.success or any(m[0] == "execution_interrupted" for m in messages)
             ):

@@ -42,11 +42,14 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 
 def _pythonpath_with_package(env: dict) -> str:
-    """PYTHONPATH that makes this very ``discomfort`` importable in the child."""
-    pkg_parent = str(Path(__file__).resolve().parents[2])
+    """PYTHONPATH that makes this very ``discomfort`` importable in the child.
+
+    Only for a source tree: an installed package (site-packages) is the child's own business.
+    """
+    pkg_parent = Path(__file__).resolve().parents[2]
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if pkg_parent not in parts:
-        parts.insert(0, pkg_parent)
+    if pkg_parent.name not in ("site-packages", "dist-packages") and str(pkg_parent) not in parts:
+        parts.insert(0, str(pkg_parent))
     return os.pathsep.join(parts)
 
 
@@ -143,14 +146,16 @@ def launch_server(
         log_file = Path(log_path) if log_path else work / "comfyui.log"
 
         child_env = dict(os.environ if env is None else env)
-        child_env["PYTHONPATH"] = _pythonpath_with_package(child_env)
+        pythonpath = _pythonpath_with_package(child_env)
+        if pythonpath:
+            child_env["PYTHONPATH"] = pythonpath
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         child_env.setdefault("HF_HUB_OFFLINE", "1")
         child_env.setdefault("DO_NOT_TRACK", "1")
 
         attempts = 1 if port else 2
         last_error = None
-        for attempt in range(attempts):
+        for _attempt in range(attempts):
             p = port or free_port()
             url = f"http://127.0.0.1:{p}"
             cmd = [

@@ -1,0 +1,52 @@
+"""DiscomfortDataLoader: what run_sequential puts in place of an INPUT port."""
+
+from discomfort.comfy.nodes_support import ANY, get_handler
+
+
+def _describe(exc, run_id, unique_id):
+    return f"DiscomfortDataLoader: cannot load unique_id {unique_id!r} of run {run_id!r}: {exc}"
+
+
+class DiscomfortDataLoader:
+    """Loads the value stored under ``unique_id`` in the run ``run_id`` (zero-copy when it can).
+
+    Its fingerprint (IS_CHANGED) is the stored object's version, which is store-wide and never
+    repeated: ComfyUI's cache reruns it exactly when the value changed. A missing run or key is
+    a node error naming them, never a silent default.
+    """
+
+    CATEGORY = "discomfort/internal"
+    DESCRIPTION = "Loads a value from a discomfort run (inserted by run_sequential)."
+    RETURN_TYPES = (ANY,)
+    RETURN_NAMES = ("data",)
+    FUNCTION = "load_data"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "run_id": ("STRING", {"default": ""}),
+                "unique_id": ("STRING", {"default": ""}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        # Accept any inputs: if this raised, ComfyUI would silently treat the node as changed.
+        run_id, unique_id = kwargs.get("run_id"), kwargs.get("unique_id")
+        return get_handler(run_id).info(unique_id)["version"]
+
+    def load_data(self, run_id, unique_id):
+        import discomfort.errors as errors
+
+        try:
+            handler = get_handler(run_id)
+            return (handler.load(unique_id),)
+        except errors.UnknownKeyError as exc:
+            raise errors.UnknownKeyError(_describe(exc, run_id, unique_id)) from exc
+        except errors.UnknownRunError as exc:
+            raise type(exc)(_describe(exc, run_id, unique_id)) from exc
+
+
+NODE_CLASS_MAPPINGS = {"DiscomfortDataLoader": DiscomfortDataLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"DiscomfortDataLoader": "Discomfort Data Loader (internal)"}

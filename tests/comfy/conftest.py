@@ -1,0 +1,96 @@
+"""Fixtures for the tests that run inside a real ComfyUI.
+
+ComfyUI comes from ``scripts/setup_comfyui.py``, which prints its directory:
+
+    export DISCOMFORT_COMFYUI=$(.venv/bin/python scripts/setup_comfyui.py --python .venv/bin/python | tail -n1)
+    PYTHONPATH=python .venv/bin/python -m pytest tests/comfy -q
+
+Tests marked ``comfy`` are skipped, with the reason, when ``DISCOMFORT_COMFYUI`` is unset. ComfyUI
+starts once per test session: one in-process executor and one launched server, shared by all
+tests (session-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_PACK = REPO / "comfy_nodes"
+WORKFLOWS = REPO / "tests" / "fixtures" / "workflows"
+SKIP_REASON = (
+    "DISCOMFORT_COMFYUI is not set: run `python scripts/setup_comfyui.py --python .venv/bin/python` "
+    "and export DISCOMFORT_COMFYUI=<the directory it prints> to run the tests inside a real ComfyUI"
+)
+
+
+def pytest_plugin_registered(plugin, manager):
+    """Give the bare module name "conftest" back to tests/conftest.py.
+
+    Without an __init__.py here (a package named ``comfy`` would shadow ComfyUI's own), pytest
+    imports this file as the module "conftest", replacing tests/conftest.py in sys.modules; test
+    modules of the parent folder that do ``from conftest import ...`` would then get this file.
+    """
+    if Path(getattr(plugin, "__file__", "") or "").resolve() != Path(__file__).resolve():
+        return
+    parent = Path(__file__).resolve().parents[1] / "conftest.py"
+    for other in manager.get_plugins():
+        if Path(getattr(other, "__file__", "") or "").resolve() == parent:
+            sys.modules["conftest"] = other
+            return
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("DISCOMFORT_COMFYUI"):
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("comfy") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfy_path() -> Path:
+    value = os.environ.get("DISCOMFORT_COMFYUI")
+    if not value:
+        pytest.skip(SKIP_REASON)
+    path = Path(value).expanduser().resolve()
+    if not (path / "main.py").is_file() or not (path / "execution.py").is_file():
+        pytest.fail(f"DISCOMFORT_COMFYUI={value} is not a ComfyUI tree (no main.py / execution.py)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def inprocess(comfy_path):
+    """ComfyUI's PromptExecutor in this process, with the repository's node pack."""
+    from discomfort.comfy import InProcessComfy
+
+    return InProcessComfy(comfy_path, custom_nodes=[NODE_PACK])
+
+
+@pytest.fixture(scope="session")
+def server(comfy_path, tmp_path_factory):
+    """One ComfyUI server for the session, in another process, with the node pack."""
+    from discomfort.comfy import launch_server
+
+    work = tmp_path_factory.mktemp("comfy-server")
+    with launch_server(comfy_path, custom_nodes=[NODE_PACK], work_dir=work, startup_timeout=180) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["inprocess", "server"])
+def executor(request):
+    """Each test that takes it runs once in-process and once through the server."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def workflow():
+    def load(name: str) -> dict:
+        return json.loads((WORKFLOWS / name).read_text())
+
+    return load
