@@ -27,6 +27,12 @@ step "ComfyUI for the node tests"
 COMFY=$(timeout 1200 "$VENV/bin/python" "$ROOT/scripts/setup_comfyui.py" --python "$VENV/bin/python" | tail -n 1)
 export DISCOMFORT_COMFYUI=$COMFY
 
+step "store tests against the core built with ASan and UBSan"
+PYTHON="$VENV/bin/python" timeout 900 bash "$ROOT/scripts/sanitize.sh"
+
+step "benchmark guard (reported, not a gate: shared machines are noisy)"
+(cd "$ROOT" && timeout 600 "$VENV/bin/python" benchmarks/guard.py) || echo "benchmark guard: see above"
+
 step "tests (installed package, both backends)"
 export DISCOMFORT_REQUIRE_NATIVE=1
 cd "$ROOT/tests"

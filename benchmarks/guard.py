@@ -1,0 +1,116 @@
+"""Benchmark guard: a short pass, ratios against memcpy in the same run, thresholds from the repo.
+
+    python benchmarks/guard.py [--thresholds benchmarks/thresholds.json] [--json FILE]
+
+Exits 1 when a ratio misses its threshold twice in a row (one retry absorbs a busy moment),
+0 otherwise. Thresholds keep headroom over the targets in DESIGN.md: this catches regressions,
+it does not certify the targets (the full `discomfort bench` reports those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+
+
+def _median_ms(fn, rounds: int) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t0)
+    return statistics.median(times) / 1e6
+
+
+def measure(backend: str) -> dict[str, float]:
+    import torch
+
+    from discomfort import bench
+    from discomfort.context import WorkflowContext
+
+    out: dict[str, float] = {}
+    big = torch.rand(16, 1024, 1024, 3)  # 192 MiB IMAGE batch
+    mid = torch.rand(1, 1024, 1024, 3)  # 12 MiB IMAGE
+    with tempfile.TemporaryDirectory() as tmp, WorkflowContext(
+        backend=backend, ram_budget=3 * 192 * MiB + 64 * MiB, disk_dir=tmp
+    ) as ctx:
+        held = []
+
+        def save_big():
+            ctx.save("big", big)
+            held[:] = [ctx.load("big")]
+
+        ref_big = bench.memcpy_ms(192 * MiB, 5)
+        out["save_192MiB_x_memcpy"] = _median_ms(save_big, 5) / ref_big
+        out["load_192MiB_ms"] = _median_ms(lambda: ctx.load("big"), 15)
+        ctx.save("mid", mid)
+        out["load_12MiB_ms"] = _median_ms(lambda: ctx.load("mid"), 15)
+        out["load_size_ratio_192_to_12"] = out["load_192MiB_ms"] / out["load_12MiB_ms"]
+
+        def round_trip_mid():
+            ctx.save("mid", mid)
+            return ctx.load("mid")
+
+        legacy = _median_ms(lambda: bench.legacy_round_trip(mid), 3)
+        out["legacy_12MiB_x_round_trip"] = legacy / _median_ms(round_trip_mid, 7)
+
+        def small():
+            ctx.save("n", 42)
+            return ctx.load("n")
+
+        out["small_save_load_us"] = _median_ms(small, 200) * 1e3
+    return out
+
+
+def check(results: dict[str, dict[str, float]], thresholds: dict) -> list[str]:
+    misses = []
+    for backend, limits in thresholds.items():
+        for name, rule in limits.items():
+            value = results[backend].get(name)
+            if value is None:
+                continue
+            if "max" in rule and value > rule["max"]:
+                misses.append(f"{backend} {name} = {value:.3f} > {rule['max']}")
+            if "min" in rule and value < rule["min"]:
+                misses.append(f"{backend} {name} = {value:.3f} < {rule['min']}")
+    return misses
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser.add_argument("--thresholds", default=os.path.join(here, "thresholds.json"))
+    parser.add_argument("--json", help="write the measured ratios here")
+    args = parser.parse_args()
+    from discomfort import _backend
+
+    with open(args.thresholds) as fh:
+        thresholds = {k: v for k, v in json.load(fh).items() if k in _backend.available()}
+    results = {backend: measure(backend) for backend in thresholds}
+    misses = check(results, thresholds)
+    if misses:  # one retry: the machine may have been busy
+        print("missed once, measuring again:\n  " + "\n  ".join(misses))
+        again = {backend: measure(backend) for backend in thresholds}
+        misses = check(again, thresholds)
+        results = {"first": results, "retry": again}
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    if misses:
+        print("benchmark guard: REGRESSION\n  " + "\n  ".join(misses))
+        return 1
+    print("benchmark guard: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
