@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import leftovers, load_backend
+from _helpers import leftovers, load_backend
 from discomfort import context as context_mod
 from discomfort import errors, sysinfo
 from discomfort.context import WorkflowContext, get_context

@@ -7,11 +7,10 @@ import os
 import secrets
 import subprocess
 import sys
-import threading
 
 import pytest
 
-from conftest import leftovers, load_backend
+from _helpers import leftovers, load_backend
 from discomfort import errors
 
 MiB = 1 << 20

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import BACKENDS, leftovers, load_backend
+from _helpers import BACKENDS, leftovers, load_backend
 from discomfort import errors
 from discomfort._pystore import fnv1a64
 

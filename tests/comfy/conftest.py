@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,22 +25,6 @@ SKIP_REASON = (
     "DISCOMFORT_COMFYUI is not set: run `python scripts/setup_comfyui.py --python .venv/bin/python` "
     "and export DISCOMFORT_COMFYUI=<the directory it prints> to run the tests inside a real ComfyUI"
 )
-
-
-def pytest_plugin_registered(plugin, manager):
-    """Give the bare module name "conftest" back to tests/conftest.py.
-
-    Without an __init__.py here (a package named ``comfy`` would shadow ComfyUI's own), pytest
-    imports this file as the module "conftest", replacing tests/conftest.py in sys.modules; test
-    modules of the parent folder that do ``from conftest import ...`` would then get this file.
-    """
-    if Path(getattr(plugin, "__file__", "") or "").resolve() != Path(__file__).resolve():
-        return
-    parent = Path(__file__).resolve().parents[1] / "conftest.py"
-    for other in manager.get_plugins():
-        if Path(getattr(other, "__file__", "") or "").resolve() == parent:
-            sys.modules["conftest"] = other
-            return
 
 
 def pytest_collection_modifyitems(config, items):
