@@ -107,3 +107,53 @@ def rss_shmem() -> int:
             if line.startswith("RssShmem:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def stress(backend: str, run_id: str, worker: int, threads: int, ops: int, conn) -> None:
+    """Save, load and delete shared keys with checksums from several threads; report counts."""
+    import threading
+
+    from discomfort import errors
+
+    mod = _backend.load(backend)
+    store = mod.Store.attach(run_id)
+    counts = {"put": 0, "get": 0, "delete": 0, "missing": 0, "corrupt": 0}
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        import random
+
+        rng = random.Random(worker * 1000 + t)
+        local = dict.fromkeys(counts, 0)
+        for i in range(ops):
+            key = f"k{rng.randrange(6)}"
+            op = rng.random()
+            if op < 0.45:
+                size = rng.choice([10, 5000, 70000, 300000])
+                payload = rng.randbytes(size)
+                store.put(key, hashlib.sha256(payload).digest(), [payload, payload[:7]])
+                local["put"] += 1
+            elif op < 0.9:
+                try:
+                    meta, views, _ = store.get(key)
+                    body = bytes(views[0])
+                    if hashlib.sha256(body).digest() != meta or bytes(views[1]) != body[:7]:
+                        local["corrupt"] += 1
+                    local["get"] += 1
+                except errors.UnknownKeyError:
+                    local["missing"] += 1
+            else:
+                store.delete(key)
+                local["delete"] += 1
+        with lock:
+            for k, v in local.items():
+                counts[k] += v
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    store.close()
+    conn.send(counts)
+    conn.close()
