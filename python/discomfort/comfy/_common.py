@@ -15,15 +15,17 @@ PACK_LINK_NAME = "discomfort_nodes"
 
 
 def default_node_pack() -> Path | None:
-    """The repository's ``comfy_nodes/`` folder, or ``$DISCOMFORT_COMFY_NODES``, if it exists."""
+    """``$DISCOMFORT_COMFY_NODES``, else the copy installed with the wheel
+    (``discomfort/node_pack``), else the repository's ``comfy_nodes/`` folder."""
     env = os.environ.get("DISCOMFORT_COMFY_NODES")
     if env:
         return Path(env).expanduser().resolve()
     here = Path(__file__).resolve()
-    # python/discomfort/comfy/_common.py -> repository root
-    candidate = here.parents[3] / "comfy_nodes"
-    if (candidate / "__init__.py").is_file():
-        return candidate
+    installed = here.parents[1] / "node_pack"  # discomfort/comfy/_common.py -> discomfort/node_pack
+    source = here.parents[3] / "comfy_nodes"  # python/discomfort/comfy/_common.py -> repository root
+    for candidate in (installed, source):
+        if (candidate / "__init__.py").is_file():
+            return candidate
     return None
 
 
