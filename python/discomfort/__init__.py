@@ -15,4 +15,17 @@ from .context import WorkflowContext, get_context  # noqa: E402  (needs the back
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "Store", "WorkflowContext", "get_context", "errors", "__version__", *errors.__all__]
+
+def __getattr__(name: str):
+    # run_sequential pulls in the workflow tooling; load it on first use, not at import.
+    if name == "run_sequential":
+        from .workflow_tools import run_sequential
+
+        return run_sequential
+    raise AttributeError(f"module 'discomfort' has no attribute {name!r}")
+
+
+__all__ = [
+    "backend", "Store", "WorkflowContext", "get_context", "run_sequential", "errors", "__version__",
+    *errors.__all__,
+]
