@@ -21,6 +21,8 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
     if discomfort.backend == "native":
         core_version = discomfort._store_module.__version__
     mem = read_meminfo(meminfo)
+    shm_size: int | None
+    shm_free: int | None
     try:
         shm_size, shm_free = sysinfo.shm_space(shm_dir)
     except OSError:
