@@ -1,10 +1,16 @@
-"""HTTP routes of the node pack (only when ComfyUI runs as a server)."""
+"""HTTP routes of the node pack (only when ComfyUI runs as a server).
+
+* ``GET /discomfort/host_info``: where this server runs, so that an orchestrator can tell whether
+  it shares memory with it (same host, same user, same /dev/shm).
+* ``/discomfort/runs...``: runs owned by this server process, for orchestrators that cannot share
+  memory with it; values travel as binary bodies (see ``discomfort.remote``).
+"""
 
 _registered = False
 
 
 def register():
-    """Add ``GET /discomfort/host_info`` to ComfyUI's PromptServer, when there is one."""
+    """Add the routes to ComfyUI's PromptServer, when there is one."""
     global _registered
     if _registered:
         return False
@@ -20,10 +26,12 @@ def register():
     from aiohttp import web
 
     from discomfort.comfy.nodes_support import host_info
+    from discomfort.remote import add_routes
 
     @routes.get("/discomfort/host_info")
     async def discomfort_host_info(request):
         return web.json_response(host_info())
 
+    add_routes(routes)
     _registered = True
     return True

@@ -1,4 +1,4 @@
-"""The `discomfort` command: bench, doctor."""
+"""The `discomfort` command: bench, doctor, run."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("doctor", help="what this machine offers a run, and advice")
     p.add_argument("--disk-dir", default=None, help="disk root to check (default: the one runs use)")
     p.set_defaults(func=_cmd_doctor)
+
+    from .cli_run import add_run_parser
+
+    add_run_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

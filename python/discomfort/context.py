@@ -165,12 +165,31 @@ class WorkflowContext:
             _refs[(self.run_id, unique_id)] = data
         return store.put(unique_id, _TAG_REF + marker.encode(), [])
 
+    def reserve(self, unique_id: str, meta: bytes, sizes: list[int]) -> Any:
+        """Room for a value already encoded by `codecs.encode` (its meta, its buffer sizes).
+
+        For transports that receive encoded values: fill `.buffers`, then `.seal()` (or
+        `.abort()`). The value replaces whatever `unique_id` held, references included.
+        """
+        store = self._check()
+        with _refs_lock:
+            _refs.pop((self.run_id, unique_id), None)
+        return store.reserve(unique_id, _TAG_VALUE + meta, sizes)
+
+    def load_encoded(self, unique_id: str) -> tuple[str, bytes, list[memoryview], dict[str, Any]]:
+        """("val" or "ref", meta, buffers, info) of a stored value, without decoding it.
+
+        A "ref" entry's meta is a JSON marker naming the type and the process that owns it.
+        """
+        meta, views, info = self._check().get(unique_id)
+        return ("ref" if meta[:1] == _TAG_REF else "val"), meta[1:], views, info
+
     def load(self, unique_id: str) -> Any:
         """The value saved under `unique_id`: CPU tensors and arrays are zero-copy views."""
-        meta, views, _ = self._check().get(unique_id)
-        if meta[:1] == _TAG_REF:
-            return self._load_ref(unique_id, json.loads(meta[1:]))
-        return codecs.decode(meta[1:], views)
+        kind, meta, views, _ = self.load_encoded(unique_id)
+        if kind == "ref":
+            return self._load_ref(unique_id, json.loads(meta))
+        return codecs.decode(meta, views)
 
     def _load_ref(self, unique_id: str, marker: dict) -> Any:
         if marker.get("process") != _PROCESS_TOKEN:

@@ -1,16 +1,20 @@
 """run_sequential: run ComfyUI workflows in sequence and in loops, values passing through a store.
 
-Every call owns one :class:`~discomfort.WorkflowContext` (a per-run, ephemeral object store) in a
-``with`` block. Ports save into it from inside ComfyUI, DataLoaders read from it, and the prompts
-only ever carry the run id and the keys: never payload data.
+Every call owns one run (a per-run, ephemeral object store) in a ``with`` block: a
+:class:`~discomfort.WorkflowContext` in shared memory when ComfyUI can share memory with this
+process, else a :class:`~discomfort.remote.RemoteContext` held by the ComfyUI server and fed over
+HTTP. Ports save into it from inside ComfyUI, DataLoaders read from it, and the prompts only ever
+carry the run id and the keys: never payload data.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
-from typing import Any, Mapping, Protocol
+import warnings
+from typing import Any, Callable, Mapping, Protocol
 
 from .errors import UnknownKeyError, WorkflowError
 from .workflow_format import (
@@ -33,7 +37,12 @@ __all__ = [
     "stitch",
     "load_workflow",
     "resolve_executor",
+    "choose_transport",
 ]
+
+log = logging.getLogger("discomfort")
+
+TRANSPORTS = ("auto", "shm", "http")
 
 
 class Executor(Protocol):
@@ -105,6 +114,65 @@ def _read(workflow: Any) -> Any:
     return workflow
 
 
+def choose_transport(executor: Any, transport: str | None = None) -> tuple[str, str]:
+    """How values reach ``executor``'s nodes: ``("shm" | "http", why)``.
+
+    ``transport``: "auto" (default; also ``$DISCOMFORT_TRANSPORT``), "shm" or "http". An executor
+    without ``host_info()`` (ComfyUI in this process, or a wrapper) always shares memory. For a
+    server, "auto" compares its ``GET /discomfort/host_info`` with this process's
+    (:func:`~discomfort.comfy.same_host`: same boot id, uid and /dev/shm device and inode);
+    "http" uses the HTTP routes without asking; "shm" raises
+    :class:`~discomfort.errors.WorkflowError` when the server says it cannot share memory.
+    """
+    requested = transport if transport is not None else (os.environ.get("DISCOMFORT_TRANSPORT") or "auto")
+    requested = str(requested).strip().lower()
+    if requested not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {requested!r}")
+    ask = getattr(executor, "host_info", None)
+    url = getattr(executor, "url", None)
+    if not callable(ask):
+        if requested == "http":
+            raise ValueError(
+                f"transport='http' needs a ComfyUI server executor (ComfyServer or a URL); {executor!r} "
+                "runs in this process and always shares its memory"
+            )
+        return "shm", "ComfyUI runs in this process"
+    if requested == "http":
+        if not url:
+            raise ValueError(f"transport='http': the executor {executor!r} has no server url")
+        return "http", "transport='http' was requested"
+    from .comfy.nodes_support import host_differences, host_info
+
+    try:
+        remote = ask()
+    except Exception as exc:
+        raise WorkflowError(
+            f"cannot tell whether the ComfyUI server {url or executor!r} shares memory with this process "
+            f"(GET /discomfort/host_info failed: {exc}); is the discomfort node pack installed there? "
+            "Pass transport='shm' or 'http' to decide without asking"
+        ) from exc
+    why = host_differences(host_info(), remote)
+    if not why:
+        return "shm", "the server shares this host, user and /dev/shm"
+    if requested == "shm":
+        raise WorkflowError(
+            f"transport='shm', but the ComfyUI server {url or executor!r} cannot share memory with this "
+            f"process: {'; '.join(why)}. Use transport='http' (or 'auto')"
+        )
+    if not url:
+        raise WorkflowError(f"the executor {executor!r} cannot share memory ({'; '.join(why)}) and has no url "
+                            "for the HTTP transport")
+    return "http", f"the server cannot share memory with this process: {'; '.join(why)}"
+
+
+def _version(ctx: Any, uid: str) -> int | None:
+    """The stored version of ``uid`` or None, in one call (one request over HTTP)."""
+    try:
+        return ctx.info(uid)["version"]
+    except UnknownKeyError:
+        return None
+
+
 def run_sequential(
     workflows: Any,
     inputs: Mapping[str, Any] | None = None,
@@ -115,6 +183,8 @@ def run_sequential(
     object_info: Mapping | None = None,
     ram_budget: int | str | None = None,
     disk_dir: str | os.PathLike | None = None,
+    transport: str | None = None,
+    progress: Callable[[int, int, int], Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``workflows`` one after the other, ``iterations`` times; returns ``{unique_id: value}``.
 
@@ -125,6 +195,19 @@ def run_sequential(
     ``executor``: an :class:`~discomfort.comfy.InProcessComfy`, a
     :class:`~discomfort.comfy.ComfyServer`, a server URL, or None (ComfyUI in this process, from
     ``$DISCOMFORT_COMFYUI``).
+
+    ``transport``: how values reach the ComfyUI nodes (default "auto", or
+    ``$DISCOMFORT_TRANSPORT``; see :func:`choose_transport`). "shm": the run is a
+    :class:`~discomfort.WorkflowContext` in this process's shared memory, which the server's nodes
+    attach to. "http": the ComfyUI server creates and owns the run, inputs are sent to it and
+    results fetched from it as binary HTTP bodies (:mod:`discomfort.remote`); ``disk_dir`` then
+    does not apply (the server uses its own disk tier), ``ram_budget`` is passed on. The choice
+    is logged once per call at INFO on the ``discomfort`` logger; the HTTP path is also announced
+    with one :class:`~discomfort.remote.TransportWarning` (``warnings.warn``, so one line on
+    stderr unless filtered), since it copies every value over a socket.
+
+    ``progress``: called as ``progress(iteration, workflow_index, total)`` after each workflow
+    has run (0-based iteration and index; ``total`` = iterations x workflows).
 
     The result holds the last value of every key a port wrote; it stays valid after the run's
     store is gone. The store lives only inside this call.
@@ -152,12 +235,30 @@ def run_sequential(
                     f"(nodes {', '.join(port.output_node_ids)}); each key needs one writer"
                 )
 
+    path, why = choose_transport(executor, transport)
+    if path == "http":
+        from .remote import RemoteContext, TransportWarning
+
+        run: Any = RemoteContext(executor.url, ram_budget=ram_budget)
+    else:
+        run = WorkflowContext(ram_budget=ram_budget, disk_dir=disk_dir)
+
+    total = iterations * len(prompts)
     written: list[str] = []
-    with WorkflowContext(ram_budget=ram_budget, disk_dir=disk_dir) as ctx:
+    with run as ctx:
+        if path == "http":
+            log.info("discomfort: run %s: values travel over HTTP to %s (%s)", ctx.run_id, executor.url, why)
+            warnings.warn(
+                f"discomfort run {ctx.run_id}: values travel over HTTP to {executor.url} ({why}); "
+                "every value is copied over the socket",
+                TransportWarning, stacklevel=2,
+            )
+        else:
+            log.info("discomfort: run %s: values in shared memory (%s)", ctx.run_id, why)
         for uid, value in (inputs or {}).items():
             ctx.save(uid, value)
         sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(prompts, port_nodes)]
-        for _iteration in range(iterations):
+        for iteration in range(iterations):
             for k, prompt in enumerate(sent):
                 keys = port_keys[k]
                 missing = sorted(
@@ -171,14 +272,17 @@ def run_sequential(
                         "pass it in inputs= or write it with an OUTPUT port of an earlier workflow"
                     )
                 outs = [uid for uid, port in keys.items() if port.writes]
-                before = {uid: (ctx.info(uid)["version"] if uid in ctx else None) for uid in outs}
+                before = {uid: _version(ctx, uid) for uid in outs}
                 executor.execute(prompt, timeout=timeout)
                 for uid in outs:
-                    if uid not in ctx or ctx.info(uid)["version"] == before[uid]:
+                    after = _version(ctx, uid)
+                    if after is None or after == before[uid]:
                         raise WorkflowError(
                             f"workflow {k}: the port(s) {', '.join(keys[uid].output_node_ids)} writing "
                             f"{uid!r} did not save a value in this run"
                         )
                     if uid not in written:
                         written.append(uid)
+                if progress is not None:
+                    progress(iteration, k, total)
         return {uid: ctx.load(uid) for uid in written}

@@ -16,6 +16,8 @@ __all__ = [
     "port_mode",
     "get_handler",
     "host_info",
+    "same_host",
+    "host_differences",
     "PORT_CLASS",
     "LOADER_CLASS",
 ]
@@ -93,7 +95,22 @@ def host_info() -> dict[str, Any]:
     }
 
 
+_SHARING_KEYS = ("boot_id", "uid", "shm_st_dev", "shm_st_ino")
+
+
 def same_host(a: dict, b: dict) -> bool:
     """Whether two host_info() answers can share POSIX shared memory."""
-    keys = ("boot_id", "uid", "shm_st_dev", "shm_st_ino")
-    return all(a.get(k) is not None and a.get(k) == b.get(k) for k in keys)
+    return not host_differences(a, b)
+
+
+def host_differences(a: dict, b: dict) -> list[str]:
+    """Why two host_info() answers cannot share memory, in words; empty when they can."""
+    a, b = a or {}, b or {}
+    why = []
+    if a.get("boot_id") is None or a.get("boot_id") != b.get("boot_id"):
+        why.append("another host or kernel (boot id differs)")
+    if a.get("uid") is None or a.get("uid") != b.get("uid"):
+        why.append(f"another user (uid {a.get('uid')} here, {b.get('uid')} there)")
+    if any(a.get(k) is None or a.get(k) != b.get(k) for k in ("shm_st_dev", "shm_st_ino")):
+        why.append("another /dev/shm (device or inode differs: a container?)")
+    return why

@@ -1,0 +1,375 @@
+"""discomfort run: run workflows from the command line, inputs read from files, outputs written to files.
+
+    discomfort run WORKFLOW... [--iterations N] [--input KEY=FILE ...] --output-dir DIR
+                   (--server URL | --comfyui PATH) [--transport auto|shm|http] [--timeout S]
+
+Inputs, by the file's extension: .png/.jpg/.jpeg/.webp -> IMAGE tensor [1,H,W,3] float32 in 0..1
+(RGB; alpha dropped), .npy -> tensor, .pt -> torch.load(weights_only=True), .safetensors ->
+its single tensor or a dict (a dict written by this command comes back whole, with its .json
+part), .txt -> str, .json -> the JSON value.
+
+Outputs, one or more files per unique_id in DIR: IMAGE-like tensors ([B,H,W,C], C in 1/3/4,
+float) -> {key}_{i:03d}.png per batch item, MASK-like ([B,H,W], float) -> grayscale PNGs,
+other tensors and arrays -> .npy (.pt for dtypes numpy lacks, such as bfloat16), dicts holding
+tensors (LATENT) -> .safetensors plus .json for the other entries, str -> .txt, plain JSON data
+-> .json, anything else -> .pkl (cloudpickle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["add_run_parser", "run_command", "load_input", "parse_input_spec", "write_output",
+           "write_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".npy", ".pt", ".safetensors", ".txt", ".json")
+
+_KIND = "discomfort.kind"  # safetensors metadata written for dicts
+_JSON_PART = "discomfort.json"
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def parse_input_spec(spec: str) -> tuple[str, Path]:
+    """``KEY=FILE`` -> (key, path)."""
+    key, sep, path = spec.partition("=")
+    if not sep or not key or not path:
+        raise ValueError(f"--input {spec!r}: expected KEY=FILE, e.g. image=photo.png")
+    return key, Path(path).expanduser()
+
+
+def _need(module: str, what: str, package: str | None = None) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{what} needs {package or module} (pip install {package or module})") from exc
+
+
+def load_input(path: os.PathLike | str) -> Any:
+    """The value a file holds, chosen by its extension (see the module docstring)."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in INPUT_EXTENSIONS:
+        raise ValueError(f"{path}: unsupported input type {ext or '(no extension)'!r}; "
+                         f"supported: {', '.join(INPUT_EXTENSIONS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if ext in IMAGE_EXTENSIONS:
+        return _load_image(path)
+    if ext == ".txt":
+        return path.read_text(encoding="utf-8")
+    if ext == ".json":
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    torch = _need("torch", f"reading {path.name}")
+    if ext == ".npy":
+        np = _need("numpy", f"reading {path.name}")
+        array = np.load(path, allow_pickle=False)
+        try:
+            return torch.from_numpy(array)
+        except (TypeError, ValueError):
+            if not array.dtype.isnative:
+                return torch.from_numpy(array.astype(array.dtype.newbyteorder("=")))
+            raise ValueError(f"{path}: numpy dtype {array.dtype} has no torch equivalent") from None
+    if ext == ".pt":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return _load_safetensors(path)
+
+
+def _load_image(path: Path) -> Any:
+    try:
+        from PIL import Image, ImageOps
+    except ImportError as exc:
+        raise ImportError(f"reading the image {path.name} needs Pillow (pip install pillow)") from exc
+    np = _need("numpy", f"reading the image {path.name}")
+    torch = _need("torch", f"reading the image {path.name}")
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grayscale: keep its precision
+            gray = np.asarray(im.convert("I"), dtype=np.float32) / np.float32(65535.0)
+            array = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=-1)
+        else:
+            rgb = im.convert("RGB")
+            array = np.asarray(rgb, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+
+
+def _load_safetensors(path: Path) -> Any:
+    st = _need("safetensors", f"reading {path.name}")
+    with st.safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if metadata.get(_KIND) == "dict":
+        value: dict = dict(tensors)
+        part = metadata.get(_JSON_PART)
+        if part:
+            side = path.with_name(part)
+            if side.is_file():
+                with open(side, encoding="utf-8") as fh:
+                    value.update(json.load(fh))
+        return value
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    return tensors
+
+
+# --------------------------------------------------------------------------------------- outputs
+
+
+def _safe_stem(key: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(key)).strip("._") or "value"
+    return stem[:120]
+
+
+def _is_jsonable(value: Any, depth: int = 0) -> bool:
+    if depth > 64:
+        return False
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_is_jsonable(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_jsonable(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _tensor_type() -> Any:
+    torch = sys.modules.get("torch")
+    return torch.Tensor if torch is not None else ()
+
+
+def _describe(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"{type(value).__name__} {'x'.join(str(int(n)) for n in shape)} {getattr(value, 'dtype', '')}".strip()
+    return type(value).__name__
+
+
+def _write_pngs(stem: str, t: Any, out: Path) -> list[Path]:
+    """One PNG per batch item: [H,W] or [H,W,1] -> L, [H,W,3] -> RGB, [H,W,4] -> RGBA."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError("writing IMAGE/MASK outputs as PNG needs Pillow (pip install pillow)") from exc
+    pixels = (t.detach().to("cpu").float().clamp(0.0, 1.0) * 255.0).round().to(dtype=_torch().uint8).numpy()
+    pixels = pixels.copy() if not pixels.flags.c_contiguous else pixels
+    paths = []
+    for i in range(pixels.shape[0]):
+        item = pixels[i]
+        if item.ndim == 3 and item.shape[-1] == 1:
+            item = item[..., 0]
+        image = Image.fromarray(item)
+        p = out / f"{stem}_{i:03d}.png"
+        image.save(p)
+        paths.append(p)
+    return paths
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _write_tensor(stem: str, t: Any, out: Path) -> list[Path]:
+    torch = _torch()
+    if t.is_floating_point() and not t.is_complex():
+        if t.dim() == 4 and t.shape[-1] in (1, 3, 4) and t.shape[0] > 0:
+            return _write_pngs(stem, t, out)
+        if t.dim() == 3 and t.shape[0] > 0:
+            return _write_pngs(stem, t, out)
+    data = t.detach().to("cpu").resolve_conj().resolve_neg()
+    try:
+        array = data.numpy()
+    except (TypeError, RuntimeError):  # bfloat16, float8...: numpy has no such dtype
+        p = out / f"{stem}.pt"
+        torch.save(data.contiguous().clone(), p)
+        return [p]
+    return _write_npy(stem, array, out)
+
+
+def _write_npy(stem: str, array: Any, out: Path) -> list[Path]:
+    import numpy as np
+
+    p = out / f"{stem}.npy"
+    np.save(p, array, allow_pickle=False)
+    return [p]
+
+
+def _write_tensor_dict(stem: str, value: dict, out: Path) -> list[Path]:
+    st = _need("safetensors.torch", "writing tensors to .safetensors", "safetensors")
+    tensor_cls = _tensor_type()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in value.items() if isinstance(v, tensor_cls)}
+    rest = {k: v for k, v in value.items() if not isinstance(v, tensor_cls)}
+    paths = []
+    metadata = {_KIND: "dict"}
+    if rest:
+        p = out / f"{stem}.json"
+        with open(p, "w", encoding="utf-8") as f:
+            json.dump(rest, f, indent=1, ensure_ascii=False)
+        metadata[_JSON_PART] = p.name
+        paths.append(p)
+    seen: set = set()
+    for k, t in list(tensors.items()):  # safetensors refuses tensors that share memory
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if ptr is not None and ptr in seen:
+            tensors[k] = t.clone()
+        seen.add(ptr)
+    p = out / f"{stem}.safetensors"
+    st.save_file(tensors, str(p), metadata=metadata)
+    return [p, *paths]
+
+
+def write_output(key: str, value: Any, out_dir: os.PathLike | str, stem: str | None = None) -> list[Path]:
+    """Write one result to ``out_dir``; returns the files written (see the module docstring)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem or _safe_stem(key)
+    tensor_cls = _tensor_type()
+    np = sys.modules.get("numpy")
+    if tensor_cls and isinstance(value, tensor_cls):
+        return _write_tensor(stem, value, out)
+    if np is not None and isinstance(value, np.ndarray) and not value.dtype.hasobject:
+        return _write_npy(stem, value, out)
+    if isinstance(value, str):
+        p = out / f"{stem}.txt"
+        p.write_text(value, encoding="utf-8")
+        return [p]
+    if (tensor_cls and isinstance(value, dict) and value and all(isinstance(k, str) for k in value)
+            and any(isinstance(v, tensor_cls) for v in value.values())
+            and _is_jsonable({k: v for k, v in value.items() if not isinstance(v, tensor_cls)})):
+        return _write_tensor_dict(stem, value, out)
+    if _is_jsonable(value):
+        p = out / f"{stem}.json"
+        with open(p, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=1, ensure_ascii=False)
+        return [p]
+    import cloudpickle
+
+    p = out / f"{stem}.pkl"
+    with open(p, "wb") as f:
+        cloudpickle.dump(value, f, protocol=5)
+    return [p]
+
+
+def write_outputs(results: dict, out_dir: os.PathLike | str) -> dict[str, list[Path]]:
+    """Write every result; keys that map to the same file name get a numeric suffix."""
+    used: set[str] = set()
+    written = {}
+    for key, value in results.items():
+        stem = base = _safe_stem(key)
+        i = 1
+        while stem in used:
+            i += 1
+            stem = f"{base}-{i}"
+        used.add(stem)
+        written[key] = write_output(key, value, out_dir, stem=stem)
+    return written
+
+
+# -------------------------------------------------------------------------------------- command
+
+
+def add_run_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "run", help="run workflows in sequence/loops; inputs from files, outputs to files",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("workflows", nargs="+", metavar="WORKFLOW", help="workflow JSON files (API or UI format), run in order")
+    p.add_argument("--iterations", "-n", type=int, default=1, metavar="N", help="run the sequence N times (default 1)")
+    p.add_argument("--input", "-i", action="append", default=[], metavar="KEY=FILE",
+                   help="a value for the INPUT port KEY, read from FILE (repeatable)")
+    p.add_argument("--output-dir", "-o", required=True, metavar="DIR", help="where the outputs are written")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--server", metavar="URL", help="a running ComfyUI server with the discomfort node pack")
+    where.add_argument("--comfyui", metavar="PATH",
+                       help="run ComfyUI from this tree in this process (default: $DISCOMFORT_COMFYUI)")
+    p.add_argument("--transport", choices=["auto", "shm", "http"], default=None,
+                   help="how values reach a server (default: auto, or $DISCOMFORT_TRANSPORT)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds allowed per workflow")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_command)
+    return p
+
+
+def _executor(args: argparse.Namespace) -> Any:
+    if args.server:
+        from .comfy import ComfyServer
+
+        return ComfyServer(args.server)
+    if args.comfyui:
+        from .comfy import InProcessComfy
+
+        return InProcessComfy(args.comfyui)
+    if os.environ.get("DISCOMFORT_COMFYUI"):
+        return None  # run_sequential takes it from there
+    raise ValueError("give --server URL (a running ComfyUI) or --comfyui PATH (ComfyUI in this process), "
+                     "or set DISCOMFORT_COMFYUI")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from .errors import DiscomfortError
+
+    try:
+        return _run(args)
+    except (DiscomfortError, OSError, ValueError, ImportError) as exc:
+        print(f"discomfort run: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .workflow_tools import run_sequential
+
+    if args.iterations < 1:
+        raise ValueError(f"--iterations must be at least 1, not {args.iterations}")
+    for w in args.workflows:
+        if not Path(w).is_file():
+            raise FileNotFoundError(f"workflow file {w} does not exist")
+    inputs: dict[str, Any] = {}
+    for spec in args.input:
+        key, path = parse_input_spec(spec)
+        if key in inputs:
+            raise ValueError(f"--input {key}=... given twice")
+        inputs[key] = load_input(path)
+    executor = _executor(args)
+    n_workflows = len(args.workflows)
+    total = args.iterations * n_workflows
+    with tqdm(total=total, desc="discomfort run", unit="workflow", file=sys.stderr,
+              disable=args.no_progress) as bar:
+        def progress(iteration: int, index: int, _total: int) -> None:
+            bar.set_postfix_str(f"iteration {iteration + 1}/{args.iterations}, "
+                                f"workflow {index + 1}/{n_workflows} ({Path(args.workflows[index]).name})")
+            bar.update(1)
+
+        results = run_sequential(args.workflows, inputs, iterations=args.iterations, executor=executor,
+                                 timeout=args.timeout, transport=args.transport, progress=progress)
+    written = write_outputs(results, args.output_dir)
+    count = 0
+    for key, paths in written.items():
+        for p in paths:
+            print(f"{key}: {p} ({_describe(results[key])})")
+            count += 1
+    print(f"{count} file(s) written to {args.output_dir}")
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="discomfort")
+    add_run_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    return args.func(args)
