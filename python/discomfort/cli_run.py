@@ -94,8 +94,8 @@ def _load_image(path: Path) -> Any:
         raise ImportError(f"reading the image {path.name} needs Pillow (pip install pillow)") from exc
     np = _need("numpy", f"reading the image {path.name}")
     torch = _need("torch", f"reading the image {path.name}")
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
+    with Image.open(path) as opened:
+        im = ImageOps.exif_transpose(opened)
         if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grayscale: keep its precision
             gray = np.asarray(im.convert("I"), dtype=np.float32) / np.float32(65535.0)
             array = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=-1)

@@ -38,6 +38,7 @@ and decodes its answers without restriction.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -177,9 +178,7 @@ def _allowed(module: str, name: str) -> bool:
     if name in _ALLOWED.get(module, ()):
         return True
     if module == "torch":  # dtypes pickle as globals: torch.float32, torch.bfloat16, ...
-        torch = sys.modules.get("torch")
-        if torch is None:
-            import torch  # noqa: F811
+        torch = sys.modules.get("torch") or importlib.import_module("torch")
         return isinstance(getattr(torch, name, None), torch.dtype)
     if module in ("numpy.dtypes", "numpy") and name.endswith("DType"):  # numpy 2 dtype classes
         return True
@@ -516,6 +515,7 @@ def _read_into(raw: Any, dst: memoryview, what: str) -> None:
         and not raw.headers.get("Content-Encoding") and not getattr(raw, "_decoded_buffer", None)
     while pos < n:
         if direct:
+            assert fp is not None
             got = fp.readinto(dst[pos : min(n, pos + 8 * CHUNK)])
         else:
             chunk = raw.read(min(n - pos, CHUNK), decode_content=True)

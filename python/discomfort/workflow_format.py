@@ -255,7 +255,7 @@ def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
     nodes_by_id: dict[Any, Mapping] = {}
     for node in workflow["nodes"]:
         nodes_by_id[node["id"]] = node
-    links = _parse_links(workflow.get("links"))
+    links = _parse_links(workflow.get("links") or [])
 
     # 1. Which nodes become API nodes; everything unknown is refused before any work.
     real: list[Mapping] = []
@@ -367,7 +367,7 @@ def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
                     inputs[name] = copy.deepcopy(value)
         elif isinstance(values, list) and values:
             layout = widget_layout(info)
-            plain = [n for n in layout if n is not None]
+            plain: list[str | None] = [n for n in layout if n is not None]
             if len(values) == len(layout):
                 names = layout
             elif len(values) == len(plain):

@@ -37,6 +37,11 @@ class ComfyServer:
         self._requests = _require("requests")
         self._session = self._requests.Session()
         self.last_messages: list = []  # ComfyUI's status messages of the last execute()
+        # Set by launch_server() for a server it started.
+        self.process: Any = None
+        self.log_path: Any = None
+        self.work_dir: Any = None
+        self.startup_seconds: float | None = None
 
     def __repr__(self) -> str:
         return f"ComfyServer({self.url!r})"

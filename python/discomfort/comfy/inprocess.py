@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import ComfyConnectionError
 from . import _tvshim
@@ -41,7 +41,7 @@ class _ServerStandIn:
         self.sockets_metadata: dict = {}
         self.routes = None  # no HTTP routes in-process: node packs must tolerate this
 
-    on_event = None  # callable(event, data) while a run wants to hear about its progress
+    on_event: Callable[[Any, Any], None] | None = None  # while a run wants to hear its progress
 
     def send_sync(self, event, data, sid=None) -> None:
         # Nothing listens on a socket; a running execute() may watch the events.
@@ -95,7 +95,8 @@ class InProcessComfy:
         self.comfy_path = path
         self.node_packs = resolve_node_packs(custom_nodes)
         if work_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="discomfort-comfy-")
+            self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
+                prefix="discomfort-comfy-")
             self.work_dir = Path(self._tmp.name)
         else:
             self._tmp = None

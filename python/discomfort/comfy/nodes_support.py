@@ -81,7 +81,7 @@ def host_info() -> dict[str, Any]:
         boot_id = None
     try:
         st = os.stat("/dev/shm")
-        shm = {"st_dev": st.st_dev, "st_ino": st.st_ino}
+        shm: dict[str, int | None] = {"st_dev": st.st_dev, "st_ino": st.st_ino}
     except OSError:
         shm = {"st_dev": None, "st_ino": None}
     return {
