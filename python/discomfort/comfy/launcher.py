@@ -110,8 +110,10 @@ def launch_server(
     work_dir: os.PathLike | str | None = None,
     log_path: os.PathLike | str | None = None,
     env: dict | None = None,
+    cpu: bool = True,
 ) -> Iterator[ComfyServer]:
-    """Start ``main.py --cpu --listen 127.0.0.1 --port P`` and yield a :class:`ComfyServer`.
+    """Start ``main.py --listen 127.0.0.1 --port P`` (with ``--cpu`` unless ``cpu=False``) and
+    yield a :class:`ComfyServer`.
 
     The server runs in ``python`` (default: this interpreter) through
     ``python -m discomfort.comfy.serve`` (the torchvision shim, then ComfyUI's own ``main.py``),
@@ -160,7 +162,7 @@ def launch_server(
             url = f"http://127.0.0.1:{p}"
             cmd = [
                 python, "-m", "discomfort.comfy.serve", str(comfy_path),
-                "--cpu", "--listen", "127.0.0.1", "--port", str(p),
+                *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(p),
                 "--extra-model-paths-config", str(config),
                 "--output-directory", str(work / "output"),
                 "--temp-directory", str(work / "temp"),

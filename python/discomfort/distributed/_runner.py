@@ -1,0 +1,254 @@
+"""run_sequential_ray: run_sequential on a pool of ComfyUI servers in a Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from ..errors import UnknownKeyError, WorkflowError
+from ..workflow_format import discover_port_nodes, discover_ports, is_ui_format, load_workflow
+from ..workflow_tools import prepare_prompt
+from . import _ray
+from ._context import RayContext
+from ._pool import RayComfyPool, ServerDiedError
+
+__all__ = ["run_sequential_ray", "WorkflowEvent"]
+
+log = logging.getLogger("discomfort")
+
+
+@dataclass(frozen=True)
+class WorkflowEvent:
+    """What ``progress`` gets after each workflow ran."""
+
+    run_id: str
+    iteration: int  # 0-based
+    index: int  # the workflow's index in ``workflows``
+    step: int  # 1-based count of workflows run so far in this call
+    total: int  # iterations x workflows
+    server: int  # index of the pool's server that ran it
+    node_id: str  # the Ray node of that server
+    seconds: float  # running it, the retry and the server's replacement included
+    attempts: int  # 1, or 2 when its server died and it ran again on a replacement
+
+
+def _as_list(workflows: Any) -> list:
+    if isinstance(workflows, (str, os.PathLike, Mapping)):
+        return [workflows]
+    return list(workflows)
+
+
+def _read(workflow: Any) -> Any:
+    if isinstance(workflow, (str, os.PathLike)):
+        with open(workflow, encoding="utf-8") as f:
+            return json.load(f)
+    return workflow
+
+
+def _assigner(assign: Any, n: int) -> Callable[[int, int, int], int]:
+    if callable(assign):
+        return lambda it, k, step: int(assign(it, k)) % n
+    if assign == "workflow":
+        return lambda it, k, step: k % n
+    if assign == "round_robin":
+        return lambda it, k, step: step % n
+    raise ValueError(f"assign must be 'workflow', 'round_robin' or a callable(iteration, index), not {assign!r}")
+
+
+def _progress_bar(progress: Any, total: int, run_id: str) -> Any:
+    show = sys.stderr.isatty() if progress is None else progress is True
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"discomfort {run_id[:12]}", unit="workflow", file=sys.stderr)
+
+
+def run_sequential_ray(
+    workflows: Any,
+    inputs: Mapping[str, Any] | None = None,
+    iterations: int = 1,
+    servers: RayComfyPool | int | None = None,
+    *,
+    timeout: float | None = None,
+    object_info: Mapping | None = None,
+    progress: bool | Callable[[WorkflowEvent], Any] | None = None,
+    retries: int = 1,
+    assign: str | Callable[[int, int], int] = "workflow",
+    adopt: bool = True,
+    free_after: bool = False,
+    run_id: str | None = None,
+    address: str | None = None,
+    comfy_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """:func:`~discomfort.workflow_tools.run_sequential` across a Ray cluster.
+
+    ``workflows``, ``inputs``, ``iterations``, ``timeout``, ``object_info``: as in
+    run_sequential (the outputs of workflow k feed workflow k+1, those of iteration N feed N+1).
+    The run is a :class:`~discomfort.distributed.RayContext` owned by this call; values pass
+    between servers through Ray's object store, never through the prompts.
+
+    ``servers``: a :class:`RayComfyPool` (started here if it is not; a pool started here is
+    closed at the end), a number of servers, or None (one per node, or per GPU, from
+    ``comfy_path`` / ``$DISCOMFORT_COMFYUI``). ``assign``: which server runs each workflow:
+    ``"workflow"`` (default: workflow k always on server k mod n, so each server keeps its own
+    models loaded), ``"round_robin"``, or ``callable(iteration, index) -> server``.
+
+    ``retries``: a server that dies while it runs a workflow (its ComfyUI process or its actor) is
+    replaced on the same node, and the workflow runs again on the new one, this many times
+    (default once); a workflow that fails in a node raises at once. ``adopt`` (default True):
+    after each workflow, the values its server saved are copied once on that node into objects
+    this process owns, so they outlive the server (Ray frees what a dead process owned); without
+    it a dead server takes its outputs with it.
+
+    ``progress``: None (a bar on a terminal), True, False, or a callable that gets a
+    :class:`WorkflowEvent` after each workflow; every workflow is also logged at INFO on the
+    ``discomfort`` logger (server, node, seconds, attempts). ``free_after``: ask the servers to
+    drop ComfyUI's execution cache at the end, which holds zero-copy views into the object store
+    (otherwise they are released when the next prompt replaces them).
+
+    Returns ``{unique_id: value}``: private, writable copies that stay valid after the run,
+    whose values are all freed from Ray before this returns.
+    """
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    items = [_read(w) for w in _as_list(workflows)]
+    if not items:
+        raise ValueError("no workflows given")
+    _ray.ensure_connected(address)
+
+    own_pool = None
+    if isinstance(servers, RayComfyPool):
+        pool = servers
+        if not len(pool):
+            own_pool = pool.start()
+    else:
+        if servers is not None and (not isinstance(servers, int) or servers < 1):
+            raise TypeError(f"servers must be a RayComfyPool, a positive int or None, not {servers!r}")
+        pool = own_pool = RayComfyPool(comfy_path, size=servers).start()
+    try:
+        return _run(pool, items, inputs, iterations, timeout, object_info, progress, retries,
+                    _assigner(assign, len(pool)), adopt, free_after, run_id)
+    finally:
+        if own_pool is not None:
+            own_pool.close()
+
+
+def _run(pool: RayComfyPool, items: list, inputs: Mapping | None, iterations: int, timeout: float | None,
+         object_info: Mapping | None, progress: Any, retries: int, choose: Callable, adopt: bool,
+         free_after: bool, run_id: str | None) -> dict[str, Any]:
+    if object_info is None and any(is_ui_format(w) for w in items):
+        object_info = pool.object_info(0)
+    prompts = [load_workflow(w, object_info) for w in items]
+    port_nodes = [discover_port_nodes(p, object_info) for p in prompts]
+    port_keys = [discover_ports(p, object_info) for p in prompts]
+    for k, keys in enumerate(port_keys):
+        for uid, port in keys.items():
+            if len(port.output_node_ids) > 1:
+                raise WorkflowError(
+                    f"workflow {k}: unique_id {uid!r} is written by several ports "
+                    f"(nodes {', '.join(port.output_node_ids)}); each key needs one writer"
+                )
+
+    total = iterations * len(prompts)
+    written: list[str] = []
+    used: set[int] = set()
+    with RayContext(run_id) as ctx:
+        bar = _progress_bar(progress, total, ctx.run_id)
+        log.info("discomfort: run %s on %d ComfyUI servers in the Ray cluster at %s", ctx.run_id, len(pool),
+                 _ray.gcs_address())
+        try:
+            for uid, value in (inputs or {}).items():
+                ctx.save(uid, value)
+            sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(prompts, port_nodes)]
+            step = 0
+            for iteration in range(iterations):
+                for k, prompt in enumerate(sent):
+                    keys = port_keys[k]
+                    reads = [uid for uid, port in keys.items() if port.reads and port.consumers]
+                    outs = [uid for uid, port in keys.items() if port.writes]
+                    have = ctx.versions(reads + outs)
+                    missing = sorted(uid for uid in reads if have[uid] is None)
+                    if missing:
+                        raise UnknownKeyError(
+                            f"workflow {k} reads {', '.join(repr(m) for m in missing)} but no value is stored "
+                            f"under {'that key' if len(missing) == 1 else 'those keys'} in run {ctx.run_id!r}: "
+                            "pass it in inputs= or write it with an OUTPUT port of an earlier workflow"
+                        )
+                    server = choose(iteration, k, step)
+                    t0 = time.monotonic()
+                    attempts = _run_one(pool, ctx, server, k, iteration, prompt, keys, outs, have, timeout,
+                                        retries, adopt)
+                    used.add(server)
+                    for uid in outs:
+                        if uid not in written:
+                            written.append(uid)
+                    step += 1
+                    seconds = time.monotonic() - t0
+                    event = WorkflowEvent(ctx.run_id, iteration, k, step, total, server,
+                                          pool.slots[server].node_id, seconds, attempts)
+                    log.info("discomfort: run %s: iteration %d, workflow %d on server %d (node %s): %.2fs%s",
+                             ctx.run_id, iteration, k, server, event.node_id[:8], seconds,
+                             "" if attempts == 1 else f" ({attempts} attempts: its server was replaced)")
+                    if bar is not None:
+                        bar.set_postfix_str(f"it {iteration} wf {k} -> server {server} "
+                                            f"({event.node_id[:8]}) {seconds:.1f}s", refresh=False)
+                        bar.update(1)
+                    if callable(progress) and progress is not True:
+                        progress(event)
+            result = {uid: ctx.load(uid, copy=True) for uid in written}
+        finally:
+            if bar is not None:
+                bar.close()
+    if free_after and used:
+        pool.free(sorted(used))
+    return result
+
+
+def _run_one(pool: RayComfyPool, ctx: RayContext, server: int, k: int, iteration: int, prompt: dict,
+             keys: Mapping, outs: list, before: Mapping, timeout: float | None, retries: int,
+             adopt: bool) -> int:
+    """Run one workflow on ``server``, replacing the server and trying again if it dies."""
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            pool.execute(server, prompt, timeout)
+            after = ctx.versions(outs)
+            for uid in outs:
+                if after[uid] is None or after[uid] == before.get(uid):
+                    raise WorkflowError(
+                        f"workflow {k}: the port(s) {', '.join(keys[uid].output_node_ids)} writing "
+                        f"{uid!r} did not save a value in run {ctx.run_id!r}"
+                    )
+            if adopt:
+                _adopt(pool, ctx, server, outs)
+            return attempts
+        except ServerDiedError as exc:
+            if attempts > retries:
+                raise WorkflowError(
+                    f"workflow {k} (iteration {iteration}) failed: its ComfyUI server {server} died "
+                    f"{attempts} time(s): {exc}\n--- server log (tail) ---\n{pool.log_tail(server)}"
+                ) from exc
+            log.warning("discomfort: run %s: ComfyUI server %d died during workflow %d (iteration %d): %s; "
+                        "replacing it and running the workflow again", ctx.run_id, server, k, iteration, exc)
+            pool.replace(server)
+
+
+def _adopt(pool: RayComfyPool, ctx: RayContext, server: int, outs: list) -> None:
+    """Make the values the server saved owned by this process (one copy each, on the server's node)."""
+    foreign = ctx._foreign_values(outs)
+    if not foreign:
+        return
+    uids = list(foreign)
+    refs = pool.adopt(server, [foreign[u][0] for u in uids])
+    node = pool.slots[server].node_id
+    for uid, ref in zip(uids, refs):
+        ctx._adopted(uid, foreign[uid][1]["version"], ref, node)
