@@ -185,6 +185,66 @@ def test_round_trip_200_mib(run_id):
     assert run_files(run_id) == []
 
 
+@pytest.mark.parametrize("size, misalign", [(4 * MiB, 0), (8 * MiB + 13, 3), (33 * MiB + 7, 5), (64 * MiB + 1, 1)])
+def test_large_copies_stream_and_split(run_id, size, misalign):
+    """From 4 MiB put streams (non-temporal stores), from 32 MiB it shares blocks with a helper
+    thread: odd sizes and a source that is not aligned must arrive intact, also from threads."""
+    s = core.Store.create(run_id, ram_budget=512 * MiB)
+    try:
+        raw = np.frombuffer(pattern(size + misalign, size), dtype=np.uint8)
+        src = raw[misalign:]
+        errors_seen = []
+
+        def put(key):
+            try:
+                s.put(key, b"", [src])
+            except Exception as exc:  # reported below
+                errors_seen.append(exc)
+
+        threads = [threading.Thread(target=put, args=(f"k{i}",)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors_seen == []
+        for i in range(3):
+            _, views, _ = s.get(f"k{i}")
+            assert np.array_equal(np.frombuffer(views[0], dtype=np.uint8), src)
+    finally:
+        s.destroy()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_allocation_follows_other_handles(run_id, backend):
+    """Each handle caches what it derives from the tables; another handle's update (another
+    epoch) makes it rescan, so allocations never overlap and freed space is found again."""
+    s = backend.Store.create(run_id, ram_budget=256 * MiB)
+    others = [core.Store.attach(run_id)] + ([pystore.Store.attach(run_id)] if pystore else [])
+    try:
+        s.put("a", b"", [pattern(MiB, 1)])
+        for n, other in enumerate(others):
+            other.put(f"o{n}", b"", [pattern(MiB, 2 + n)])
+        s.put("b", b"", [pattern(MiB, 9)])
+        extents = sorted((s.info(k)["offset"], s.info(k)["size"]) for k in s.keys())
+        assert all(a[0] + a[1] <= b[0] for a, b in zip(extents, extents[1:]))
+        freed = s.info("o0")["offset"]
+        others[0].delete("o0")
+        s.put("c", b"", [pattern(MiB, 10)])
+        assert s.info("c")["offset"] == freed  # first fit saw the other handle's delete
+        for key, seed in [("a", 1), ("b", 9), ("c", 10)] + [(f"o{n}", 2 + n) for n in range(1, len(others))]:
+            assert s.get(key)[1][0] == pattern(MiB, seed)
+        # A pin another handle holds keeps its extent out of our allocations too.
+        held = others[0].get("c")[1]
+        s.delete("c")
+        s.put("d", b"", [pattern(MiB, 11)])
+        assert s.info("d")["offset"] != freed and held[0] == pattern(MiB, 10)
+        del held
+    finally:
+        for other in others:
+            other.close()
+        s.destroy()
+
+
 def test_reserve_seal_abort(store):
     with store.reserve("r", b"meta", [5, 0, 70_000]) as res:
         assert res.key == "r" and res.tier == "ram"

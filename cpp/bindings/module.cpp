@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "discomfort/errors.hpp"
+#include "discomfort/pool.hpp"
 #include "discomfort/store.hpp"
 
 #ifndef DISCOMFORT_VERSION
@@ -204,6 +205,45 @@ PYBIND11_MODULE(_core, m) {
     m.attr("FORMAT_VERSION") = kFormatVersion;
     m.attr("SMALL_OBJECT_BYTES") = kSmallObjectBytes;
 
+    m.def(
+        "pool_info",
+        [] {
+            PoolInfo info;
+            {
+                py::gil_scoped_release nogil;
+                info = pool_info();
+            }
+            py::list files;
+            for (const PoolFile& f : info.files) {
+                py::dict d;
+                d["path"] = path_str(f.path);
+                d["size"] = f.size;
+                d["inode"] = f.inode;
+                files.append(d);
+            }
+            py::dict d;
+            d["prefix"] = info.prefix;
+            d["bytes"] = info.bytes;
+            d["limit"] = info.limit;
+            d["files"] = files;
+            return d;
+        },
+        "This process's pool of chunks given back by finished runs: prefix, bytes, limit, files.");
+    m.def("release_pool", &release_pool, py::call_guard<py::gil_scoped_release>(),
+          "Unlink every pooled chunk; returns the bytes given back.");
+    m.def(
+        "set_pool_limit",
+        [](py::handle bytes) {
+            set_pool_limit(bytes.is_none() ? std::nullopt : std::optional<uint64_t>(non_negative(bytes, "limit")));
+        },
+        py::arg("nbytes"), "The most bytes the pool keeps; None: the largest RAM budget of a pooling store.");
+    // The pool's files go with the process (a static destructor could run while stores still
+    // use the pool). Runs destroyed after it give nothing back: their chunks are removed.
+    py::module_::import("atexit").attr("register")(py::cpp_function([] {
+        py::gil_scoped_release nogil;
+        close_pool();
+    }));
+
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
@@ -244,17 +284,17 @@ PYBIND11_MODULE(_core, m) {
         .def_static(
             "create",
             [](py::handle run_id, py::handle ram_budget, py::handle disk_root, py::handle shm_dir,
-               py::handle mem_probe) {
+               py::handle mem_probe, bool pool) {
                 std::string id = run_id_arg(run_id);
                 uint64_t budget = non_negative(ram_budget, "ram_budget");
                 std::optional<std::string> root;
                 if (!disk_root.is_none()) root = path_arg(disk_root);
                 std::string shm = path_arg(shm_dir), probe = path_arg(mem_probe);
                 py::gil_scoped_release nogil;
-                return Store::create(id, budget, root, shm, probe);
+                return Store::create(id, budget, root, shm, probe, pool);
             },
             py::arg("run_id"), py::kw_only(), py::arg("ram_budget"), py::arg("disk_root") = py::none(),
-            py::arg("shm_dir") = "/dev/shm", py::arg("mem_probe") = "/proc/meminfo")
+            py::arg("shm_dir") = "/dev/shm", py::arg("mem_probe") = "/proc/meminfo", py::arg("pool") = false)
         .def_static(
             "attach",
             [](py::handle run_id, py::handle shm_dir) {

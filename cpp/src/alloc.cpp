@@ -11,31 +11,19 @@
 
 #include "discomfort/errors.hpp"
 #include "discomfort/memprobe.hpp"
+#include "discomfort/pool.hpp"
 #include "guard.hpp"
 
 namespace discomfort {
 
-std::optional<std::pair<uint32_t, uint64_t>> Store::first_fit(uint64_t length) const {
-    std::vector<std::vector<Span>> used(kMaxChunks);
-    for (uint32_t i = 0; i < kTableCapacity; ++i) {
-        uint32_t s = entry_state(i);
-        if (s != kReserved && s != kSealed) continue;
-        ObjEntry e = valid_entry(i);  // an extent we cannot trust could overlap a new one
-        if (e.tier == kTierRam) used[e.chunk].push_back({e.offset, e.length});
-    }
-    for (uint32_t p = 0; p < kPinCapacity; ++p) {
-        PinEntry pin;
-        std::memcpy(&pin, pin_at(p), sizeof pin);
-        if (pin.state == 1 && pin.chunk < kMaxChunks) used[pin.chunk].push_back({pin.offset, pin.length});
-    }
+std::optional<std::pair<uint32_t, uint64_t>> Store::first_fit(uint64_t length) {
+    const auto& used = tables().used;  // ordered by chunk, then offset
     for (uint32_t k = 0; k < kMaxChunks; ++k) {
         uint64_t size = chunk_size(k);
         if (size == 0) continue;
-        auto& ranges = used[k];
-        std::sort(ranges.begin(), ranges.end(),
-                  [](const Span& a, const Span& b) { return a.offset < b.offset; });
         uint64_t pos = 0;
-        for (const Span& r : ranges) {
+        for (auto it = used.lower_bound({k, 0, 0}); it != used.end() && it->first.chunk == k; ++it) {
+            const Extent& r = it->first;
             if (r.offset >= pos && r.offset - pos >= length) return std::make_pair(k, pos);
             uint64_t end = r.offset + r.length < r.offset ? UINT64_MAX : r.offset + r.length;
             pos = std::max(pos, end);
@@ -57,9 +45,20 @@ std::optional<uint32_t> Store::grow(uint64_t length) {
     uint64_t budget = header()->ram_budget;
     uint64_t room = budget > have ? budget - have : 0;
     uint64_t size = std::min(room, std::max({length, kMinChunk, have})) / kPage * kPage;
-    if (size < length || !memory_allows(mem_probe_, size)) return std::nullopt;
-
+    if (size < length) return std::nullopt;
     std::string path = chunk_path(k);
+    if (pool_) {
+        // Already allocated and mapped here: no memory to ask for, no page to fault in.
+        if (auto leased = pool_lease(shm_dir_, length, room, size, path)) {
+            install_chunk(k, std::move(leased->fd), std::move(leased->map), leased->size);
+            return k;
+        }
+    }
+    if (!memory_allows(mem_probe_, size)) {
+        // Memory is short: what the pool keeps is the first thing to give back.
+        if (release_pool() == 0 || !memory_allows(mem_probe_, size)) return std::nullopt;
+    }
+
     Fd fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL, 0600));
     if (!fd.valid() && errno == EEXIST) {
         unlink_quiet(path);  // left by a creator that died before recording it
@@ -67,21 +66,26 @@ std::optional<uint32_t> Store::grow(uint64_t length) {
     }
     if (!fd.valid() && (errno == ENOSPC || errno == EDQUOT)) return std::nullopt;  // no inode left
     if (!fd.valid()) throw_system("create " + path, errno);
-    if (fallocate_file(fd.get(), size) != 0) {
+    if (fallocate_file(fd.get(), size) != 0 && (release_pool() == 0 || fallocate_file(fd.get(), size) != 0)) {
         fd.reset();
         unlink_quiet(path);
         return std::nullopt;  // /dev/shm is full: the disk tier takes it, never a SIGBUS later
     }
+    install_chunk(k, std::make_shared<Fd>(std::move(fd)), nullptr, size);
+    return k;
+}
+
+// Record chunk k (its file exists and holds `size` bytes); the state last.
+void Store::install_chunk(uint32_t k, std::shared_ptr<Fd> fd, std::shared_ptr<Mapping> map, uint64_t size) {
     Chunk& c = chunks_[k];
-    c.fd = std::make_shared<Fd>(std::move(fd));
-    c.map.reset();
+    c.fd = std::move(fd);
+    c.map = std::move(map);
     c.size = size;
     ChunkEntry* entry = chunk_at(k);
     entry->zero0 = 0;
     entry->size = size;
     entry->zero1[0] = entry->zero1[1] = 0;
     __atomic_store_n(&entry->state, 1u, __ATOMIC_RELEASE);
-    return k;
 }
 
 Store::Chunk& Store::open_chunk(uint32_t k) {

@@ -84,6 +84,12 @@ Store::Update::Update(Store& store) : s_(store) {
 Store::Update::~Update() {
     if (--s_.update_depth_ != 0) return;
     Header* h = s_.header();
+    // A cache that followed this update stays valid for the epoch it ends with.
+    if (s_.cache_fresh()) {
+        s_.cache_.epoch = h->epoch + 1;
+    } else {
+        s_.cache_.valid = false;
+    }
     __atomic_store_n(&h->epoch, h->epoch + 1, __ATOMIC_RELEASE);
     __atomic_store_n(&h->dirty, 0u, __ATOMIC_SEQ_CST);
 }

@@ -45,7 +45,7 @@ PinRef Store::pin_locked(const Extent& extent) {
     pin->chunk = extent.chunk;
     pin->offset = extent.offset;
     pin->length = extent.length;
-    __atomic_store_n(&pin->state, 1u, __ATOMIC_RELEASE);
+    set_pin_state(p, 1);
     // Made last: nothing after it may throw while pins_mu_ is held (its destructor takes it).
     return PinRef(shared_from_this(), extent);
 }
@@ -111,7 +111,7 @@ void Store::drain_locked() noexcept {
             std::memcpy(&pin, pin_at(u.first), sizeof pin);
             // Free it only while it is still ours: a repair may have reused it.
             if (pin.state == 1 && pin.slot == slot_ && Extent{pin.chunk, pin.offset, pin.length} == u.second)
-                __atomic_store_n(&pin_at(u.first)->state, 0u, __ATOMIC_RELEASE);
+                set_pin_state(u.first, 0);
         }
         for (const auto& a : aborts) {
             const ObjEntry* e = entry_at(a.first);

@@ -9,6 +9,8 @@
 #include <cstring>
 
 #include "discomfort/errors.hpp"
+#include "discomfort/memprobe.hpp"
+#include "discomfort/pool.hpp"
 #include "fork.hpp"
 #include "guard.hpp"
 
@@ -93,12 +95,13 @@ void remove_run_files(const std::string& shm_dir, const std::string& run_id,
 }  // namespace
 
 Store::Store(std::string run_id, std::string shm_dir, std::string mem_probe, std::optional<std::string> disk_dir,
-             bool owner, Fd fd, Mapping control)
+             bool owner, bool pool, Fd fd, Mapping control)
     : run_id_(std::move(run_id)),
       shm_dir_(std::move(shm_dir)),
       mem_probe_(std::move(mem_probe)),
       disk_dir_(std::move(disk_dir)),
       owner_(owner),
+      pool_(pool),
       pid_(::getpid()),
       ctl_fd_(std::move(fd)),
       control_(std::move(control)),
@@ -123,7 +126,7 @@ Store::~Store() {
 
 std::shared_ptr<Store> Store::create(const std::string& run_id, uint64_t ram_budget,
                                      const std::optional<std::string>& disk_root, const std::string& shm_dir,
-                                     const std::string& mem_probe) {
+                                     const std::string& mem_probe, bool pool) {
     check_run_id(run_id);
     std::optional<std::string> disk_dir;
     if (disk_root) {
@@ -179,7 +182,12 @@ std::shared_ptr<Store> Store::create(const std::string& run_id, uint64_t ram_bud
         if (made_dir) ::rmdir(disk_dir->c_str());
         throw;
     }
-    std::shared_ptr<Store> store(new Store(run_id, shm_dir, mem_probe, disk_dir, true, std::move(fd), std::move(control)));
+    std::shared_ptr<Store> store(
+        new Store(run_id, shm_dir, mem_probe, disk_dir, true, pool, std::move(fd), std::move(control)));
+    if (pool) pool_note_budget(ram_budget);
+    // The tables are all zeros: known without reading them (and faulting their pages in).
+    store->cache_.valid = true;
+    store->cache_.epoch = 0;
     try {
         store->claim_slot();
     } catch (...) {
@@ -218,7 +226,7 @@ std::shared_ptr<Store> Store::attach(const std::string& run_id, const std::strin
     std::optional<std::string> disk_dir;
     if (head.disk_dir_len) disk_dir = std::string(head.disk_dir, head.disk_dir_len);
     std::shared_ptr<Store> store(
-        new Store(run_id, shm_dir, "/proc/meminfo", disk_dir, false, std::move(fd), std::move(control)));
+        new Store(run_id, shm_dir, "/proc/meminfo", disk_dir, false, false, std::move(fd), std::move(control)));
     store->claim_slot();
     return store;
 }
@@ -282,7 +290,7 @@ void Store::release_locked() noexcept {
             Update update(*this);
             for (uint32_t p = 0; p < kPinCapacity; ++p) {
                 PinEntry* pin = pin_at(p);
-                if (pin->state == 1 && pin->slot == slot_) __atomic_store_n(&pin->state, 0u, __ATOMIC_RELEASE);
+                if (pin->state == 1 && pin->slot == slot_) set_pin_state(p, 0);
             }
             for (uint32_t i = 0; i < kTableCapacity; ++i)
                 if (entry_state(i) == kReserved && entry_at(i)->owner_slot == slot_) tombstone(i);
@@ -304,8 +312,42 @@ void Store::release_locked() noexcept {
     pending_.store(false);
 }
 
+// At destroy, FINISHED set. Only chunks that nobody can see any more go: no other handle is
+// alive (any of them may map any chunk at any time), and no pin or reservation is on the chunk.
+void Store::give_chunks_to_pool() {
+    Guard guard(*this);
+    drain_locked();  // pins of views collected meanwhile go first
+    reclaim_dead();
+    for (uint32_t i = 0; i < kSlotCapacity; ++i)
+        if (i != slot_ && slot_at(i)->state == 1) return;
+    if (!memory_allows(mem_probe_, 0)) {
+        release_pool();  // memory is short: give back what the pool keeps too
+        return;
+    }
+    std::vector<bool> busy(kMaxChunks);
+    for (uint32_t i = 0; i < kTableCapacity; ++i) {
+        const ObjEntry* e = entry_at(i);
+        if (entry_state(i) == kReserved && e->tier == kTierRam && e->chunk < kMaxChunks) busy[e->chunk] = true;
+    }
+    for (uint32_t p = 0; p < kPinCapacity; ++p) {
+        const PinEntry* pin = pin_at(p);
+        if (__atomic_load_n(&pin->state, __ATOMIC_ACQUIRE) == 1 && pin->chunk < kMaxChunks) busy[pin->chunk] = true;
+    }
+    for (uint32_t k = 0; k < kMaxChunks; ++k) {
+        if (chunk_size(k) == 0 || busy[k]) continue;
+        chunk_map(k);
+        Chunk& c = chunks_[k];
+        if (c.map.use_count() > 1) continue;  // a reservation's buffers still point into it
+        if (pool_give(shm_dir_, chunk_path(k), {c.fd, c.map, c.size})) c = Chunk();
+    }
+}
+
 void Store::close() {
     if (closed_.exchange(true) || forked()) return;  // a forked child owns nothing of the parent's handle
+    finish_close();
+}
+
+void Store::finish_close() {
     Guard guard(*this);
     closing_ = true;  // the guard's release gives the slot back now, or the last view does
 }
@@ -318,9 +360,18 @@ void Store::destroy() {
         throw StoreError(ErrorCode::Closed, "run " + quoted(run_id_) + " belongs to process " + std::to_string(pid_) +
                                                 ", not to this forked child");
     if (!released_) __atomic_fetch_or(&header()->flags, kFlagFinished, __ATOMIC_SEQ_CST);
+    const bool closing_now = !closed_.exchange(true);  // other threads' calls fail from here
+    if (closing_now && pool_ && !released_) {
+        try {
+            give_chunks_to_pool();
+        } catch (const std::exception&) {
+            // An optimisation only: the chunks are removed below like any others.
+        }
+    }
     remove_run_files(shm_dir_, run_id_, disk_dir_);
+    if (!closing_now) return;
     try {
-        close();
+        finish_close();
     } catch (const StoreError& e) {
         if (e.code() != ErrorCode::Closed) throw;  // released already
     }

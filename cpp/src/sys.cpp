@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -183,6 +184,16 @@ std::vector<std::string> list_dir(const std::string& path) {
 
 void unlink_quiet(const std::string& path) {
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) throw_system("unlink " + path, errno);
+}
+
+bool rename_noreplace(const std::string& from, const std::string& to) {
+#ifdef RENAME_NOREPLACE
+    if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) return true;
+    if (errno != EINVAL && errno != ENOSYS) return false;  // else the filesystem lacks it
+#endif
+    if (::link(from.c_str(), to.c_str()) != 0) return false;
+    ::unlink(from.c_str());
+    return true;
 }
 
 uint64_t realtime_ns() {

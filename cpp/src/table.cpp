@@ -35,8 +35,7 @@ std::optional<uint32_t> Store::find_sealed(const std::string& key) const {
 
 uint32_t Store::insert(const std::string& key, uint64_t hash, uint32_t tier, uint64_t file_id, uint64_t chunk,
                        uint64_t offset, uint64_t length) {
-    uint32_t used = 0;
-    for (uint32_t i = 0; i < kTableCapacity; ++i) used += entry_state(i) != kEmpty;
+    const uint32_t used = tables().nonempty;
     uint32_t i = uint32_t(hash % kTableCapacity);
     for (uint32_t step = 0; step < kTableCapacity; ++step, i = next_index(i)) {
         uint32_t s = entry_state(i);
@@ -47,7 +46,7 @@ uint32_t Store::insert(const std::string& key, uint64_t hash, uint32_t tier, uin
                                                        std::to_string(used) + " of 4096 entries in use)");
         ObjEntry e;
         std::memset(&e, 0, sizeof e);
-        e.state = kTombstone;
+        e.state = s;  // unchanged until set_entry_state() below
         e.tier = tier;
         e.owner_slot = slot_;
         e.key_len = uint32_t(key.size());
@@ -97,7 +96,7 @@ uint64_t Store::reclaim_slot(uint32_t slot) {
     for (uint32_t p = 0; p < kPinCapacity; ++p) {
         PinEntry* pin = pin_at(p);
         if (__atomic_load_n(&pin->state, __ATOMIC_ACQUIRE) == 1 && pin->slot == slot) {
-            __atomic_store_n(&pin->state, 0u, __ATOMIC_RELEASE);
+            set_pin_state(p, 0);
             ++count;
         }
     }
@@ -119,6 +118,7 @@ uint64_t Store::reclaim_dead() {
 // A holder died inside an update: keep what is valid and consistent, drop the rest.
 void Store::repair() {
     Update update(*this);
+    cache_.valid = false;  // rescanned after the repair
     std::map<std::string, std::vector<std::pair<uint64_t, uint32_t>>> sealed;  // key -> (version, entry)
     uint64_t highest = 0;
     for (uint32_t i = 0; i < kTableCapacity; ++i) {
@@ -150,7 +150,7 @@ void Store::repair() {
         if (pin.state == 0) continue;
         uint64_t size = chunk_size(pin.chunk);
         if (pin.state != 1 || pin.slot >= kSlotCapacity || pin.offset > size || pin.length > size - pin.offset)
-            __atomic_store_n(&pin_at(p)->state, 0u, __ATOMIC_RELEASE);
+            set_pin_state(p, 0);
     }
     for (uint32_t i = 0; i < kSlotCapacity; ++i)
         if (slot_at(i)->state > 1) __atomic_store_n(&slot_at(i)->state, 0u, __ATOMIC_RELEASE);

@@ -8,6 +8,11 @@ __version__: str
 FORMAT_VERSION: int
 SMALL_OBJECT_BYTES: int  # extents below this come back as copies, not mappings
 
+# This process's pool of chunks given back by finished runs (docs/FORMAT.md, "Chunk pool").
+def pool_info() -> dict[str, Any]: ...  # prefix, bytes, limit, files: [{path, size, inode}]
+def release_pool() -> int: ...  # unlinks every pooled chunk; the bytes given back
+def set_pool_limit(nbytes: int | None) -> None: ...  # None: the largest RAM budget of a pooling store
+
 class Reservation:
     """A reserved, not yet visible object: fill `buffers`, then `seal()` (or `abort()`)."""
 
@@ -33,6 +38,7 @@ class Store:
         disk_root: str | None = None,
         shm_dir: str = "/dev/shm",
         mem_probe: str = "/proc/meminfo",
+        pool: bool = False,  # lease chunks from this process's pool; give them back at destroy()
     ) -> Store: ...
     @staticmethod
     def attach(run_id: str, *, shm_dir: str = "/dev/shm") -> Store: ...

@@ -6,6 +6,7 @@ cannot be built, and the reference the core is tested against.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import fcntl
@@ -285,6 +286,49 @@ class _Control:
         mv = memoryview(mm)
         self.states = mv[OBJ_OFF : OBJ_OFF + TABLE_CAP * ENTRY].cast("I")[0 :: ENTRY // 4]
         self.pin_states = mv[PIN_OFF : PIN_OFF + PIN_CAP * 32].cast("I")[0 :: 8]
+        self.chunk_states = mv[CHUNK_OFF : CHUNK_OFF + MAX_CHUNKS * 32].cast("I")[0 :: 8]
+        # What this handle knows of the tables, valid while the header's epoch equals
+        # cache_epoch (None: rescan): every update, by any process, bumps the epoch, and our
+        # own updates keep the cache in step. Spares each reservation a scan of both tables.
+        self.cache_epoch: int | None = None
+        self.nonempty = 0  # object entries whose state is not EMPTY
+        self.used: dict[int, dict[tuple[int, int], int]] = {}  # chunk -> {(offset, length): count}
+
+    def _cache_fresh(self) -> bool:
+        if self.cache_epoch is not None and self.cache_epoch != self.hget("epoch"):
+            self.cache_epoch = None
+        return self.cache_epoch is not None
+
+    def _note_extent(self, chunk: int, off: int, length: int, add: bool) -> None:
+        extents = self.used.setdefault(chunk, {})
+        n = extents.get((off, length), 0) + (1 if add else -1)
+        if n > 0:
+            extents[(off, length)] = n
+        elif n == 0:
+            del extents[(off, length)]
+        else:
+            self.cache_epoch = None  # cannot happen while the cache is right: rescan
+
+    def set_entry_state(self, index: int, state: int) -> None:
+        """Write an entry's state (its other fields first: "state last")."""
+        off = OBJ_OFF + index * ENTRY
+        if self._cache_fresh():
+            before = self.states[index]
+            if (before == EMPTY) != (state == EMPTY):
+                self.nonempty += 1 if before == EMPTY else -1
+            if (before in (RESERVED, SEALED)) != (state in (RESERVED, SEALED)):
+                e = _ENTRY_HEAD.unpack_from(self.mm, off)
+                if e[1] == RAM:
+                    self._note_extent(e[7], e[8], e[9], state in (RESERVED, SEALED))
+        struct.pack_into("<I", self.mm, off, state)
+
+    def set_pin_state(self, index: int, state: int) -> None:
+        off = PIN_OFF + index * 32
+        if self._cache_fresh():
+            before, _, chunk, poff, length = _PIN.unpack_from(self.mm, off)
+            if (before == 1) != (state == 1) and chunk < MAX_CHUNKS:
+                self._note_extent(chunk, poff, length, state == 1)
+        struct.pack_into("<I", self.mm, off, state)
 
     # header fields
     def hget(self, name: str) -> int:
@@ -360,7 +404,7 @@ class _Control:
             index = rec[1]
             state, slot, chunk, off, length = _PIN.unpack_from(self.mm, PIN_OFF + index * 32)
             if state == 1 and slot == self.slot and (chunk, off, length) == extent:
-                struct.pack_into("<I", self.mm, PIN_OFF + index * 32, 0)
+                self.set_pin_state(index, 0)
         if began:
             self.end()
 
@@ -372,7 +416,7 @@ class _Control:
         off = OBJ_OFF + index * ENTRY
         state, _, owner, _, _, _, fid = _ENTRY_HEAD.unpack_from(self.mm, off)[:7]
         if state == RESERVED and owner == self.slot and fid == file_id:
-            struct.pack_into("<I", self.mm, off, TOMBSTONE)
+            self.set_entry_state(index, TOMBSTONE)
             if path:
                 try:
                     os.unlink(path)
@@ -383,7 +427,10 @@ class _Control:
         self.hset("dirty", 1)
 
     def end(self) -> None:
-        self.hset("epoch", self.hget("epoch") + 1)
+        epoch = self.hget("epoch")
+        # A cache that followed this update stays valid for the epoch it ends with.
+        self.cache_epoch = epoch + 1 if self.cache_epoch == epoch else None
+        self.hset("epoch", epoch + 1)
         self.hset("dirty", 0)
 
     def release(self) -> None:
@@ -409,7 +456,7 @@ class _Control:
                             if self.pin_states[index] == 1:
                                 _, slot, *_ = _PIN.unpack_from(self.mm, PIN_OFF + index * 32)
                                 if slot == self.slot:
-                                    struct.pack_into("<I", self.mm, PIN_OFF + index * 32, 0)
+                                    self.set_pin_state(index, 0)
                         struct.pack_into("<I", self.mm, SLOT_OFF + self.slot * 32, 0)
                         self.end()
                     if self.slot >= 0:
@@ -421,6 +468,7 @@ class _Control:
         finally:
             self.states.release()
             self.pin_states.release()
+            self.chunk_states.release()
             try:
                 self.mm.close()
             except BufferError:
@@ -500,10 +548,11 @@ class Store:
     """A run's object store: RAM chunks in shared memory, overflow files on disk."""
 
     def __init__(self, run_id: str, shm_dir: str, fd: int, mm: mmap.mmap, owner: bool,
-                 mem_probe: str):
+                 mem_probe: str, pool: bool = False):
         self._run_id = run_id
         self._shm_dir = shm_dir
         self._owner = owner
+        self._pool = pool
         self._pid = os.getpid()
         self._probe = mem_probe
         self._c = _Control(fd, mm, run_id)
@@ -522,7 +571,9 @@ class Store:
 
     @classmethod
     def create(cls, run_id: str, *, ram_budget: int, disk_root: str | None = None,
-               shm_dir: str = "/dev/shm", mem_probe: str = "/proc/meminfo") -> Store:
+               shm_dir: str = "/dev/shm", mem_probe: str = "/proc/meminfo", pool: bool = False) -> Store:
+        """Create a run. `pool`: lease new chunks from this process's pool (see pool_info) and
+        give them back at destroy() when no one else can see them."""
         check_run_id(run_id)
         if not isinstance(ram_budget, int) or ram_budget < 0:
             raise ValueError(f"ram_budget must be a non-negative int, not {ram_budget!r}")
@@ -566,7 +617,11 @@ class Store:
             if disk_dir is not None and os.path.isdir(disk_dir):
                 os.rmdir(disk_dir)
             raise
-        store = cls(run_id, shm_dir, fd, mm, True, mem_probe)
+        store = cls(run_id, shm_dir, fd, mm, True, mem_probe, bool(pool))
+        if pool:
+            _pool.note_budget(ram_budget)
+        # The tables are all zeros: known without reading them (and faulting their pages in).
+        store._c.used, store._c.nonempty, store._c.cache_epoch = {}, 0, 0
         try:
             store._open()
         except BaseException:
@@ -683,7 +738,7 @@ class Store:
         return _ENTRY.unpack_from(self._c.mm, OBJ_OFF + index * ENTRY)
 
     def _set_state(self, index: int, state: int) -> None:
-        struct.pack_into("<I", self._c.mm, OBJ_OFF + index * ENTRY, state)
+        self._c.set_entry_state(index, state)
 
     def _chunk_size(self, k: int) -> int:
         state, _, size = _CHUNK.unpack_from(self._c.mm, CHUNK_OFF + k * 32)
@@ -753,12 +808,13 @@ class Store:
         else:
             raise StoreFullError(f"run {self._run_id!r}: object table full")
         if states[i] == EMPTY:
-            used = len(self._nonempty(OBJ_OFF, TABLE_CAP, ENTRY))
+            self._tables()
+            used = self._c.nonempty
             if used + 1 > TABLE_CAP * 3 // 4:
                 raise StoreFullError(
                     f"run {self._run_id!r}: object table full ({used} of {TABLE_CAP} entries in use)")
         tier, owner, file_id, chunk, off, length = fields
-        _ENTRY.pack_into(self._c.mm, OBJ_OFF + i * ENTRY, TOMBSTONE, tier, owner, len(raw), h,
+        _ENTRY.pack_into(self._c.mm, OBJ_OFF + i * ENTRY, states[i], tier, owner, len(raw), h,
                          0, file_id, chunk, off, length, raw)
         self._set_state(i, RESERVED)
         return i
@@ -795,7 +851,7 @@ class Store:
                 count += 1
         for p in range(PIN_CAP):
             if self._c.pin_states[p] == 1 and _PIN.unpack_from(self._c.mm, PIN_OFF + p * 32)[1] == slot:
-                struct.pack_into("<I", self._c.mm, PIN_OFF + p * 32, 0)
+                self._c.set_pin_state(p, 0)
                 count += 1
         struct.pack_into("<I", self._c.mm, SLOT_OFF + slot * 32, 0)
         return count
@@ -816,6 +872,7 @@ class Store:
         """A handle died inside an update: rebuild a consistent table from what is valid."""
         c = self._c
         c.hset("dirty", 1)
+        c.cache_epoch = None  # rescanned after the repair
         sealed: dict[bytes, list[tuple[int, int]]] = {}
         for i in range(TABLE_CAP):
             s = c.states[i]
@@ -840,7 +897,7 @@ class Store:
             state, slot, chunk, off, length = _PIN.unpack_from(c.mm, PIN_OFF + p * 32)
             size = self._chunk_size(chunk) if chunk < MAX_CHUNKS else 0
             if state != 1 or slot >= SLOT_CAP or off + length > size:
-                struct.pack_into("<I", c.mm, PIN_OFF + p * 32, 0)
+                c.set_pin_state(p, 0)
         c.end()
 
     # ---- allocation -------------------------------------------------------------------------------
@@ -852,25 +909,35 @@ class Store:
         firsts = self._c.mm[offset : offset + count * stride : stride]
         return [m.start() for m in _NONZERO.finditer(firsts)]
 
-    def _used_extents(self) -> dict[int, list[tuple[int, int]]]:
-        used: dict[int, list[tuple[int, int]]] = {}
-        states = self._c.states
-        for i in self._nonempty(OBJ_OFF, TABLE_CAP, ENTRY):
+    def _tables(self) -> dict[int, dict[tuple[int, int], int]]:
+        """The used RAM extents per chunk (entries and pins), from the cache or a rescan."""
+        c = self._c
+        if c._cache_fresh():
+            return c.used
+        c.cache_epoch = None
+        used: dict[int, dict[tuple[int, int], int]] = {}
+        states = c.states
+        nonempty = self._nonempty(OBJ_OFF, TABLE_CAP, ENTRY)
+        for i in nonempty:
             if states[i] in (RESERVED, SEALED):
-                e = _ENTRY_HEAD.unpack_from(self._c.mm, OBJ_OFF + i * ENTRY)
+                e = _ENTRY_HEAD.unpack_from(c.mm, OBJ_OFF + i * ENTRY)
                 if e[1] == RAM:
-                    used.setdefault(e[7], []).append((e[8], e[9]))
+                    extents = used.setdefault(e[7], {})
+                    extents[(e[8], e[9])] = extents.get((e[8], e[9]), 0) + 1
         for p in self._nonempty(PIN_OFF, PIN_CAP, 32):
-            _, _, chunk, off, length = _PIN.unpack_from(self._c.mm, PIN_OFF + p * 32)
-            used.setdefault(chunk, []).append((off, length))
+            state, _, chunk, off, length = _PIN.unpack_from(c.mm, PIN_OFF + p * 32)
+            if state == 1 and chunk < MAX_CHUNKS:
+                extents = used.setdefault(chunk, {})
+                extents[(off, length)] = extents.get((off, length), 0) + 1
+        c.used, c.nonempty, c.cache_epoch = used, len(nonempty), c.hget("epoch")
         return used
 
     def _first_fit(self, length: int) -> tuple[int, int] | None:
-        used = self._used_extents()
-        for k in range(MAX_CHUNKS):
-            size = self._chunk_size(k)
-            if size == 0:
+        used = self._tables()
+        for k, state in enumerate(self._c.chunk_states.tolist()):
+            if state != 1:
                 continue
+            size = self._chunk_size(k)
             pos = 0
             for off, n in sorted(used.get(k, ())):
                 if off - pos >= length:
@@ -887,17 +954,35 @@ class Store:
         if k is None:
             return None
         have = sum(sizes)
-        size = min(self._c.hget("ram_budget") - have, max(length, MIN_CHUNK, have)) // PAGE * PAGE
-        if size < length or not memory_allows(self._probe, size):
+        room = max(0, self._c.hget("ram_budget") - have)
+        size = min(room, max(length, MIN_CHUNK, have)) // PAGE * PAGE
+        if size < length:
             return None
         path = self.chunk_path(k)
+        if self._pool:
+            # Already allocated and mapped here: no memory to ask for, no page to fault in.
+            leased = _pool.lease(self._shm_dir, length, room, size, path)
+            if leased is not None:
+                self._chunk_fds[k], self._chunk_maps[k], size = leased
+                _CHUNK.pack_into(self._c.mm, CHUNK_OFF + k * 32, 0, 0, size)
+                struct.pack_into("<I", self._c.mm, CHUNK_OFF + k * 32, 1)
+                return k
+        if not memory_allows(self._probe, size):
+            # Memory is short: what the pool keeps is the first thing to give back.
+            if release_pool() == 0 or not memory_allows(self._probe, size):
+                return None
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             os.unlink(path)  # a leftover of a creator that died before recording it
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                if release_pool() == 0:
+                    raise
+                os.posix_fallocate(fd, 0, size)
         except OSError:
             os.close(fd)
             os.unlink(path)
@@ -1071,7 +1156,7 @@ class Store:
                         raise StoreFullError(f"run {self._run_id!r}: pin table full ({PIN_CAP} live views)")
                     c.begin()
                     _PIN.pack_into(c.mm, PIN_OFF + p * 32, 0, c.slot, chunk, off, length)
-                    struct.pack_into("<I", c.mm, PIN_OFF + p * 32, 1)
+                    c.set_pin_state(p, 1)
                     c.end()
                     rec = c.pins[extent] = [0, p]
                 rec[0] += 1
@@ -1201,6 +1286,9 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._finish_close()
+
+    def _finish_close(self) -> None:
         _live_stores.discard(self)
         for fd in self._chunk_fds.values():
             os.close(fd)
@@ -1227,8 +1315,44 @@ class Store:
         if not self._c.released:
             with self._c.mutex:
                 self._c.hset("flags", self._c.hget("flags") | FLAG_FINISHED)
+        closing_now, self._closed = not self._closed, True  # other threads' calls fail from here
+        if closing_now and self._pool and not self._c.released:
+            try:
+                self._give_chunks_to_pool()
+            except Exception:
+                pass  # an optimisation only: the chunks are removed below like any others
         remove_run_files(self._shm_dir, self._run_id, self._disk_dir)
-        self.close()
+        if closing_now:
+            self._finish_close()
+
+    def _give_chunks_to_pool(self) -> None:
+        """Pool the chunks nobody can see any more: no other handle is alive (any of them may map
+        any chunk at any time), and no pin or reservation of ours is on the chunk."""
+        c = self._c
+        with _Locked(self):
+            c._drain()  # pins of views collected meanwhile go first
+            self._reclaim_dead()
+            if any(struct.unpack_from("<I", c.mm, SLOT_OFF + i * 32)[0] == 1
+                   for i in range(SLOT_CAP) if i != c.slot):
+                return
+            if not memory_allows(self._probe, 0):
+                release_pool()  # memory is short: give back what the pool keeps too
+                return
+            busy = set()
+            for i in self._nonempty(OBJ_OFF, TABLE_CAP, ENTRY):
+                e = _ENTRY_HEAD.unpack_from(c.mm, OBJ_OFF + i * ENTRY)
+                if e[0] == RESERVED and e[1] == RAM:
+                    busy.add(e[7])
+            for p in self._nonempty(PIN_OFF, PIN_CAP, 32):
+                state, _, chunk, _, _ = _PIN.unpack_from(c.mm, PIN_OFF + p * 32)
+                if state == 1:
+                    busy.add(chunk)
+            for k, state in enumerate(c.chunk_states.tolist()):
+                if state != 1 or k in busy:
+                    continue
+                mm = self._chunk_map(k)
+                if _pool.give(self._shm_dir, self.chunk_path(k), self._chunk_fds[k], mm, self._chunk_size(k)):
+                    del self._chunk_fds[k], self._chunk_maps[k]
 
     def __enter__(self) -> Store:
         return self
@@ -1323,11 +1447,166 @@ def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None) -> None:
         pass
 
 
+# ---- the chunk pool -------------------------------------------------------------------------------
+class _Pool:
+    """RAM chunks that finished runs of this process gave back (docs/FORMAT.md, "Chunk pool").
+
+    Their pages exist and are mapped here already, so a later run that leases one writes into it
+    without a page fault. Files are named for the pool, held with flock(LOCK_SH) while pooled and
+    unlinked at exit. The native core keeps a pool of its own.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.prefix = ""  # made on first use
+        self.counter = 0
+        self.entries: list[tuple[str, str, int, mmap.mmap, int]] = []  # (shm_dir, path, fd, mm, size)
+        self.bytes = 0
+        self.limit: int | None = None  # None: the largest RAM budget of a pooling store
+        self.largest_budget = 0
+        self.closed = False
+
+    def note_budget(self, ram_budget: int) -> None:
+        with self.lock:
+            self.largest_budget = max(self.largest_budget, ram_budget)
+
+    def lease(self, shm_dir: str, low: int, high: int, want: int, path: str):
+        """A pooled file of `shm_dir` of between `low` and `high` bytes (`want`, else the nearest),
+        renamed to `path` without replacing anything there: (fd, mapping, size), or None."""
+        def rank(size: int) -> tuple[int, int]:  # exact, else the smallest above, else the largest below
+            return (0, 0) if size == want else (1, size) if size > want else (2, -size)
+
+        with self.lock:
+            fits = [e for e in self.entries if e[0] == shm_dir and low <= e[4] <= high]
+            if not fits:
+                return None
+            entry = min(fits, key=lambda e: rank(e[4]))
+            self.entries.remove(entry)
+            self.bytes -= entry[4]
+            _, pool_path, fd, mm, size = entry
+            try:
+                try:
+                    _rename_noreplace(pool_path, path)
+                except FileExistsError:
+                    os.unlink(path)  # left by a creator that died before recording it (as in _grow)
+                    _rename_noreplace(pool_path, path)
+            except OSError:
+                _unlink_quiet(pool_path)
+                _drop_mapping(fd, mm)
+                return None
+            return fd, mm, size
+
+    def give(self, shm_dir: str, path: str, fd: int, mm: mmap.mmap, size: int) -> bool:
+        """Take the chunk file at `path` into the pool; False when it does not fit or cannot move."""
+        with self.lock:
+            limit = self.largest_budget if self.limit is None else self.limit
+            if self.closed or self.bytes + size > limit:
+                return False
+            # Locked before it takes the pool's name: a sweeper never sees a pool file nobody holds.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if not self.prefix:
+                self.prefix = f"dcf-pool-{os.urandom(8).hex()}"
+            to = os.path.join(shm_dir, f"{self.prefix}.{self.counter}")
+            self.counter += 1
+            try:
+                _rename_noreplace(path, to)
+            except OSError:
+                return False
+            self.entries.append((shm_dir, to, fd, mm, size))
+            self.bytes += size
+            return True
+
+    def release(self, close: bool = False) -> int:
+        with self.lock:
+            self.closed = self.closed or close
+            released, entries = self.bytes, self.entries
+            self.entries, self.bytes = [], 0
+            for _, path, fd, mm, _ in entries:
+                _unlink_quiet(path)
+                _drop_mapping(fd, mm)
+            return released
+
+    def info(self) -> dict[str, Any]:
+        with self.lock:
+            files = [{"path": path, "size": size, "inode": os.fstat(fd).st_ino}
+                     for _, path, fd, _, size in self.entries]
+            return {"prefix": self.prefix, "bytes": self.bytes,
+                    "limit": self.largest_budget if self.limit is None else self.limit, "files": files}
+
+    def forget_in_child(self) -> None:
+        """After fork: the parent's files are the parent's (closing our copies of their
+        descriptors leaves its flock alone)."""
+        self.lock = threading.Lock()
+        for _, _, fd, mm, _ in self.entries:
+            _drop_mapping(fd, mm)
+        self.entries, self.bytes, self.prefix = [], 0, ""
+
+
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+except (AttributeError, OSError):
+    _renameat2 = None
+
+
+def _rename_noreplace(src: str, dst: str) -> None:
+    """Rename without replacing dst (FileExistsError). renameat2 moves the name the kernel shows
+    for existing mappings too (/proc/self/maps); link + unlink where it is missing."""
+    if _renameat2 is not None:
+        if _renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), src, None, dst)
+    os.link(src, dst)
+    os.unlink(src)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _drop_mapping(fd: int, mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass  # still exported somewhere: it goes when that does
+    os.close(fd)
+
+
+_pool = _Pool()
+
+
+def pool_info() -> dict[str, Any]:
+    """This process's pool of chunks given back by finished runs: prefix, bytes, limit, files."""
+    return _pool.info()
+
+
+def release_pool() -> int:
+    """Unlink every pooled chunk; returns the bytes given back."""
+    return _pool.release()
+
+
+def set_pool_limit(nbytes: int | None) -> None:
+    """The most bytes the pool keeps; None: the largest RAM budget of a pooling store."""
+    if nbytes is not None and (not isinstance(nbytes, int) or nbytes < 0):
+        raise ValueError(f"limit must be a non-negative int, not {nbytes!r}")
+    with _pool.lock:
+        _pool.limit = nbytes
+
+
+# The pool's files go with the process; runs destroyed after this give nothing back.
+atexit.register(_pool.release, True)
+
+
 _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
 def _forget_in_child() -> None:
     """A forked child inherits descriptors that share the parent's locks: let go of them."""
+    _pool.forget_in_child()
     for store in list(_live_stores):
         store._closed = True
         c = store._c
@@ -1337,6 +1616,7 @@ def _forget_in_child() -> None:
         store._chunk_fds.clear()
         c.states.release()
         c.pin_states.release()
+        c.chunk_states.release()
         try:
             c.mm.close()
         except BufferError:
@@ -1345,4 +1625,7 @@ def _forget_in_child() -> None:
     _live_stores.clear()
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+# The pool's lock is held across fork() so that the child's copy of the pool is consistent; the
+# child then gets a new lock (looked up at each fork: the child replaces it).
+os.register_at_fork(before=lambda: _pool.lock.acquire(), after_in_parent=lambda: _pool.lock.release(),
+                    after_in_child=_forget_in_child)

@@ -2,6 +2,8 @@
 
 A run is swept only when its control segment carries the store's magic, belongs to this user,
 and an exclusive flock on it succeeds: every live owner or attacher holds a shared one.
+A chunk pool file (dcf-pool-{random}.{n}) is swept when it belongs to this user and an exclusive
+flock on it succeeds: the process that pools it holds a shared one until it exits.
 Process ids are never used: they are reused, and containers have their own.
 """
 
@@ -10,12 +12,14 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import stat
 import struct
 
 from ._pystore import MAGIC, TOTAL, remove_run_files
 
 _CONTROL = re.compile(r"^dcf-([A-Za-z0-9_-]{1,64})$")
 _CHUNK = re.compile(r"^dcf-([A-Za-z0-9_-]{1,64})\.c\d+$")
+_POOL = re.compile(r"^dcf-pool-[0-9a-f]{16}\.\d+$")
 
 
 def sweep(shm_dir: str = "/dev/shm") -> list[str]:
@@ -42,7 +46,33 @@ def sweep(shm_dir: str = "/dev/shm") -> list[str]:
                     os.unlink(path)
             except OSError:
                 pass
+    for name in names:
+        if _POOL.match(name):
+            _sweep_pool_file(os.path.join(shm_dir, name))
     return swept
+
+
+def _sweep_pool_file(path: str) -> None:
+    """Unlink a chunk pool file whose process is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # its process is alive and keeps it
+        # Still the file we locked? A live process may have leased it away and pooled another.
+        if os.stat(path, follow_symlinks=False).st_ino == st.st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _sweep_one(shm_dir: str, run_id: str) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Literal
 from . import _backend, codecs, sysinfo
 from ._sweep import sweep
 from .errors import (
+    InvalidRunIdError,
     ReferenceUnavailableError,
     RunFinishedError,
     SerializationError,
@@ -38,6 +39,9 @@ _PROCESS_TOKEN = secrets.token_hex(16)
 
 _TAG_VALUE = b"V"
 _TAG_REF = b"R"
+
+#: Run ids with this prefix live in a Ray cluster (discomfort.distributed.RayContext).
+RAY_RUN_PREFIX = "ray-"
 
 
 def _store_module(backend: str | None) -> ModuleType:
@@ -65,6 +69,8 @@ class WorkflowContext:
             self._owner = False
             self.run_id = _store.run_id
             return
+        if run_id is not None and str(run_id).startswith(RAY_RUN_PREFIX):
+            raise InvalidRunIdError(f"run id {run_id!r}: the prefix {RAY_RUN_PREFIX!r} is reserved for Ray runs")
         self.run_id = run_id if run_id is not None else secrets.token_hex(16)
         sweep(shm_dir)
         module = _store_module(backend)
@@ -73,6 +79,7 @@ class WorkflowContext:
             ram_budget=sysinfo.ram_budget(ram_budget, shm_dir),
             disk_root=sysinfo.disk_root(disk_dir),
             shm_dir=shm_dir,
+            pool=True,  # chunks of finished runs serve the next run of this process, prefaulted
         )
         self._owner = True
         self._pid = os.getpid()
@@ -244,6 +251,10 @@ def get_context(run_id: str) -> WorkflowContext:
     """
     if not isinstance(run_id, str) or not run_id:
         raise UnknownRunError(f"no run id given (got {run_id!r})")
+    if run_id.startswith(RAY_RUN_PREFIX):  # a Ray run: found through the cluster, not /dev/shm
+        from .distributed import get_ray_context
+
+        return get_ray_context(run_id)
     with _handler_lock:
         _drop_finished_locked()
         ctx = _active_handlers.get(run_id)

@@ -1,4 +1,5 @@
-// The bulk copy of put(): memcpy, split over two threads for large buffers.
+// The bulk copy of put(): memcpy, or non-temporal stores shared with a helper thread for large
+// buffers (see copy.cpp). Safe to call from several threads at once.
 #pragma once
 
 #include <cstddef>

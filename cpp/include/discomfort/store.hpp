@@ -139,9 +139,11 @@ public:
         uint64_t size;
     };
 
+    // `pool`: lease new chunks from the process's pool (discomfort/pool.hpp) and give them back
+    // at destroy() when no one else can see them.
     static std::shared_ptr<Store> create(const std::string& run_id, uint64_t ram_budget,
                                          const std::optional<std::string>& disk_root, const std::string& shm_dir,
-                                         const std::string& mem_probe);
+                                         const std::string& mem_probe, bool pool = false);
     static std::shared_ptr<Store> attach(const std::string& run_id, const std::string& shm_dir);
 
     ~Store();
@@ -193,7 +195,7 @@ private:
     };
 
     Store(std::string run_id, std::string shm_dir, std::string mem_probe, std::optional<std::string> disk_dir,
-          bool owner, Fd fd, Mapping control);
+          bool owner, bool pool, Fd fd, Mapping control);
 
     // lifecycle (store.cpp)
     void claim_slot();
@@ -201,6 +203,8 @@ private:
     void check_usable() const;
     bool forked() const;
     void release_locked() noexcept;
+    void give_chunks_to_pool();
+    void finish_close();
 
     // the control segment (control.cpp)
     Header* header() const { return reinterpret_cast<Header*>(base_); }
@@ -209,7 +213,7 @@ private:
     ChunkEntry* chunk_at(uint32_t k) const;
     SlotEntry* slot_at(uint32_t i) const;
     uint32_t entry_state(uint32_t i) const;
-    void set_entry_state(uint32_t i, uint32_t state);
+    void set_entry_state(uint32_t i, uint32_t state) noexcept;
     ObjEntry read_entry(uint32_t i) const;
     uint64_t chunk_size(uint64_t k) const;
     std::string entry_problem(const ObjEntry& e) const;
@@ -228,9 +232,24 @@ private:
     uint64_t reclaim_dead();
     void repair();
 
+    // What this handle knows of the tables, valid while the header's epoch equals `epoch`:
+    // every update, by any process, bumps it, and our own updates keep the cache in step. It
+    // spares each reservation a scan of the 4096-entry object and pin tables.
+    struct TableCache {
+        bool valid = false;
+        uint64_t epoch = 0;
+        uint32_t nonempty = 0;            // object entries whose state is not EMPTY
+        std::map<Extent, uint32_t> used;  // RAM extents of RESERVED/SEALED entries and pins, counted
+    };
+    bool cache_fresh() const { return cache_.valid && cache_.epoch == header()->epoch; }
+    const TableCache& tables();  // rescans when stale; CorruptedStoreError as a scan would
+    void note_extent(const Extent& extent, bool add) noexcept;
+    void set_pin_state(uint32_t p, uint32_t state) noexcept;
+
     // RAM allocation and chunks (alloc.cpp)
-    std::optional<std::pair<uint32_t, uint64_t>> first_fit(uint64_t length) const;
+    std::optional<std::pair<uint32_t, uint64_t>> first_fit(uint64_t length);
     std::optional<uint32_t> grow(uint64_t length);
+    void install_chunk(uint32_t k, std::shared_ptr<Fd> fd, std::shared_ptr<Mapping> map, uint64_t size);
     Chunk& open_chunk(uint32_t k);
     std::shared_ptr<Mapping> chunk_map(uint32_t k);
     Mapping create_disk_object(uint64_t file_id, uint64_t length);
@@ -253,6 +272,7 @@ private:
     const std::string mem_probe_;
     const std::optional<std::string> disk_dir_;
     const bool owner_;
+    const bool pool_;
     const pid_t pid_;
 
     Fd ctl_fd_;        // holds flock(LOCK_SH), the slot lock, and the metadata lock while taken
@@ -260,6 +280,7 @@ private:
     uint8_t* base_;
     uint32_t slot_ = kNoSlot;
     std::vector<Chunk> chunks_;  // under mu_
+    mutable TableCache cache_;   // under mu_
 
     // The in-process half of the metadata lock (OFD locks do not exclude threads).
     std::mutex mu_;

@@ -85,6 +85,10 @@ std::vector<std::string> list_dir(const std::string& path);
 // unlink that ignores ENOENT.
 void unlink_quiet(const std::string& path);
 
+// Rename without replacing an existing `to` (renameat2 RENAME_NOREPLACE, else link + unlink);
+// false with errno set on failure (EEXIST when `to` exists).
+bool rename_noreplace(const std::string& from, const std::string& to);
+
 uint64_t realtime_ns();
 
 // Test-only: park the process at a named point when DISCOMFORT_TEST_KILLPOINT says so.
