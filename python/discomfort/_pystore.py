@@ -717,6 +717,8 @@ class Store:
         return os.path.join(self._shm_dir, f"dcf-{self._run_id}.c{index}")
 
     def _disk_path(self, file_id: int) -> str:
+        if self._disk_dir is None:
+            raise CorruptedStoreError(f"run {self._run_id!r}: a disk object in a run without a disk tier")
         return os.path.join(self._disk_dir, f"{file_id:016x}.obj")
 
     # ---- locking ------------------------------------------------------------------------------
@@ -1251,7 +1253,7 @@ class Store:
         c = self._c
         with self._locked():
             self._reclaim_dead()
-            out = {"run_id": self._run_id, "objects_ram": 0, "objects_disk": 0, "bytes_ram": 0,
+            out: dict[str, Any] = {"run_id": self._run_id, "objects_ram": 0, "objects_disk": 0, "bytes_ram": 0,
                    "bytes_disk": 0, "reserved": 0}
             for i, s in enumerate(c.states.tolist()):
                 if s == RESERVED:
@@ -1542,6 +1544,7 @@ class _Pool:
         self.entries, self.bytes, self.prefix = [], 0, ""
 
 
+_renameat2: Any
 try:
     _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
 except (AttributeError, OSError):

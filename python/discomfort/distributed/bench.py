@@ -98,7 +98,7 @@ def run(sizes: tuple[str, ...] = DEFAULT_SIZES, rounds: int = 7, address: str | 
         here = ray.get_runtime_context().get_node_id()
         nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
         other = next((n for n in nodes if n != here), None)
-        remote = ray.remote(num_cpus=0)(_Loader)
+        remote: Any = ray.remote(num_cpus=0)(_Loader)
         local_loader = remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
         far_loader = (remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(other, soft=False)).remote()
                       if other else None)
