@@ -207,3 +207,42 @@ def test_sweep_leaves_other_users_runs_alone(tmp_path):
         assert os.path.exists(f"/dev/shm/dcf-{run_id}")
     finally:
         os.unlink(f"/dev/shm/dcf-{run_id}")
+
+
+def test_injected_enospc_on_the_disk_tier(store_mod, run_id, tmp_path, monkeypatch):
+    store = store_mod.Store.create(run_id, ram_budget=0, disk_root=str(tmp_path))
+    try:
+        store.put("kept", b"k", [b"x" * 1000])
+        monkeypatch.setenv("DISCOMFORT_TEST_FAIL_NEXT_WRITE", f"ENOSPC#{run_id}")
+        with pytest.raises(errors.DiskFullError) as info:
+            store.put("kept", b"new", [b"y" * 5000])
+        assert info.value.errno == 28 and run_id in str(info.value)
+        assert store.get("kept")[0] == b"k" and store.stats()["reserved"] == 0
+        assert len(os.listdir(store.disk_dir)) == 1
+        store.put("after", b"a", [b"z"])  # one-shot: the next write goes through
+        assert store.keys() == ["after", "kept"]
+    finally:
+        store.destroy()
+
+
+def test_injected_enomem_is_a_clear_error(store_mod, run_id, tmp_path, monkeypatch):
+    store = store_mod.Store.create(run_id, ram_budget=0, disk_root=str(tmp_path))
+    try:
+        monkeypatch.setenv("DISCOMFORT_TEST_FAIL_NEXT_WRITE", f"ENOMEM#{run_id}")
+        with pytest.raises(OSError) as info:
+            store.put("v", b"", [b"y" * 5000])
+        assert info.value.errno == 12
+        assert store.keys() == [] and store.stats()["reserved"] == 0 and os.listdir(store.disk_dir) == []
+    finally:
+        store.destroy()
+
+
+def test_injected_failure_of_a_ram_chunk_falls_back_to_disk(store_mod, run_id, tmp_path, monkeypatch):
+    store = store_mod.Store.create(run_id, ram_budget=64 * MiB, disk_root=str(tmp_path), pool=False)
+    try:
+        monkeypatch.setenv("DISCOMFORT_TEST_FAIL_NEXT_WRITE", f"ENOSPC#{run_id}")
+        store.put("v", b"", [b"q" * MiB])
+        assert store.info("v")["tier"] == "disk" and store.stats()["chunks"] == 0
+        assert bytes(store.get("v")[1][0]) == b"q" * MiB
+    finally:
+        store.destroy()

@@ -1,5 +1,9 @@
 #include "discomfort/sys.hpp"
 
+#include <string>
+
+#include <mutex>
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
@@ -71,7 +75,26 @@ int open_retry(const std::string& path, int flags, mode_t mode) {
     return fd;
 }
 
+namespace {
+// Test-only fault injection: DISCOMFORT_TEST_FAIL_NEXT_WRITE=ENOSPC|ENOMEM[#tag] makes the next
+// space reservation of this process fail with that errno, once per distinct value.
+int injected_failure() {
+    const char* value = std::getenv("DISCOMFORT_TEST_FAIL_NEXT_WRITE");
+    if (value == nullptr || *value == '\0') return 0;
+    static std::mutex mu;
+    static std::string consumed;
+    std::lock_guard<std::mutex> lock(mu);
+    if (consumed == value) return 0;
+    consumed = value;
+    std::string name(value, std::strcspn(value, "#"));
+    if (name == "ENOSPC") return ENOSPC;
+    if (name == "ENOMEM") return ENOMEM;
+    return 0;
+}
+}  // namespace
+
 int fallocate_file(int fd, uint64_t length) {
+    if (int rc = injected_failure()) return rc;
     int rc;
     do {
         rc = ::posix_fallocate(fd, 0, static_cast<off_t>(length));

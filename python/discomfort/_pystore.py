@@ -182,6 +182,23 @@ def parse_extent(view: Any, length: int, where: str) -> tuple[bytes, list[tuple[
     return bytes(view[meta_off : meta_off + meta_len]), bufs
 
 
+_injected_consumed = ""
+
+
+def _fallocate(fd: int, offset: int, length: int) -> None:
+    """posix_fallocate, with the test-only fault injection both backends share:
+    DISCOMFORT_TEST_FAIL_NEXT_WRITE=ENOSPC|ENOMEM[#tag] fails the next reservation of space in
+    this process with that errno, once per distinct value."""
+    global _injected_consumed
+    value = os.environ.get("DISCOMFORT_TEST_FAIL_NEXT_WRITE", "")
+    if value and value != _injected_consumed:
+        _injected_consumed = value
+        code = {"ENOSPC": errno.ENOSPC, "ENOMEM": errno.ENOMEM}.get(value.split("#", 1)[0])
+        if code:
+            raise OSError(code, os.strerror(code))
+    os.posix_fallocate(fd, offset, length)
+
+
 def _aligned_copy(src: Any) -> memoryview:
     """A private copy of a small extent whose start is 64-byte aligned, like the store's."""
     n = len(src)
@@ -590,7 +607,7 @@ class Store:
         fcntl.flock(fd, fcntl.LOCK_SH)  # before anything else, so a sweeper never takes a run being born
         try:
             try:
-                os.posix_fallocate(fd, 0, TOTAL)
+                _fallocate(fd, 0, TOTAL)
             except OSError as exc:
                 raise StoreFullError(f"cannot create run {run_id!r} in {shm_dir}: {exc.strerror}") from None
             if disk_dir is not None:
@@ -980,11 +997,11 @@ class Store:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
-                os.posix_fallocate(fd, 0, size)
+                _fallocate(fd, 0, size)
             except OSError:
                 if release_pool() == 0:
                     raise
-                os.posix_fallocate(fd, 0, size)
+                _fallocate(fd, 0, size)
         except OSError:
             os.close(fd)
             os.unlink(path)
@@ -1072,7 +1089,7 @@ class Store:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
-                os.posix_fallocate(fd, 0, length)
+                _fallocate(fd, 0, length)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise DiskFullError(
