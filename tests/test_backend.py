@@ -75,3 +75,36 @@ def test_fallback_only_when_the_core_itself_is_missing(tmp_path):
     out = run_python(f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import discomfort",
                      DISCOMFORT_REQUIRE_NATIVE="1")
     assert out.returncode != 0 and "discomfort._core" in out.stderr
+
+
+def test_source_build_without_a_compiler_installs_pure_python(tmp_path):
+    """No C++ compiler: the wheel has no core and imports with the Python backend; unless
+    DISCOMFORT_REQUIRE_NATIVE=1, which makes the build fail."""
+    import zipfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(repo, "CMakeLists.txt")):
+        pytest.skip("needs the source tree")
+    pytest.importorskip("scikit_build_core")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOMFORT_")}
+    env["CXX"] = "/nonexistent/c++"
+
+    def build(out: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+             "-C", f"build-dir={tmp_path / (out + '-build')}", "-w", str(tmp_path / out), repo],
+            capture_output=True, text=True, env={**env, **extra}, timeout=600)
+
+    out = build("plain")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "plain").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not any(n.startswith("discomfort/_core") and n.endswith(".so") for n in names)
+    assert "discomfort/node_pack/__init__.py" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = run_python(f"import sys; sys.path.insert(0, {str(site)!r}); import discomfort; "
+                       "print(discomfort.backend, discomfort.__file__)")
+    assert probe.stdout.split()[0] == "python" and str(site) in probe.stdout, probe.stderr
+    refused = build("required", DISCOMFORT_REQUIRE_NATIVE="1")
+    assert refused.returncode != 0 and "no C++ compiler" in refused.stdout + refused.stderr
