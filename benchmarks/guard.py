@@ -12,28 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 MiB = 1 << 20
-
-
-def _median_ms(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter_ns()
-        fn()
-        times.append(time.perf_counter_ns() - t0)
-    return statistics.median(times) / 1e6
 
 
 def measure(backend: str) -> dict[str, float]:
     import torch
 
     from discomfort import bench
+    from discomfort.bench import _median_ms
     from discomfort.context import WorkflowContext
 
     out: dict[str, float] = {}
