@@ -249,6 +249,22 @@ _COMFY_NAMES = frozenset({
 })
 
 
+def encode_or_ref(obj: Any, pass_by: str, what: str) -> tuple[bytes, list[memoryview]] | None:
+    """Encode ``obj`` for a save with ``pass_by`` "auto" | "val" | "ref"; None means: keep it by
+    reference. ``what`` names the value in errors (key and run)."""
+    if pass_by not in ("auto", "val", "ref"):
+        raise ValueError(f"pass_by must be 'auto', 'val' or 'ref', not {pass_by!r}")
+    mode = choose_pass_by(obj) if pass_by == "auto" else pass_by
+    if mode == "ref":
+        return None
+    try:
+        return encode(obj)
+    except SerializationError as exc:
+        if mode != "try":
+            raise SerializationError(f"cannot save {what} by value: {exc}") from exc
+        return None  # "try": not picklable, so it stays in this process by reference
+
+
 def choose_pass_by(obj: Any) -> PassBy:
     """Decide by type alone how `obj` should be stored: "val", "ref" or "try".
 

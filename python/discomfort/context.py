@@ -21,7 +21,6 @@ from .errors import (
     InvalidRunIdError,
     ReferenceUnavailableError,
     RunFinishedError,
-    SerializationError,
     StoreClosedError,
     UnknownRunError,
 )
@@ -149,23 +148,12 @@ class WorkflowContext:
     def save(self, unique_id: str, data: Any, pass_by: PassBy = "auto") -> int:
         """Store `data` under `unique_id`; returns its version (store-wide, never repeated)."""
         store = self._check()
-        if pass_by not in ("auto", "val", "ref"):
-            raise ValueError(f"pass_by must be 'auto', 'val' or 'ref', not {pass_by!r}")
-        mode = codecs.choose_pass_by(data) if pass_by == "auto" else pass_by
-        if mode != "ref":
-            try:
-                meta, buffers = codecs.encode(data)
-            except SerializationError as exc:
-                if mode != "try":
-                    raise SerializationError(
-                        f"cannot save {unique_id!r} in run {self.run_id!r} by value: {exc}"
-                    ) from exc
-                mode = "ref"
-            else:
-                version = store.put(unique_id, _TAG_VALUE + meta, buffers)
-                with _refs_lock:
-                    _refs.pop((self.run_id, unique_id), None)
-                return version
+        encoded = codecs.encode_or_ref(data, pass_by, f"{unique_id!r} in run {self.run_id!r}")
+        if encoded is not None:
+            version = store.put(unique_id, _TAG_VALUE + encoded[0], encoded[1])
+            with _refs_lock:
+                _refs.pop((self.run_id, unique_id), None)
+            return version
         marker = json.dumps({"process": _PROCESS_TOKEN, "pid": os.getpid(),
                              "type": f"{type(data).__module__}.{type(data).__qualname__}"})
         with _refs_lock:

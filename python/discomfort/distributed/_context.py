@@ -24,7 +24,6 @@ from ..errors import (
     InvalidRunIdError,
     ReferenceUnavailableError,
     RunFinishedError,
-    SerializationError,
     StoreFullError,
     UnknownKeyError,
     UnknownRunError,
@@ -230,20 +229,9 @@ class RayContext:
         if self._closed:
             raise RunFinishedError(f"run {self.run_id!r} has finished: its context was shut down")
         check_key(unique_id)
-        if pass_by not in ("auto", "val", "ref"):
-            raise ValueError(f"pass_by must be 'auto', 'val' or 'ref', not {pass_by!r}")
-        mode = codecs.choose_pass_by(data) if pass_by == "auto" else pass_by
-        if mode != "ref":
-            try:
-                meta, buffers = codecs.encode(data)
-            except SerializationError as exc:
-                if mode != "try":
-                    raise SerializationError(
-                        f"cannot save {unique_id!r} in run {self.run_id!r} by value: {exc}"
-                    ) from exc
-                mode = "ref"
-            else:
-                return self._put_value(unique_id, meta, buffers)
+        encoded = codecs.encode_or_ref(data, pass_by, f"{unique_id!r} in run {self.run_id!r}")
+        if encoded is not None:
+            return self._put_value(unique_id, *encoded)
         marker = {"kind": "ref", "tier": "ref", "process": _PROCESS_TOKEN, "pid": os.getpid(),
                   "node": _ray.node_id(), "type": f"{type(data).__module__}.{type(data).__qualname__}",
                   "size": 0, "nbytes": 0, "nbuf": 0, "meta_len": 0}
