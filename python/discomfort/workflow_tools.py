@@ -101,17 +101,46 @@ def prepare_prompt(prompt: Mapping, run_id: str, ports: Mapping[str, Port] | Non
     return out
 
 
-def _as_list(workflows: Any) -> list:
-    if isinstance(workflows, (str, os.PathLike)) or isinstance(workflows, Mapping):
-        return [workflows]
-    return list(workflows)
+def read_workflows(workflows: Any) -> list:
+    """One workflow or several (dicts, or paths of JSON files) as a non-empty list of dicts."""
+    if isinstance(workflows, (str, os.PathLike, Mapping)):
+        workflows = [workflows]
+    items = []
+    for workflow in workflows:
+        if isinstance(workflow, (str, os.PathLike)):
+            with open(workflow, encoding="utf-8") as f:
+                workflow = json.load(f)
+        items.append(workflow)
+    if not items:
+        raise ValueError("no workflows given")
+    return items
 
 
-def _read(workflow: Any) -> Any:
-    if isinstance(workflow, (str, os.PathLike)):
-        with open(workflow, encoding="utf-8") as f:
-            return json.load(f)
-    return workflow
+def plan_workflows(items: list, object_info: Mapping | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """API prompts of ``items``, their port nodes and their ports by unique_id.
+
+    Refuses a workflow in which several ports write one key: each key needs one writer.
+    """
+    prompts = [load_workflow(w, object_info) for w in items]
+    port_nodes = [discover_port_nodes(p, object_info) for p in prompts]
+    port_keys = [discover_ports(p, object_info) for p in prompts]
+    for k, keys in enumerate(port_keys):
+        for uid, port in keys.items():
+            if len(port.output_node_ids) > 1:
+                raise WorkflowError(
+                    f"workflow {k}: unique_id {uid!r} is written by several ports "
+                    f"(nodes {', '.join(port.output_node_ids)}); each key needs one writer"
+                )
+    return prompts, port_nodes, port_keys
+
+
+def missing_inputs_error(k: int, missing: list[str], run_id: str) -> UnknownKeyError:
+    """The error for workflow ``k`` reading keys nothing has stored yet."""
+    return UnknownKeyError(
+        f"workflow {k} reads {', '.join(repr(m) for m in missing)} but no value is stored "
+        f"under {'that key' if len(missing) == 1 else 'those keys'} in run {run_id!r}: "
+        "pass it in inputs= or write it with an OUTPUT port of an earlier workflow"
+    )
 
 
 def choose_transport(executor: Any, transport: str | None = None) -> tuple[str, str]:
@@ -216,24 +245,12 @@ def run_sequential(
 
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
-    items = [_read(w) for w in _as_list(workflows)]
-    if not items:
-        raise ValueError("no workflows given")
+    items = read_workflows(workflows)
     executor = resolve_executor(executor)
     if object_info is None and any(is_ui_format(w) for w in items) \
             and callable(getattr(executor, "object_info", None)):
         object_info = executor.object_info()
-    prompts = [load_workflow(w, object_info) for w in items]
-
-    port_nodes = [discover_port_nodes(p, object_info) for p in prompts]
-    port_keys = [discover_ports(p, object_info) for p in prompts]
-    for k, keys in enumerate(port_keys):
-        for uid, port in keys.items():
-            if len(port.output_node_ids) > 1:
-                raise WorkflowError(
-                    f"workflow {k}: unique_id {uid!r} is written by several ports "
-                    f"(nodes {', '.join(port.output_node_ids)}); each key needs one writer"
-                )
+    prompts, port_nodes, port_keys = plan_workflows(items, object_info)
 
     path, why = choose_transport(executor, transport)
     if path == "http":
@@ -266,11 +283,7 @@ def run_sequential(
                     if port.reads and port.consumers and uid not in ctx
                 )
                 if missing:
-                    raise UnknownKeyError(
-                        f"workflow {k} reads {', '.join(repr(m) for m in missing)} but no value is stored "
-                        f"under {'that key' if len(missing) == 1 else 'those keys'} in run {ctx.run_id!r}: "
-                        "pass it in inputs= or write it with an OUTPUT port of an earlier workflow"
-                    )
+                    raise missing_inputs_error(k, missing, ctx.run_id)
                 outs = [uid for uid, port in keys.items() if port.writes]
                 before = {uid: _version(ctx, uid) for uid in outs}
                 executor.execute(prompt, timeout=timeout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -10,9 +9,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..errors import UnknownKeyError, WorkflowError
-from ..workflow_format import discover_port_nodes, discover_ports, is_ui_format, load_workflow
-from ..workflow_tools import prepare_prompt
+from ..errors import WorkflowError
+from ..workflow_format import is_ui_format
+from ..workflow_tools import missing_inputs_error, plan_workflows, prepare_prompt, read_workflows
 from . import _ray
 from ._context import RayContext
 from ._pool import RayComfyPool, ServerDiedError
@@ -35,19 +34,6 @@ class WorkflowEvent:
     node_id: str  # the Ray node of that server
     seconds: float  # running it, the retry and the server's replacement included
     attempts: int  # 1, or 2 when its server died and it ran again on a replacement
-
-
-def _as_list(workflows: Any) -> list:
-    if isinstance(workflows, (str, os.PathLike, Mapping)):
-        return [workflows]
-    return list(workflows)
-
-
-def _read(workflow: Any) -> Any:
-    if isinstance(workflow, (str, os.PathLike)):
-        with open(workflow, encoding="utf-8") as f:
-            return json.load(f)
-    return workflow
 
 
 def _assigner(assign: Any, n: int) -> Callable[[int, int, int], int]:
@@ -119,9 +105,7 @@ def run_sequential_ray(
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
     if not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    items = [_read(w) for w in _as_list(workflows)]
-    if not items:
-        raise ValueError("no workflows given")
+    items = read_workflows(workflows)
     _ray.ensure_connected(address)
 
     own_pool = None
@@ -146,16 +130,7 @@ def _run(pool: RayComfyPool, items: list, inputs: Mapping | None, iterations: in
          free_after: bool, run_id: str | None) -> dict[str, Any]:
     if object_info is None and any(is_ui_format(w) for w in items):
         object_info = pool.object_info(0)
-    prompts = [load_workflow(w, object_info) for w in items]
-    port_nodes = [discover_port_nodes(p, object_info) for p in prompts]
-    port_keys = [discover_ports(p, object_info) for p in prompts]
-    for k, keys in enumerate(port_keys):
-        for uid, port in keys.items():
-            if len(port.output_node_ids) > 1:
-                raise WorkflowError(
-                    f"workflow {k}: unique_id {uid!r} is written by several ports "
-                    f"(nodes {', '.join(port.output_node_ids)}); each key needs one writer"
-                )
+    prompts, port_nodes, port_keys = plan_workflows(items, object_info)
 
     total = iterations * len(prompts)
     written: list[str] = []
@@ -177,11 +152,7 @@ def _run(pool: RayComfyPool, items: list, inputs: Mapping | None, iterations: in
                     have = ctx.versions(reads + outs)
                     missing = sorted(uid for uid in reads if have[uid] is None)
                     if missing:
-                        raise UnknownKeyError(
-                            f"workflow {k} reads {', '.join(repr(m) for m in missing)} but no value is stored "
-                            f"under {'that key' if len(missing) == 1 else 'those keys'} in run {ctx.run_id!r}: "
-                            "pass it in inputs= or write it with an OUTPUT port of an earlier workflow"
-                        )
+                        raise missing_inputs_error(k, missing, ctx.run_id)
                     server = choose(iteration, k, step)
                     t0 = time.monotonic()
                     attempts = _run_one(pool, ctx, server, k, iteration, prompt, keys, outs, have, timeout,
