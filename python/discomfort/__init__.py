@@ -12,6 +12,7 @@ backend, _store_module = _select()
 Store = _store_module.Store
 
 from .context import WorkflowContext, get_context  # noqa: E402  (needs the backend chosen above)
+from .run_control import CancelToken, ProgressEvent  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "backend", "Store", "WorkflowContext", "get_context", "run_sequential", "errors", "__version__",
+    "backend", "Store", "WorkflowContext", "get_context", "run_sequential", "CancelToken", "ProgressEvent",
+    "errors", "__version__",
     *errors.__all__,
 ]

@@ -300,7 +300,12 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=["auto", "shm", "http"], default=None,
                    help="how values reach a server (default: auto, or $DISCOMFORT_TRANSPORT)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds allowed per workflow")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--release-unused", action="store_true",
+                   help="delete each value as soon as no later workflow reads it (less memory in long loops)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                     help="show the progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     p.set_defaults(func=run_command)
     return p
 
@@ -323,16 +328,19 @@ def _executor(args: argparse.Namespace) -> Any:
 def run_command(args: argparse.Namespace) -> int:
     from .errors import DiscomfortError
 
+    from .errors import RunInterrupted
+
     try:
         return _run(args)
+    except RunInterrupted as exc:
+        print(f"discomfort run: {exc}", file=sys.stderr)
+        return 130
     except (DiscomfortError, OSError, ValueError, ImportError) as exc:
         print(f"discomfort run: error: {exc}", file=sys.stderr)
         return 1
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .workflow_tools import run_sequential
 
     if args.iterations < 1:
@@ -347,17 +355,9 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--input {key}=... given twice")
         inputs[key] = load_input(path)
     executor = _executor(args)
-    n_workflows = len(args.workflows)
-    total = args.iterations * n_workflows
-    with tqdm(total=total, desc="discomfort run", unit="workflow", file=sys.stderr,
-              disable=args.no_progress) as bar:
-        def progress(iteration: int, index: int, _total: int) -> None:
-            bar.set_postfix_str(f"iteration {iteration + 1}/{args.iterations}, "
-                                f"workflow {index + 1}/{n_workflows} ({Path(args.workflows[index]).name})")
-            bar.update(1)
-
-        results = run_sequential(args.workflows, inputs, iterations=args.iterations, executor=executor,
-                                 timeout=args.timeout, transport=args.transport, progress=progress)
+    results = run_sequential(args.workflows, inputs, iterations=args.iterations, executor=executor,
+                             timeout=args.timeout, transport=args.transport, progress=args.progress,
+                             release_unused=args.release_unused)
     written = write_outputs(results, args.output_dir)
     count = 0
     for key, paths in written.items():

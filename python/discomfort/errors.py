@@ -19,6 +19,7 @@ __all__ = [
     "CorruptedStoreError",
     "StoreAccessError",
     "StoreClosedError",
+    "UnsupportedPlatformError",
     "ReferenceUnavailableError",
     "SerializationError",
     "WorkflowError",
@@ -26,6 +27,8 @@ __all__ = [
     "PromptValidationError",
     "ComfyConnectionError",
     "UnsupportedWorkflowError",
+    "RunCancelled",
+    "RunInterrupted",
 ]
 
 
@@ -85,6 +88,11 @@ class StoreClosedError(DiscomfortError, ValueError):
     """An operation on a store handle that was closed or destroyed."""
 
 
+class UnsupportedPlatformError(DiscomfortError, OSError):
+    """No local store on this operating system (Windows): use WSL2, or the HTTP transport to a
+    ComfyUI server on Linux."""
+
+
 class ReferenceUnavailableError(DiscomfortError):
     """A value saved by reference was loaded from a process that does not own it."""
 
@@ -129,3 +137,32 @@ class ComfyConnectionError(WorkflowError):
 
 class UnsupportedWorkflowError(WorkflowError, ValueError):
     """A workflow uses a feature this package cannot convert or run."""
+
+
+class _WhereCut(BaseException):
+    """Where a run was stopped: shared by :class:`RunCancelled` and :class:`RunInterrupted`."""
+
+    def __init__(self, message: object, *, run_id: str | None = None, iteration: int | None = None,
+                 iterations: int | None = None, workflow: int | None = None, workflow_name: str | None = None,
+                 inside: bool = False) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.iteration = iteration  # 0-based
+        self.iterations = iterations
+        self.workflow = workflow  # 0-based index in the workflows given
+        self.workflow_name = workflow_name
+        self.inside = inside  # True: cut while that workflow ran; False: before it started
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RunCancelled(_WhereCut, WorkflowError):
+    """A run was stopped by ``CancelToken.cancel()``; its attributes say where it was cut."""
+
+
+class RunInterrupted(_WhereCut, KeyboardInterrupt):
+    """A run was stopped by Ctrl-C (a KeyboardInterrupt); its attributes say where it was cut.
+
+    A KeyboardInterrupt, not an Exception, so ``except Exception`` does not swallow a Ctrl-C.
+    """

@@ -13,10 +13,12 @@ import copy
 import json
 import logging
 import os
+import time
 import warnings
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from .errors import UnknownKeyError, WorkflowError
+from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, UnknownKeyError, WorkflowError
+from .run_control import CancelToken, ProgressEvent, accepts_keyword, plan_releases, progress_bar
 from .workflow_format import (
     INPUT,
     LOADER_CLASS,
@@ -38,6 +40,8 @@ __all__ = [
     "load_workflow",
     "resolve_executor",
     "choose_transport",
+    "CancelToken",
+    "ProgressEvent",
 ]
 
 log = logging.getLogger("discomfort")
@@ -194,6 +198,14 @@ def choose_transport(executor: Any, transport: str | None = None) -> tuple[str, 
     return "http", f"the server cannot share memory with this process: {'; '.join(why)}"
 
 
+def workflow_names(workflows: Any) -> list[str]:
+    """Names to report workflows by: a file's name, else ``workflow <index>``."""
+    if isinstance(workflows, (str, os.PathLike, Mapping)):
+        workflows = [workflows]
+    return [os.path.basename(os.fspath(w)) if isinstance(w, (str, os.PathLike)) else f"workflow {k}"
+            for k, w in enumerate(workflows)]
+
+
 def _version(ctx: Any, uid: str) -> int | None:
     """The stored version of ``uid`` or None, in one call (one request over HTTP)."""
     try:
@@ -213,14 +225,19 @@ def run_sequential(
     ram_budget: int | str | None = None,
     disk_dir: str | os.PathLike | None = None,
     transport: str | None = None,
-    progress: Callable[[int, int, int], Any] | None = None,
+    outputs: Iterable[str] | None = None,
+    release_unused: bool = False,
+    cancel: CancelToken | None = None,
+    progress: bool | None = None,
+    on_progress: Callable[[ProgressEvent], Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``workflows`` one after the other, ``iterations`` times; returns ``{unique_id: value}``.
 
     ``workflows``: one or several workflows (API or UI format; dicts or JSON files).
     ``inputs``: values for INPUT ports, by unique_id. Every OUTPUT (or PASSTHRU) port saves its
     value under its unique_id; an INPUT port reads the latest value of its unique_id, so the
-    outputs of workflow k feed workflow k+1, and those of iteration N feed iteration N+1.
+    outputs of workflow k feed workflow k+1, and those of iteration N feed iteration N+1. A value
+    saved again under its key replaces the old one, whose space the store reuses.
     ``executor``: an :class:`~discomfort.comfy.InProcessComfy`, a
     :class:`~discomfort.comfy.ComfyServer`, a server URL, or None (ComfyUI in this process, from
     ``$DISCOMFORT_COMFYUI``).
@@ -235,22 +252,50 @@ def run_sequential(
     with one :class:`~discomfort.remote.TransportWarning` (``warnings.warn``, so one line on
     stderr unless filtered), since it copies every value over a socket.
 
-    ``progress``: called as ``progress(iteration, workflow_index, total)`` after each workflow
-    has run (0-based iteration and index; ``total`` = iterations x workflows).
+    ``outputs``: the keys to return (default: every key a port wrote, except references to
+    objects living in another process, such as a MODEL saved by a ComfyUI server's nodes).
+    ``release_unused``: after each workflow, delete the stored values that no later workflow
+    reads before it writes them again and that are not returned, so a long loop holds only the
+    values still needed (the default keeps every key's latest value until the run ends).
 
-    The result holds the last value of every key a port wrote; it stays valid after the run's
-    store is gone. The store lives only inside this call.
+    ``cancel``: a :class:`~discomfort.run_control.CancelToken`; ``cancel.cancel()`` from any
+    thread stops the run before its next workflow or inside the running one (a ComfyUI server is
+    told to interrupt it and its queue item is removed) and raises
+    :class:`~discomfort.errors.RunCancelled`. Ctrl-C does the same and raises
+    :class:`~discomfort.errors.RunInterrupted` (a KeyboardInterrupt). Either way the run's store
+    is gone when the exception reaches the caller, and it says which iteration and workflow were cut.
+
+    ``progress``: a progress bar on stderr: None (default) shows it only when stderr is a
+    terminal, True always, False never. ``on_progress``: called with a
+    :class:`~discomfort.run_control.ProgressEvent` when a workflow starts and ends, and for the
+    node and step messages ComfyUI sends while it runs.
+
+    The result stays valid after the run's store is gone. The store lives only inside this call.
     """
     from .context import WorkflowContext
 
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    names = workflow_names(workflows)
     items = read_workflows(workflows)
     executor = resolve_executor(executor)
     if object_info is None and any(is_ui_format(w) for w in items) \
             and callable(getattr(executor, "object_info", None)):
         object_info = executor.object_info()
     prompts, port_nodes, port_keys = plan_workflows(items, object_info)
+    reads = [[uid for uid, port in keys.items() if port.reads and port.consumers] for keys in port_keys]
+    writes = [[uid for uid, port in keys.items() if port.writes] for keys in port_keys]
+    wanted = None if outputs is None else list(dict.fromkeys([outputs] if isinstance(outputs, str) else outputs))
+    if wanted is not None:
+        known = {uid for w in writes for uid in w} | set(inputs or {})
+        unknown = [uid for uid in wanted if uid not in known]
+        if unknown:
+            raise ValueError(f"outputs= names {', '.join(map(repr, unknown))}, which no port writes and "
+                             "inputs= does not give")
+    releases = None
+    if release_unused:
+        keep = wanted if wanted is not None else {uid for w in writes for uid in w}
+        releases = plan_releases(reads, writes, iterations, keep, initial=inputs or {})
 
     path, why = choose_transport(executor, transport)
     if path == "http":
@@ -260,42 +305,152 @@ def run_sequential(
     else:
         run = WorkflowContext(ram_budget=ram_budget, disk_dir=disk_dir)
 
-    total = iterations * len(prompts)
+    state = _RunState(names, iterations, on_progress, progress)
+    kwargs: dict[str, Any] = {}
+    if cancel is not None and accepts_keyword(executor.execute, "cancel"):
+        kwargs["cancel"] = cancel
+    if (on_progress is not None or state.bar is not None) and accepts_keyword(executor.execute, "on_event"):
+        kwargs["on_event"] = state.comfy_event
     written: list[str] = []
-    with run as ctx:
-        if path == "http":
-            log.info("discomfort: run %s: values travel over HTTP to %s (%s)", ctx.run_id, executor.url, why)
-            warnings.warn(
-                f"discomfort run {ctx.run_id}: values travel over HTTP to {executor.url} ({why}); "
-                "every value is copied over the socket",
-                TransportWarning, stacklevel=2,
-            )
-        else:
-            log.info("discomfort: run %s: values in shared memory (%s)", ctx.run_id, why)
-        for uid, value in (inputs or {}).items():
-            ctx.save(uid, value)
-        sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(prompts, port_nodes)]
-        for iteration in range(iterations):
-            for k, prompt in enumerate(sent):
-                keys = port_keys[k]
-                missing = sorted(
-                    uid for uid, port in keys.items()
-                    if port.reads and port.consumers and uid not in ctx
+    try:
+        with run as ctx:
+            state.run_id = ctx.run_id
+            if path == "http":
+                log.info("discomfort: run %s: values travel over HTTP to %s (%s)", ctx.run_id, executor.url, why)
+                warnings.warn(
+                    f"discomfort run {ctx.run_id}: values travel over HTTP to {executor.url} ({why}); "
+                    "every value is copied over the socket",
+                    TransportWarning, stacklevel=2,
                 )
-                if missing:
-                    raise missing_inputs_error(k, missing, ctx.run_id)
-                outs = [uid for uid, port in keys.items() if port.writes]
-                before = {uid: _version(ctx, uid) for uid in outs}
-                executor.execute(prompt, timeout=timeout)
-                for uid in outs:
-                    after = _version(ctx, uid)
-                    if after is None or after == before[uid]:
-                        raise WorkflowError(
-                            f"workflow {k}: the port(s) {', '.join(keys[uid].output_node_ids)} writing "
-                            f"{uid!r} did not save a value in this run"
-                        )
-                    if uid not in written:
-                        written.append(uid)
-                if progress is not None:
-                    progress(iteration, k, total)
-        return {uid: ctx.load(uid) for uid in written}
+            else:
+                log.info("discomfort: run %s: values in shared memory (%s)", ctx.run_id, why)
+            try:
+                for uid, value in (inputs or {}).items():
+                    ctx.save(uid, value)
+                _release(ctx, releases, 0)
+                sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(prompts, port_nodes)]
+                for iteration in range(iterations):
+                    for k, prompt in enumerate(sent):
+                        state.at(iteration, k)
+                        if cancel is not None and cancel.cancelled:
+                            raise RunCancelled("cancelled between workflows")
+                        keys = port_keys[k]
+                        missing = sorted(uid for uid in reads[k] if uid not in ctx)
+                        if missing:
+                            raise missing_inputs_error(k, missing, ctx.run_id)
+                        before = {uid: _version(ctx, uid) for uid in writes[k]}
+                        state.emit("workflow_start")
+                        state.inside = True
+                        executor.execute(prompt, timeout=timeout, **kwargs)
+                        state.inside = False
+                        for uid in writes[k]:
+                            after = _version(ctx, uid)
+                            if after is None or after == before[uid]:
+                                raise WorkflowError(
+                                    f"workflow {k}: the port(s) {', '.join(keys[uid].output_node_ids)} writing "
+                                    f"{uid!r} did not save a value in this run"
+                                )
+                            if uid not in written:
+                                written.append(uid)
+                        _release(ctx, releases, iteration * len(sent) + k + 1)
+                        state.finished()
+                state.at(None, None)
+                return _collect(ctx, written, wanted)
+            except RunCancelled as exc:
+                raise state.cut(RunCancelled, cancel.reason if cancel is not None else None) from exc
+            except KeyboardInterrupt as exc:
+                raise state.cut(RunInterrupted, "Ctrl-C") from exc
+    finally:
+        state.close()
+
+
+def _release(ctx: Any, releases: list[list[str]] | None, index: int) -> None:
+    if releases is not None:
+        for uid in releases[index]:
+            ctx.delete(uid)
+
+
+def _collect(ctx: Any, written: list[str], wanted: list[str] | None) -> dict[str, Any]:
+    """The values to return: ``wanted``, else every written key that can leave its process."""
+    out = {}
+    for uid in written if wanted is None else wanted:
+        try:
+            out[uid] = ctx.load(uid)
+        except ReferenceUnavailableError:
+            if wanted is not None:
+                raise
+            log.info("discomfort: run %s: %r is not returned: it is a reference to an object in the "
+                     "ComfyUI server's process", ctx.run_id, uid)
+    return out
+
+
+class _RunState:
+    """Where a run is, for progress events, the progress bar and the message of a cut run."""
+
+    def __init__(self, names: list[str], iterations: int, on_progress: Callable | None,
+                 progress: bool | None) -> None:
+        self.names = names
+        self.iterations = iterations
+        self.total = iterations * len(names)
+        self.on_progress = on_progress
+        self.bar = progress_bar(progress, self.total, "discomfort run")
+        self.run_id = ""
+        self.iteration: int | None = None
+        self.workflow: int | None = None
+        self.inside = False
+        self.done = 0
+        self.t0 = 0.0
+
+    def at(self, iteration: int | None, workflow: int | None) -> None:
+        self.iteration, self.workflow, self.inside = iteration, workflow, False
+        self.t0 = time.monotonic()
+
+    def emit(self, kind: str, **extra: Any) -> None:
+        assert self.iteration is not None and self.workflow is not None
+        if self.bar is not None:
+            where = (f"iteration {self.iteration + 1}/{self.iterations}, workflow {self.workflow + 1}/"
+                     f"{len(self.names)} ({self.names[self.workflow]})")
+            if kind == "step":
+                where += f", node {extra['node']} {extra['value']}/{extra['max']}"
+            elif kind == "node":
+                where += f", node {extra['node']}"
+            self.bar.set_postfix_str(where, refresh=kind != "workflow_done")
+            if kind == "workflow_done":
+                self.bar.update(1)
+        if self.on_progress is not None:
+            self.on_progress(ProgressEvent(kind, self.run_id, self.iteration, self.iterations, self.workflow,
+                                           len(self.names), self.names[self.workflow], self.done, self.total,
+                                           **extra))
+
+    def comfy_event(self, kind: str, data: dict) -> None:
+        """ComfyUI's messages about the running prompt, as "node" and "step" events."""
+        if kind == "executing" and data.get("node") is not None:
+            self.emit("node", node=str(data["node"]))
+        elif kind == "progress":
+            self.emit("step", node=None if data.get("node") is None else str(data["node"]),
+                      value=data.get("value"), max=data.get("max"))
+
+    def finished(self) -> None:
+        self.done += 1
+        self.emit("workflow_done", seconds=time.monotonic() - self.t0)
+
+    def cut(self, cls: type, reason: str | None) -> BaseException:
+        """The RunCancelled / RunInterrupted saying where the run was cut."""
+        if self.iteration is None or self.workflow is None:
+            where = "before its first workflow" if self.done == 0 else "after its last workflow"
+        else:
+            where = (f"{'inside' if self.inside else 'before'} workflow {self.workflow + 1}/{len(self.names)} "
+                     f"({self.names[self.workflow]}) of iteration {self.iteration + 1}/{self.iterations}")
+            if self.inside:
+                where += " (ComfyUI was told to stop it)"
+        why = f" ({reason})" if reason else ""
+        return cls(
+            f"run {self.run_id} was cancelled{why} {where}, after {self.done} of {self.total} workflows; "
+            "its store was removed",
+            run_id=self.run_id, iteration=self.iteration, iterations=self.iterations, workflow=self.workflow,
+            workflow_name=None if self.workflow is None else self.names[self.workflow], inside=self.inside,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

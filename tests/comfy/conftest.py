@@ -20,6 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_PACK = REPO / "comfy_nodes"
+TEST_PACK = Path(__file__).resolve().parent / "test_pack"  # test-only nodes (gate, steps, model stand-in)
 WORKFLOWS = REPO / "tests" / "fixtures" / "workflows"
 SKIP_REASON = (
     "DISCOMFORT_COMFYUI is not set: run `python scripts/setup_comfyui.py --python .venv/bin/python` "
@@ -52,7 +53,7 @@ def inprocess(comfy_path):
     """ComfyUI's PromptExecutor in this process, with the repository's node pack."""
     from discomfort.comfy import InProcessComfy
 
-    return InProcessComfy(comfy_path, custom_nodes=[NODE_PACK])
+    return InProcessComfy(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK])
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +62,7 @@ def server(comfy_path, tmp_path_factory):
     from discomfort.comfy import launch_server
 
     work = tmp_path_factory.mktemp("comfy-server")
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK], work_dir=work, startup_timeout=180) as srv:
+    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180) as srv:
         yield srv
 
 

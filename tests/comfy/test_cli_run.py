@@ -209,7 +209,7 @@ def test_run_command_inverts_a_png_in_process(inprocess, comfy_path, tmp_path, c
     out = tmp_path / "out"
     rc = cli.main(["run", str(WORKFLOWS / "run_loop_invert.json"), "--iterations", "3",
                    "--input", f"image={tmp_path / 'in.png'}", "--output-dir", str(out),
-                   "--comfyui", str(comfy_path), "--timeout", "120"])
+                   "--comfyui", str(comfy_path), "--timeout", "120", "--progress"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert sorted(p.name for p in out.iterdir()) == ["image_000.png"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
-from ..errors import ComfyConnectionError
+from ..errors import ComfyConnectionError, RunCancelled
 from ._common import raise_for_messages, validation_error
 
 __all__ = ["ComfyServer"]
+
+_CANCELLED = object()  # what _wait returns when the cancel token fired
 
 
 def _require(name: str):
@@ -96,13 +98,20 @@ class ComfyServer:
             base = "ws://" + base[len("http://"):]
         return f"{base}/ws?clientId={client_id}"
 
-    def execute(self, prompt: dict, timeout: float | None = 600.0, *, extra_data: dict | None = None) -> dict:
+    def execute(self, prompt: dict, timeout: float | None = 600.0, *, extra_data: dict | None = None,
+                cancel: Any = None, on_event: Callable[[str, dict], Any] | None = None) -> dict:
         """Run an API-format prompt; returns the history outputs ``{node_id: ui}``.
 
         Raises :class:`~discomfort.errors.PromptValidationError` when the server rejects the
         prompt (HTTP 400 with node errors), :class:`~discomfort.errors.NodeExecutionError` when a
         node fails, ``TimeoutError`` after ``timeout`` seconds, and
         :class:`~discomfort.errors.ComfyConnectionError` when the server cannot be reached.
+
+        ``cancel``: a :class:`~discomfort.run_control.CancelToken`; when it fires (or on Ctrl-C),
+        the prompt is removed from the server's queue or interrupted, this waits until the server
+        let go of it, then raises :class:`~discomfort.errors.RunCancelled` (or re-raises the
+        KeyboardInterrupt). ``on_event(kind, data)`` hears this prompt's websocket messages
+        ("executing", "progress", "execution_cached", ...).
         """
         websocket = _require("websocket")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -114,7 +123,10 @@ class ComfyServer:
             ws = websocket.create_connection(ws_url, timeout=self.request_timeout)
         except (OSError, websocket.WebSocketException) as exc:
             raise ComfyConnectionError(f"cannot open {ws_url}: {exc}{self._context()}") from exc
+        prompt_id = None
         try:
+            if cancel is not None and cancel.cancelled:
+                raise RunCancelled("the run was cancelled before the prompt was sent")
             body = {"prompt": prompt, "client_id": client_id}
             if extra_data:
                 body["extra_data"] = dict(extra_data)
@@ -131,7 +143,14 @@ class ComfyServer:
             prompt_id = answer["prompt_id"]
             if answer.get("node_errors"):
                 raise validation_error(None, answer["node_errors"])
-            error_message = self._wait(ws, websocket, prompt_id, deadline, timeout)
+            try:
+                error_message = self._wait(ws, websocket, prompt_id, deadline, timeout, cancel, on_event)
+            except KeyboardInterrupt:
+                self._withdraw(ws, websocket, prompt_id)
+                raise
+            if error_message is _CANCELLED:
+                self._withdraw(ws, websocket, prompt_id)
+                raise RunCancelled(f"prompt {prompt_id} was cancelled; the server was told to drop it")
         finally:
             try:
                 ws.close()
@@ -148,22 +167,28 @@ class ComfyServer:
             raise ComfyConnectionError(f"prompt {prompt_id} ended with status {status!r}{self._context()}")
         return entry.get("outputs", {})
 
-    def _wait(self, ws, websocket, prompt_id: str, deadline: float | None, timeout) -> dict | None:
-        """Read websocket messages until the server reports the prompt done; the error, if any."""
+    def _wait(self, ws, websocket, prompt_id: str, deadline: float | None, timeout, cancel=None,
+              on_event=None) -> Any:
+        """Read websocket messages until the server reports the prompt done; the error, if any
+        (``_CANCELLED`` when ``cancel`` fired first)."""
         error = None
+        # With a token, wake up often enough to notice it; its callback cannot reach this thread.
+        tick = 60.0 if cancel is None else 0.2
         while True:
+            if cancel is not None and cancel.cancelled:
+                return _CANCELLED
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._interrupt(prompt_id)
                     raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
-                ws.settimeout(min(remaining, 60.0))
+                ws.settimeout(min(remaining, tick))
             else:
-                ws.settimeout(60.0)
+                ws.settimeout(tick)
             try:
                 msg = ws.recv()
             except websocket.WebSocketTimeoutException:
-                continue  # the deadline is checked above; without one, keep waiting
+                continue  # the deadline and the token are checked above
             except (OSError, websocket.WebSocketException) as exc:
                 raise ComfyConnectionError(f"lost the websocket while waiting for prompt {prompt_id}: "
                                            f"{exc}{self._context()}") from exc
@@ -176,6 +201,8 @@ class ComfyServer:
             kind, data = event.get("type"), event.get("data") or {}
             if data.get("prompt_id") != prompt_id:
                 continue
+            if on_event is not None:
+                on_event(kind, data)
             if kind == "execution_error":
                 error = data
             elif kind == "executing" and data.get("node") is None:
@@ -188,6 +215,49 @@ class ComfyServer:
             self._request("POST", "/interrupt", json={"prompt_id": prompt_id})  # if running
         except ComfyConnectionError:
             pass
+
+    def queue(self) -> dict:
+        """``GET /queue``: ``{"queue_running": [...], "queue_pending": [...]}``."""
+        return self.get_json("/queue")
+
+    def in_queue(self, prompt_id: str) -> bool:
+        """Whether ``prompt_id`` is running or waiting on the server."""
+        q = self.queue()
+        return any(item[1] == prompt_id for part in ("queue_running", "queue_pending") for item in q.get(part, []))
+
+    def _withdraw(self, ws, websocket, prompt_id: str, grace: float = 30.0) -> None:
+        """Remove ``prompt_id`` from the queue or interrupt it, and wait (up to ``grace`` seconds)
+        until the server no longer runs it, so the run's store can go away under no node."""
+        self._interrupt(prompt_id)
+        deadline = time.monotonic() + grace
+        listen = True  # a recv cut by Ctrl-C can leave the socket unusable: then ask /queue only
+        try:
+            while time.monotonic() < deadline:
+                if not self.in_queue(prompt_id):
+                    return
+                if not listen:
+                    time.sleep(0.1)
+                    continue
+                # It is running: ComfyUI stops at the next node or progress check, then says so.
+                ws.settimeout(0.5)
+                try:
+                    msg = ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    continue
+                except (OSError, websocket.WebSocketException):
+                    listen = False
+                    continue
+                if isinstance(msg, str):
+                    try:
+                        event = json.loads(msg)
+                    except ValueError:
+                        continue
+                    data = event.get("data") or {}
+                    if data.get("prompt_id") == prompt_id and event.get("type") == "executing" \
+                            and data.get("node") is None:
+                        return
+        except ComfyConnectionError:
+            return  # the server or the socket went away: nothing left to wait for
 
     def close(self) -> None:
         self._session.close()

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import ComfyConnectionError
+from ..errors import ComfyConnectionError, RunCancelled
 from . import _tvshim
 from ._common import make_custom_nodes_dir, raise_for_messages, resolve_node_packs, validation_error
 
@@ -51,6 +51,31 @@ class _ServerStandIn:
 
     def queue_updated(self) -> None:
         pass
+
+
+def _install_progress_hook(server: _ServerStandIn) -> None:
+    """What ComfyUI's main.py does for its server: node progress (``comfy.utils.ProgressBar``,
+    e.g. sampler steps) becomes "progress" messages, and is where an interrupt is noticed."""
+    import comfy.model_management
+    import comfy.utils
+
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:  # older ComfyUI
+        def get_executing_context():  # type: ignore[misc]
+            return None
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        ctx = get_executing_context()
+        if ctx is not None:
+            prompt_id = prompt_id or ctx.prompt_id
+            node_id = node_id or ctx.node_id
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        server.send_sync("progress", {"value": value, "max": total,
+                                      "prompt_id": prompt_id or server.last_prompt_id,
+                                      "node": node_id or server.last_node_id}, server.client_id)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
 
 
 class InProcessComfy:
@@ -150,6 +175,7 @@ class InProcessComfy:
         self.server = _ServerStandIn()
         server.PromptServer.instance = self.server
 
+        _install_progress_hook(self.server)
         failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
         if failed:
             log.warning("ComfyUI extras that did not import: %s", failed)
@@ -209,12 +235,16 @@ class InProcessComfy:
                 continue
         return out
 
-    def execute(self, prompt: dict, timeout: float | None = None, *, extra_data: dict | None = None) -> dict:
+    def execute(self, prompt: dict, timeout: float | None = None, *, extra_data: dict | None = None,
+                cancel: Any = None, on_event: Callable[[str, dict], Any] | None = None) -> dict:
         """Validate and run an API-format prompt; returns the history outputs ``{node_id: ui}``.
 
         Raises :class:`~discomfort.errors.PromptValidationError` when ComfyUI rejects the prompt,
-        :class:`~discomfort.errors.NodeExecutionError` when a node fails, and ``TimeoutError``
-        when ``timeout`` seconds pass (the run is interrupted before its next node).
+        :class:`~discomfort.errors.NodeExecutionError` when a node fails, ``TimeoutError``
+        when ``timeout`` seconds pass, and :class:`~discomfort.errors.RunCancelled` when the
+        :class:`~discomfort.run_control.CancelToken` ``cancel`` fires (in both cases the run
+        stops before its next node or progress report). ``on_event(kind, data)`` hears
+        ComfyUI's messages for this prompt ("executing", "progress", ...).
         """
         execution = self._execution
         with self._lock:
@@ -225,23 +255,31 @@ class InProcessComfy:
                 raise validation_error(valid[1], valid[3])
             outputs_to_execute = valid[2]
             done = threading.Event()
-            timed_out = threading.Event()
+            stopped: list[str] = []  # "timeout" or "cancel", the first that fired
+
+            def _stop(reason: str) -> None:
+                if not done.is_set() and not stopped:
+                    stopped.append(reason)
+                    self._nodes.interrupt_processing(True)
+
+            def _on_event(event, data) -> None:
+                # ComfyUI clears the interrupt flag when a run starts ("execution_start") and
+                # checks it before each node ("executing"): raise it again at those points.
+                if stopped and event in ("execution_start", "executing"):
+                    self._nodes.interrupt_processing(True)
+                if on_event is not None and isinstance(data, dict) and data.get("prompt_id") == prompt_id:
+                    on_event(event, data)
+
             watchdog = None
             if timeout is not None:
                 def _watch() -> None:
                     if not done.wait(max(0.0, timeout)):
-                        timed_out.set()
-                        self._nodes.interrupt_processing(True)
+                        _stop("timeout")
 
-                def _on_event(event, data) -> None:
-                    # ComfyUI clears the interrupt flag when a run starts ("execution_start") and
-                    # checks it before each node ("executing"): raise it again at those points.
-                    if timed_out.is_set() and event in ("execution_start", "executing"):
-                        self._nodes.interrupt_processing(True)
-
-                self.server.on_event = _on_event
                 watchdog = threading.Thread(target=_watch, name="discomfort-comfy-timeout", daemon=True)
                 watchdog.start()
+            unsubscribe = cancel.subscribe(lambda: _stop("cancel")) if cancel is not None else None
+            self.server.on_event = _on_event
             try:
                 # With a client id (as a server has), ComfyUI also reports the UI outputs of
                 # nodes served from its cache; the stand-in server just drops the messages.
@@ -249,20 +287,35 @@ class InProcessComfy:
                 self.executor.execute(copy.deepcopy(prompt), prompt_id, extra, outputs_to_execute)
             finally:
                 done.set()
+                if unsubscribe is not None:
+                    unsubscribe()
                 if watchdog is not None:
                     watchdog.join()
                 self.server.on_event = None
                 self._nodes.interrupt_processing(False)
             messages = list(self.executor.status_messages)
             self.last_messages = messages
-            if timed_out.is_set() and (
-                not self.executor.success or any(m[0] == "execution_interrupted" for m in messages)
-            ):
+            if stopped and (not self.executor.success or any(m[0] == "execution_interrupted" for m in messages)):
+                if stopped[0] == "cancel":
+                    raise RunCancelled(f"prompt {prompt_id} was cancelled")
                 raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
             raise_for_messages(messages, prompt_id)
             if not self.executor.success:
                 raise ComfyConnectionError(f"prompt {prompt_id} failed without an error message: {messages}")
             return copy.deepcopy(self.executor.history_result.get("outputs", {}))
+
+    def set_cache(self, lru: int = 0) -> None:
+        """ComfyUI's output cache: 0 (the default) keeps only the last prompt's node outputs, so a
+        loader re-runs when its workflow comes back after another one; ``lru=N`` keeps the N most
+        recent outputs across prompts (a server's ``--cache-lru N``), so models load once per loop.
+        Clears the cache."""
+        if not isinstance(lru, int) or lru < 0:
+            raise ValueError(f"lru must be an int >= 0, not {lru!r}")
+        execution = self._execution
+        with self._lock:
+            self.executor.cache_type = execution.CacheType.LRU if lru else execution.CacheType.CLASSIC
+            self.executor.cache_args = {"lru": lru, "ram": 0}
+            self.executor.reset()
 
     def free(self) -> None:
         """Drop ComfyUI's caches (what POST /free with free_memory does)."""

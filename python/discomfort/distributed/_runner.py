@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import WorkflowError
 from ..workflow_format import is_ui_format
+from ..run_control import progress_bar
 from ..workflow_tools import missing_inputs_error, plan_workflows, prepare_prompt, read_workflows
 from . import _ray
 from ._context import RayContext
@@ -44,15 +44,6 @@ def _assigner(assign: Any, n: int) -> Callable[[int, int, int], int]:
     if assign == "round_robin":
         return lambda it, k, step: step % n
     raise ValueError(f"assign must be 'workflow', 'round_robin' or a callable(iteration, index), not {assign!r}")
-
-
-def _progress_bar(progress: Any, total: int, run_id: str) -> Any:
-    show = sys.stderr.isatty() if progress is None else progress is True
-    if not show:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"discomfort {run_id[:12]}", unit="workflow", file=sys.stderr)
 
 
 def run_sequential_ray(
@@ -136,7 +127,7 @@ def _run(pool: RayComfyPool, items: list, inputs: Mapping | None, iterations: in
     written: list[str] = []
     used: set[int] = set()
     with RayContext(run_id) as ctx:
-        bar = _progress_bar(progress, total, ctx.run_id)
+        bar = progress_bar(None if progress is None else progress is True, total, f"discomfort {ctx.run_id[:12]}")
         log.info("discomfort: run %s on %d ComfyUI servers in the Ray cluster at %s", ctx.run_id, len(pool),
                  _ray.gcs_address())
         try:

@@ -1,0 +1,150 @@
+"""Controlling a long run: cancelling it, hearing its progress, and knowing which values it still needs.
+
+``CancelToken`` stops a run from another thread; ``ProgressEvent`` is what ``on_progress`` gets;
+``plan_releases`` says, after each workflow of a loop, which stored values no later workflow reads
+(run_sequential's ``release_unused=True`` deletes them so a long loop holds only live values).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = ["CancelToken", "ProgressEvent", "plan_releases", "progress_bar", "accepts_keyword"]
+
+
+class CancelToken:
+    """Cancels a run from another thread: ``run_sequential(..., cancel=token)``, then ``token.cancel()``.
+
+    The run stops before its next workflow, or inside the running one (the ComfyUI server is told
+    to interrupt it and its queue item is removed), shuts its store down, and raises
+    :class:`~discomfort.errors.RunCancelled`. A token cancels once and stays cancelled.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], Any]] = []
+        self.reason: str | None = None
+
+    def cancel(self, reason: str | None = None) -> None:
+        """Ask every run holding this token to stop; safe from any thread, idempotent."""
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until cancelled (True) or ``timeout`` seconds passed (False)."""
+        return self._event.wait(timeout)
+
+    def subscribe(self, fn: Callable[[], Any]) -> Callable[[], None]:
+        """Call ``fn()`` once when cancelled (now, if already); returns the unsubscribe function."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+
+                def unsubscribe() -> None:
+                    with self._lock:
+                        if fn in self._callbacks:
+                            self._callbacks.remove(fn)
+
+                return unsubscribe
+        fn()
+        return lambda: None
+
+    def __repr__(self) -> str:
+        return f"<CancelToken {'cancelled' if self.cancelled else 'active'}>"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What ``on_progress`` gets.
+
+    ``kind``: "workflow_start", "node" (ComfyUI started a node), "step" (a node reported progress,
+    e.g. sampler steps: ``value`` of ``max``) or "workflow_done" (``seconds`` it took).
+    ``iteration`` and ``workflow`` are 0-based; ``done`` counts workflows finished in this run,
+    out of ``total`` = iterations x workflows.
+    """
+
+    kind: str
+    run_id: str
+    iteration: int
+    iterations: int
+    workflow: int
+    workflows: int
+    name: str
+    done: int
+    total: int
+    node: str | None = None
+    value: int | None = None
+    max: int | None = None
+    seconds: float | None = None
+
+
+def progress_bar(show: bool | None, total: int, desc: str) -> Any:
+    """A tqdm bar on stderr, or None: ``show`` None means only when stderr is a terminal."""
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="workflow", file=sys.stderr)
+
+
+def accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes the keyword argument ``name`` (or any keyword)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def plan_releases(reads: Sequence[Iterable[str]], writes: Sequence[Iterable[str]], iterations: int,
+                  keep: Iterable[str], initial: Iterable[str] = ()) -> list[list[str]]:
+    """Which keys can be deleted after each step of the loop (and before the first).
+
+    ``reads[k]`` / ``writes[k]``: the keys workflow ``k`` reads and writes. Steps run workflow
+    0..n-1, ``iterations`` times. After a step, a stored key is dead when the next step touching
+    it writes it without reading it, or when no later step touches it and it is not in ``keep``
+    (the keys the caller gets back). Returns ``n * iterations + 1`` lists: index 0 is for the
+    ``initial`` keys before anything runs, index ``s + 1`` for after step ``s``.
+    """
+    n = len(reads)
+    r = [frozenset(x) for x in reads]
+    w = [frozenset(x) for x in writes]
+    keep = frozenset(keep)
+    steps = n * iterations
+
+    def dead(key: str, after: int) -> bool:
+        # The pattern repeats: a key no step touches in one lap is never touched again.
+        for t in range(after + 1, min(after + 1 + n, steps)):
+            if key in r[t % n]:
+                return False
+            if key in w[t % n]:
+                return True
+        return key not in keep
+
+    stored = set(initial)
+    out = [sorted(k for k in stored if dead(k, -1))]
+    stored -= set(out[0])
+    for s in range(steps):
+        stored |= w[s % n]
+        drop = sorted(k for k in stored if dead(k, s))
+        stored -= set(drop)
+        out.append(drop)
+    return out
+
