@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -197,16 +198,17 @@ def _gate(src: str, dst: str, fifo: str, release: str) -> dict:
     return _through(src, dst, ("DiscomfortTestGate", {"signal": fifo, "release": release}))
 
 
-@pytest.mark.parametrize("where", ["inprocess", "server"])
+@pytest.mark.parametrize("where", ["inprocess", "server", "server-http"])
 def test_cancel_from_another_thread_inside_a_workflow(request, where, tmp_path):
-    executor = request.getfixturevalue(where)
+    executor = request.getfixturevalue(where.split("-")[0])
+    transport = "http" if where.endswith("http") else None
     fifo = Fifo(tmp_path / "started")
     image = _exact_image((1, 8, 8, 3), 1)
     token = CancelToken()
     run_ids: list[str] = []
     wfs = [_through("img", "mid", INVERT), _gate("mid", "out", fifo.path, str(tmp_path / "never"))]
     t, box = _in_thread(run_sequential, wfs, {"img": image}, iterations=3, executor=executor, timeout=300,
-                        cancel=token, on_progress=lambda ev: run_ids.append(ev.run_id))
+                        cancel=token, transport=transport, on_progress=lambda ev: run_ids.append(ev.run_id))
     try:
         assert fifo.wait(), "the gate node never started"
         token.cancel("test")
@@ -219,12 +221,14 @@ def test_cancel_from_another_thread_inside_a_workflow(request, where, tmp_path):
     assert (exc.iteration, exc.workflow, exc.inside) == (0, 1, True)
     assert exc.workflow_name == "workflow 1" and exc.run_id == run_ids[0]
     assert "inside workflow 2/2" in str(exc) and "iteration 1/3" in str(exc) and "(test)" in str(exc)
-    assert _leftovers(exc.run_id) == []
-    if where == "server":
+    assert _leftovers(exc.run_id) == []  # over HTTP the server's store: the same /dev/shm here
+    if where != "inprocess":
         q = executor.queue()
         assert q["queue_running"] == [] and q["queue_pending"] == []
     # The executor is usable again at once.
-    out = run_sequential([wfs[0]], {"img": image}, executor=executor, timeout=120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TransportWarning of the HTTP path
+        out = run_sequential([wfs[0]], {"img": image}, executor=executor, timeout=120, transport=transport)
     assert torch.equal(out["mid"], 1.0 - image)
 
 
@@ -420,3 +424,32 @@ def test_model_reference_stays_in_the_server(server):
         assert set(result) == {"report"}  # the MODEL lives in the server's process: not returned
         name, serial, constructed, same = result["report"].split()
         assert name == "name=server-reuse" and same == "same=True" and serial[7:] == constructed[12:]
+
+
+def test_discomfort_run_command_on_ctrl_c(server, tmp_path):
+    """`discomfort run` cut by Ctrl-C: one line saying where, exit status 130, nothing left."""
+    from PIL import Image
+
+    fifo = Fifo(tmp_path / "started")
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    paths = []
+    for n, wf in enumerate([_through("img", "mid", INVERT), _gate("mid", "out", fifo.path, str(tmp_path / "no"))]):
+        paths.append(tmp_path / f"wf{n}.json")
+        paths[-1].write_text(json.dumps(wf))
+    child = subprocess.Popen([sys.executable, "-m", "discomfort.cli", "run", *map(str, paths), "-n", "3",
+                              "-i", f"img={tmp_path / 'in.png'}", "-o", str(tmp_path / "out"),
+                              "--server", server.url, "--transport", "shm", "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert fifo.wait(), "the gate node never started"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        fifo.close()
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("discomfort run: run ") and "inside workflow 2/2 (wf1.json) of iteration 1/3" in line
+    run_id = line.split()[3]
+    assert _leftovers(run_id) == [] and not (tmp_path / "out").exists()
