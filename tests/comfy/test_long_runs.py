@@ -312,11 +312,9 @@ CTRL_C_CHILD = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_stops_the_run_and_the_server(server, tmp_path):
-    fifo = Fifo(tmp_path / "started")
-    wfs = [_through("img", "mid", INVERT), _gate("mid", "out", fifo.path, str(tmp_path / "never"))]
-    child = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, json.dumps(wfs), server.url],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _ctrl_c_when_started(cmd: list[str], fifo: Fifo) -> tuple[int, str, str]:
+    """Run ``cmd``; once its gate node says it started, send SIGINT; (status, stdout, stderr)."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert fifo.wait(), "the gate node never started"
         child.send_signal(signal.SIGINT)
@@ -325,7 +323,14 @@ def test_ctrl_c_stops_the_run_and_the_server(server, tmp_path):
         fifo.close()
         if child.poll() is None:
             child.kill()
-    assert child.returncode == 0, err
+    return child.returncode, out, err
+
+
+def test_ctrl_c_stops_the_run_and_the_server(server, tmp_path):
+    fifo = Fifo(tmp_path / "started")
+    wfs = [_through("img", "mid", INVERT), _gate("mid", "out", fifo.path, str(tmp_path / "never"))]
+    rc, out, err = _ctrl_c_when_started([sys.executable, "-c", CTRL_C_CHILD, json.dumps(wfs), server.url], fifo)
+    assert rc == 0, err
     info = json.loads(out.strip().splitlines()[-1])
     assert info.get("is_keyboard_interrupt") is True, info
     assert (info["iteration"], info["workflow"], info["inside"]) == (0, 1, True)
@@ -436,19 +441,10 @@ def test_discomfort_run_command_on_ctrl_c(server, tmp_path):
     for n, wf in enumerate([_through("img", "mid", INVERT), _gate("mid", "out", fifo.path, str(tmp_path / "no"))]):
         paths.append(tmp_path / f"wf{n}.json")
         paths[-1].write_text(json.dumps(wf))
-    child = subprocess.Popen([sys.executable, "-m", "discomfort.cli", "run", *map(str, paths), "-n", "3",
-                              "-i", f"img={tmp_path / 'in.png'}", "-o", str(tmp_path / "out"),
-                              "--server", server.url, "--transport", "shm", "--no-progress"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert fifo.wait(), "the gate node never started"
-        child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=120)
-    finally:
-        fifo.close()
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == 130, err
+    rc, _, err = _ctrl_c_when_started([sys.executable, "-m", "discomfort.cli", "run", *map(str, paths), "-n", "3",
+                                       "-i", f"img={tmp_path / 'in.png'}", "-o", str(tmp_path / "out"),
+                                       "--server", server.url, "--transport", "shm", "--no-progress"], fifo)
+    assert rc == 130, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("discomfort run: run ") and "inside workflow 2/2 (wf1.json) of iteration 1/3" in line
     run_id = line.split()[3]
