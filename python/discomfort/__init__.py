@@ -9,6 +9,10 @@ from .errors import *  # noqa: F403
 backend, _store_module = _select()
 """Which store implementation is active: "native" (the C++ core) or "python"."""
 
+# How runs are kept here: "shm" (Linux: /dev/shm), "portable" (macOS and other POSIX systems:
+# file-backed segments in a private temp directory) or "unsupported" (Windows: no local store).
+from ._pystore import MODE as store_mode  # noqa: E402
+
 Store = _store_module.Store
 
 from .context import WorkflowContext, get_context  # noqa: E402  (needs the backend chosen above)

@@ -2,6 +2,8 @@
 
 DISCOMFORT_BACKEND=auto|native|python picks one (auto: native when it loads).
 DISCOMFORT_REQUIRE_NATIVE=1 turns a missing core into an import error instead of a fallback.
+The core is for Linux with /dev/shm only: elsewhere (the store's portable mode on macOS, no local
+store on Windows; see _pystore.MODE) it is never loaded, and auto means python.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ def requested() -> str:
 
 
 def _import_core() -> ModuleType:
+    from ._pystore import MODE, PLATFORM
+
+    if MODE != "shm":
+        # Its locks and placement are Linux's: mixed with the Python store's portable mode, they
+        # would not exclude each other.
+        raise BackendUnavailableError(
+            f"the native core discomfort._core runs on Linux with /dev/shm only; on this system ({PLATFORM}) "
+            f"the store is pure Python ({MODE} mode)"
+        )
     try:
         return importlib.import_module("discomfort._core")
     except ImportError as exc:

@@ -9,18 +9,24 @@ from __future__ import annotations
 import atexit
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import re
 import struct
+import sys
+import tempfile
 import threading
 import time
 import weakref
 from collections import deque
 from functools import lru_cache
 from itertools import compress
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows: no local store there (MODE "unsupported")
+    fcntl = None  # type: ignore[assignment]
 
 from .errors import (
     CorruptedStoreError,
@@ -33,6 +39,7 @@ from .errors import (
     StoreFullError,
     UnknownKeyError,
     UnknownRunError,
+    UnsupportedPlatformError,
 )
 
 __version__ = "0.1.0"
@@ -106,8 +113,73 @@ _EXT_HEAD = struct.Struct("<IIQQQ")
 _BUFDESC = struct.Struct("<QQ")
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux (64-bit off_t)
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_RUN_FILE_SUFFIX = re.compile(r"c\d+|lk\d*")  # after "dcf-{run_id}.": a RAM chunk, a lock file
 _NONZERO = re.compile(rb"[^\x00]")
+
+# Test-only hooks (environment variables):
+#   DISCOMFORT_TEST_KILLPOINT=NAME, DISCOMFORT_TEST_KILLPOINT_FD=FD: park the process at a named
+#     point so a test can SIGKILL it there (_killpoint; read once at import).
+#   DISCOMFORT_TEST_FAIL_NEXT_WRITE=ENOSPC|ENOMEM[#tag]: fail the next reservation of space
+#     (_fallocate; read at each reservation).
+#   DISCOMFORT_TEST_PLATFORM=darwin|win32: behave as on that system (read once at import; sets
+#     PLATFORM, hence MODE): "darwin" runs the portable mode on Linux, "win32" refuses local stores.
 _KILLPOINT = os.environ.get("DISCOMFORT_TEST_KILLPOINT", "")
+PLATFORM = os.environ.get("DISCOMFORT_TEST_PLATFORM", "").strip() or sys.platform
+
+
+def _store_mode() -> str:
+    """How this system keeps a run (docs/FORMAT.md, "Portable mode"):
+
+    "shm": Linux: segments in /dev/shm, OFD byte-range locks, posix_fallocate.
+    "portable": another POSIX system (macOS), or Linux without /dev/shm or OFD locks: segments are
+        regular files in a private temp directory, locks are flock() on lock files.
+    "unsupported": Windows (no fcntl, no POSIX shared mappings): no local store.
+    """
+    if PLATFORM == "win32" or fcntl is None:
+        return "unsupported"
+    if PLATFORM.startswith("linux") and hasattr(fcntl, "F_OFD_SETLK") and os.path.isdir("/dev/shm"):
+        return "shm"
+    return "portable"
+
+
+MODE = _store_mode()
+
+
+def user_temp_dir() -> str:
+    """This user's folder in the temp directory (not created here)."""
+    return os.path.join(tempfile.gettempdir(), f"discomfort-{os.geteuid()}")
+
+
+#: Where runs keep their control segments and RAM chunks by default.
+SHM_DIR = os.path.join(user_temp_dir(), "segments") if MODE == "portable" else "/dev/shm"
+
+
+def private_dir(path: str) -> str:
+    """Make `path` (mode 0700) unless it exists; refuse it unless it is a real directory of ours."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != os.geteuid() or not os.path.isdir(path) or os.path.islink(path):
+        raise PermissionError(f"{path} is not a private directory of this user")
+    return path
+
+
+def prepare_shm_dir(shm_dir: str) -> None:
+    """In portable mode, make the default segment directory (and its parent) on first use."""
+    if MODE == "portable" and shm_dir == SHM_DIR:
+        private_dir(os.path.dirname(shm_dir))
+        private_dir(shm_dir)
+
+
+def require_local_store() -> None:
+    """Raise UnsupportedPlatformError where no local store can run (Windows)."""
+    if MODE == "unsupported":
+        name = "Windows" if PLATFORM == "win32" else PLATFORM
+        raise UnsupportedPlatformError(
+            f"discomfort cannot keep a local store on {name} ({PLATFORM}): it needs POSIX shared "
+            "file mappings and fcntl locks. Run it under WSL2, or run ComfyUI on a Linux machine and "
+            "reach it over HTTP (discomfort.remote.RemoteContext, or run_sequential(..., "
+            "executor=SERVER_URL, transport='http'))"
+        )
 
 
 def _align(n: int, a: int) -> int:
@@ -196,7 +268,43 @@ def _fallocate(fd: int, offset: int, length: int) -> None:
         code = {"ENOSPC": errno.ENOSPC, "ENOMEM": errno.ENOMEM}.get(value.split("#", 1)[0])
         if code:
             raise OSError(code, os.strerror(code))
-    os.posix_fallocate(fd, offset, length)
+    _allocate(fd, offset, length)
+
+
+def _zero_fill(fd: int, offset: int, length: int) -> None:
+    """posix_fallocate where there is none (macOS): size the file, then write zeros over the range
+    so that the filesystem allocates its blocks now. A full disk is ENOSPC here, never a SIGBUS
+    when a mapping of the file is written later. Only ever used on a new, empty range."""
+    end = offset + length
+    os.ftruncate(fd, max(end, os.fstat(fd).st_size))
+    zeros = memoryview(bytes(min(length, 1 << 20)))
+    pos = offset
+    while pos < end:
+        pos += os.pwrite(fd, zeros[: end - pos], pos)
+
+
+_allocate: Callable[[int, int, int], None] = (
+    os.posix_fallocate if PLATFORM.startswith("linux") and hasattr(os, "posix_fallocate") else _zero_fill
+)
+
+
+def _map_extent(fd: int, off: int, length: int) -> tuple[mmap.mmap, Any]:
+    """A private, writable mapping of a RAM extent: (the mapping, the extent's bytes in it)."""
+    mm = mmap.mmap(fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=off)
+    return mm, mm
+
+
+def _map_extent_coarse(fd: int, off: int, length: int) -> tuple[mmap.mmap, Any]:
+    """_map_extent where a mapping must start at a multiple of more than 4 KiB (16 KiB pages:
+    macOS on Apple silicon), which an extent need not: map from the boundary before it."""
+    skip = off % _MAP_GRANULARITY
+    mm = mmap.mmap(fd, skip + length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=off - skip)
+    return mm, memoryview(mm)[skip:]
+
+
+# Where mappings may start; the simulated darwin takes Apple silicon's 16 KiB.
+_MAP_GRANULARITY = max(mmap.ALLOCATIONGRANULARITY, 16384 if PLATFORM == "darwin" else 0)
+_map_private = _map_extent if _MAP_GRANULARITY == PAGE else _map_extent_coarse
 
 
 def _aligned_copy(src: Any) -> memoryview:
@@ -209,23 +317,32 @@ def _aligned_copy(src: Any) -> memoryview:
     return view
 
 
+# ---- locks --------------------------------------------------------------------------------------
+# Each lock is named by a byte of the control segment (LOCK_BYTE, SLOT_LOCK_BASE + slot) and taken
+# through the handle's _Control. The implementation is chosen once, at import, by MODE:
+# "shm": open-file-description byte-range locks on the control segment (Linux);
+# "portable": flock() on one lock file per lock byte, opened once per handle (an flock belongs to
+#   an open file description too, so handles exclude each other even inside one process).
+# _lock_wait(c, byte) blocks; _lock_try(c, byte) -> taken?; _unlock(c, byte);
+# _lock_held(c, byte) -> does another handle hold it? (slot liveness).
+
 def _ofd(fd: int, cmd: int, ltype: int, start: int) -> int:
     res = fcntl.fcntl(fd, cmd, _FLOCK.pack(ltype, os.SEEK_SET, start, 1, 0))
     return _FLOCK.unpack(res)[0]
 
 
-def _ofd_lock_wait(fd: int, start: int) -> None:
+def _ofd_lock_wait(c: _Control, start: int) -> None:
     while True:
         try:
-            _ofd(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, start)
+            _ofd(c.fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, start)
             return
         except InterruptedError:
             continue
 
 
-def _ofd_try(fd: int, start: int) -> bool:
+def _ofd_try(c: _Control, start: int) -> bool:
     try:
-        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, start)
+        _ofd(c.fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, start)
         return True
     except (BlockingIOError, PermissionError):
         return False
@@ -235,8 +352,68 @@ def _ofd_try(fd: int, start: int) -> bool:
         raise
 
 
-def _ofd_unlock(fd: int, start: int) -> None:
-    _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, start)
+def _ofd_unlock(c: _Control, start: int) -> None:
+    _ofd(c.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, start)
+
+
+def _ofd_held(c: _Control, start: int) -> bool:
+    return _ofd(c.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, start) != fcntl.F_UNLCK
+
+
+def _lock_file_path(control_path: str, start: int) -> str:
+    """Portable mode: the file whose flock stands for lock byte `start` of a control segment:
+    {control}.lk for the metadata lock, {control}.lk{i} for slot i."""
+    return control_path + (".lk" if start == LOCK_BYTE else f".lk{start - SLOT_LOCK_BASE}")
+
+
+def _lock_file(c: _Control, start: int, create: bool = True) -> int:
+    """The handle's descriptor of a lock file, opened (and made) on first use."""
+    fd = c.lock_fds.get(start)
+    if fd is None:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        fd = c.lock_fds[start] = os.open(_lock_file_path(c.path, start), flags, 0o600)
+    return fd
+
+
+def _flock_lock_wait(c: _Control, start: int) -> None:
+    fcntl.flock(_lock_file(c, start), fcntl.LOCK_EX)
+
+
+def _flock_try(c: _Control, start: int) -> bool:
+    try:
+        fcntl.flock(_lock_file(c, start), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _flock_unlock(c: _Control, start: int) -> None:
+    fcntl.flock(_lock_file(c, start), fcntl.LOCK_UN)
+
+
+def _flock_held(c: _Control, start: int) -> bool:
+    # Only asked under the metadata lock, which every taker of a slot lock holds: probing by
+    # taking the lock for a moment races with no one.
+    try:
+        fd = _lock_file(c, start, create=False)
+    except FileNotFoundError:
+        return False  # made by whoever takes the lock: nobody ever held it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
+_lock_wait: Callable[[_Control, int], None]
+_lock_try: Callable[[_Control, int], bool]
+_unlock: Callable[[_Control, int], None]
+_lock_held: Callable[[_Control, int], bool]
+if MODE == "portable":
+    _lock_wait, _lock_try, _unlock, _lock_held = _flock_lock_wait, _flock_try, _flock_unlock, _flock_held
+else:
+    _lock_wait, _lock_try, _unlock, _lock_held = _ofd_lock_wait, _ofd_try, _ofd_unlock, _ofd_held
 
 
 def _killpoint(name: str) -> None:
@@ -289,10 +466,12 @@ def memory_allows(probe: str, nbytes: int) -> bool:
 class _Control:
     """What outlives a closed handle while its views are alive: the fd, its locks and pins."""
 
-    def __init__(self, fd: int, mm: mmap.mmap, run_id: str):
+    def __init__(self, fd: int, mm: mmap.mmap, run_id: str, path: str):
         self.fd = fd
         self.mm = mm
         self.run_id = run_id
+        self.path = path  # of the control segment
+        self.lock_fds: dict[int, int] = {}  # portable mode: lock byte -> its lock file
         self.mutex = threading.Lock()
         self.slot = -1
         self.pins: dict[tuple[int, int, int], list[int]] = {}  # extent -> [count, pin index]
@@ -360,7 +539,7 @@ class _Control:
     def lock(self) -> None:
         self.mutex.acquire()
         try:
-            _ofd_lock_wait(self.fd, LOCK_BYTE)
+            _lock_wait(self, LOCK_BYTE)
         except BaseException:
             self.mutex.release()
             raise
@@ -370,7 +549,7 @@ class _Control:
             self._drain()
         finally:
             try:
-                _ofd_unlock(self.fd, LOCK_BYTE)
+                _unlock(self, LOCK_BYTE)
             finally:
                 self.mutex.release()
         if self.closing and not self.pins and not self.released:
@@ -389,7 +568,7 @@ class _Control:
         if self.released or not self.mutex.acquire(blocking=False):
             return  # the holder drains it when it unlocks
         try:
-            _ofd_lock_wait(self.fd, LOCK_BYTE)
+            _lock_wait(self, LOCK_BYTE)
         except BaseException:
             self.mutex.release()
             raise
@@ -458,7 +637,7 @@ class _Control:
         try:
             self.mutex.acquire()
             try:
-                _ofd_lock_wait(self.fd, LOCK_BYTE)
+                _lock_wait(self, LOCK_BYTE)
                 try:
                     if self.slot >= 0 and not self.hget("dirty"):
                         self.hset("dirty", 1)
@@ -477,9 +656,9 @@ class _Control:
                         struct.pack_into("<I", self.mm, SLOT_OFF + self.slot * 32, 0)
                         self.end()
                     if self.slot >= 0:
-                        _ofd_unlock(self.fd, SLOT_LOCK_BASE + self.slot)
+                        _unlock(self, SLOT_LOCK_BASE + self.slot)
                 finally:
-                    _ofd_unlock(self.fd, LOCK_BYTE)
+                    _unlock(self, LOCK_BYTE)
             finally:
                 self.mutex.release()
         finally:
@@ -490,7 +669,14 @@ class _Control:
                 self.mm.close()
             except BufferError:
                 pass
-            os.close(self.fd)
+            self.close_fds()
+
+    def close_fds(self) -> None:
+        """Close the control segment and lock files (which drops this handle's locks)."""
+        os.close(self.fd)
+        for fd in self.lock_fds.values():
+            os.close(fd)
+        self.lock_fds.clear()
 
 
 class Reservation:
@@ -572,7 +758,7 @@ class Store:
         self._pool = pool
         self._pid = os.getpid()
         self._probe = mem_probe
-        self._c = _Control(fd, mm, run_id)
+        self._c = _Control(fd, mm, run_id, self._control_path(shm_dir, run_id))
         self._closed = False
         self._chunk_fds: dict[int, int] = {}
         self._chunk_maps: dict[int, mmap.mmap] = {}
@@ -588,9 +774,10 @@ class Store:
 
     @classmethod
     def create(cls, run_id: str, *, ram_budget: int, disk_root: str | None = None,
-               shm_dir: str = "/dev/shm", mem_probe: str = "/proc/meminfo", pool: bool = False) -> Store:
+               shm_dir: str = SHM_DIR, mem_probe: str = "/proc/meminfo", pool: bool = False) -> Store:
         """Create a run. `pool`: lease new chunks from this process's pool (see pool_info) and
         give them back at destroy() when no one else can see them."""
+        require_local_store()
         check_run_id(run_id)
         if not isinstance(ram_budget, int) or ram_budget < 0:
             raise ValueError(f"ram_budget must be a non-negative int, not {ram_budget!r}")
@@ -599,6 +786,7 @@ class Store:
             disk_dir = os.path.join(os.path.abspath(disk_root), f"dcf-{run_id}")
             if len(os.fsencode(disk_dir)) > 1023:
                 raise ValueError(f"disk root path is too long: {disk_root!r}")
+        prepare_shm_dir(shm_dir)
         path = cls._control_path(shm_dir, run_id)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -647,7 +835,8 @@ class Store:
         return store
 
     @classmethod
-    def attach(cls, run_id: str, *, shm_dir: str = "/dev/shm") -> Store:
+    def attach(cls, run_id: str, *, shm_dir: str = SHM_DIR) -> Store:
+        require_local_store()
         check_run_id(run_id)
         path = cls._control_path(shm_dir, run_id)
         try:
@@ -687,7 +876,7 @@ class Store:
         try:
             self._repair_if_dirty()
             for i in range(SLOT_CAP):
-                if _ofd_try(c.fd, SLOT_LOCK_BASE + i):
+                if _lock_try(c, SLOT_LOCK_BASE + i):
                     c.begin()
                     if struct.unpack_from("<I", c.mm, SLOT_OFF + i * 32)[0] == 1:
                         self._reclaim_slot(i)
@@ -858,7 +1047,7 @@ class Store:
     def _slot_alive(self, i: int) -> bool:
         if i == self._c.slot:
             return True
-        return _ofd(self._c.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, SLOT_LOCK_BASE + i) != fcntl.F_UNLCK
+        return _lock_held(self._c, SLOT_LOCK_BASE + i)
 
     def _reclaim_slot(self, slot: int) -> int:
         """Free what a dead handle held: its reservations and its pins (inside an update)."""
@@ -1197,12 +1386,12 @@ class Store:
                 os.close(fd)
             return self._views(mm, length, where, version, tier, True)
         try:
-            mm = mmap.mmap(fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=off)
+            mm, data = _map_private(fd, off, length)
         except BaseException:
             c.release_pin(extent)
             raise
         weakref.finalize(mm, c.release_pin, extent)
-        return self._views(mm, length, where, version, tier, True)
+        return self._views(data, length, where, version, tier, True)
 
     @staticmethod
     def _views(data: Any, length: int, where: str, version: int, tier: int, zero_copy: bool):
@@ -1434,17 +1623,18 @@ def _validate_header(head: bytes, file_size: int, run_id: str) -> None:
 
 
 def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None) -> None:
-    """Unlink a run's chunks, disk directory and control segment (only our own names).
+    """Unlink a run's chunks, lock files (portable mode), disk directory and control segment (only
+    our own names).
 
     The control segment goes last, so a sweep that dies half-way is finished by the next one.
     """
-    prefix = f"dcf-{run_id}.c"
+    prefix = f"dcf-{run_id}."
     try:
         names = os.listdir(shm_dir)
     except FileNotFoundError:
         names = []
     for name in names:
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
+        if name.startswith(prefix) and _RUN_FILE_SUFFIX.fullmatch(name, len(prefix)):
             try:
                 os.unlink(os.path.join(shm_dir, name))
             except FileNotFoundError:
@@ -1561,11 +1751,12 @@ class _Pool:
         self.entries, self.bytes, self.prefix = [], 0, ""
 
 
-_renameat2: Any
-try:
-    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
-except (AttributeError, OSError):
-    _renameat2 = None
+_renameat2: Any = None
+if PLATFORM.startswith("linux"):
+    try:
+        _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (AttributeError, OSError):
+        pass
 
 
 def _rename_noreplace(src: str, dst: str) -> None:
@@ -1641,11 +1832,12 @@ def _forget_in_child() -> None:
             c.mm.close()
         except BufferError:
             pass
-        os.close(c.fd)
+        c.close_fds()  # our copies only: the parent's locks stay (its descriptors remain open)
     _live_stores.clear()
 
 
 # The pool's lock is held across fork() so that the child's copy of the pool is consistent; the
-# child then gets a new lock (looked up at each fork: the child replaces it).
-os.register_at_fork(before=lambda: _pool.lock.acquire(), after_in_parent=lambda: _pool.lock.release(),
-                    after_in_child=_forget_in_child)
+# child then gets a new lock (looked up at each fork: the child replaces it). No fork on Windows.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=lambda: _pool.lock.acquire(), after_in_parent=lambda: _pool.lock.release(),
+                        after_in_child=_forget_in_child)

@@ -5,24 +5,25 @@ and an exclusive flock on it succeeds: every live owner or attacher holds a shar
 A chunk pool file (dcf-pool-{random}.{n}) is swept when it belongs to this user and an exclusive
 flock on it succeeds: the process that pools it holds a shared one until it exits.
 Process ids are never used: they are reused, and containers have their own.
+In portable mode the same holds for the segment directory (regular files), whose runs also have
+lock files (dcf-{run_id}.lk, .lk{slot}): they go with their run.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import stat
 import struct
 
-from ._pystore import MAGIC, TOTAL, remove_run_files
+from ._pystore import MAGIC, SHM_DIR, TOTAL, fcntl, remove_run_files
 
 _CONTROL = re.compile(r"^dcf-([A-Za-z0-9_-]{1,64})$")
-_CHUNK = re.compile(r"^dcf-([A-Za-z0-9_-]{1,64})\.c\d+$")
+_RUN_FILE = re.compile(r"^dcf-([A-Za-z0-9_-]{1,64})\.(?:c\d+|lk\d*)$")  # a RAM chunk or a lock file
 _POOL = re.compile(r"^dcf-pool-[0-9a-f]{16}\.\d+$")
 
 
-def sweep(shm_dir: str = "/dev/shm") -> list[str]:
+def sweep(shm_dir: str = SHM_DIR) -> list[str]:
     """Remove stale runs in shm_dir; return their run ids."""
     try:
         names = os.listdir(shm_dir)
@@ -37,12 +38,14 @@ def sweep(shm_dir: str = "/dev/shm") -> list[str]:
         controls.add(m.group(1))
         if _sweep_one(shm_dir, m.group(1)):
             swept.append(m.group(1))
-    for name in names:  # chunks whose control segment is gone: a destroy that died half-way
-        m = _CHUNK.match(name)
+    for name in names:  # files whose control segment is gone: a destroy that died half-way
+        m = _RUN_FILE.match(name)
         if m and m.group(1) not in controls:
             path = os.path.join(shm_dir, name)
             try:
-                if os.lstat(path).st_uid == os.geteuid():
+                # (a run born while the directory was read has its control segment by now)
+                if os.lstat(path).st_uid == os.geteuid() and not os.path.lexists(
+                        os.path.join(shm_dir, f"dcf-{m.group(1)}")):
                     os.unlink(path)
             except OSError:
                 pass

@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any, Iterator, Literal
 
 from . import _backend, codecs, sysinfo
+from ._pystore import require_local_store
 from ._sweep import sweep
 from .errors import (
     InvalidRunIdError,
@@ -71,6 +72,7 @@ class WorkflowContext:
         if run_id is not None and str(run_id).startswith(RAY_RUN_PREFIX):
             raise InvalidRunIdError(f"run id {run_id!r}: the prefix {RAY_RUN_PREFIX!r} is reserved for Ray runs")
         self.run_id = run_id if run_id is not None else secrets.token_hex(16)
+        require_local_store()  # Windows: a clear error before anything touches the system
         sweep(shm_dir)
         module = _store_module(backend)
         self._store = module.Store.create(
@@ -332,4 +334,5 @@ def _after_fork_in_child() -> None:
     _refs.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -7,7 +7,7 @@ import shutil
 from typing import Any
 
 from . import sysinfo
-from ._pystore import read_meminfo
+from ._pystore import MODE, PLATFORM, read_meminfo
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -20,6 +20,11 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
     core_version = None
     if discomfort.backend == "native":
         core_version = discomfort._store_module.__version__
+    if MODE == "unsupported":  # nothing local to look at
+        return {"version": discomfort.__version__, "backend": discomfort.backend, "core_version": None,
+                "mode": MODE, "platform": PLATFORM, "shm_dir": None,
+                "advice": ["No local store on this system: run discomfort under WSL2, or reach a ComfyUI "
+                           "server on Linux with the HTTP transport (discomfort.remote.RemoteContext)."]}
     mem = read_meminfo(meminfo)
     shm_size: int | None
     shm_free: int | None
@@ -34,6 +39,8 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
         "version": discomfort.__version__,
         "backend": discomfort.backend,
         "core_version": core_version,
+        "mode": MODE,
+        "platform": PLATFORM,
         "shm_dir": shm_dir,
         "shm_size": shm_size,
         "shm_free": shm_free,
@@ -45,14 +52,18 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
         "disk_free": disk.free,
         "ram_budget": sysinfo.default_ram_budget(shm_dir, meminfo, cgroup_root) if shm_size else 0,
         "ram_budget_env": os.environ.get("DISCOMFORT_RAM_BUDGET"),
-        "advice": advice(shm_size, shm_free, mem.get("MemAvailable"), cg.limit, disk.free),
+        "advice": advice(shm_size, shm_free, mem.get("MemAvailable"), cg.limit, disk.free, mode=MODE),
     }
 
 
 def advice(shm_size: int | None, shm_free: int | None, avail: int | None, cg_limit: int | None,
-           disk_free: int) -> list[str]:
+           disk_free: int, mode: str = "shm") -> list[str]:
     out = []
-    if shm_size is None:
+    if mode == "portable":
+        out.append("Portable mode (no Linux /dev/shm with OFD locks here): the RAM tier is made of files in the "
+                   "segment directory, mapped shared, so the OS may write them back to its disk. Loads stay "
+                   "zero-copy. This mode is exercised on Linux by simulation only.")
+    elif shm_size is None:
         out.append("No /dev/shm here: every value goes to the disk tier (slower, still zero-copy on load).")
     elif shm_size <= 256 * MiB:
         out.append(f"/dev/shm is only {_fmt(shm_size)} (a container default?): most data will spill to disk. "
@@ -79,11 +90,23 @@ def _fmt(n: int | None) -> str:
     return f"{n} B"
 
 
+_MODES = {
+    "shm": "POSIX shared memory (/dev/shm), OFD locks",
+    "portable": "portable: file-backed segments in a private directory, flock lock files",
+    "unsupported": "none: no local store on this system",
+}
+
+
 def format_report(r: dict[str, Any]) -> str:
-    lines = [
+    head = [
         f"discomfort {r['version']}   backend: {r['backend']}"
         + (f" (core {r['core_version']})" if r["core_version"] else " (pure Python)"),
-        f"shared memory  {r['shm_dir']}: {_fmt(r['shm_size'])} total, {_fmt(r['shm_free'])} free",
+        f"store mode     {_MODES[r['mode']]} [{r['platform']}]",
+    ]
+    if r["mode"] == "unsupported":
+        return "\n".join(head + [""] + [f"- {a}" for a in r["advice"]])
+    lines = head + [
+        f"segments       {r['shm_dir']}: {_fmt(r['shm_size'])} total, {_fmt(r['shm_free'])} free",
         f"memory         {_fmt(r['mem_available'])} available of {_fmt(r['mem_total'])}",
         f"cgroup limit   {_fmt(r['cgroup_limit']) if r['cgroup_limit'] else 'none'}",
         f"disk root      {r['disk_root']}: {_fmt(r['disk_free'])} free",

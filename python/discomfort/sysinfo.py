@@ -1,4 +1,5 @@
-"""What the machine offers a run: memory, /dev/shm, cgroup limits, and the RAM budget from them.
+"""What the machine offers a run: memory, /dev/shm (or the portable mode's segment directory),
+cgroup limits, and the RAM budget from them.
 
 Used to size a context's RAM tier and by `discomfort doctor`. Every reader takes its path as an
 argument so tests never depend on the machine's live memory.
@@ -8,12 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 
-from ._pystore import read_meminfo
+from ._pystore import SHM_DIR, prepare_shm_dir, private_dir, read_meminfo, user_temp_dir
 
-SHM_DIR = "/dev/shm"
 BUDGET_FRACTION = 0.5  # of what is available: the rest stays for the workflows themselves
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -48,6 +47,7 @@ def cgroup_memory(root: str = "/sys/fs/cgroup") -> Cgroup:
 
 def shm_space(shm_dir: str = SHM_DIR) -> tuple[int, int]:
     """(size, free bytes) of the filesystem holding the shared-memory segments."""
+    prepare_shm_dir(shm_dir)
     st = os.statvfs(shm_dir)
     return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
@@ -81,9 +81,7 @@ def disk_root(explicit: str | os.PathLike | None = None) -> str:
     env = os.environ.get("DISCOMFORT_DISK_DIR")
     if env:
         return env
-    root = os.path.join(tempfile.gettempdir(), f"discomfort-{os.geteuid()}")
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    st = os.lstat(root)
-    if st.st_uid != os.geteuid() or not os.path.isdir(root) or os.path.islink(root):
-        raise PermissionError(f"{root} is not a private directory of this user; set DISCOMFORT_DISK_DIR")
-    return root
+    try:
+        return private_dir(user_temp_dir())
+    except PermissionError as exc:
+        raise PermissionError(f"{exc}; set DISCOMFORT_DISK_DIR") from None
