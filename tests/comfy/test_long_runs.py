@@ -19,7 +19,7 @@ import torch
 
 from discomfort import CancelToken, get_context
 from discomfort.comfy import ComfyServer
-from discomfort.errors import RunCancelled
+from discomfort.errors import RunCancelled, RunInterrupted
 from discomfort.workflow_tools import run_sequential
 
 pytestmark = pytest.mark.comfy
@@ -229,6 +229,33 @@ def test_cancel_from_another_thread_inside_a_workflow(request, where, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TransportWarning of the HTTP path
         out = run_sequential([wfs[0]], {"img": image}, executor=executor, timeout=120, transport=transport)
+    assert torch.equal(out["mid"], 1.0 - image)
+
+
+def test_ctrl_c_in_process_interrupts_comfyui(inprocess, tmp_path):
+    """A real SIGINT to this process while ComfyUI runs a node in it: ComfyUI is interrupted at
+    its next check, the run is removed, RunInterrupted says where, and ComfyUI runs again."""
+    fifo = Fifo(tmp_path / "started")
+    image = _exact_image((1, 8, 8, 3), 6)
+    wfs = [_through("img", "mid", INVERT), _gate("mid", "out", fifo.path, str(tmp_path / "never"))]
+
+    def press_ctrl_c():
+        if fifo.wait():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    try:
+        with pytest.raises(RunInterrupted) as info:
+            run_sequential(wfs, {"img": image}, iterations=2, executor=inprocess, timeout=300)
+    finally:
+        presser.join(60)
+        fifo.close()
+    exc = info.value
+    assert (exc.iteration, exc.workflow, exc.inside) == (0, 1, True) and "Ctrl-C" in str(exc)
+    assert _leftovers(exc.run_id) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    out = run_sequential([wfs[0]], {"img": image}, executor=inprocess, timeout=120)
     assert torch.equal(out["mid"], 1.0 - image)
 
 

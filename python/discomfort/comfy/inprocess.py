@@ -11,6 +11,7 @@ import asyncio
 import copy
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -255,12 +256,19 @@ class InProcessComfy:
                 raise validation_error(valid[1], valid[3])
             outputs_to_execute = valid[2]
             done = threading.Event()
-            stopped: list[str] = []  # "timeout" or "cancel", the first that fired
+            stopped: list[str] = []  # "timeout", "cancel" or "ctrl-c", in the order they fired
 
             def _stop(reason: str) -> None:
-                if not done.is_set() and not stopped:
+                if not done.is_set() and reason not in stopped:
                     stopped.append(reason)
                     self._nodes.interrupt_processing(True)
+
+            def _on_sigint(signum, frame) -> None:
+                # Like ComfyUI's server: the first Ctrl-C interrupts the prompt at its next node or
+                # progress check (a node's own code cannot be cut safely); a second one raises at once.
+                if "ctrl-c" in stopped:
+                    raise KeyboardInterrupt
+                _stop("ctrl-c")
 
             def _on_event(event, data) -> None:
                 # ComfyUI clears the interrupt flag when a run starts ("execution_start") and
@@ -280,6 +288,12 @@ class InProcessComfy:
                 watchdog.start()
             unsubscribe = cancel.subscribe(lambda: _stop("cancel")) if cancel is not None else None
             self.server.on_event = _on_event
+            # Only where Ctrl-C would be the default KeyboardInterrupt (the main thread, no handler of
+            # the caller's): otherwise asyncio.run would turn it into a cancel ComfyUI never sees.
+            sigint = threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            if sigint:
+                signal.signal(signal.SIGINT, _on_sigint)
             try:
                 # With a client id (as a server has), ComfyUI also reports the UI outputs of
                 # nodes served from its cache; the stand-in server just drops the messages.
@@ -287,6 +301,8 @@ class InProcessComfy:
                 self.executor.execute(copy.deepcopy(prompt), prompt_id, extra, outputs_to_execute)
             finally:
                 done.set()
+                if sigint:
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
                 if unsubscribe is not None:
                     unsubscribe()
                 if watchdog is not None:
@@ -295,6 +311,8 @@ class InProcessComfy:
                 self._nodes.interrupt_processing(False)
             messages = list(self.executor.status_messages)
             self.last_messages = messages
+            if "ctrl-c" in stopped:
+                raise KeyboardInterrupt(f"prompt {prompt_id} was interrupted by Ctrl-C")
             if stopped and (not self.executor.success or any(m[0] == "execution_interrupted" for m in messages)):
                 if stopped[0] == "cancel":
                     raise RunCancelled(f"prompt {prompt_id} was cancelled")
