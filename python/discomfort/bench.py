@@ -97,7 +97,7 @@ def bench_store(backend: str, tensor: Any, rounds: int, disk: bool = False) -> d
         out = {"save": (_median_ms(save, rounds), False), "load": (_median_ms(load, rounds), True),
                "save+load": (_median_ms(round_trip, rounds), False)}
         loaded = ctx.load("image")
-        mapping = ctx.store.disk_dir if disk else "/dev/shm/"
+        mapping = ctx.store.disk_dir if disk else ctx.store.shm_dir.rstrip("/") + "/"
         out["load"] = (out["load"][0], _lies_in(loaded.data_ptr(), mapping))
         held.clear()
         return out
