@@ -252,3 +252,16 @@ def test_forked_child_leaves_the_parents_pool_alone(mod, make_ctx):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert os.path.exists(pooled["path"]) and mod.pool_info()["files"] == [pooled]
+
+
+def test_release_pool_gives_back_what_finished_runs_left(mod, make_ctx):
+    import discomfort
+
+    ctx = make_ctx()
+    ctx.save("image", torch.ones(IMAGE))
+    ctx.shutdown()
+    held = mod.pool_info()["bytes"]
+    assert held >= 20 * MiB  # the finished run's chunk waits for the next run, prefaulted
+    files = [f["path"] for f in mod.pool_info()["files"]]
+    assert discomfort.release_pool() >= held
+    assert mod.pool_info()["bytes"] == 0 and not any(os.path.exists(f) for f in files)

@@ -15,7 +15,7 @@ from ._pystore import MODE as store_mode  # noqa: E402
 
 Store = _store_module.Store
 
-from .context import WorkflowContext, get_context  # noqa: E402  (needs the backend chosen above)
+from .context import WorkflowContext, get_context, release_pool  # noqa: E402  (needs the backend chosen above)
 from .run_control import CancelToken, ProgressEvent  # noqa: E402
 
 __version__ = "0.1.0"
@@ -31,7 +31,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "backend", "Store", "WorkflowContext", "get_context", "run_sequential", "CancelToken", "ProgressEvent",
+    "backend", "Store", "WorkflowContext", "get_context", "release_pool", "run_sequential", "CancelToken", "ProgressEvent",
     "errors", "__version__",
     *errors.__all__,
 ]

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import sys
 import threading
 from types import ModuleType
 from typing import Any, Iterator, Literal
@@ -284,6 +285,17 @@ def _drop_finished_locked() -> int:
 def active_runs() -> list[str]:
     with _handler_lock:
         return sorted(_active_handlers)
+
+
+def release_pool() -> int:
+    """Give back the prefaulted chunks that finished runs keep for this process's next run.
+
+    Each backend keeps such a pool (at most the largest RAM budget of a run) so the next run's
+    first saves cost no page faults; a long-lived process calls this between bursts of work to
+    return that memory. Returns the bytes given back.
+    """
+    return sum(mod.release_pool() for name in ("discomfort._core", "discomfort._pystore")
+               if (mod := sys.modules.get(name)) is not None and hasattr(mod, "release_pool"))
 
 
 # ---- process lifecycle: exit, SIGTERM, fork -------------------------------------------------------
