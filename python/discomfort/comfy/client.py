@@ -227,37 +227,27 @@ class ComfyServer:
 
     def _withdraw(self, ws, websocket, prompt_id: str, grace: float = 30.0) -> None:
         """Remove ``prompt_id`` from the queue or interrupt it, and wait (up to ``grace`` seconds)
-        until the server no longer runs it, so the run's store can go away under no node."""
+        until the server no longer lists it, so the run's store can go away under no node.
+
+        The queue is the judge: ComfyUI says "executing: None" a moment before it takes the prompt
+        off its running list. The websocket only paces the checks (a message, or 0.1 s)."""
         self._interrupt(prompt_id)
         deadline = time.monotonic() + grace
-        listen = True  # a recv cut by Ctrl-C can leave the socket unusable: then ask /queue only
+        listen = True  # a recv cut by Ctrl-C can leave the socket unusable: then just pace by time
         try:
-            while time.monotonic() < deadline:
-                if not self.in_queue(prompt_id):
-                    return
-                if not listen:
-                    time.sleep(0.1)
-                    continue
-                # It is running: ComfyUI stops at the next node or progress check, then says so.
-                ws.settimeout(0.5)
-                try:
-                    msg = ws.recv()
-                except websocket.WebSocketTimeoutException:
-                    continue
-                except (OSError, websocket.WebSocketException):
-                    listen = False
-                    continue
-                if isinstance(msg, str):
+            while time.monotonic() < deadline and self.in_queue(prompt_id):
+                if listen:
+                    ws.settimeout(0.1)
                     try:
-                        event = json.loads(msg)
-                    except ValueError:
+                        ws.recv()
                         continue
-                    data = event.get("data") or {}
-                    if data.get("prompt_id") == prompt_id and event.get("type") == "executing" \
-                            and data.get("node") is None:
-                        return
+                    except websocket.WebSocketTimeoutException:
+                        continue
+                    except (OSError, websocket.WebSocketException):
+                        listen = False
+                time.sleep(0.1)
         except ComfyConnectionError:
-            return  # the server or the socket went away: nothing left to wait for
+            return  # the server went away: nothing left to wait for
 
     def close(self) -> None:
         self._session.close()
