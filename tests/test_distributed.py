@@ -28,6 +28,7 @@ from discomfort.errors import (
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_PACK = REPO / "comfy_nodes"
+TEST_PACK = REPO / "tests" / "comfy" / "test_pack"  # test-only nodes (the gate used to cut a run)
 WORKFLOWS = REPO / "tests" / "fixtures" / "workflows"
 MB = 1 << 20
 
@@ -343,7 +344,7 @@ def pool(cluster):
     from discomfort.distributed import RayComfyPool
 
     t0 = time.monotonic()
-    servers = RayComfyPool(custom_nodes=[NODE_PACK], size=2, startup_timeout=240).start()
+    servers = RayComfyPool(custom_nodes=[NODE_PACK, TEST_PACK], size=2, startup_timeout=240).start()
     TIMINGS["ComfyUI servers start (s)"] = time.monotonic() - t0
     try:
         assert {s["node_id"] for s in servers.servers} == {cluster["head"], cluster["other"]}
@@ -400,6 +401,63 @@ def test_run_on_two_servers_on_two_nodes_equals_one_machine(cluster, pool):
     after = _wait_usage_at_most(baseline)
     for node in baseline:
         assert after[node][0] <= baseline[node][0] and after[node][1] <= baseline[node][1], (node, baseline, after)
+
+
+@needs_comfy
+@needs_ray
+@pytest.mark.comfy
+def test_cancel_inside_a_workflow_on_a_ray_server(cluster, pool, tmp_path):
+    """A cancel while server 1 runs a gate node: its actor takes the prompt back, the run's values
+    leave Ray, and RunCancelled says where."""
+    import select
+    import threading
+
+    import torch
+
+    from discomfort import CancelToken
+    from discomfort.comfy import ComfyServer
+    from discomfort.distributed import run_sequential_ray
+    from discomfort.errors import RunCancelled
+
+    fifo = tmp_path / "started"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    invert = {"1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "img"}},
+              "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+              "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "mid", "input_data": ["2", 0]}}}
+    gate = {"1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "mid"}},
+            "2": {"class_type": "DiscomfortTestGate",
+                  "inputs": {"value": ["1", 0], "signal": str(fifo), "release": str(tmp_path / "never")}},
+            "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "out", "input_data": ["2", 0]}}}
+    baseline = _wait_usage_at_most(_store_usage(), timeout=0)
+    token = CancelToken()
+    box: dict = {}
+
+    def run():
+        try:
+            run_sequential_ray([invert, gate], {"img": torch.rand(1, 8, 8, 3)}, iterations=2, servers=pool,
+                               timeout=300, cancel=token)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert select.select([fd], [], [], 120)[0] and os.read(fd, 64).startswith(b"started")
+        token.cancel("test")
+        t.join(120)
+    finally:
+        os.close(fd)
+    exc = box.get("error")
+    assert isinstance(exc, RunCancelled), box
+    assert (exc.iteration, exc.workflow, exc.inside) == (0, 1, True) and "(test)" in str(exc)
+    assert exc.run_id.startswith("ray-")
+    q = ComfyServer(pool.servers[1]["url"]).queue()
+    assert q["queue_running"] == [] and q["queue_pending"] == []
+    pool.free()  # ComfyUI's cache holds views of the run's values until its next prompt
+    after = _wait_usage_at_most(baseline)
+    for node in baseline:
+        assert after[node][0] <= baseline[node][0], (node, baseline, after)
 
 
 @needs_comfy

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["CancelToken", "ProgressEvent", "plan_releases", "progress_bar", "accepts_keyword"]
+__all__ = ["CancelToken", "ProgressEvent", "plan_releases", "progress_bar", "accepts_keyword", "cut_error"]
 
 
 class CancelToken:
@@ -148,3 +148,22 @@ def plan_releases(reads: Sequence[Iterable[str]], writes: Sequence[Iterable[str]
         out.append(drop)
     return out
 
+
+
+def cut_error(cls: type, reason: str | None, run_id: str, names: Sequence[str], iterations: int,
+              iteration: int | None, workflow: int | None, inside: bool, done: int) -> BaseException:
+    """The RunCancelled / RunInterrupted of a run cut at (iteration, workflow), saying where."""
+    total = iterations * len(names)
+    if iteration is None or workflow is None:
+        where = "before its first workflow" if done == 0 else "after its last workflow"
+    else:
+        where = (f"{'inside' if inside else 'before'} workflow {workflow + 1}/{len(names)} "
+                 f"({names[workflow]}) of iteration {iteration + 1}/{iterations}")
+        if inside:
+            where += " (ComfyUI was told to stop it)"
+    why = f" ({reason})" if reason else ""
+    return cls(
+        f"run {run_id} was cancelled{why} {where}, after {done} of {total} workflows; its store was removed",
+        run_id=run_id, iteration=iteration, iterations=iterations, workflow=workflow,
+        workflow_name=None if workflow is None else names[workflow], inside=inside,
+    )

@@ -18,7 +18,7 @@ import warnings
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, UnknownKeyError, WorkflowError
-from .run_control import CancelToken, ProgressEvent, accepts_keyword, plan_releases, progress_bar
+from .run_control import CancelToken, ProgressEvent, accepts_keyword, cut_error, plan_releases, progress_bar
 from .workflow_format import (
     INPUT,
     LOADER_CLASS,
@@ -436,20 +436,8 @@ class _RunState:
 
     def cut(self, cls: type, reason: str | None) -> BaseException:
         """The RunCancelled / RunInterrupted saying where the run was cut."""
-        if self.iteration is None or self.workflow is None:
-            where = "before its first workflow" if self.done == 0 else "after its last workflow"
-        else:
-            where = (f"{'inside' if self.inside else 'before'} workflow {self.workflow + 1}/{len(self.names)} "
-                     f"({self.names[self.workflow]}) of iteration {self.iteration + 1}/{self.iterations}")
-            if self.inside:
-                where += " (ComfyUI was told to stop it)"
-        why = f" ({reason})" if reason else ""
-        return cls(
-            f"run {self.run_id} was cancelled{why} {where}, after {self.done} of {self.total} workflows; "
-            "its store was removed",
-            run_id=self.run_id, iteration=self.iteration, iterations=self.iterations, workflow=self.workflow,
-            workflow_name=None if self.workflow is None else self.names[self.workflow], inside=self.inside,
-        )
+        return cut_error(cls, reason, self.run_id, self.names, self.iterations, self.iteration, self.workflow,
+                         self.inside, self.done)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -18,6 +18,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import ComfyConnectionError, WorkflowError
+from ..run_control import CancelToken
 from . import _ray
 
 __all__ = ["RayComfyPool", "ServerDiedError", "ComfyServerActor"]
@@ -106,6 +108,8 @@ class ComfyServerActor:
             startup_timeout=startup_timeout, env=child_env, work_dir=work / "server", **kwargs,
         ))
         self.seconds = time.monotonic() - t0
+        self._running: set[CancelToken] = set()  # one per execute() that can be interrupted
+        self._running_lock = threading.Lock()
 
     def describe(self) -> dict:
         return {"url": self.server.url, "pid": self.server.process.pid, "node_id": self.node_id,
@@ -115,11 +119,29 @@ class ComfyServerActor:
     def alive(self) -> bool:
         return self.server.process.poll() is None
 
-    def execute(self, prompt: dict, timeout: float | None = None) -> dict:
+    def execute(self, prompt: dict, timeout: float | None = None, cancellable: bool = False) -> dict:
         code = self.server.process.poll()
         if code is not None:
             raise ComfyConnectionError(f"the ComfyUI server (pid {self.server.process.pid}) exited with code {code}")
-        return self.server.execute(prompt, timeout=timeout)
+        if not cancellable:
+            return self.server.execute(prompt, timeout=timeout)
+        token = CancelToken()
+        with self._running_lock:
+            self._running.add(token)
+        try:
+            return self.server.execute(prompt, timeout=timeout, cancel=token)
+        finally:
+            with self._running_lock:
+                self._running.discard(token)
+
+    def interrupt(self) -> int:
+        """Cancel every cancellable execute() running in this actor (another of its threads): each
+        takes its prompt off the server's queue or interrupts it, then raises RunCancelled."""
+        with self._running_lock:
+            tokens = list(self._running)
+        for token in tokens:
+            token.cancel()
+        return len(tokens)
 
     def object_info(self) -> dict:
         return self.server.object_info()
@@ -301,11 +323,26 @@ class RayComfyPool:
         except Exception:  # noqa: BLE001 - actor gone or unreachable
             return False
 
-    def execute(self, index: int, prompt: dict, timeout: float | None = None) -> dict:
-        """Run ``prompt`` on server ``index``. A dead server raises :class:`ServerDiedError`."""
+    def execute(self, index: int, prompt: dict, timeout: float | None = None, cancel: CancelToken | None = None) -> dict:
+        """Run ``prompt`` on server ``index``. A dead server raises :class:`ServerDiedError`.
+
+        ``cancel``: when it fires, or on Ctrl-C, the server's actor withdraws the prompt (off the
+        queue, or interrupted) before this raises RunCancelled (or re-raises the KeyboardInterrupt).
+        """
         slot = self._slot(index)
         try:
-            return ray.get(slot.actor.execute.remote(prompt, timeout))
+            ref = slot.actor.execute.remote(prompt, timeout, cancel is not None)
+            try:
+                while cancel is not None and not ray.wait([ref], timeout=0.2)[0]:
+                    if cancel.cancelled:
+                        slot.actor.interrupt.remote()  # the actor's execute() then raises RunCancelled
+                        break
+                return ray.get(ref)
+            except KeyboardInterrupt:
+                if cancel is not None:
+                    slot.actor.interrupt.remote()
+                    ray.wait([ref], timeout=30)  # until the server let go of the prompt
+                raise
         except RayActorError as exc:
             raise ServerDiedError(f"the actor of ComfyUI server {index} (node {slot.node_id[:8]}) died: {exc}") from exc
         except RayTaskError as exc:

@@ -8,10 +8,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..errors import WorkflowError
+from ..errors import RunCancelled, RunInterrupted, WorkflowError
 from ..workflow_format import is_ui_format
-from ..run_control import progress_bar
-from ..workflow_tools import missing_inputs_error, plan_workflows, prepare_prompt, read_workflows
+from ..run_control import CancelToken, cut_error, progress_bar
+from ..workflow_tools import (
+    missing_inputs_error,
+    plan_workflows,
+    prepare_prompt,
+    read_workflows,
+    workflow_names,
+)
 from . import _ray
 from ._context import RayContext
 from ._pool import RayComfyPool, ServerDiedError
@@ -62,6 +68,7 @@ def run_sequential_ray(
     run_id: str | None = None,
     address: str | None = None,
     comfy_path: str | os.PathLike | None = None,
+    cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
     """:func:`~discomfort.workflow_tools.run_sequential` across a Ray cluster.
 
@@ -89,6 +96,12 @@ def run_sequential_ray(
     drop ComfyUI's execution cache at the end, which holds zero-copy views into the object store
     (otherwise they are released when the next prompt replaces them).
 
+    ``cancel``: a :class:`~discomfort.run_control.CancelToken`; as in run_sequential, cancelling it
+    (or Ctrl-C) stops the run before its next workflow or inside the running one (that server's
+    actor takes the prompt off the queue or interrupts it) and raises
+    :class:`~discomfort.errors.RunCancelled` (:class:`~discomfort.errors.RunInterrupted`) saying
+    where; the run's values are freed from Ray first.
+
     Returns ``{unique_id: value}``: private, writable copies that stay valid after the run,
     whose values are all freed from Ray before this returns.
     """
@@ -96,6 +109,7 @@ def run_sequential_ray(
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
     if not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    names = workflow_names(workflows)
     items = read_workflows(workflows)
     _ray.ensure_connected(address)
 
@@ -109,16 +123,16 @@ def run_sequential_ray(
             raise TypeError(f"servers must be a RayComfyPool, a positive int or None, not {servers!r}")
         pool = own_pool = RayComfyPool(comfy_path, size=servers).start()
     try:
-        return _run(pool, items, inputs, iterations, timeout, object_info, progress, retries,
-                    _assigner(assign, len(pool)), adopt, free_after, run_id)
+        return _run(pool, items, names, inputs, iterations, timeout, object_info, progress, retries,
+                    _assigner(assign, len(pool)), adopt, free_after, run_id, cancel)
     finally:
         if own_pool is not None:
             own_pool.close()
 
 
-def _run(pool: RayComfyPool, items: list, inputs: Mapping | None, iterations: int, timeout: float | None,
-         object_info: Mapping | None, progress: Any, retries: int, choose: Callable, adopt: bool,
-         free_after: bool, run_id: str | None) -> dict[str, Any]:
+def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | None, iterations: int,
+         timeout: float | None, object_info: Mapping | None, progress: Any, retries: int, choose: Callable,
+         adopt: bool, free_after: bool, run_id: str | None, cancel: CancelToken | None) -> dict[str, Any]:
     if object_info is None and any(is_ui_format(w) for w in items):
         object_info = pool.object_info(0)
     prompts, port_nodes, port_keys = plan_workflows(items, object_info)
@@ -130,13 +144,17 @@ def _run(pool: RayComfyPool, items: list, inputs: Mapping | None, iterations: in
         bar = progress_bar(None if progress is None else progress is True, total, f"discomfort {ctx.run_id[:12]}")
         log.info("discomfort: run %s on %d ComfyUI servers in the Ray cluster at %s", ctx.run_id, len(pool),
                  _ray.gcs_address())
+        where: list[Any] = [None, None, False]  # iteration, workflow, inside: for a cut run's message
+        step = 0
         try:
             for uid, value in (inputs or {}).items():
                 ctx.save(uid, value)
             sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(prompts, port_nodes)]
-            step = 0
             for iteration in range(iterations):
                 for k, prompt in enumerate(sent):
+                    where[:] = [iteration, k, False]
+                    if cancel is not None and cancel.cancelled:
+                        raise RunCancelled("cancelled between workflows")
                     keys = port_keys[k]
                     reads = [uid for uid, port in keys.items() if port.reads and port.consumers]
                     outs = [uid for uid, port in keys.items() if port.writes]
@@ -146,8 +164,10 @@ def _run(pool: RayComfyPool, items: list, inputs: Mapping | None, iterations: in
                         raise missing_inputs_error(k, missing, ctx.run_id)
                     server = choose(iteration, k, step)
                     t0 = time.monotonic()
+                    where[2] = True
                     attempts = _run_one(pool, ctx, server, k, iteration, prompt, keys, outs, have, timeout,
-                                        retries, adopt)
+                                        retries, adopt, cancel)
+                    where[2] = False
                     used.add(server)
                     for uid in outs:
                         if uid not in written:
@@ -165,7 +185,14 @@ def _run(pool: RayComfyPool, items: list, inputs: Mapping | None, iterations: in
                         bar.update(1)
                     if callable(progress) and progress is not True:
                         progress(event)
+            where[:] = [None, None, False]
             result = {uid: ctx.load(uid, copy=True) for uid in written}
+        except RunCancelled as exc:
+            raise cut_error(RunCancelled, cancel.reason if cancel is not None else None, ctx.run_id, names,
+                            iterations, where[0], where[1], where[2], step) from exc
+        except KeyboardInterrupt as exc:
+            raise cut_error(RunInterrupted, "Ctrl-C", ctx.run_id, names, iterations, where[0], where[1], where[2],
+                            step) from exc
         finally:
             if bar is not None:
                 bar.close()
@@ -176,13 +203,13 @@ def _run(pool: RayComfyPool, items: list, inputs: Mapping | None, iterations: in
 
 def _run_one(pool: RayComfyPool, ctx: RayContext, server: int, k: int, iteration: int, prompt: dict,
              keys: Mapping, outs: list, before: Mapping, timeout: float | None, retries: int,
-             adopt: bool) -> int:
+             adopt: bool, cancel: CancelToken | None = None) -> int:
     """Run one workflow on ``server``, replacing the server and trying again if it dies."""
     attempts = 0
     while True:
         attempts += 1
         try:
-            pool.execute(server, prompt, timeout)
+            pool.execute(server, prompt, timeout, cancel)
             after = ctx.versions(outs)
             for uid in outs:
                 if after[uid] is None or after[uid] == before.get(uid):
