@@ -198,6 +198,7 @@ def _gate(src: str, dst: str, fifo: str, release: str) -> dict:
     return _through(src, dst, ("DiscomfortTestGate", {"signal": fifo, "release": release}))
 
 
+@pytest.mark.filterwarnings("ignore::discomfort.remote.TransportWarning")  # the HTTP case announces itself
 @pytest.mark.parametrize("where", ["inprocess", "server", "server-http"])
 def test_cancel_from_another_thread_inside_a_workflow(request, where, tmp_path):
     executor = request.getfixturevalue(where.split("-")[0])
