@@ -166,6 +166,30 @@ def test_two_hundred_iterations_keep_memory_flat(server):
     assert all(_leftovers(r) == [] for r in run_ids)
 
 
+def test_a_loop_on_the_disk_tier_keeps_its_files_flat(inprocess, tmp_path):
+    """Values that spill to disk (a RAM budget too small for them) are replaced file for file:
+    the run's disk directory holds as many files and bytes after 200 iterations as after 20."""
+    iterations, warm = 200, 20
+    image = _exact_image((1, 256, 512, 3), 9)  # 1.5 MiB, over the 1 MiB budget
+    a, b = _through("img", "mid", INVERT), _through("mid", "img", INVERT)
+    samples: list[tuple[int, int, int]] = []
+
+    def on_progress(ev):
+        if ev.kind == "workflow_done" and ev.workflow == 1:
+            files = list((tmp_path / f"dcf-{ev.run_id}").iterdir())
+            st = get_context(ev.run_id).stats()
+            samples.append((len(files), sum(f.stat().st_blocks * 512 for f in files), st["bytes_disk"]))
+
+    result = run_sequential([a, b], {"img": image}, iterations=iterations, executor=inprocess, timeout=120,
+                            ram_budget=1 << 20, disk_dir=tmp_path, on_progress=on_progress)
+    assert torch.equal(result["img"], image)
+    print("disk tier: files, allocated bytes, stored bytes after 1 / 20 / 200 iterations:",
+          samples[0], samples[warm - 1], samples[-1])
+    assert samples[warm - 1][2] >= 2 * image.numel() * 4  # both keys really live on disk
+    assert all(s == samples[warm - 1] for s in samples[warm:]), (samples[warm - 1], max(samples[warm:]))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_release_unused_keeps_only_live_values(executor):
     """release_unused: after each workflow the store holds only what a later workflow reads or the
     caller gets back."""
