@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -108,7 +109,7 @@ class ComfyServerActor:
             startup_timeout=startup_timeout, env=child_env, work_dir=work / "server", **kwargs,
         ))
         self.seconds = time.monotonic() - t0
-        self._running: set[CancelToken] = set()  # one per execute() that can be interrupted
+        self._running: dict[str, CancelToken] = {}  # by the call id of each execute() that can be cut
         self._running_lock = threading.Lock()
 
     def describe(self) -> dict:
@@ -119,29 +120,29 @@ class ComfyServerActor:
     def alive(self) -> bool:
         return self.server.process.poll() is None
 
-    def execute(self, prompt: dict, timeout: float | None = None, cancellable: bool = False) -> dict:
+    def execute(self, prompt: dict, timeout: float | None = None, call_id: str | None = None) -> dict:
         code = self.server.process.poll()
         if code is not None:
             raise ComfyConnectionError(f"the ComfyUI server (pid {self.server.process.pid}) exited with code {code}")
-        if not cancellable:
+        if call_id is None:
             return self.server.execute(prompt, timeout=timeout)
         token = CancelToken()
         with self._running_lock:
-            self._running.add(token)
+            self._running[call_id] = token
         try:
             return self.server.execute(prompt, timeout=timeout, cancel=token)
         finally:
             with self._running_lock:
-                self._running.discard(token)
+                self._running.pop(call_id, None)
 
-    def interrupt(self) -> int:
-        """Cancel every cancellable execute() running in this actor (another of its threads): each
+    def interrupt(self, call_id: str) -> bool:
+        """Cancel the execute() ``call_id`` running in this actor (in another of its threads): it
         takes its prompt off the server's queue or interrupts it, then raises RunCancelled."""
         with self._running_lock:
-            tokens = list(self._running)
-        for token in tokens:
+            token = self._running.get(call_id)
+        if token is not None:
             token.cancel()
-        return len(tokens)
+        return token is not None
 
     def object_info(self) -> dict:
         return self.server.object_info()
@@ -331,16 +332,17 @@ class RayComfyPool:
         """
         slot = self._slot(index)
         try:
-            ref = slot.actor.execute.remote(prompt, timeout, cancel is not None)
+            call_id = None if cancel is None else uuid.uuid4().hex  # names this call to its actor
+            ref = slot.actor.execute.remote(prompt, timeout, call_id)
             try:
                 while cancel is not None and not ray.wait([ref], timeout=0.2)[0]:
                     if cancel.cancelled:
-                        slot.actor.interrupt.remote()  # the actor's execute() then raises RunCancelled
+                        slot.actor.interrupt.remote(call_id)  # the actor's execute() then raises RunCancelled
                         break
                 return ray.get(ref)
             except KeyboardInterrupt:
-                if cancel is not None:
-                    slot.actor.interrupt.remote()
+                if call_id is not None:
+                    slot.actor.interrupt.remote(call_id)
                     ray.wait([ref], timeout=30)  # until the server let go of the prompt
                 raise
         except RayActorError as exc:
