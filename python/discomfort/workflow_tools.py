@@ -138,6 +138,13 @@ def plan_workflows(items: list, object_info: Mapping | None) -> tuple[list[dict]
     return prompts, port_nodes, port_keys
 
 
+def port_io(port_keys: list[dict]) -> tuple[list[list[str]], list[list[str]]]:
+    """Per workflow, the keys it reads (an INPUT port that feeds some node) and the keys it writes."""
+    reads = [[uid for uid, port in keys.items() if port.reads and port.consumers] for keys in port_keys]
+    writes = [[uid for uid, port in keys.items() if port.writes] for keys in port_keys]
+    return reads, writes
+
+
 def missing_inputs_error(k: int, missing: list[str], run_id: str) -> UnknownKeyError:
     """The error for workflow ``k`` reading keys nothing has stored yet."""
     return UnknownKeyError(
@@ -283,8 +290,7 @@ def run_sequential(
             and callable(getattr(executor, "object_info", None)):
         object_info = executor.object_info()
     prompts, port_nodes, port_keys = plan_workflows(items, object_info)
-    reads = [[uid for uid, port in keys.items() if port.reads and port.consumers] for keys in port_keys]
-    writes = [[uid for uid, port in keys.items() if port.writes] for keys in port_keys]
+    reads, writes = port_io(port_keys)
     wanted = None if outputs is None else list(dict.fromkeys([outputs] if isinstance(outputs, str) else outputs))
     if wanted is not None:
         known = {uid for w in writes for uid in w} | set(inputs or {})

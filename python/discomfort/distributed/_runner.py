@@ -14,6 +14,7 @@ from ..run_control import CancelToken, cut_error, progress_bar
 from ..workflow_tools import (
     missing_inputs_error,
     plan_workflows,
+    port_io,
     prepare_prompt,
     read_workflows,
     workflow_names,
@@ -136,6 +137,7 @@ def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | No
     if object_info is None and any(is_ui_format(w) for w in items):
         object_info = pool.object_info(0)
     prompts, port_nodes, port_keys = plan_workflows(items, object_info)
+    reads, writes = port_io(port_keys)
 
     total = iterations * len(prompts)
     written: list[str] = []
@@ -155,11 +157,9 @@ def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | No
                     where[:] = [iteration, k, False]
                     if cancel is not None and cancel.cancelled:
                         raise RunCancelled("cancelled between workflows")
-                    keys = port_keys[k]
-                    reads = [uid for uid, port in keys.items() if port.reads and port.consumers]
-                    outs = [uid for uid, port in keys.items() if port.writes]
-                    have = ctx.versions(reads + outs)
-                    missing = sorted(uid for uid in reads if have[uid] is None)
+                    keys, outs = port_keys[k], writes[k]
+                    have = ctx.versions(reads[k] + outs)
+                    missing = sorted(uid for uid in reads[k] if have[uid] is None)
                     if missing:
                         raise missing_inputs_error(k, missing, ctx.run_id)
                     server = choose(iteration, k, step)
