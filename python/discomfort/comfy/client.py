@@ -8,6 +8,7 @@ import uuid
 from typing import Any, Callable
 
 from ..errors import ComfyConnectionError, RunCancelled
+from ..run_control import CancelToken
 from ._common import raise_for_messages, validation_error
 
 __all__ = ["ComfyServer"]
@@ -99,7 +100,7 @@ class ComfyServer:
         return f"{base}/ws?clientId={client_id}"
 
     def execute(self, prompt: dict, timeout: float | None = 600.0, *, extra_data: dict | None = None,
-                cancel: Any = None, on_event: Callable[[str, dict], Any] | None = None) -> dict:
+                cancel: CancelToken | None = None, on_event: Callable[[str, dict], Any] | None = None) -> dict:
         """Run an API-format prompt; returns the history outputs ``{node_id: ui}``.
 
         Raises :class:`~discomfort.errors.PromptValidationError` when the server rejects the
@@ -167,8 +168,8 @@ class ComfyServer:
             raise ComfyConnectionError(f"prompt {prompt_id} ended with status {status!r}{self._context()}")
         return entry.get("outputs", {})
 
-    def _wait(self, ws, websocket, prompt_id: str, deadline: float | None, timeout, cancel=None,
-              on_event=None) -> Any:
+    def _wait(self, ws, websocket, prompt_id: str, deadline: float | None, timeout,
+              cancel: CancelToken | None = None, on_event: Callable[[str, dict], Any] | None = None) -> Any:
         """Read websocket messages until the server reports the prompt done; the error, if any
         (``_CANCELLED`` when ``cancel`` fired first)."""
         error = None
@@ -236,16 +237,16 @@ class ComfyServer:
         listen = True  # a recv cut by Ctrl-C can leave the socket unusable: then just pace by time
         try:
             while time.monotonic() < deadline and self.in_queue(prompt_id):
-                if listen:
-                    ws.settimeout(0.1)
-                    try:
-                        ws.recv()
-                        continue
-                    except websocket.WebSocketTimeoutException:
-                        continue
-                    except (OSError, websocket.WebSocketException):
-                        listen = False
-                time.sleep(0.1)
+                if not listen:
+                    time.sleep(0.1)
+                    continue
+                ws.settimeout(0.1)
+                try:
+                    ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    pass
+                except (OSError, websocket.WebSocketException):
+                    listen = False
         except ComfyConnectionError:
             return  # the server went away: nothing left to wait for
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ComfyConnectionError, RunCancelled
+from ..run_control import CancelToken
 from . import _tvshim
 from ._common import make_custom_nodes_dir, raise_for_messages, resolve_node_packs, validation_error
 
@@ -237,7 +238,7 @@ class InProcessComfy:
         return out
 
     def execute(self, prompt: dict, timeout: float | None = None, *, extra_data: dict | None = None,
-                cancel: Any = None, on_event: Callable[[str, dict], Any] | None = None) -> dict:
+                cancel: CancelToken | None = None, on_event: Callable[[str, dict], Any] | None = None) -> dict:
         """Validate and run an API-format prompt; returns the history outputs ``{node_id: ui}``.
 
         Raises :class:`~discomfort.errors.PromptValidationError` when ComfyUI rejects the prompt,
