@@ -31,7 +31,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "backend", "Store", "WorkflowContext", "get_context", "release_pool", "run_sequential", "CancelToken", "ProgressEvent",
-    "errors", "__version__",
+    "backend", "store_mode", "Store", "WorkflowContext", "get_context", "release_pool", "run_sequential",
+    "CancelToken", "ProgressEvent", "errors", "__version__",
     *errors.__all__,
 ]

@@ -20,7 +20,6 @@ import time
 import weakref
 from collections import deque
 from functools import lru_cache
-from itertools import compress
 from typing import Any, Callable, Iterator, Sequence
 
 try:
