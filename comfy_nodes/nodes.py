@@ -51,7 +51,7 @@ class DiscomfortPort:
         if run_id:
             mode = _resolve_mode(prompt, node_id, port_mode)
             if mode in ("OUTPUT", "PASSTHRU"):
-                get_handler(run_id).save(unique_id, input_data)
+                get_handler(run_id, prompt).save(unique_id, input_data)
         return (input_data,)
 
 

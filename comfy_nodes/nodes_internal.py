@@ -28,19 +28,23 @@ class DiscomfortDataLoader:
                 "run_id": ("STRING", {"default": ""}),
                 "unique_id": ("STRING", {"default": ""}),
             },
+            "hidden": {"prompt": "PROMPT"},
         }
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
-        # Accept any inputs: if this raised, ComfyUI would silently treat the node as changed.
-        run_id, unique_id = kwargs.get("run_id"), kwargs.get("unique_id")
-        return get_handler(run_id).info(unique_id)["version"]
+        # ComfyUI gives IS_CHANGED no prompt, so this cannot check it; load_data does. A version
+        # number is all it reveals. If this raised, ComfyUI would treat the node as changed.
+        import discomfort
 
-    def load_data(self, run_id, unique_id):
+        run_id, unique_id = kwargs.get("run_id"), kwargs.get("unique_id")
+        return discomfort.get_context(run_id).info(unique_id)["version"]
+
+    def load_data(self, run_id, unique_id, prompt=None):
         import discomfort.errors as errors
 
         try:
-            handler = get_handler(run_id)
+            handler = get_handler(run_id, prompt)
             return (handler.load(unique_id),)
         except errors.UnknownKeyError as exc:
             raise errors.UnknownKeyError(_describe(exc, run_id, unique_id)) from exc

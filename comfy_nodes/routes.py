@@ -1,7 +1,8 @@
 """HTTP routes of the node pack (only when ComfyUI runs as a server).
 
-* ``GET /discomfort/host_info``: where this server runs, so that an orchestrator can tell whether
-  it shares memory with it (same host, same user, same /dev/shm).
+* ``GET /discomfort/host_info?nonce=HEX``: keyed digests of where this server runs, so that an
+  orchestrator can tell whether it shares memory with it (same host, user and /dev/shm) without
+  the server revealing its uid, pid or boot id.
 * ``/discomfort/runs...``: runs owned by this server process, for orchestrators that cannot share
   memory with it; values travel as binary bodies (see ``discomfort.remote``).
 """
@@ -30,7 +31,11 @@ def register():
 
     @routes.get("/discomfort/host_info")
     async def discomfort_host_info(request):
-        return web.json_response(host_info())
+        try:
+            return web.json_response(host_info(request.query.get("nonce", "")))
+        except ValueError as exc:
+            return web.json_response({"error": f"GET /discomfort/host_info?nonce=<hex>: {exc}",
+                                      "type": "ValueError"}, status=400)
 
     add_routes(routes)
     _registered = True

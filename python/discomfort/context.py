@@ -7,6 +7,7 @@ registry (in this process) or attach to it (in a ComfyUI server process).
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import secrets
@@ -16,14 +17,16 @@ import threading
 from types import ModuleType
 from typing import Any, Iterator, Literal
 
-from . import _backend, codecs, sysinfo
+from . import _backend, codecs, datacodec, sysinfo
 from ._pystore import require_local_store
 from ._sweep import sweep
 from .errors import (
     InvalidRunIdError,
+    PromptNotAllowedError,
     ReferenceUnavailableError,
     RunFinishedError,
     StoreClosedError,
+    UnknownKeyError,
     UnknownRunError,
 )
 
@@ -38,8 +41,25 @@ _refs: dict[tuple[str, str], Any] = {}
 _refs_lock = threading.Lock()
 _PROCESS_TOKEN = secrets.token_hex(16)
 
-_TAG_VALUE = b"V"
-_TAG_REF = b"R"
+_TAG_VALUE = b"V"  # a pickle this user's own process wrote
+_TAG_REF = b"R"  # a JSON marker of an object kept in the saving process
+_TAG_DATA = b"D"  # a datacodec description that crossed a trust boundary: never unpickled
+_TAG_PROMPTS = b"P"  # the run's registered prompt digests (JSON)
+
+#: The digests of the prompts the run's orchestrator queued and that are running now.
+_PROMPTS_KEY = "\x1fdiscomfort.prompts"
+
+
+def prompt_digest(prompt: Any) -> str:
+    """SHA-256 of what an API prompt does (each node's class and inputs, canonical JSON).
+
+    Other fields are left out: ComfyUI adds its own (``is_changed``) while it runs a prompt.
+    """
+    if not isinstance(prompt, dict):
+        raise TypeError(f"a prompt is an API-format dict, not {type(prompt).__name__}")
+    what = {str(k): [n.get("class_type"), n.get("inputs")] if isinstance(n, dict) else n for k, n in prompt.items()}
+    text = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 #: Run ids with this prefix live in a Ray cluster (discomfort.distributed.RayContext).
 RAY_RUN_PREFIX = "ray-"
@@ -163,31 +183,73 @@ class WorkflowContext:
             _refs[(self.run_id, unique_id)] = data
         return store.put(unique_id, _TAG_REF + marker.encode(), [])
 
-    def reserve(self, unique_id: str, meta: bytes, sizes: list[int]) -> Any:
-        """Room for a value already encoded by `codecs.encode` (its meta, its buffer sizes).
+    def reserve_data(self, unique_id: str, meta: bytes, sizes: list[int]) -> Any:
+        """Room for a value in the data-only encoding (:mod:`discomfort.datacodec`).
 
-        For transports that receive encoded values: fill `.buffers`, then `.seal()` (or
-        `.abort()`). The value replaces whatever `unique_id` held, references included.
+        For transports that receive values from outside: fill `.buffers`, then `.seal()` (or
+        `.abort()`). Every later reader decodes it with the data-only decoder, never pickle.
+        The value replaces whatever `unique_id` held, references included.
         """
         store = self._check()
         with _refs_lock:
             _refs.pop((self.run_id, unique_id), None)
-        return store.reserve(unique_id, _TAG_VALUE + meta, sizes)
+        return store.reserve(unique_id, _TAG_DATA + meta, sizes)
 
     def load_encoded(self, unique_id: str) -> tuple[str, bytes, list[memoryview], dict[str, Any]]:
-        """("val" or "ref", meta, buffers, info) of a stored value, without decoding it.
+        """("val", "data" or "ref", meta, buffers, info) of a stored value, without decoding it.
 
-        A "ref" entry's meta is a JSON marker naming the type and the process that owns it.
+        "val": a pickle this user's processes wrote; "data": a datacodec description; "ref": a
+        JSON marker naming the type and the process that owns the object.
         """
         meta, views, info = self._check().get(unique_id)
-        return ("ref" if meta[:1] == _TAG_REF else "val"), meta[1:], views, info
+        kind = {_TAG_REF: "ref", _TAG_DATA: "data"}.get(bytes(meta[:1]), "val")
+        return kind, meta[1:], views, info
 
     def load(self, unique_id: str) -> Any:
         """The value saved under `unique_id`: CPU tensors and arrays are zero-copy views."""
         kind, meta, views, _ = self.load_encoded(unique_id)
         if kind == "ref":
             return self._load_ref(unique_id, json.loads(meta))
+        if kind == "data":
+            return datacodec.decode(meta, views)
         return codecs.decode(meta, views)
+
+    # ---- which prompts may use the run ------------------------------------------------------
+    def allow_prompt(self, prompt: Any) -> str:
+        """Let the ComfyUI nodes of ``prompt`` (an API prompt) use this run; returns its digest.
+
+        Ports and loaders act on a run only for prompts its orchestrator registered here, so a
+        prompt someone else queued with this run's id (readable in ComfyUI's /queue and /history)
+        is refused. ``revoke_prompt(digest)`` once the prompt has finished.
+        """
+        digest = prompt_digest(prompt)
+        self._set_prompts(self._prompts() | {digest})
+        return digest
+
+    def revoke_prompt(self, digest: str) -> None:
+        self._set_prompts(self._prompts() - {digest})
+
+    def check_prompt(self, prompt: Any) -> None:
+        """Raise PromptNotAllowedError unless ``prompt`` was registered with ``allow_prompt``."""
+        if not isinstance(prompt, dict) or prompt_digest(prompt) not in self._prompts():
+            raise PromptNotAllowedError(
+                f"run {self.run_id!r} does not accept this prompt: only prompts its orchestrator queued "
+                "(run_sequential, or WorkflowContext.allow_prompt) may read or write its values"
+            )
+
+    def _prompts(self) -> frozenset[str]:
+        try:
+            meta, _views, _info = self._check().get(_PROMPTS_KEY)
+        except UnknownKeyError:
+            return frozenset()
+        return frozenset(json.loads(bytes(meta[1:])))
+
+    def _set_prompts(self, digests: frozenset[str]) -> None:
+        store = self._check()
+        if digests:
+            store.put(_PROMPTS_KEY, _TAG_PROMPTS + json.dumps(sorted(digests)).encode(), [])
+        else:
+            store.delete(_PROMPTS_KEY)
 
     def _load_ref(self, unique_id: str, marker: dict) -> Any:
         if marker.get("process") != _PROCESS_TOKEN:
@@ -211,10 +273,10 @@ class WorkflowContext:
         return removed
 
     def keys(self) -> list[str]:
-        return self._check().keys()
+        return [k for k in self._check().keys() if k != _PROMPTS_KEY]
 
     def __contains__(self, unique_id: object) -> bool:
-        return self._check().contains(unique_id)
+        return unique_id != _PROMPTS_KEY and self._check().contains(unique_id)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())

@@ -18,6 +18,7 @@ __all__ = [
     "DiskFullError",
     "CorruptedStoreError",
     "StoreAccessError",
+    "UnsafeDirectoryError",
     "StoreClosedError",
     "UnsupportedPlatformError",
     "ReferenceUnavailableError",
@@ -29,6 +30,9 @@ __all__ = [
     "UnsupportedWorkflowError",
     "RunCancelled",
     "RunInterrupted",
+    "PromptNotAllowedError",
+    "AuthenticationError",
+    "RemoteLimitError",
 ]
 
 
@@ -84,6 +88,12 @@ class StoreAccessError(DiscomfortError, PermissionError):
     """The segment belongs to another user: its data is never read."""
 
 
+class UnsafeDirectoryError(StoreAccessError):
+    """A disk-tier directory another local user could change (not ours or root's, group- or
+    world-writable without the sticky bit, a symbolic link, not a directory): refused before
+    anything is written there. The message says what to change."""
+
+
 class StoreClosedError(DiscomfortError, ValueError):
     """An operation on a store handle that was closed or destroyed."""
 
@@ -99,6 +109,18 @@ class ReferenceUnavailableError(DiscomfortError):
 
 class SerializationError(DiscomfortError, TypeError):
     """A value saved with pass_by="val" could not be serialized."""
+
+
+class PromptNotAllowedError(DiscomfortError, PermissionError):
+    """A ComfyUI prompt the run's orchestrator did not queue tried to use the run."""
+
+
+class AuthenticationError(DiscomfortError, PermissionError):
+    """A server refused a request's credentials (HTTP 401/403): no or a wrong secret or token."""
+
+
+class RemoteLimitError(DiscomfortError):
+    """A server refused a request over one of its limits (HTTP 413, 429 or 503)."""
 
 
 class WorkflowError(DiscomfortError):

@@ -160,7 +160,8 @@ def choose_transport(executor: Any, transport: str | None = None) -> tuple[str, 
     ``transport``: "auto" (default; also ``$DISCOMFORT_TRANSPORT``), "shm" or "http". An executor
     without ``host_info()`` (ComfyUI in this process, or a wrapper) always shares memory. For a
     server, "auto" compares its ``GET /discomfort/host_info`` with this process's
-    (:func:`~discomfort.comfy.same_host`: same boot id, uid and /dev/shm device and inode);
+    (:func:`~discomfort.comfy.same_host`: keyed digests of boot id, uid and /dev/shm device
+    and inode, made for a fresh nonce, so the server reveals nothing else);
     "http" uses the HTTP routes without asking; "shm" raises
     :class:`~discomfort.errors.WorkflowError` when the server says it cannot share memory.
     """
@@ -191,7 +192,10 @@ def choose_transport(executor: Any, transport: str | None = None) -> tuple[str, 
             f"(GET /discomfort/host_info failed: {exc}); is the discomfort node pack installed there? "
             "Pass transport='shm' or 'http' to decide without asking"
         ) from exc
-    why = host_differences(host_info(), remote)
+    try:
+        why = host_differences(host_info(remote.get("nonce")), remote)
+    except (ValueError, AttributeError):
+        why = ["the server's answer carries no valid nonce (an older node pack?)"]
     if not why:
         return "shm", "the server shares this host, user and /dev/shm"
     if requested == "shm":
@@ -347,7 +351,11 @@ def run_sequential(
                         before = {uid: _version(ctx, uid) for uid in writes[k]}
                         state.emit("workflow_start")
                         state.inside = True
-                        executor.execute(prompt, timeout=timeout, **kwargs)
+                        digest = ctx.allow_prompt(prompt)
+                        try:
+                            executor.execute(prompt, timeout=timeout, **kwargs)
+                        finally:
+                            ctx.revoke_prompt(digest)
                         state.inside = False
                         for uid in writes[k]:
                             after = _version(ctx, uid)

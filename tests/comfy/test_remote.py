@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import threading
 import warnings
 
@@ -20,7 +19,7 @@ import torch
 
 import discomfort
 from discomfort.comfy import host_info, same_host
-from discomfort.comfy.nodes_support import host_differences
+from discomfort.comfy.nodes_support import host_differences, host_facts, new_nonce
 from discomfort.errors import (
     NodeExecutionError,
     ReferenceUnavailableError,
@@ -31,6 +30,7 @@ from discomfort.errors import (
     WorkflowError,
 )
 from discomfort.remote import FrameBody, RemoteContext, TransportWarning, frame_header, parse_header
+from discomfort.remote.framing import TOKEN_HEADER
 from discomfort.workflow_tools import choose_transport, run_sequential
 
 SHM = "/dev/shm"
@@ -79,16 +79,25 @@ def _http(fn, *a, **kw):
 # ------------------------------------------------------------------------------- unit tests
 
 
-def test_same_host_needs_boot_id_uid_and_shm():
-    here = host_info()
+def test_same_host_compares_keyed_digests_only():
+    nonce = new_nonce()
+    here = host_info(nonce)
     assert same_host(here, dict(here)) and host_differences(here, dict(here)) == []
-    for key, value in [("boot_id", "another-boot"), ("uid", here["uid"] + 1),
-                       ("shm_st_ino", here["shm_st_ino"] + 1), ("shm_st_dev", here["shm_st_dev"] + 1)]:
-        other = {**here, key: value}
+    # Nothing but digests, the nonce, the version and the backend: no uid, pid or boot id.
+    assert set(here) == {"nonce", "host", "user", "shm", "version", "backend"}
+    facts = host_facts()
+    text = json.dumps(here)
+    assert facts["boot_id"] not in text and str(os.getpid()) not in text
+    assert host_info(new_nonce())["host"] != here["host"]  # a fresh nonce, fresh digests
+    for key, why in [("host", "boot id"), ("user", "another user"), ("shm", "/dev/shm")]:
+        other = {**here, key: "0" * 64}
         assert not same_host(here, other), key
-        assert len(host_differences(here, other)) == 1
-    assert not same_host(here, {**here, "boot_id": None})
+        assert any(why in w for w in host_differences(here, other)), key
+    assert not same_host(here, {**here, "host": None})
     assert not same_host(here, {})
+    assert not same_host(here, host_info(new_nonce()))  # answers for another nonce prove nothing
+    with pytest.raises(ValueError, match="nonce"):
+        host_info("not hex")
 
 
 def test_frame_header_round_trip():
@@ -120,7 +129,7 @@ def test_transport_choice_without_a_server(monkeypatch, inprocess):
 def test_auto_picks_http_when_the_server_cannot_share(server, workflow, monkeypatch, caplog):
     real = server.host_info()
     assert choose_transport(server)[0] == "shm"  # same machine, same user: shared memory
-    monkeypatch.setattr(server, "host_info", lambda: {**real, "boot_id": "f" * 32})
+    monkeypatch.setattr(server, "host_info", lambda: {**real, "host": "f" * 64})
     path, why = choose_transport(server)
     assert path == "http" and "boot id" in why
     with pytest.raises(WorkflowError, match="transport='shm'.*cannot share memory"):
@@ -130,7 +139,7 @@ def test_auto_picks_http_when_the_server_cannot_share(server, workflow, monkeypa
         result = run_sequential(workflow("run_loop_invert.json"), {"image": image}, executor=server, timeout=120)
     assert torch.equal(result["image"], 1.0 - image)
     assert any("over HTTP" in r.getMessage() for r in caplog.records)
-    monkeypatch.setattr(server, "host_info", lambda: {**real, "shm_st_ino": -1})
+    monkeypatch.setattr(server, "host_info", lambda: {**real, "shm": "0" * 64})
     assert choose_transport(server)[0] == "http"
 
 
@@ -168,7 +177,8 @@ def test_http_loop_gives_the_same_pixels_as_shm(server, workflow, iterations):
         assert names and not held_here
     run_id = rec.run_id
     assert _leftovers(run_id) == []
-    assert requests.get(f"{server.url}/discomfort/runs/{run_id}", timeout=10).status_code == 404
+    assert requests.get(f"{server.url}/discomfort/runs/{run_id}", headers={TOKEN_HEADER: "x"},
+                        timeout=10).status_code == 404
 
 
 @pytest.mark.comfy
@@ -217,7 +227,8 @@ def test_remote_context_api(server):
         "bf16": torch.randn(3, 5).to(torch.bfloat16),
         "empty": torch.empty(0, 3),
         "arr": np.arange(10, dtype=np.int16),
-        "plain": {"a": [1, 2.5, None, True], "b": ("x", b"\x00\x01"), "c": {1, 2}, "z": 1 + 2j},
+        "plain": {"a": [1, 2.5, None, True, 2 ** 80, float("inf")], "b": ("x", b"\x00\x01"),
+                  "c": bytearray(b"xy"), "n": np.float32(2.5)},
         "key/with spaces ü": "str",
     }
     with RemoteContext(server.url) as rc:
@@ -232,7 +243,11 @@ def test_remote_context_api(server):
             elif isinstance(v, np.ndarray):
                 assert got.dtype == v.dtype and np.array_equal(got, v)
             else:
-                assert got == v
+                assert got == v and type(got) is type(v)
+        for bad, what in [({1, 2}, "set"), (1 + 2j, "complex"), ({"k": {1: 2}}, "dict key of type int")]:
+            with pytest.raises(SerializationError, match=what):
+                rc.save("bad", bad)
+        assert "bad" not in rc
         assert rc.info("t")["version"] == versions["t"] and rc.info("t")["nbytes"] == 96
         assert rc.delete("arr") and not rc.delete("arr") and "arr" not in rc
         with pytest.raises(UnknownKeyError, match=f"'arr'.*{rc.run_id}"):
@@ -250,26 +265,27 @@ def test_remote_context_api(server):
 @pytest.mark.comfy
 def test_routes_answer_clear_errors(server):
     url = server.url
-    r = requests.get(f"{url}/discomfort/runs/no-such-run/values/x", timeout=10)
+    r = requests.get(f"{url}/discomfort/runs/no-such-run/values/x", headers={TOKEN_HEADER: "t"}, timeout=10)
     assert r.status_code == 404
     body = r.json()
     assert body["type"] == "UnknownRunError" and "no-such-run" in body["error"] and body["run_id"] == "no-such-run"
     with RemoteContext(server.url) as rc:
+        auth = {TOKEN_HEADER: rc._token}
         base = f"{url}/discomfort/runs/{rc.run_id}/values"
-        r = requests.get(f"{base}/missing", timeout=10)
+        r = requests.get(f"{base}/missing", headers=auth, timeout=10)
         assert r.status_code == 404 and r.json()["type"] == "UnknownKeyError" and "'missing'" in r.json()["error"]
-        r = requests.get(f"{base}/missing/info", timeout=10)
+        r = requests.get(f"{base}/missing/info", headers=auth, timeout=10)
         assert r.status_code == 404 and "'missing'" in r.json()["error"]
-        assert requests.delete(f"{base}/missing", timeout=10).status_code == 404
-        r = requests.put(f"{base}/k", data=b"not a frame at all, no", timeout=10)
+        assert requests.delete(f"{base}/missing", headers=auth, timeout=10).status_code == 404
+        r = requests.put(f"{base}/k", data=b"not a frame at all, no", headers=auth, timeout=10)
         assert r.status_code == 400 and "not a discomfort value frame" in r.json()["error"]
-        r = requests.put(f"{base}/k", data=frame_header(4, [100]) + b"meta" + b"x" * 10, timeout=10)
+        r = requests.put(f"{base}/k", data=frame_header(4, [100]) + b"meta" + b"x" * 10, headers=auth, timeout=10)
         assert r.status_code == 400 and "frame" in r.json()["error"]
-        r = requests.put(f"{base}/k", data=frame_header(0, [2]) + b"xyz", timeout=10)
+        r = requests.put(f"{base}/k", data=frame_header(0, [2]) + b"xyz", headers=auth, timeout=10)
         assert r.status_code == 400
         assert "k" not in rc  # nothing half-written stays
         # A run that ended on the server is an UnknownRunError on the client.
-        assert requests.delete(f"{url}/discomfort/runs/{rc.run_id}", timeout=10).status_code == 200
+        assert requests.delete(f"{url}/discomfort/runs/{rc.run_id}", headers=auth, timeout=10).status_code == 200
         with pytest.raises(UnknownRunError, match=rc.run_id):
             rc.load("x")
 
@@ -289,31 +305,33 @@ class _Custom:
         self.x = x
 
 
-class _Evil:
-    def __reduce__(self):
-        return (print, ("this must never run in the server",))
-
-
 @pytest.mark.comfy
-def test_server_decodes_network_values_restricted(server):
-    """A value sent over HTTP cannot make the server run code: only tensors, arrays, plain data."""
+def test_server_stores_network_values_as_data_only(server, tmp_path):
+    """A value sent over HTTP is stored as data: its readers never unpickle it."""
     with RemoteContext(server.url) as rc:
         with pytest.raises(SerializationError, match="_Custom"):
             rc.save("obj", _Custom(1))
-        # A client that skips the check: the bytes are stored, but the server's nodes refuse them.
-        meta = pickle.dumps(_Evil(), protocol=5)
-        r = requests.put(f"{server.url}/discomfort/runs/{rc.run_id}/values/evil",
-                         data=frame_header(len(meta), []) + meta, timeout=10)
-        assert r.status_code == 200
         rc.save("fine", {"samples": torch.ones(1, 4, 2, 2)})
         prompt = {
-            "4": {"class_type": "DiscomfortDataLoader", "inputs": {"run_id": rc.run_id, "unique_id": "evil"}},
+            "4": {"class_type": "DiscomfortDataLoader", "inputs": {"run_id": rc.run_id, "unique_id": "fine"}},
             "5": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "y", "input_data": ["4", 0],
                                                              "run_id": rc.run_id}},
         }
-        with pytest.raises(NodeExecutionError, match="builtins.print") as info:
-            server.execute(prompt, timeout=60)
-        assert info.value.node_id == "4" and "sent over HTTP" in info.value.message
-        prompt["4"]["inputs"]["unique_id"] = "fine"
+        digest = rc.allow_prompt(prompt)
         server.execute(prompt, timeout=60)
+        rc.revoke_prompt(digest)
         assert torch.equal(rc.load("y")["samples"], torch.ones(1, 4, 2, 2))
+        # Another process of this user attaches to the server's run and reads what the client
+        # sent: the data-only decoder, never pickle.
+        import subprocess
+        import sys
+
+        code = (
+            "import sys, discomfort\n"
+            "ctx = discomfort.WorkflowContext.attach(sys.argv[1])\n"
+            "kind = ctx.load_encoded('fine')[0]\n"
+            "print(kind, float(ctx.load('fine')['samples'].sum()))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, rc.run_id], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["data", "16.0"]

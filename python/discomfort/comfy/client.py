@@ -85,9 +85,12 @@ class ComfyServer:
     def history(self, prompt_id: str) -> dict:
         return self.get_json(f"/history/{prompt_id}").get(prompt_id, {})
 
-    def host_info(self) -> dict:
-        """What the node pack's ``/discomfort/host_info`` route reports about the server process."""
-        return self.get_json("/discomfort/host_info")
+    def host_info(self, nonce: str | None = None) -> dict:
+        """The node pack's ``/discomfort/host_info`` answer for ``nonce`` (default: a fresh one):
+        digests to compare with :func:`discomfort.comfy.host_info` of the same nonce."""
+        from .nodes_support import new_nonce
+
+        return self.get_json("/discomfort/host_info", params={"nonce": nonce or new_nonce()})
 
     # -- running prompts ----------------------------------------------------------------------
 

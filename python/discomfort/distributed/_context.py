@@ -19,9 +19,10 @@ from ray.exceptions import ObjectLostError, ObjectStoreFullError, RayActorError
 
 from .. import codecs
 from .._pystore import check_key, check_run_id
-from ..context import PassBy, RAY_RUN_PREFIX, _install_signal_handler
+from ..context import PassBy, RAY_RUN_PREFIX, _install_signal_handler, prompt_digest
 from ..errors import (
     InvalidRunIdError,
+    PromptNotAllowedError,
     ReferenceUnavailableError,
     RunFinishedError,
     StoreFullError,
@@ -222,6 +223,23 @@ class RayContext:
             if _runs.get(self.run_id) is self:
                 del _runs[self.run_id]
         _drop_refs(self.run_id)
+
+    # ---- which prompts may use the run --------------------------------------------------------
+    def allow_prompt(self, prompt: Any) -> str:
+        """Let the ComfyUI nodes of ``prompt`` use this run (see WorkflowContext.allow_prompt)."""
+        digest = prompt_digest(prompt)
+        self._call("allow_prompt", digest)
+        return digest
+
+    def revoke_prompt(self, digest: str) -> None:
+        self._call("revoke_prompt", digest)
+
+    def check_prompt(self, prompt: Any) -> None:
+        if not isinstance(prompt, dict) or not self._call("prompt_allowed", prompt_digest(prompt)):
+            raise PromptNotAllowedError(
+                f"Ray run {self.run_id!r} does not accept this prompt: only prompts its orchestrator queued "
+                "may read or write its values"
+            )
 
     # ---- data --------------------------------------------------------------------------------
     def save(self, unique_id: str, data: Any, pass_by: PassBy = "auto") -> int:

@@ -22,10 +22,21 @@ class RunDirectory:
         self._next_version = 1
         self._finished = False
         self._puts = 0
+        self._prompts: set[str] = set()
 
     # ---- liveness ------------------------------------------------------------------------------
     def ping(self) -> dict:
         return {"run_id": self.run_id, "owner": self.owner, "finished": self._finished}
+
+    # ---- prompts that may use the run ----------------------------------------------------------
+    def allow_prompt(self, digest: str) -> None:
+        self._prompts.add(digest)
+
+    def revoke_prompt(self, digest: str) -> None:
+        self._prompts.discard(digest)
+
+    def prompt_allowed(self, digest: str) -> bool:
+        return digest in self._prompts
 
     # ---- updates -------------------------------------------------------------------------------
     def put(self, uid: str, box: list, info: dict) -> Any:

@@ -209,7 +209,11 @@ def _run_one(pool: RayComfyPool, ctx: RayContext, server: int, k: int, iteration
     while True:
         attempts += 1
         try:
-            pool.execute(server, prompt, timeout, cancel)
+            digest = ctx.allow_prompt(prompt)
+            try:
+                pool.execute(server, prompt, timeout, cancel)
+            finally:
+                ctx.revoke_prompt(digest)
             after = ctx.versions(outs)
             for uid in outs:
                 if after[uid] is None or after[uid] == before.get(uid):

@@ -1,0 +1,519 @@
+"""The node pack's run routes: runs owned by a ComfyUI server process, for HTTP clients.
+
+======================================================  ==========================================
+``POST   /discomfort/runs``                             create a run: ``{"run_id", "token", ...}``
+``GET    /discomfort/runs/{run_id}``                    its stats
+``DELETE /discomfort/runs/{run_id}``                    end it (removes its memory and files)
+``GET    /discomfort/runs/{run_id}/values``             ``{"keys": [...]}``
+``PUT    /discomfort/runs/{run_id}/values/{unique_id}`` store a value (a frame)
+``GET    /discomfort/runs/{run_id}/values/{unique_id}`` the value (a frame)
+``GET    .../values/{unique_id}/info``                  tier, size and version (JSON)
+``DELETE .../values/{unique_id}``                       delete it
+``POST   /discomfort/runs/{run_id}/prompts``            ``{"digest"}``: let that prompt use the run
+``DELETE /discomfort/runs/{run_id}/prompts/{digest}``   take that back
+======================================================  ==========================================
+
+Who may do what: creating a run needs the server secret (``DISCOMFORT_SERVER_SECRET``, header
+``X-Discomfort-Secret``) when one is set; without one, only a client on loopback of a ComfyUI
+that listens on loopback only. The creator gets the run's token (256 random bits, header
+``X-Discomfort-Token``), which every other route of the run requires; the run id that travels
+in prompts is not enough. Values are frames of the data-only :mod:`discomfort.datacodec`, never
+pickles, in both directions. Errors are JSON ``{"error", "type", "run_id", "unique_id"}`` with
+the status of :data:`STATUS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import codecs, datacodec, errors, sysinfo
+from ..context import WorkflowContext
+from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, frame_header, frame_length,
+                      parse_fixed, parse_sizes)
+
+__all__ = ["ServedContext", "RunServer", "ServerLimits", "run_server", "add_routes", "SECRET_ENV"]
+
+log = logging.getLogger("discomfort")
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+class HTTPRefusal(errors.DiscomfortError):
+    """A refusal with its own status (401, 403, 411, 413, 429, 503)."""
+
+    def __init__(self, status: int, message: str, kind: type[errors.DiscomfortError]):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+#: Exception class -> HTTP status, first match wins. Anything else is a 500 (and a server bug).
+STATUS: list[tuple[type[BaseException], int]] = [
+    (errors.UnknownRunError, 404),  # RunFinishedError too
+    (errors.UnknownKeyError, 404),
+    (errors.ReferenceUnavailableError, 409),
+    (errors.StoreFullError, 507),
+    (errors.DiskFullError, 507),
+    (errors.DiscomfortError, 400),  # invalid keys, bad frames, refused values
+    (ValueError, 400),
+    (TypeError, 400),
+]
+
+
+def _env_size(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return sysinfo.parse_size(raw) if raw else default
+
+
+@dataclass
+class ServerLimits:
+    """What one server grants its HTTP clients; each has an environment variable."""
+
+    max_runs: int = 32  # DISCOMFORT_REMOTE_MAX_RUNS
+    max_runs_per_client: int = 8  # DISCOMFORT_REMOTE_MAX_RUNS_PER_CLIENT (by address)
+    max_budget: int = 0  # DISCOMFORT_REMOTE_MAX_BUDGET; 0: this machine's default RAM budget
+    max_value: int = 8 << 30  # DISCOMFORT_REMOTE_MAX_VALUE: bytes of one frame
+    max_run_bytes: int = 16 << 30  # DISCOMFORT_REMOTE_MAX_RUN_BYTES: bytes a run holds, both tiers
+    idle_seconds: float = 900.0  # DISCOMFORT_REMOTE_RUN_TTL: a run nobody used for this long ends
+    stall_seconds: float = 60.0  # a body that sends nothing for this long is dropped
+    codec: datacodec.Limits = field(default_factory=datacodec.Limits)
+
+    @classmethod
+    def from_env(cls) -> "ServerLimits":
+        lim = cls(
+            max_runs=int(os.environ.get("DISCOMFORT_REMOTE_MAX_RUNS", 32)),
+            max_runs_per_client=int(os.environ.get("DISCOMFORT_REMOTE_MAX_RUNS_PER_CLIENT", 8)),
+            max_budget=_env_size("DISCOMFORT_REMOTE_MAX_BUDGET", 0),
+            max_value=_env_size("DISCOMFORT_REMOTE_MAX_VALUE", 8 << 30),
+            max_run_bytes=_env_size("DISCOMFORT_REMOTE_MAX_RUN_BYTES", 16 << 30),
+            idle_seconds=float(os.environ.get("DISCOMFORT_REMOTE_RUN_TTL", 900)),
+        )
+        lim.codec = datacodec.Limits(max_bytes=lim.max_value)
+        return lim
+
+
+class ServedContext(WorkflowContext):
+    """A run created for an HTTP client and owned by the server process."""
+
+    def __init__(self, client: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.token = secrets.token_urlsafe(32)
+        self.client = client
+        self.last_used = time.monotonic()
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def load(self, unique_id: str) -> Any:
+        self.touch()
+        return super().load(unique_id)
+
+    def save(self, unique_id: str, data: Any, pass_by: Any = "auto") -> int:
+        self.touch()
+        return super().save(unique_id, data, pass_by)
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def comfy_listens_on_loopback_only() -> bool:
+    """Whether ComfyUI was started to listen on loopback addresses only (its --listen)."""
+    try:
+        from comfy.cli_args import args  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - not inside ComfyUI: assume the worst
+        return False
+    listen = str(getattr(args, "listen", "") or "")
+    return bool(listen) and all(_is_loopback(a.strip()) for a in listen.split(",") if a.strip())
+
+
+def parse_budget(value: Any, cap: int) -> int:
+    """A client's RAM budget (bytes or a size string), capped by the server's own."""
+    if value is None:
+        return cap
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"ram_budget must be a number of bytes or a size such as '8G', not {value!r:.40}")
+    try:
+        n = sysinfo.parse_size(value) if isinstance(value, str) else value
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"ram_budget: {exc}") from None
+    if n < 0:
+        raise ValueError(f"ram_budget must not be negative ({n})")
+    return min(n, cap)
+
+
+async def _read_exactly(reader: Any, n: int, stall: float, what: str) -> bytes:
+    if n == 0:
+        return b""
+    try:
+        return await asyncio.wait_for(reader.readexactly(n), stall * max(1, n // CHUNK))
+    except asyncio.IncompleteReadError as exc:
+        raise ValueError(f"the body ended inside the {what} ({len(exc.partial)} of {n} bytes)") from None
+    except asyncio.TimeoutError:
+        raise HTTPRefusal(408, f"the body stalled inside the {what}", errors.RemoteLimitError) from None
+
+
+async def _fill(reader: Any, dst: memoryview, stall: float) -> None:
+    n = dst.nbytes
+    pos = 0
+    while pos < n:
+        try:
+            chunk = await asyncio.wait_for(reader.read(min(n - pos, CHUNK)), stall)
+        except asyncio.TimeoutError:
+            raise HTTPRefusal(408, f"the body stalled after {pos} of {n} bytes of a buffer",
+                              errors.RemoteLimitError) from None
+        if not chunk:
+            raise ValueError(f"the body ended early ({pos} of {n} bytes of a buffer)")
+        dst[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+class RunServer:
+    """The runs this server process created for HTTP clients, and the route handlers."""
+
+    def __init__(self, limits: ServerLimits | None = None, secret: str | None = None) -> None:
+        self.runs: dict[str, ServedContext] = {}
+        self.limits = limits or ServerLimits.from_env()
+        self.secret = secret if secret is not None else os.environ.get(SECRET_ENV) or None
+        if self.secret is not None and len(self.secret) < 16:
+            raise ValueError(f"{SECRET_ENV} must be at least 16 characters")
+        self._timer: asyncio.TimerHandle | None = None
+
+    def explain(self) -> str:
+        """One line for the server log: who may create runs."""
+        if self.secret:
+            return f"discomfort: HTTP runs need the server secret ({SECRET_ENV}, header {SECRET_HEADER})"
+        if comfy_listens_on_loopback_only():
+            return (f"discomfort: HTTP runs for clients on loopback only; set {SECRET_ENV} (server and "
+                    "client) to serve other machines")
+        return (f"discomfort: ComfyUI listens beyond loopback and {SECRET_ENV} is not set: the HTTP run "
+                f"routes refuse every client; set {SECRET_ENV} to a random string of 16+ characters "
+                "on the server and on each client to enable them")
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for rid, ctx in list(self.runs.items()):
+            if ctx.closed:
+                self.runs.pop(rid, None)
+            elif now - ctx.last_used > self.limits.idle_seconds and not ctx._prompts():
+                self.runs.pop(rid, None)
+                log.warning("discomfort: run %s unused for %.0fs: ended", rid, now - ctx.last_used)
+                ctx.shutdown()
+
+    def _schedule_expiry(self) -> None:
+        if self._timer is None and self.runs:
+            loop = asyncio.get_running_loop()
+
+            def tick() -> None:
+                self._timer = None
+                self._expire()
+                self._schedule_expiry()
+
+            self._timer = loop.call_later(max(1.0, self.limits.idle_seconds / 4), tick)
+
+    def _authorize(self, request: Any) -> ServedContext:
+        """The run named in the path, if the request carries its token."""
+        self._expire()
+        run_id = request.match_info["run_id"]
+        token = request.headers.get(TOKEN_HEADER)
+        if not token:
+            raise HTTPRefusal(401, f"the run routes need the run's token (header {TOKEN_HEADER}), which "
+                                   "POST /discomfort/runs gave its creator", errors.AuthenticationError)
+        ctx = self.runs.get(run_id)
+        if ctx is None or ctx.closed:
+            raise errors.UnknownRunError(
+                f"no run {run_id!r} on this server (it ended, or was never created with POST /discomfort/runs)")
+        if not hmac.compare_digest(token.encode(), ctx.token.encode()):
+            raise HTTPRefusal(403, f"wrong token for run {run_id!r}", errors.AuthenticationError)
+        ctx.touch()
+        return ctx
+
+    def _may_create(self, request: Any) -> None:
+        if self.secret:
+            given = request.headers.get(SECRET_HEADER)
+            if not given:
+                raise HTTPRefusal(401, f"creating a run needs the server secret (header {SECRET_HEADER}; "
+                                       f"the client reads it from {SECRET_ENV})", errors.AuthenticationError)
+            if not hmac.compare_digest(given.encode(), self.secret.encode()):
+                raise HTTPRefusal(403, "wrong server secret", errors.AuthenticationError)
+            return
+        if not comfy_listens_on_loopback_only():
+            raise HTTPRefusal(403, f"this ComfyUI listens beyond loopback and has no {SECRET_ENV}: set it on "
+                                   "the server and the client to create runs", errors.AuthenticationError)
+        if not _is_loopback(request.remote):
+            raise HTTPRefusal(403, f"runs are created for clients on loopback only (set {SECRET_ENV})",
+                              errors.AuthenticationError)
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _error(exc: BaseException, run_id: str | None = None, key: str | None = None) -> Any:
+        from aiohttp import web
+
+        if isinstance(exc, HTTPRefusal):
+            status, kind = exc.status, exc.kind.__name__
+        else:
+            status = next((s for cls, s in STATUS if isinstance(exc, cls)), 500)
+            kind = type(exc).__name__
+            if status == 500:
+                log.exception("discomfort: unexpected error in a run route", exc_info=exc)
+        body = {"error": str(exc) or type(exc).__name__, "type": kind, "run_id": run_id, "unique_id": key}
+        return web.json_response(body, status=status)
+
+    # -- handlers (aiohttp) ------------------------------------------------------------------------
+
+    async def create(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            self._may_create(request)
+            raw = await request.content.read(4097)
+            if len(raw) > 4096:
+                raise HTTPRefusal(413, "the body of POST /discomfort/runs is at most 4096 bytes",
+                                  errors.RemoteLimitError)
+            try:
+                body = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                raise ValueError("the body of POST /discomfort/runs must be a JSON object (or empty)") from None
+            if not isinstance(body, dict):
+                raise ValueError("the body of POST /discomfort/runs must be a JSON object (or empty)")
+            self._expire()
+            client = request.remote or "?"
+            if len(self.runs) >= self.limits.max_runs:
+                raise HTTPRefusal(503, f"this server holds {len(self.runs)} runs, its limit; try again once "
+                                       "some have ended", errors.RemoteLimitError)
+            if sum(c.client == client for c in self.runs.values()) >= self.limits.max_runs_per_client:
+                raise HTTPRefusal(429, f"{client} holds {self.limits.max_runs_per_client} runs on this server, "
+                                       "its limit per client; end some first", errors.RemoteLimitError)
+            cap = self.limits.max_budget or sysinfo.ram_budget(None)
+            budget = parse_budget(body.get("ram_budget"), cap)
+            ctx = ServedContext(client, ram_budget=budget)
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc)
+        self.runs[ctx.run_id] = ctx
+        self._schedule_expiry()
+        log.info("discomfort: run %s created for %s", ctx.run_id, client)
+        return web.json_response({"run_id": ctx.run_id, "token": ctx.token, "backend": ctx.backend,
+                                  "ram_budget": budget, "max_value": self.limits.max_value})
+
+    async def stats(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            return web.json_response(self._authorize(request).stats())
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, request.match_info["run_id"])
+
+    async def end(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run_id = request.match_info["run_id"]
+        try:
+            ctx = self._authorize(request)
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id)
+        self.runs.pop(run_id, None)
+        ctx.shutdown()
+        return web.json_response({"run_id": run_id, "ended": True})
+
+    async def keys(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            return web.json_response({"keys": self._authorize(request).keys()})
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, request.match_info["run_id"])
+
+    async def info(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
+        try:
+            return web.json_response(self._authorize(request).info(key))
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id, key)
+
+    async def delete(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
+        try:
+            if not self._authorize(request).delete(key):
+                raise errors.UnknownKeyError(f"no object {key!r} in run {run_id!r}")
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id, key)
+        return web.json_response({"run_id": run_id, "unique_id": key, "deleted": True})
+
+    async def allow(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run_id = request.match_info["run_id"]
+        try:
+            ctx = self._authorize(request)
+            raw = await request.content.read(257)
+            try:
+                digest = json.loads(raw).get("digest")
+            except (ValueError, AttributeError):
+                digest = None
+            if not isinstance(digest, str) or not _DIGEST.match(digest):
+                raise ValueError("the body must be {\"digest\": <64 lowercase hex digits>}")
+            ctx._set_prompts(ctx._prompts() | {digest})
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id)
+        return web.json_response({"run_id": run_id, "digest": digest})
+
+    async def revoke(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run_id, digest = request.match_info["run_id"], request.match_info["digest"]
+        try:
+            ctx = self._authorize(request)
+            ctx.revoke_prompt(digest)
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id)
+        return web.json_response({"run_id": run_id, "revoked": digest})
+
+    async def put(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
+        lim = self.limits
+        try:
+            ctx = self._authorize(request)
+            length = request.content_length
+            if length is None:
+                raise HTTPRefusal(411, "send the value with a Content-Length (no chunked bodies)",
+                                  errors.RemoteLimitError)
+            if length > lim.max_value:
+                raise HTTPRefusal(413, f"a value of {length} bytes is over this server's limit of "
+                                       f"{lim.max_value} (DISCOMFORT_REMOTE_MAX_VALUE)", errors.RemoteLimitError)
+            reader = request.content
+            nbuf, meta_len = parse_fixed(await _read_exactly(reader, HEAD.size, lim.stall_seconds, "frame header"),
+                                         lim.codec)
+            sizes = parse_sizes(await _read_exactly(reader, SIZE.size * nbuf, lim.stall_seconds, "buffer table"),
+                                nbuf, lim.codec)
+            total = frame_length(meta_len, sizes)
+            if length != total:
+                raise ValueError(f"Content-Length {length} but the frame is {total} bytes")
+            meta = await _read_exactly(reader, meta_len, lim.stall_seconds, "metadata")
+            datacodec.check(meta, sizes, lim.codec)  # before a byte of the buffers is reserved
+            self._check_room(ctx, key, sum(sizes))
+            res = ctx.reserve_data(key, meta, sizes)
+            try:
+                for dst in res.buffers:
+                    await _fill(reader, dst, lim.stall_seconds)
+                datacodec.decode(meta, res.buffers, lim.codec)  # contents too: bool bytes, Arrow offsets
+                version = res.seal()
+            except BaseException:
+                res.abort()
+                raise
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id, key)
+        return web.json_response({"run_id": run_id, "unique_id": key, "version": version})
+
+    def _check_room(self, ctx: ServedContext, key: str, nbytes: int) -> None:
+        stats = ctx.stats()
+        held = stats["bytes_ram"] + stats["bytes_disk"]
+        try:
+            held -= ctx.info(key)["nbytes"]
+        except errors.UnknownKeyError:
+            pass
+        if held + nbytes > self.limits.max_run_bytes:
+            raise HTTPRefusal(413, f"the run would hold {held + nbytes} bytes, over this server's limit of "
+                                   f"{self.limits.max_run_bytes} per run (DISCOMFORT_REMOTE_MAX_RUN_BYTES)",
+                              errors.RemoteLimitError)
+
+    async def get(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
+        try:
+            ctx = self._authorize(request)
+            kind, meta, views, info = ctx.load_encoded(key)
+            if kind == "ref":
+                marker = json.loads(meta)
+                raise errors.ReferenceUnavailableError(
+                    f"{key!r} in run {run_id!r} is a {marker.get('type')} saved by reference in the server "
+                    "process; references cannot travel over HTTP (save it by value to fetch it)")
+            if kind == "val":  # written by this server's own nodes: decode, re-encode as data only
+                value = codecs.decode(meta, views)
+                try:
+                    meta, views = datacodec.encode(value, self.limits.codec)
+                except errors.SerializationError as exc:
+                    raise errors.ReferenceUnavailableError(f"{key!r} in run {run_id!r} cannot be sent: {exc}") from None
+                del value
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id, key)
+        sizes = [v.nbytes for v in views]
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                           "X-Discomfort-Version": str(info.get("version"))})
+        resp.content_length = frame_length(len(meta), sizes)
+        await resp.prepare(request)
+        await resp.write(frame_header(len(meta), sizes) + bytes(meta))
+        try:
+            for v in views:
+                for off in range(0, v.nbytes, CHUNK):
+                    await resp.write(v[off : off + CHUNK])
+        finally:
+            del views  # unpin the store's pages once sent
+        await resp.write_eof()
+        return resp
+
+    def shutdown_all(self) -> None:
+        for rid, ctx in list(self.runs.items()):
+            self.runs.pop(rid, None)
+            ctx.shutdown()
+
+
+_server: RunServer | None = None
+
+
+def run_server() -> RunServer:
+    """The process-wide :class:`RunServer` (what the node pack's routes use)."""
+    global _server
+    if _server is None:
+        _server = RunServer()
+    return _server
+
+
+def add_routes(routes: Any) -> None:
+    """Register the run routes on an aiohttp ``RouteTableDef`` (ComfyUI's ``PromptServer.instance.routes``)."""
+    srv = run_server()
+    open_to = srv.secret or comfy_listens_on_loopback_only()
+    (log.info if open_to else log.warning)(srv.explain())
+    base = "/discomfort/runs"
+    routes.post(base)(srv.create)
+    routes.get(base + "/{run_id}")(srv.stats)
+    routes.delete(base + "/{run_id}")(srv.end)
+    routes.get(base + "/{run_id}/values")(srv.keys)
+    routes.get(base + "/{run_id}/values/{unique_id}/info")(srv.info)
+    routes.put(base + "/{run_id}/values/{unique_id}")(srv.put)
+    routes.get(base + "/{run_id}/values/{unique_id}")(srv.get)
+    routes.delete(base + "/{run_id}/values/{unique_id}")(srv.delete)
+    routes.post(base + "/{run_id}/prompts")(srv.allow)
+    routes.delete(base + "/{run_id}/prompts/{digest}")(srv.revoke)
