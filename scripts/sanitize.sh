@@ -26,4 +26,4 @@ export PYTHONPATH=$PKG
 export DISCOMFORT_REQUIRE_NATIVE=1
 cd "$ROOT/tests"
 "$PY" -c "import discomfort; assert discomfort.backend == 'native'; print('sanitized core:', discomfort._store_module.__file__)"
-"$PY" -m pytest -p no:cacheprovider -q -k "native" test_store.py test_core_native.py test_reliability.py test_pool.py "$@"
+"$PY" -m pytest -p no:cacheprovider -q -k "native" test_store.py test_core_native.py test_reliability.py test_pool.py test_disk_security.py "$@"

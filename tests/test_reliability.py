@@ -246,3 +246,69 @@ def test_injected_failure_of_a_ram_chunk_falls_back_to_disk(store_mod, run_id, t
         assert bytes(store.get("v")[1][0]) == b"q" * MiB
     finally:
         store.destroy()
+
+
+# ---- the owner ends the run while an attacher holds a handle ------------------------------------
+
+_OWNER = """
+import sys
+from discomfort import _backend
+mod = _backend.load(sys.argv[1])
+store = mod.Store.create(sys.argv[2], ram_budget=int(sys.argv[3]), disk_root=sys.argv[4])
+store.put("big", b"b", [b"B" * (1 << 20)])
+store.put("small", b"s", [b"S" * 100])
+print(store.info("big")["tier"], flush=True)
+sys.stdin.readline()  # the attacher has attached and read
+store.destroy()
+print("destroyed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _assert_finished_everywhere(handle) -> None:
+    for name, call in [("get big", lambda: handle.get("big")), ("get small", lambda: handle.get("small")),
+                       ("put", lambda: handle.put("new", b"", [b"n" * 100_000])), ("keys", handle.keys),
+                       ("info", lambda: handle.info("big")), ("contains", lambda: handle.contains("small")),
+                       ("delete", lambda: handle.delete("small"))]:
+        with pytest.raises(errors.RunFinishedError, match="has finished"):
+            call()
+            pytest.fail(f"{name} worked on a finished run")
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_attacher_gets_run_finished_after_the_owner_process_ends_the_run(backend, tier, tmp_path, run_id):
+    mod = load_backend(backend)
+    budget = 256 * MiB if tier == "ram" else 0
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, backend, run_id, str(budget), str(tmp_path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == tier
+        handle = mod.Store.attach(run_id)
+        meta, views, _ = handle.get("big")  # chunks and files opened, a view held
+        assert meta == b"b" and handle.get("small")[0] == b"s"
+        owner.stdin.write("go\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().strip() == "destroyed"
+        _assert_finished_everywhere(handle)
+        assert bytes(views[0][:4]) == b"BBBB"  # a view taken before stays valid
+        handle.close()
+    finally:
+        owner.stdin.close()
+        owner.wait(timeout=60)
+    assert leftovers(run_id, disk_root=str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_attacher_in_the_owners_process_gets_run_finished(store_mod, tier, tmp_path, run_id):
+    owner = store_mod.Store.create(run_id, ram_budget=256 * MiB if tier == "ram" else 0, disk_root=str(tmp_path))
+    owner.put("big", b"b", [b"B" * MiB])
+    owner.put("small", b"s", [b"S" * 100])
+    handle = store_mod.Store.attach(run_id)
+    assert handle.get("small")[0] == b"s" and handle.info("big")["tier"] == tier
+    res = handle.reserve("late", b"", [10])  # a write in flight when the run ends
+    owner.destroy()
+    _assert_finished_everywhere(handle)
+    with pytest.raises(errors.RunFinishedError):
+        res.seal()
+    handle.close()
+    assert leftovers(run_id, disk_root=str(tmp_path)) == []

@@ -543,3 +543,59 @@ def test_close_retires_own_reservations(store_mod, make_store):
     other.close()
     res.abort()  # a no-op once the store is closed
     assert store.stats()["reserved"] == 0
+
+
+# ---- a full object table, a full pin table, keys in messages ------------------------------------
+
+
+def test_full_table_still_overwrites_existing_keys(make_store):
+    store = make_store(ram_budget=64 * MiB, disk=False)
+    n = 0
+    with pytest.raises(errors.StoreFullError) as info:
+        while True:
+            store.put(f"k{n}", b"", [n.to_bytes(4, "little")])
+            n += 1
+    assert n == 3072  # 3/4 of the 4096 entries
+    assert f"'k{n}'" in str(info.value) and store.run_id in str(info.value) and "object table full" in str(info.value)
+    for round_ in range(3):  # every key, in place, several times (tombstones must not pile up)
+        for i in range(0, n, 1 if round_ == 0 else 7):
+            store.put(f"k{i}", b"", [(i + 1000 * (round_ + 1)).to_bytes(4, "little")])
+    assert int.from_bytes(bytes(store.get("k5")[1][0]), "little") == 5 + 1000 and \
+        int.from_bytes(bytes(store.get("k7")[1][0]), "little") == 7 + 3000
+    with pytest.raises(errors.StoreFullError, match="'new'"):
+        store.put("new", b"", [b"x"])  # new keys still keep the bound
+    for i in range(100):
+        assert store.delete(f"k{i}")
+    for i in range(100):
+        store.put(f"fresh{i}", b"", [b"f"])  # room again once keys go
+    assert len(store.keys()) == n and store.stats()["reserved"] == 0
+
+
+def test_a_full_pin_table_names_the_key(store_mod, make_store):
+    from discomfort._pystore import PIN_CAP, PIN_OFF
+
+    store = make_store(ram_budget=64 * MiB)
+    store.put("big\nkey", b"", [b"b" * MiB])
+    path = os.path.join(store.shm_dir, f"dcf-{store.run_id}")
+    fd = os.open(path, os.O_RDWR)
+    try:  # every pin in use by our own slot, on extents of no chunk (so nothing else changes)
+        os.pwrite(fd, struct.pack("<IIQQQ", 1, store.slot, 100, 0, 4096) * PIN_CAP, PIN_OFF)
+        with pytest.raises(errors.StoreFullError, match="pin table full") as info:
+            store.get("big\nkey")
+        assert repr("big\nkey") in str(info.value) and "\n" not in str(info.value)
+    finally:
+        os.pwrite(fd, bytes(32 * PIN_CAP), PIN_OFF)
+        os.close(fd)
+    assert bytes(store.get("big\nkey")[1][0][:1]) == b"b"
+
+
+@pytest.mark.parametrize("key", ["a\nb", "tab\there", "q'uote", "both'\"", "bell\x07", "c1\x85", "nbsp\xa0x",
+                                 "\u2028sep", "back\\slash", "é日本"])
+def test_keys_are_shown_escaped_in_messages(make_store, key):
+    store = make_store()
+    with pytest.raises(errors.UnknownKeyError) as info:
+        store.get(key)
+    assert f"no object {key!r} in run" in str(info.value)
+    with pytest.raises(errors.InvalidKeyError) as info:
+        store.put(key + "\0tail", b"", [])
+    assert repr(key + "\0tail") in str(info.value)  # shown in full, never cut at the NUL

@@ -35,6 +35,7 @@ const char* error_class(ErrorCode code) {
         case ErrorCode::DiskFull: return "DiskFullError";
         case ErrorCode::Corrupted: return "CorruptedStoreError";
         case ErrorCode::Access: return "StoreAccessError";
+        case ErrorCode::UnsafeDirectory: return "UnsafeDirectoryError";
         case ErrorCode::Closed: return "StoreClosedError";
         default: return nullptr;
     }

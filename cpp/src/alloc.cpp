@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <vector>
 
 #include "discomfort/errors.hpp"
 #include "discomfort/memprobe.hpp"
@@ -34,45 +36,52 @@ std::optional<std::pair<uint32_t, uint64_t>> Store::first_fit(uint64_t length) {
 }
 
 std::optional<uint32_t> Store::grow(uint64_t length) {
-    uint32_t k = kMaxChunks;
     uint64_t have = 0;
+    std::vector<uint32_t> free_slots;  // chunk-table entries still absent, in index order
     for (uint32_t i = 0; i < kMaxChunks; ++i) {
         uint64_t size = chunk_size(i);
-        if (size == 0 && k == kMaxChunks) k = i;
+        if (size == 0) free_slots.push_back(i);
         have += size;
     }
-    if (k == kMaxChunks) return std::nullopt;
+    if (free_slots.empty()) return std::nullopt;
     uint64_t budget = header()->ram_budget;
     uint64_t room = budget > have ? budget - have : 0;
     uint64_t size = std::min(room, std::max({length, kMinChunk, have})) / kPage * kPage;
     if (size < length) return std::nullopt;
-    std::string path = chunk_path(k);
-    if (pool_) {
-        // Already allocated and mapped here: no memory to ask for, no page to fault in.
-        if (auto leased = pool_lease(shm_dir_, length, room, size, path)) {
-            install_chunk(k, std::move(leased->fd), std::move(leased->map), leased->size);
-            return k;
+    bool memory_checked = false;
+    // A chunk's name is known to every local user (the run id shows in /dev/shm): a name that
+    // someone else took is skipped, never removed or opened, and the next free index is tried.
+    for (uint32_t k : free_slots) {
+        const std::string path = chunk_path(k);
+        if (pool_) {
+            // Already allocated and mapped here: no memory to ask for, no page to fault in.
+            if (auto leased = pool_lease(shm_dir_, length, room, size, path)) {
+                install_chunk(k, std::move(leased->fd), std::move(leased->map), leased->size);
+                return k;
+            }
         }
+        if (!memory_checked) {
+            if (!memory_allows(mem_probe_, size)) {
+                // Memory is short: what the pool keeps is the first thing to give back.
+                if (release_pool() == 0 || !memory_allows(mem_probe_, size)) return std::nullopt;
+            }
+            memory_checked = true;
+        }
+        Fd fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0600));
+        if (!fd.valid() && errno == EEXIST && unlink_own_leftover(path))  // a creator that died before recording it
+            fd = Fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0600));
+        if (!fd.valid() && errno == EEXIST) continue;  // someone else's: another name
+        if (!fd.valid() && (errno == ENOSPC || errno == EDQUOT)) return std::nullopt;  // no inode left
+        if (!fd.valid()) throw_system("create " + path, errno);
+        if (fallocate_file(fd.get(), size) != 0 && (release_pool() == 0 || fallocate_file(fd.get(), size) != 0)) {
+            fd.reset();
+            unlink_quiet(path);
+            return std::nullopt;  // /dev/shm is full: the disk tier takes it, never a SIGBUS later
+        }
+        install_chunk(k, std::make_shared<Fd>(std::move(fd)), nullptr, size);
+        return k;
     }
-    if (!memory_allows(mem_probe_, size)) {
-        // Memory is short: what the pool keeps is the first thing to give back.
-        if (release_pool() == 0 || !memory_allows(mem_probe_, size)) return std::nullopt;
-    }
-
-    Fd fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL, 0600));
-    if (!fd.valid() && errno == EEXIST) {
-        unlink_quiet(path);  // left by a creator that died before recording it
-        fd = Fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL, 0600));
-    }
-    if (!fd.valid() && (errno == ENOSPC || errno == EDQUOT)) return std::nullopt;  // no inode left
-    if (!fd.valid()) throw_system("create " + path, errno);
-    if (fallocate_file(fd.get(), size) != 0 && (release_pool() == 0 || fallocate_file(fd.get(), size) != 0)) {
-        fd.reset();
-        unlink_quiet(path);
-        return std::nullopt;  // /dev/shm is full: the disk tier takes it, never a SIGBUS later
-    }
-    install_chunk(k, std::make_shared<Fd>(std::move(fd)), nullptr, size);
-    return k;
+    return std::nullopt;  // every free name is taken: the disk tier takes it
 }
 
 // Record chunk k (its file exists and holds `size` bytes); the state last.
@@ -102,6 +111,7 @@ Store::Chunk& Store::open_chunk(uint32_t k) {
     std::string path = chunk_path(k);
     Fd fd(open_retry(path, O_RDWR | O_NOFOLLOW));
     if (!fd.valid()) {
+        if (run_ended()) throw finished_error();  // the owner removed it
         if (errno == ENOENT)
             throw StoreError(ErrorCode::Corrupted,
                              "run " + quoted(run_id_) + ": chunk " + std::to_string(k) + " is missing");
@@ -124,11 +134,23 @@ std::shared_ptr<Mapping> Store::chunk_map(uint32_t k) {
     return c.map;
 }
 
+std::string Store::disk_name(uint64_t file_id) const {
+    char name[32];
+    std::snprintf(name, sizeof name, "%016llx.obj", static_cast<unsigned long long>(file_id));
+    return name;
+}
+
 Mapping Store::create_disk_object(uint64_t file_id, uint64_t length) {
-    std::string path = disk_path(file_id);
-    Fd fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL, 0600));
-    if (!fd.valid()) throw_system("create " + path, errno);
+    const std::string path = disk_path(file_id), name = disk_name(file_id);
+    Fd fd(openat_retry(disk_fd_.get(), name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0600));
+    if (!fd.valid()) {
+        if (run_ended()) throw finished_error();
+        throw_system("create " + path, errno);
+    }
     try {
+        std::string problem = private_file_problem(fd.get());
+        if (!problem.empty())
+            throw StoreError(ErrorCode::Access, "run " + quoted(run_id_) + ": new disk file " + path + " is " + problem);
         int rc = fallocate_file(fd.get(), length);
         if (rc == ENOSPC || rc == EDQUOT)
             throw StoreError(ErrorCode::DiskFull,
@@ -138,9 +160,28 @@ Mapping Store::create_disk_object(uint64_t file_id, uint64_t length) {
         if (rc != 0) throw_system("allocate " + path, rc);
         return Mapping(fd.get(), length, MAP_SHARED, 0);
     } catch (...) {
-        unlink_quiet(path);
+        ::unlinkat(disk_fd_.get(), name.c_str(), 0);
         throw;
     }
+}
+
+Fd Store::open_disk_object(uint64_t file_id, const std::string& key) const {
+    const std::string path = disk_path(file_id), where = object_where(key);
+    // O_NONBLOCK: a FIFO in its place must not hang us; it is refused below.
+    Fd fd(openat_retry(disk_fd_.get(), disk_name(file_id), O_RDONLY | O_NOFOLLOW | O_NONBLOCK));
+    if (!fd.valid()) {
+        const int err = errno;
+        if (run_ended()) throw finished_error();
+        if (err == ENOENT) throw StoreError(ErrorCode::Corrupted, where + ": its disk file " + path + " is missing");
+        if (err == ELOOP)
+            throw StoreError(ErrorCode::Access, where + ": disk file " + path + " is a symbolic link; refusing to read it");
+        throw_system("open " + path, err);
+    }
+    std::string problem = private_file_problem(fd.get());
+    if (!problem.empty())
+        throw StoreError(ErrorCode::Access, where + ": disk file " + path + " is not a private file of this user (" +
+                                                problem + "); refusing to read it");
+    return fd;
 }
 
 }  // namespace discomfort

@@ -36,8 +36,14 @@ void Store::set_entry_state(uint32_t i, uint32_t state) noexcept {
         if (before == kEmpty && state != kEmpty) ++cache_.nonempty;
         if (before != kEmpty && state == kEmpty) --cache_.nonempty;
         const ObjEntry* e = entry_at(i);
-        if (live_state(before) != live_state(state) && e->tier == kTierRam)
-            note_extent({e->chunk, e->offset, e->length}, live_state(state));
+        if (live_state(before) != live_state(state)) {
+            if (live_state(state)) {
+                ++cache_.live;
+            } else {
+                --cache_.live;
+            }
+            if (e->tier == kTierRam) note_extent({e->chunk, e->offset, e->length}, live_state(state));
+        }
     } else {
         cache_.valid = false;
     }
@@ -77,11 +83,13 @@ const Store::TableCache& Store::tables() {
     if (cache_fresh()) return cache_;
     cache_.valid = false;
     cache_.nonempty = 0;
+    cache_.live = 0;
     cache_.used.clear();
     for (uint32_t i = 0; i < kTableCapacity; ++i) {
         uint32_t s = entry_state(i);
         cache_.nonempty += s != kEmpty;
         if (!live_state(s)) continue;
+        ++cache_.live;
         ObjEntry e = valid_entry(i);  // an extent we cannot trust could overlap a new one
         if (e.tier == kTierRam) ++cache_.used[{e.chunk, e.offset, e.length}];
     }
@@ -143,9 +151,7 @@ std::string Store::object_where(const std::string& key) const {
 }
 
 std::string Store::disk_path(uint64_t file_id) const {
-    char name[32];
-    std::snprintf(name, sizeof name, "%016llx.obj", static_cast<unsigned long long>(file_id));
-    return *disk_dir_ + "/" + name;
+    return *disk_dir_ + "/" + disk_name(file_id);
 }
 
 }  // namespace discomfort

@@ -1,5 +1,6 @@
 #include "discomfort/layout.hpp"
 
+#include <cstdio>
 #include <cstring>
 
 #include "discomfort/errors.hpp"
@@ -48,13 +49,74 @@ bool valid_utf8(const void* data, size_t len) {
     return true;
 }
 
-std::string quoted(const std::string& text) {
-    std::string out = "'";
-    for (char c : text) {
-        if (c == '\'' || c == '\\') out += '\\';
-        out += c;
+namespace {
+
+// Code points Python's repr() escapes beyond ASCII controls: C1 controls, no-break and other
+// invisible spaces, format characters, line and paragraph separators (the common ones).
+bool invisible(uint32_t cp) {
+    return (cp >= 0x80 && cp <= 0xa0) || cp == 0xad || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200f) ||
+           (cp >= 0x2028 && cp <= 0x202f) || (cp >= 0x205f && cp <= 0x206f) || cp == 0x3000 || cp == 0xfeff ||
+           (cp >= 0xfff9 && cp <= 0xfffb);
+}
+
+void escape_code_point(std::string& out, uint32_t cp) {
+    char buf[16];
+    if (cp < 0x100) {
+        std::snprintf(buf, sizeof buf, "\\x%02x", unsigned(cp));
+    } else if (cp < 0x10000) {
+        std::snprintf(buf, sizeof buf, "\\u%04x", unsigned(cp));
+    } else {
+        std::snprintf(buf, sizeof buf, "\\U%08x", unsigned(cp));
     }
-    return out + "'";
+    out += buf;
+}
+
+}  // namespace
+
+// Like Python's repr() of a str, so that both backends name a key the same way and a key with
+// a NUL or a newline is shown in full, on one line. Bytes that are not UTF-8 show as \xNN.
+std::string quoted(const std::string& text) {
+    const bool has_single = text.find('\'') != std::string::npos;
+    const char quote = has_single && text.find('"') == std::string::npos ? '"' : '\'';
+    std::string out(1, quote);
+    const auto* p = reinterpret_cast<const uint8_t*>(text.data());
+    const size_t n = text.size();
+    for (size_t i = 0; i < n;) {
+        const uint8_t c = p[i];
+        if (c < 0x80) {
+            if (c == uint8_t(quote) || c == '\\') {
+                out += '\\';
+                out += char(c);
+            } else if (c == '\n') {
+                out += "\\n";
+            } else if (c == '\r') {
+                out += "\\r";
+            } else if (c == '\t') {
+                out += "\\t";
+            } else if (c < 0x20 || c == 0x7f) {
+                escape_code_point(out, c);
+            } else {
+                out += char(c);
+            }
+            ++i;
+            continue;
+        }
+        size_t len = (c & 0xe0) == 0xc0 ? 2 : (c & 0xf0) == 0xe0 ? 3 : (c & 0xf8) == 0xf0 ? 4 : 0;
+        if (len == 0 || i + len > n || !valid_utf8(p + i, len)) {
+            escape_code_point(out, c);  // not UTF-8: the byte itself
+            ++i;
+            continue;
+        }
+        uint32_t cp = len == 2 ? (c & 0x1f) : len == 3 ? (c & 0x0f) : (c & 0x07);
+        for (size_t k = 1; k < len; ++k) cp = (cp << 6) | (p[i + k] & 0x3f);
+        if (invisible(cp)) {
+            escape_code_point(out, cp);
+        } else {
+            out.append(text, i, len);
+        }
+        i += len;
+    }
+    return out + quote;
 }
 
 void check_key(const std::string& key) {

@@ -88,8 +88,10 @@ std::unique_ptr<Reservation> Store::reserve(const std::string& key, const void* 
     std::shared_ptr<Mapping> chunk_mapping;
     {
         Guard guard(*this);
+        check_running();
         place = first_fit(length);
         if (!place && reclaim_dead()) place = first_fit(length);
+        const bool replacing = find_sealed(key).has_value();
         Update update(*this);
         killpoint("after_lock");
         if (!place) {
@@ -101,8 +103,8 @@ std::unique_ptr<Reservation> Store::reserve(const std::string& key, const void* 
                                                        " bytes does not fit the RAM budget and the run has no disk tier");
         if (place) chunk_mapping = chunk_map(place->first);
         file_id = header()->next_version++;
-        index = place ? insert(key, hash, kTierRam, file_id, place->first, place->second, length)
-                      : insert(key, hash, kTierDisk, file_id, 0, 0, length);
+        index = place ? insert(key, hash, kTierRam, file_id, place->first, place->second, length, replacing)
+                      : insert(key, hash, kTierDisk, file_id, 0, 0, length, replacing);
     }
     auto region = std::make_shared<Region>();
     try {
@@ -144,6 +146,7 @@ ObjEntry Store::own_reserved(uint32_t index, uint64_t file_id) const {
 uint64_t Store::seal_reserved(uint32_t index, uint64_t file_id, const std::string& key) {
     check_usable();
     Guard guard(*this);
+    check_running();
     ObjEntry e = own_reserved(index, file_id);
     Update update(*this);
     for (uint32_t i : probe_path(key, e.hash))
@@ -187,6 +190,7 @@ Object Store::get(const std::string& key) {
     Fd disk_fd;
     {
         Guard guard(*this);
+        check_running();
         auto index = find_sealed(key);
         if (!index) throw unknown_key(key, run_id_);
         e = valid_entry(*index);
@@ -197,14 +201,10 @@ Object Store::get(const std::string& key) {
             std::memcpy(out.region->data, m->data() + e.offset, e.length);
         } else if (e.tier == kTierRam) {
             map_fd = open_chunk(uint32_t(e.chunk)).fd;
-            pin = pin_locked({e.chunk, e.offset, e.length});
+            pin = pin_locked({e.chunk, e.offset, e.length}, key);
         } else {
             // Opened under the lock: an overwrite may unlink it right after.
-            disk_fd = Fd(open_retry(disk_path(e.file_id), O_RDONLY | O_NOFOLLOW));
-            if (!disk_fd.valid()) {
-                if (errno == ENOENT) throw StoreError(ErrorCode::Corrupted, where + ": its disk file is missing");
-                throw_system("open " + disk_path(e.file_id), errno);
-            }
+            disk_fd = open_disk_object(e.file_id, key);
         }
     }
     out.version = e.version;
@@ -234,6 +234,7 @@ bool Store::contains(const std::string& key) {
     check_usable();
     check_key(key);
     Guard guard(*this);
+    check_running();
     return find_sealed(key).has_value();
 }
 
@@ -241,6 +242,7 @@ bool Store::remove(const std::string& key) {
     check_usable();
     check_key(key);
     Guard guard(*this);
+    check_running();
     auto index = find_sealed(key);
     if (!index) return false;
     valid_entry(*index);  // its file_id names the file to unlink
@@ -254,6 +256,7 @@ std::vector<std::string> Store::keys() {
     std::vector<std::string> out;
     {
         Guard guard(*this);
+        check_running();
         for (uint32_t i = 0; i < kTableCapacity; ++i) {
             if (entry_state(i) != kSealed) continue;
             ObjEntry e = valid_entry(i);
@@ -275,6 +278,7 @@ ObjectInfo Store::info(const std::string& key) {
     std::vector<uint8_t> head;
     {
         Guard guard(*this);
+        check_running();
         auto index = find_sealed(key);
         if (!index) throw unknown_key(key, run_id_);
         e = valid_entry(*index);
@@ -288,11 +292,7 @@ ObjectInfo Store::info(const std::string& key) {
             std::memcpy(&h, src, sizeof h);
             head.assign(src, src + dir_bytes(h.nbuf));
         } else {
-            Fd fd(open_retry(disk_path(e.file_id), O_RDONLY | O_NOFOLLOW));
-            if (!fd.valid()) {
-                if (errno == ENOENT) throw StoreError(ErrorCode::Corrupted, where + ": its disk file is missing");
-                throw_system("open " + disk_path(e.file_id), errno);
-            }
+            Fd fd = open_disk_object(e.file_id, key);
             ExtentHead h;
             pread_all(fd.get(), &h, sizeof h, 0, where);
             head.resize(dir_bytes(h.nbuf));
@@ -316,6 +316,7 @@ ObjectInfo Store::info(const std::string& key) {
 Stats Store::stats() {
     check_usable();
     Guard guard(*this);
+    check_running();
     reclaim_dead();
     Stats st;
     st.run_id = run_id_;

@@ -26,7 +26,7 @@ void PinRef::reset() noexcept {
     store->unpin(extent_);
 }
 
-PinRef Store::pin_locked(const Extent& extent) {
+PinRef Store::pin_locked(const Extent& extent, const std::string& key) {
     std::lock_guard<std::mutex> lk(pins_mu_);
     auto it = pins_.find(extent);
     if (it != pins_.end()) {
@@ -37,7 +37,8 @@ PinRef Store::pin_locked(const Extent& extent) {
     while (p < kPinCapacity && __atomic_load_n(&pin_at(p)->state, __ATOMIC_ACQUIRE) != 0) ++p;
     if (p == kPinCapacity)
         throw StoreError(ErrorCode::StoreFull,
-                         "run " + quoted(run_id_) + ": pin table full (4096 live views of distinct objects)");
+                         "run " + quoted(run_id_) + ": pin table full (4096 live views of distinct objects); cannot load " +
+                             quoted(key) + " zero-copy: drop views of other loads, or load a copy");
     pins_[extent] = PinRec{p, 1};
     Update update(*this);
     PinEntry* pin = pin_at(p);

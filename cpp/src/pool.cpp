@@ -140,7 +140,13 @@ std::optional<PooledChunk> pool_lease(const std::string& shm_dir, uint64_t min, 
     p.bytes -= e.chunk.size;
     bool moved = rename_noreplace(e.path, path);
     if (!moved && errno == EEXIST) {
-        unlink_quiet(path);  // left by a creator that died before recording it (as in grow)
+        // Left by a creator that died before recording it (as in grow); a name someone else
+        // took keeps the pooled file for another name.
+        if (!unlink_own_leftover(path)) {
+            p.bytes += e.chunk.size;
+            p.entries.push_back(std::move(e));
+            return std::nullopt;
+        }
         moved = rename_noreplace(e.path, path);
     }
     if (!moved) {

@@ -1,4 +1,5 @@
 // A handle's life: create or attach, claim a slot, close, destroy.
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -26,11 +27,6 @@ std::string join(const std::string& dir, const std::string& name) {
 
 std::string control_path(const std::string& shm_dir, const std::string& run_id) {
     return join(shm_dir, "dcf-" + run_id);
-}
-
-std::string parent_of(const std::string& path) {
-    auto slash = path.find_last_of('/');
-    return slash == std::string::npos || slash == 0 ? "/" : path.substr(0, slash);
 }
 
 StoreError corrupted(const std::string& run_id, const std::string& why) {
@@ -72,21 +68,51 @@ void validate_header(const Header& h, uint64_t file_size, const std::string& run
     if (std::string(h.run_id, n) != run_id) throw corrupted(run_id, "header names run " + quoted(std::string(h.run_id, n)));
 }
 
-// Unlink the run's chunks, control segment and disk directory (only names of ours).
+// Names in the directory open at `fd` (read through a duplicate, from its start).
+std::vector<std::string> list_dir_fd(int fd) {
+    std::vector<std::string> names;
+    int dup_fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (dup_fd < 0) return names;
+    DIR* dir = ::fdopendir(dup_fd);
+    if (!dir) {
+        ::close(dup_fd);
+        return names;
+    }
+    ::rewinddir(dir);
+    while (struct dirent* e = ::readdir(dir)) {
+        std::string name = e->d_name;
+        if (name != "." && name != "..") names.push_back(name);
+    }
+    ::closedir(dir);
+    return names;
+}
+
+// Unlink the run's chunks, control segment and disk directory: only names of ours, and only
+// files of ours (a name another user planted stays; it must not stop the removal of the rest).
 void remove_run_files(const std::string& shm_dir, const std::string& run_id,
-                      const std::optional<std::string>& disk_dir) {
+                      const std::optional<std::string>& disk_dir, int disk_fd) {
     const std::string prefix = "dcf-" + run_id + ".c";
     for (const std::string& name : list_dir(shm_dir)) {
         if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
         if (name.find_first_not_of("0123456789", prefix.size()) != std::string::npos) continue;
-        unlink_quiet(join(shm_dir, name));
+        unlink_own_leftover(join(shm_dir, name));
     }
     if (disk_dir && disk_dir->substr(disk_dir->find_last_of('/') + 1) == "dcf-" + run_id) {
-        for (const std::string& name : list_dir(*disk_dir)) {
-            if (name.size() > 4 && name.compare(name.size() - 4, 4, ".obj") == 0)
-                unlink_quiet(join(*disk_dir, name));
+        Fd opened;
+        if (disk_fd < 0) {
+            try {
+                opened = open_private_dir(*disk_dir);  // never a directory someone else could change
+            } catch (const StoreError&) {
+            }
+            disk_fd = opened.get();
         }
-        ::rmdir(disk_dir->c_str());  // fails harmlessly when someone left other files there
+        if (disk_fd >= 0) {
+            for (const std::string& name : list_dir_fd(disk_fd)) {
+                if (name.size() > 4 && name.compare(name.size() - 4, 4, ".obj") == 0)
+                    ::unlinkat(disk_fd, name.c_str(), 0);
+            }
+            ::rmdir(disk_dir->c_str());  // fails harmlessly when someone left other files there
+        }
     }
     // The control segment last: a removal that dies half-way is finished by the next sweep.
     unlink_quiet(control_path(shm_dir, run_id));
@@ -95,7 +121,7 @@ void remove_run_files(const std::string& shm_dir, const std::string& run_id,
 }  // namespace
 
 Store::Store(std::string run_id, std::string shm_dir, std::string mem_probe, std::optional<std::string> disk_dir,
-             bool owner, bool pool, Fd fd, Mapping control)
+             bool owner, bool pool, Fd fd, Mapping control, Fd disk_fd)
     : run_id_(std::move(run_id)),
       shm_dir_(std::move(shm_dir)),
       mem_probe_(std::move(mem_probe)),
@@ -104,6 +130,7 @@ Store::Store(std::string run_id, std::string shm_dir, std::string mem_probe, std
       pool_(pool),
       pid_(::getpid()),
       ctl_fd_(std::move(fd)),
+      disk_fd_(std::move(disk_fd)),
       control_(std::move(control)),
       base_(control_.data()),
       chunks_(kMaxChunks) {
@@ -129,10 +156,14 @@ std::shared_ptr<Store> Store::create(const std::string& run_id, uint64_t ram_bud
                                      const std::string& mem_probe, bool pool) {
     check_run_id(run_id);
     std::optional<std::string> disk_dir;
+    std::string root;
+    Fd root_fd, disk_fd;
     if (disk_root) {
-        disk_dir = join(absolute_path(*disk_root), "dcf-" + run_id);
+        root = absolute_path(*disk_root);
+        disk_dir = join(root, "dcf-" + run_id);
         if (disk_dir->size() > kMaxDiskDirBytes)
             throw StoreError(ErrorCode::InvalidArgument, "disk root path is too long: " + quoted(*disk_root));
+        root_fd = open_disk_root(root);  // refused before anything of the run exists
     }
     const std::string path = control_path(shm_dir, run_id);
     Fd fd(open_retry(path, O_RDWR | O_CREAT | O_EXCL, 0600));
@@ -146,9 +177,9 @@ std::shared_ptr<Store> Store::create(const std::string& run_id, uint64_t ram_bud
             throw StoreError(ErrorCode::StoreFull,
                              "cannot create run " + quoted(run_id) + " in " + shm_dir + ": " + std::strerror(rc));
         if (disk_dir) {
-            make_dirs(parent_of(*disk_dir));
-            if (::mkdir(disk_dir->c_str(), 0700) != 0) throw_system("mkdir " + *disk_dir, errno);
+            disk_fd = make_private_dir(root_fd.get(), root, "dcf-" + run_id);
             made_dir = true;
+            root_fd.reset();
         }
         control = Mapping(fd.get(), kTotalSize, MAP_SHARED, 0);
         Header* h = reinterpret_cast<Header*>(control.data());
@@ -183,7 +214,7 @@ std::shared_ptr<Store> Store::create(const std::string& run_id, uint64_t ram_bud
         throw;
     }
     std::shared_ptr<Store> store(
-        new Store(run_id, shm_dir, mem_probe, disk_dir, true, pool, std::move(fd), std::move(control)));
+        new Store(run_id, shm_dir, mem_probe, disk_dir, true, pool, std::move(fd), std::move(control), std::move(disk_fd)));
     if (pool) pool_note_budget(ram_budget);
     // The tables are all zeros: known without reading them (and faulting their pages in).
     store->cache_.valid = true;
@@ -224,9 +255,21 @@ std::shared_ptr<Store> Store::attach(const std::string& run_id, const std::strin
         throw StoreError(ErrorCode::RunFinished, "run " + quoted(run_id) + " has finished");
     Mapping control(fd.get(), kTotalSize, MAP_SHARED, 0);
     std::optional<std::string> disk_dir;
-    if (head.disk_dir_len) disk_dir = std::string(head.disk_dir, head.disk_dir_len);
-    std::shared_ptr<Store> store(
-        new Store(run_id, shm_dir, "/proc/meminfo", disk_dir, false, false, std::move(fd), std::move(control)));
+    Fd disk_fd;
+    if (head.disk_dir_len) {
+        disk_dir = std::string(head.disk_dir, head.disk_dir_len);
+        disk_fd = open_private_dir(*disk_dir);
+        if (!disk_fd.valid()) {
+            const int err = errno;
+            const auto* live = reinterpret_cast<const Header*>(control.data());
+            if (__atomic_load_n(&live->flags, __ATOMIC_ACQUIRE) & kFlagFinished)
+                throw StoreError(ErrorCode::RunFinished, "run " + quoted(run_id) + " has finished");
+            if (err == ENOENT) throw corrupted(run_id, "its disk directory " + *disk_dir + " is missing");
+            throw_system("open " + *disk_dir, err);
+        }
+    }
+    std::shared_ptr<Store> store(new Store(run_id, shm_dir, "/proc/meminfo", disk_dir, false, false, std::move(fd),
+                                           std::move(control), std::move(disk_fd)));
     store->claim_slot();
     return store;
 }
@@ -255,6 +298,18 @@ void Store::claim_slot() {
 
 bool Store::forked() const { return ::getpid() != pid_; }
 
+bool Store::run_ended() const {
+    return !released_ && (__atomic_load_n(&header()->flags, __ATOMIC_ACQUIRE) & kFlagFinished);
+}
+
+StoreError Store::finished_error() const {
+    return StoreError(ErrorCode::RunFinished, "run " + quoted(run_id_) + " has finished: its owner ended it");
+}
+
+void Store::check_running() const {
+    if (run_ended()) throw finished_error();
+}
+
 void Store::check_usable() const {
     if (forked())
         throw StoreError(ErrorCode::Closed, "store handle of run " + quoted(run_id_) + " belongs to process " +
@@ -270,6 +325,7 @@ void Store::forget_after_fork() noexcept {
     if (released_) return;
     released_ = true;
     ctl_fd_.reset();
+    disk_fd_.reset();
     // An anonymous mapping in place of the file's keeps base_ readable and drops the file.
     ::mmap(base_, kTotalSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     for (Chunk& c : chunks_) c.fd.reset();  // mappings stay: reservation buffers may point there
@@ -368,7 +424,7 @@ void Store::destroy() {
             // An optimisation only: the chunks are removed below like any others.
         }
     }
-    remove_run_files(shm_dir_, run_id_, disk_dir_);
+    remove_run_files(shm_dir_, run_id_, disk_dir_, disk_fd_.get());
     if (!closing_now) return;
     try {
         finish_close();

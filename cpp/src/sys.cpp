@@ -219,6 +219,116 @@ bool rename_noreplace(const std::string& from, const std::string& to) {
     return true;
 }
 
+int openat_retry(int dir_fd, const std::string& name, int flags, mode_t mode) {
+    int fd;
+    do {
+        fd = ::openat(dir_fd, name.c_str(), flags | O_CLOEXEC, mode);
+    } while (fd < 0 && errno == EINTR);
+    return fd;
+}
+
+namespace {
+
+std::string octal_mode(mode_t mode) {
+    char buf[16];
+    std::snprintf(buf, sizeof buf, "%04o", unsigned(mode & 07777));
+    return buf;
+}
+
+[[noreturn]] void unsafe(const std::string& message) { throw StoreError(ErrorCode::UnsafeDirectory, message); }
+
+const char* kUseAnother = "set disk_dir= or DISCOMFORT_DISK_DIR to a directory of your own (mode 0700)";
+
+// Why a disk root other users could change is refused (StrictModes: owner is us or root, no
+// group/other write unless sticky, which keeps others from renaming or removing our run dirs).
+void check_root_stat(const std::string& root, const struct stat& st) {
+    const uid_t me = ::geteuid();
+    if (!S_ISDIR(st.st_mode)) unsafe("disk root " + root + " is not a directory; " + kUseAnother);
+    if (st.st_uid != me && st.st_uid != 0)
+        unsafe("disk root " + root + " belongs to uid " + std::to_string(st.st_uid) + ", not to this user (uid " +
+               std::to_string(me) + ") or root; " + kUseAnother);
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))
+        unsafe("disk root " + root + " is writable by group or others without the sticky bit (mode " +
+               octal_mode(st.st_mode) + "); chmod 700 " + root + " (or 1777 for a shared temp directory), or " +
+               kUseAnother);
+}
+
+void check_private_stat(const std::string& path, const struct stat& st) {
+    if (!S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() || (st.st_mode & 077))
+        unsafe("disk directory " + path + " is not a private directory of this user (uid " +
+               std::to_string(st.st_uid) + ", mode " + octal_mode(st.st_mode) + "); refusing to use it");
+}
+
+}  // namespace
+
+Fd open_disk_root(const std::string& root) {
+    struct stat st;
+    if (::lstat(root.c_str(), &st) != 0) {
+        if (errno != ENOENT) throw_system("disk root " + root, errno);
+        auto slash = root.find_last_of('/');
+        if (slash != std::string::npos && slash > 0) make_dirs(root.substr(0, slash));
+        if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) throw_system("mkdir " + root, errno);
+        if (::lstat(root.c_str(), &st) != 0) throw_system("disk root " + root, errno);
+    }
+    if (S_ISLNK(st.st_mode))
+        unsafe("disk root " + root + " is a symbolic link; give the directory it points to, or " + kUseAnother);
+    check_root_stat(root, st);
+    Fd fd(open_retry(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW));
+    if (!fd.valid()) {
+        if (errno == ELOOP || errno == ENOTDIR) unsafe("disk root " + root + " changed while it was checked; " + kUseAnother);
+        throw_system("open disk root " + root, errno);
+    }
+    if (::fstat(fd.get(), &st) != 0) throw_system("fstat " + root, errno);
+    check_root_stat(root, st);  // what was opened, not what the name pointed to a moment ago
+    return fd;
+}
+
+Fd make_private_dir(int root_fd, const std::string& root, const std::string& name) {
+    const std::string path = root + "/" + name;
+    if (::mkdirat(root_fd, name.c_str(), 0700) != 0) {
+        if (errno == EEXIST)
+            throw StoreError(ErrorCode::System,
+                             "disk directory " + path + " already exists (left by another run, or made by someone " +
+                                 "else); refusing to reuse it",
+                             EEXIST);
+        throw_system("mkdir " + path, errno);
+    }
+    Fd fd(openat_retry(root_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW));
+    if (!fd.valid()) unsafe("disk directory " + path + " was replaced right after it was made; refusing to use it");
+    ::fchmod(fd.get(), 0700);  // the umask may have taken bits we need; never adds any for others
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0) throw_system("fstat " + path, errno);
+    check_private_stat(path, st);
+    return fd;
+}
+
+Fd open_private_dir(const std::string& path) {
+    Fd fd(open_retry(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW));
+    if (!fd.valid()) {
+        if (errno == ELOOP || errno == ENOTDIR) unsafe("disk directory " + path + " is not a directory; refusing to use it");
+        return fd;
+    }
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0) throw_system("fstat " + path, errno);
+    check_private_stat(path, st);
+    return fd;
+}
+
+std::string private_file_problem(int fd) {
+    struct stat st;
+    if (::fstat(fd, &st) != 0) return std::string("fstat failed: ") + std::strerror(errno);
+    if (S_ISREG(st.st_mode) && st.st_uid == ::geteuid() && !(st.st_mode & 077)) return "";
+    return std::string(S_ISREG(st.st_mode) ? "" : "not a regular file, ") + "owned by uid " +
+           std::to_string(st.st_uid) + ", mode " + octal_mode(st.st_mode);
+}
+
+bool unlink_own_leftover(const std::string& path) {
+    struct stat st;
+    if (::lstat(path.c_str(), &st) != 0) return errno == ENOENT;  // gone: the name is free
+    if (!S_ISREG(st.st_mode) || st.st_uid != ::geteuid()) return false;
+    return ::unlink(path.c_str()) == 0;
+}
+
 uint64_t realtime_ns() {
     struct timespec ts;
     ::clock_gettime(CLOCK_REALTIME, &ts);

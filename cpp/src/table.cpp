@@ -1,7 +1,13 @@
 // The object table (open addressing, linear probing), slot liveness, reclaim and repair.
 #include <algorithm>
 #include <cstring>
+#include <cstdint>
 #include <map>
+#include <optional>
+#include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 #include "discomfort/errors.hpp"
 #include "guard.hpp"
@@ -33,45 +39,95 @@ std::optional<uint32_t> Store::find_sealed(const std::string& key) const {
     return std::nullopt;
 }
 
-uint32_t Store::insert(const std::string& key, uint64_t hash, uint32_t tier, uint64_t file_id, uint64_t chunk,
-                       uint64_t offset, uint64_t length) {
-    const uint32_t used = tables().nonempty;
+std::optional<uint32_t> Store::first_free(uint64_t hash) const {
     uint32_t i = uint32_t(hash % kTableCapacity);
     for (uint32_t step = 0; step < kTableCapacity; ++step, i = next_index(i)) {
         uint32_t s = entry_state(i);
-        if (s != kEmpty && s != kTombstone) continue;
-        // Reusing a TOMBSTONE leaves the count of non-EMPTY entries as it is.
-        if (used + (s == kEmpty) > kTableCapacity * 3 / 4)
-            throw StoreError(ErrorCode::StoreFull, "run " + quoted(run_id_) + ": object table full (" +
-                                                       std::to_string(used) + " of 4096 entries in use)");
-        ObjEntry e;
-        std::memset(&e, 0, sizeof e);
-        e.state = s;  // unchanged until set_entry_state() below
-        e.tier = tier;
-        e.owner_slot = slot_;
-        e.key_len = uint32_t(key.size());
-        e.hash = hash;
-        e.file_id = file_id;
-        e.chunk = chunk;
-        e.offset = offset;
-        e.length = length;
-        std::memcpy(e.key, key.data(), key.size());
-        std::memcpy(entry_at(i), &e, sizeof e);
-        set_entry_state(i, kReserved);
-        return i;
+        if (s == kEmpty || s == kTombstone) return i;
     }
-    throw StoreError(ErrorCode::StoreFull, "run " + quoted(run_id_) + ": object table full");
+    return std::nullopt;
+}
+
+uint32_t Store::insert(const std::string& key, uint64_t hash, uint32_t tier, uint64_t file_id, uint64_t chunk,
+                       uint64_t offset, uint64_t length, bool replacing) {
+    // New keys: at most 3/4 of the table live. Any insertion leaves one EMPTY entry, which ends
+    // every probe; tombstones that no probe needs are made EMPTY first when it comes to that.
+    auto full = [&](const std::string& why) {
+        return StoreError(ErrorCode::StoreFull, "run " + quoted(run_id_) + ": object table full (" + why +
+                                                    "); cannot add key " + quoted(key));
+    };
+    if (!replacing && tables().live + 1 > kTableCapacity * 3 / 4)
+        throw full(std::to_string(kTableCapacity * 3 / 4) + " keys at most");
+    auto fits = [&](std::optional<uint32_t> i) {
+        // Reusing a TOMBSTONE leaves the count of non-EMPTY entries as it is.
+        return i && tables().nonempty + (entry_state(*i) == kEmpty) <= kTableCapacity - 1;
+    };
+    std::optional<uint32_t> i = first_free(hash);
+    if (!fits(i) && purge_tombstones() > 0) i = first_free(hash);
+    if (!fits(i)) throw full(std::to_string(tables().nonempty) + " of 4096 entries in use");
+    ObjEntry e;
+    std::memset(&e, 0, sizeof e);
+    e.state = entry_state(*i);  // unchanged until set_entry_state() below
+    e.tier = tier;
+    e.owner_slot = slot_;
+    e.key_len = uint32_t(key.size());
+    e.hash = hash;
+    e.file_id = file_id;
+    e.chunk = chunk;
+    e.offset = offset;
+    e.length = length;
+    std::memcpy(e.key, key.data(), key.size());
+    std::memcpy(entry_at(*i), &e, sizeof e);
+    set_entry_state(*i, kReserved);
+    return *i;
+}
+
+// TOMBSTONEs that no live entry's probe path crosses become EMPTY, without moving any entry
+// (entries are named by index while their writers hold them). A tombstone at position t of a
+// cluster (a run of non-EMPTY entries) is crossed when a live entry after it has its home at
+// or before t. One backward pass per cluster. Returns how many became EMPTY.
+uint32_t Store::purge_tombstones() {
+    uint32_t start = kTableCapacity;
+    for (uint32_t i = 0; i < kTableCapacity && start == kTableCapacity; ++i)
+        if (entry_state(i) == kEmpty) start = i;
+    if (start == kTableCapacity) return 0;  // no EMPTY entry: no cluster boundary to start from
+    Update update(*this);
+    uint32_t freed = 0;
+    std::vector<uint32_t> cluster;
+    auto flush = [&]() {
+        // min_home: the smallest home (relative to the cluster) of a live entry after position p.
+        int64_t min_home = INT64_MAX;
+        for (size_t p = cluster.size(); p-- > 0;) {
+            const uint32_t j = cluster[p];
+            const uint32_t s = entry_state(j);
+            if (s == kTombstone && min_home > int64_t(p)) {
+                set_entry_state(j, kEmpty);
+                ++freed;
+            } else if (s == kReserved || s == kSealed) {
+                const uint32_t home = uint32_t(entry_at(j)->hash % kTableCapacity);
+                const int64_t dist = int64_t((j + kTableCapacity - home) % kTableCapacity);
+                min_home = std::min(min_home, dist > int64_t(p) ? int64_t(-1) : int64_t(p) - dist);
+            } else if (s != kTombstone) {
+                min_home = -1;  // an unknown state: keep everything before it as it is
+            }
+        }
+        cluster.clear();
+    };
+    for (uint32_t n = 1, i = next_index(start); n <= kTableCapacity; ++n, i = next_index(i)) {
+        if (n < kTableCapacity && entry_state(i) != kEmpty) {
+            cluster.push_back(i);
+        } else {
+            flush();
+        }
+    }
+    return freed;
 }
 
 void Store::tombstone(uint32_t i) {
     const ObjEntry* e = entry_at(i);
-    if (e->tier == kTierDisk && disk_dir_ && e->file_id != 0) {
-        try {
-            unlink_quiet(disk_path(e->file_id));
-        } catch (const StoreError&) {
-            // The entry goes regardless; a file we cannot unlink goes with the disk directory.
-        }
-    }
+    // The entry goes regardless; a file we cannot unlink goes with the disk directory.
+    if (e->tier == kTierDisk && disk_fd_.valid() && e->file_id != 0)
+        ::unlinkat(disk_fd_.get(), disk_name(e->file_id).c_str(), 0);
     set_entry_state(i, kTombstone);
     // Tombstones followed by an EMPTY entry end no probe path: they can become EMPTY.
     if (entry_state(next_index(i)) != kEmpty) return;

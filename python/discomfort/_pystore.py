@@ -12,6 +12,7 @@ import errno
 import mmap
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from .errors import (
     StoreFullError,
     UnknownKeyError,
     UnknownRunError,
+    UnsafeDirectoryError,
     UnsupportedPlatformError,
 )
 
@@ -160,6 +162,149 @@ def private_dir(path: str) -> str:
     if st.st_uid != os.geteuid() or not os.path.isdir(path) or os.path.islink(path):
         raise PermissionError(f"{path} is not a private directory of this user")
     return path
+
+
+# ---- the disk tier's directories and files (docs/FORMAT.md, "Disk tier") ----------------------
+# Checked like OpenSSH's StrictModes, as the core does (cpp/src/sys.cpp): nothing another local
+# user could swap or plant is ever used.
+_USE_ANOTHER = "set disk_dir= or DISCOMFORT_DISK_DIR to a directory of your own (mode 0700)"
+_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _check_root_stat(root: str, st: os.stat_result) -> None:
+    me = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectoryError(f"disk root {root} is not a directory; {_USE_ANOTHER}")
+    if st.st_uid not in (me, 0):
+        raise UnsafeDirectoryError(
+            f"disk root {root} belongs to uid {st.st_uid}, not to this user (uid {me}) or root; {_USE_ANOTHER}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeDirectoryError(
+            f"disk root {root} is writable by group or others without the sticky bit "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 700 {root} (or 1777 for a shared temp directory), "
+            f"or {_USE_ANOTHER}")
+
+
+def _check_private_stat(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise UnsafeDirectoryError(
+            f"disk directory {path} is not a private directory of this user (uid {st.st_uid}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it")
+
+
+def open_disk_root(root: str) -> int:
+    """Open the disk root (made 0700 when missing) after checking it: a real directory, owned by
+    this user or root, not writable by group or others unless the sticky bit is set (/tmp)."""
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        try:
+            os.mkdir(root, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeDirectoryError(
+            f"disk root {root} is a symbolic link; give the directory it points to, or {_USE_ANOTHER}")
+    _check_root_stat(root, st)
+    try:
+        fd = os.open(root, _O_DIR)
+    except (NotADirectoryError, OSError) as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeDirectoryError(f"disk root {root} changed while it was checked; {_USE_ANOTHER}") from None
+        raise
+    try:
+        _check_root_stat(root, os.fstat(fd))  # what was opened, not what the name meant a moment ago
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def disk_root_problem(root: str) -> str | None:
+    """Why Store.create would refuse `root` as a disk root, or None (a missing root is made 0700).
+    For `discomfort doctor`: nothing is created or opened."""
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"disk root {root} is a symbolic link; give the directory it points to, or {_USE_ANOTHER}"
+    try:
+        _check_root_stat(root, st)
+    except UnsafeDirectoryError as exc:
+        return str(exc)
+    return None
+
+
+def make_private_dir(root_fd: int, root: str, name: str) -> int:
+    """Make `name` in the disk root exclusively (never reuse a directory someone made), mode 0700;
+    open it O_DIRECTORY|O_NOFOLLOW and check it is ours and private."""
+    path = os.path.join(root, name)
+    try:
+        os.mkdir(name, 0o700, dir_fd=root_fd)
+    except FileExistsError:
+        raise FileExistsError(
+            errno.EEXIST,
+            f"disk directory {path} already exists (left by another run, or made by someone else); "
+            "refusing to reuse it") from None
+    try:
+        fd = os.open(name, _O_DIR, dir_fd=root_fd)
+    except OSError:
+        raise UnsafeDirectoryError(
+            f"disk directory {path} was replaced right after it was made; refusing to use it") from None
+    try:
+        os.fchmod(fd, 0o700)  # the umask may have taken bits we need; never adds any for others
+        _check_private_stat(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_private_dir(path: str) -> int:
+    """Open a run's disk directory O_DIRECTORY|O_NOFOLLOW (OSError when that fails), refused
+    unless it is a private directory of this user."""
+    try:
+        fd = os.open(path, _O_DIR)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeDirectoryError(f"disk directory {path} is not a directory; refusing to use it") from None
+        raise
+    try:
+        _check_private_stat(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def private_file_problem(fd: int) -> str:
+    """"" when fd is a regular file of this user without group or other bits, else what is wrong."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+        return ""
+    kind = "" if stat.S_ISREG(st.st_mode) else "not a regular file, "
+    return f"{kind}owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
+
+
+def unlink_own_leftover(path: str) -> bool:
+    """Unlink path if it is a regular file of this user (a leftover of our own); True when the
+    name is free now. False when it is someone else's: the caller must pick another name."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def prepare_shm_dir(shm_dir: str) -> None:
@@ -478,6 +623,7 @@ class _Control:
         self.closing = False
         self.released = False
         self.disk_dir: str | None = None
+        self.disk_fd = -1  # the run's disk directory, O_DIRECTORY|O_NOFOLLOW, for *at() calls
         mv = memoryview(mm)
         self.states = mv[OBJ_OFF : OBJ_OFF + TABLE_CAP * ENTRY].cast("I")[0 :: ENTRY // 4]
         self.pin_states = mv[PIN_OFF : PIN_OFF + PIN_CAP * 32].cast("I")[0 :: 8]
@@ -487,6 +633,7 @@ class _Control:
         # own updates keep the cache in step. Spares each reservation a scan of both tables.
         self.cache_epoch: int | None = None
         self.nonempty = 0  # object entries whose state is not EMPTY
+        self.live = 0  # object entries RESERVED or SEALED
         self.used: dict[int, dict[tuple[int, int], int]] = {}  # chunk -> {(offset, length): count}
 
     def _cache_fresh(self) -> bool:
@@ -512,6 +659,7 @@ class _Control:
             if (before == EMPTY) != (state == EMPTY):
                 self.nonempty += 1 if before == EMPTY else -1
             if (before in (RESERVED, SEALED)) != (state in (RESERVED, SEALED)):
+                self.live += 1 if state in (RESERVED, SEALED) else -1
                 e = _ENTRY_HEAD.unpack_from(self.mm, off)
                 if e[1] == RAM:
                     self._note_extent(e[7], e[8], e[9], state in (RESERVED, SEALED))
@@ -558,9 +706,9 @@ class _Control:
         """Finalizer of a view: never blocks, so it cannot deadlock with the thread it runs on."""
         self._defer(("unpin", extent))
 
-    def abort_dropped(self, index: int, file_id: int, path: str | None) -> None:
+    def abort_dropped(self, index: int, file_id: int, name: str | None) -> None:
         """Finalizer of a reservation collected without seal() or abort()."""
-        self._defer(("abort", index, file_id, path))
+        self._defer(("abort", index, file_id, name))
 
     def _defer(self, item: tuple) -> None:
         self.pending.append(item)
@@ -606,17 +754,17 @@ class _Control:
     def _file_id_at(self, index: int) -> int:
         return struct.unpack_from("<Q", self.mm, OBJ_OFF + index * ENTRY + 32)[0]
 
-    def _abort_own(self, index: int, file_id: int, path: str | None) -> None:
-        """Retire one of this handle's reservations (inside an update)."""
+    def _abort_own(self, index: int, file_id: int, name: str | None) -> None:
+        """Retire one of this handle's reservations (inside an update); `name`: its disk file."""
         off = OBJ_OFF + index * ENTRY
         state, _, owner, _, _, _, fid = _ENTRY_HEAD.unpack_from(self.mm, off)[:7]
         if state == RESERVED and owner == self.slot and fid == file_id:
             self.set_entry_state(index, TOMBSTONE)
-            if path:
+            if name and self.disk_fd >= 0:
                 try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                    os.unlink(name, dir_fd=self.disk_fd)
+                except OSError:
+                    pass  # the entry goes regardless; the file goes with the disk directory
 
     def begin(self) -> None:
         self.hset("dirty", 1)
@@ -644,9 +792,8 @@ class _Control:
                             if self.states[index] == RESERVED:
                                 file_id = self._file_id_at(index)
                                 tier = struct.unpack_from("<I", self.mm, OBJ_OFF + index * ENTRY + 4)[0]
-                                path = (os.path.join(self.disk_dir, f"{file_id:016x}.obj")
-                                        if tier == DISK and self.disk_dir else None)
-                                self._abort_own(index, file_id, path)
+                                name = f"{file_id:016x}.obj" if tier == DISK else None
+                                self._abort_own(index, file_id, name)
                         for index in range(PIN_CAP):
                             if self.pin_states[index] == 1:
                                 _, slot, *_ = _PIN.unpack_from(self.mm, PIN_OFF + index * 32)
@@ -673,6 +820,9 @@ class _Control:
     def close_fds(self) -> None:
         """Close the control segment and lock files (which drops this handle's locks)."""
         os.close(self.fd)
+        if self.disk_fd >= 0:
+            os.close(self.disk_fd)
+            self.disk_fd = -1
         for fd in self.lock_fds.values():
             os.close(fd)
         self.lock_fds.clear()
@@ -691,8 +841,8 @@ class Reservation:
         self._buffers = buffers
         self._mapping = mapping
         self._done = False
-        path = store._disk_path(file_id) if tier == DISK else None
-        self._dropped = weakref.finalize(self, store._c.abort_dropped, index, file_id, path)
+        name = f"{file_id:016x}.obj" if tier == DISK else None
+        self._dropped = weakref.finalize(self, store._c.abort_dropped, index, file_id, name)
 
     @property
     def key(self) -> str:
@@ -750,7 +900,7 @@ class Store:
     """A run's object store: RAM chunks in shared memory, overflow files on disk."""
 
     def __init__(self, run_id: str, shm_dir: str, fd: int, mm: mmap.mmap, owner: bool,
-                 mem_probe: str, pool: bool = False):
+                 mem_probe: str, pool: bool = False, disk_fd: int = -1):
         self._run_id = run_id
         self._shm_dir = shm_dir
         self._owner = owner
@@ -764,6 +914,7 @@ class Store:
         n = self._c.hget("disk_dir_len")
         self._disk_dir = os.fsdecode(bytes(mm[256 : 256 + n])) if n else None
         self._c.disk_dir = self._disk_dir
+        self._c.disk_fd = disk_fd
         _live_stores.add(self)
 
     # ---- construction -------------------------------------------------------------------
@@ -780,26 +931,35 @@ class Store:
         check_run_id(run_id)
         if not isinstance(ram_budget, int) or ram_budget < 0:
             raise ValueError(f"ram_budget must be a non-negative int, not {ram_budget!r}")
-        disk_dir = None
+        disk_dir = root = None
+        root_fd = disk_fd = -1
         if disk_root is not None:
-            disk_dir = os.path.join(os.path.abspath(disk_root), f"dcf-{run_id}")
+            root = os.path.abspath(disk_root)
+            disk_dir = os.path.join(root, f"dcf-{run_id}")
             if len(os.fsencode(disk_dir)) > 1023:
                 raise ValueError(f"disk root path is too long: {disk_root!r}")
         prepare_shm_dir(shm_dir)
+        if root is not None:
+            root_fd = open_disk_root(root)  # refused before anything of the run exists
         path = cls._control_path(shm_dir, run_id)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
+            if root_fd >= 0:
+                os.close(root_fd)
             raise FileExistsError(errno.EEXIST, f"run {run_id!r} already exists in {shm_dir}") from None
+        except BaseException:
+            if root_fd >= 0:
+                os.close(root_fd)
+            raise
         fcntl.flock(fd, fcntl.LOCK_SH)  # before anything else, so a sweeper never takes a run being born
         try:
             try:
                 _fallocate(fd, 0, TOTAL)
             except OSError as exc:
                 raise StoreFullError(f"cannot create run {run_id!r} in {shm_dir}: {exc.strerror}") from None
-            if disk_dir is not None:
-                os.makedirs(os.path.dirname(disk_dir), exist_ok=True)
-                os.mkdir(disk_dir, 0o700)
+            if root is not None:
+                disk_fd = make_private_dir(root_fd, root, f"dcf-{run_id}")
             mm = mmap.mmap(fd, TOTAL, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             for name, value in _EXPECTED.items():
                 off, fmt = _H[name]
@@ -818,14 +978,18 @@ class Store:
         except BaseException:
             os.close(fd)
             os.unlink(path)
-            if disk_dir is not None and os.path.isdir(disk_dir):
-                os.rmdir(disk_dir)
+            if disk_fd >= 0:
+                os.close(disk_fd)
+                os.rmdir(f"dcf-{run_id}", dir_fd=root_fd)
             raise
-        store = cls(run_id, shm_dir, fd, mm, True, mem_probe, bool(pool))
+        finally:
+            if root_fd >= 0:
+                os.close(root_fd)
+        store = cls(run_id, shm_dir, fd, mm, True, mem_probe, bool(pool), disk_fd)
         if pool:
             _pool.note_budget(ram_budget)
         # The tables are all zeros: known without reading them (and faulting their pages in).
-        store._c.used, store._c.nonempty, store._c.cache_epoch = {}, 0, 0
+        store._c.used, store._c.nonempty, store._c.live, store._c.cache_epoch = {}, 0, 0, 0
         try:
             store._open()
         except BaseException:
@@ -860,7 +1024,23 @@ class Store:
         except BaseException:
             os.close(fd)
             raise
-        store = cls(run_id, shm_dir, fd, mm, False, "/proc/meminfo")
+        disk_fd = -1
+        n = struct.unpack_from("<I", head, 176)[0]
+        if n:
+            disk_dir = os.fsdecode(head[256 : 256 + n])
+            try:
+                disk_fd = open_private_dir(disk_dir)
+            except BaseException as exc:
+                finished = struct.unpack_from("<I", mm, 24)[0] & FLAG_FINISHED
+                mm.close()
+                os.close(fd)
+                if finished:
+                    raise RunFinishedError(f"run {run_id!r} has finished") from None
+                if isinstance(exc, FileNotFoundError):
+                    raise CorruptedStoreError(
+                        f"run {run_id!r}: its disk directory {disk_dir} is missing") from None
+                raise
+        store = cls(run_id, shm_dir, fd, mm, False, "/proc/meminfo", disk_fd=disk_fd)
         try:
             store._open()
         except BaseException:
@@ -927,14 +1107,15 @@ class Store:
         return os.path.join(self._disk_dir, f"{file_id:016x}.obj")
 
     # ---- locking ------------------------------------------------------------------------------
-    def _locked(self) -> _Locked:
+    def _locked(self, running: bool = True) -> _Locked:
+        """The metadata lock for an operation; `running`: RunFinishedError once the run has ended."""
         if self._closed:
             raise StoreClosedError(f"store of run {self._run_id!r} is closed")
         if os.getpid() != self._pid:
             raise StoreClosedError(
                 f"store handle of run {self._run_id!r} belongs to process {self._pid}; attach again in this process"
             )
-        return _Locked(self)
+        return _Locked(self, running)
 
     def _repair_if_dirty(self) -> None:
         if self._c.hget("dirty"):
@@ -1003,37 +1184,100 @@ class Store:
                 return i
         return -1
 
-    def _insert(self, raw: bytes, fields: tuple) -> int:
-        """Take the first EMPTY or TOMBSTONE entry on the key's probe path (state written last)."""
+    def _first_free(self, h: int) -> int:
+        """The first EMPTY or TOMBSTONE entry on a probe path from h's home; -1 when none."""
         states = self._c.states
-        h = fnv1a64(raw)
         start = h % TABLE_CAP
         for step in range(TABLE_CAP):
             i = (start + step) % TABLE_CAP
             if states[i] in (EMPTY, TOMBSTONE):
-                break
-        else:
-            raise StoreFullError(f"run {self._run_id!r}: object table full")
-        if states[i] == EMPTY:
+                return i
+        return -1
+
+    def _insert(self, raw: bytes, fields: tuple, key: str, replacing: bool) -> int:
+        """Take the first EMPTY or TOMBSTONE entry on the key's probe path (state written last).
+
+        New keys: at most 3/4 of the table live. An overwrite (`replacing`: the key has a SEALED
+        entry, which its seal retires) may go past that. Any insertion leaves one EMPTY entry,
+        which ends every probe; tombstones that no probe needs are made EMPTY first when it comes
+        to that."""
+        states = self._c.states
+        h = fnv1a64(raw)
+        self._tables()
+        if not replacing and self._c.live + 1 > TABLE_CAP * 3 // 4:
+            raise StoreFullError(f"run {self._run_id!r}: object table full ({TABLE_CAP * 3 // 4} keys at most); "
+                                 f"cannot add key {key!r}")
+
+        def fits(i: int) -> bool:
+            # Reusing a TOMBSTONE leaves the count of non-EMPTY entries as it is.
             self._tables()
-            used = self._c.nonempty
-            if used + 1 > TABLE_CAP * 3 // 4:
-                raise StoreFullError(
-                    f"run {self._run_id!r}: object table full ({used} of {TABLE_CAP} entries in use)")
+            return i >= 0 and self._c.nonempty + (states[i] == EMPTY) <= TABLE_CAP - 1
+
+        i = self._first_free(h)
+        if not fits(i) and self._purge_tombstones():
+            i = self._first_free(h)
+        if not fits(i):
+            raise StoreFullError(
+                f"run {self._run_id!r}: object table full ({self._c.nonempty} of {TABLE_CAP} entries in use); "
+                f"cannot add key {key!r}")
         tier, owner, file_id, chunk, off, length = fields
         _ENTRY.pack_into(self._c.mm, OBJ_OFF + i * ENTRY, states[i], tier, owner, len(raw), h,
                          0, file_id, chunk, off, length, raw)
         self._set_state(i, RESERVED)
         return i
 
+    def _purge_tombstones(self) -> int:
+        """TOMBSTONEs that no live entry's probe path crosses become EMPTY, without moving any
+        entry (writers name theirs by index). A tombstone at position p of a cluster (a run of
+        non-EMPTY entries) is crossed when a live entry after it has its home at or before p.
+        Same rule as the core's Store::purge_tombstones; returns how many became EMPTY."""
+        c = self._c
+        states = c.states.tolist()
+        try:
+            start = states.index(EMPTY)
+        except ValueError:
+            return 0  # no EMPTY entry: no cluster boundary to start from
+        c.begin()
+        freed = 0
+        cluster: list[int] = []
+
+        def flush() -> None:
+            nonlocal freed
+            min_home = 1 << 62
+            for p in range(len(cluster) - 1, -1, -1):
+                j = cluster[p]
+                s = states[j]
+                if s == TOMBSTONE and min_home > p:
+                    self._set_state(j, EMPTY)
+                    states[j] = EMPTY
+                    freed += 1
+                elif s in (RESERVED, SEALED):
+                    home = struct.unpack_from("<Q", c.mm, OBJ_OFF + j * ENTRY + 16)[0] % TABLE_CAP
+                    dist = (j - home) % TABLE_CAP
+                    min_home = min(min_home, -1 if dist > p else p - dist)
+                elif s != TOMBSTONE:
+                    min_home = -1  # an unknown state: keep everything before it as it is
+            cluster.clear()
+
+        try:
+            for n in range(1, TABLE_CAP + 1):
+                i = (start + n) % TABLE_CAP
+                if n < TABLE_CAP and states[i] != EMPTY:
+                    cluster.append(i)
+                else:
+                    flush()
+        finally:
+            c.end()
+        return freed
+
     def _tombstone(self, index: int) -> None:
         """Retire an entry; unlink its disk file. Keeps every probe path intact."""
         e = self._entry(index)
-        if e[1] == DISK and self._disk_dir is not None and e[6]:
+        if e[1] == DISK and self._c.disk_fd >= 0 and e[6]:
             try:
-                os.unlink(self._disk_path(e[6]))
-            except FileNotFoundError:
-                pass
+                os.unlink(f"{e[6]:016x}.obj", dir_fd=self._c.disk_fd)
+            except OSError:
+                pass  # the entry goes regardless; the file goes with the disk directory
         self._set_state(index, TOMBSTONE)
         states = self._c.states
         if states[(index + 1) % TABLE_CAP] == EMPTY:
@@ -1125,8 +1369,10 @@ class Store:
         used: dict[int, dict[tuple[int, int], int]] = {}
         states = c.states
         nonempty = self._nonempty(OBJ_OFF, TABLE_CAP, ENTRY)
+        live = 0
         for i in nonempty:
             if states[i] in (RESERVED, SEALED):
+                live += 1
                 e = _ENTRY_HEAD.unpack_from(c.mm, OBJ_OFF + i * ENTRY)
                 if e[1] == RAM:
                     extents = used.setdefault(e[7], {})
@@ -1136,7 +1382,7 @@ class Store:
             if state == 1 and chunk < MAX_CHUNKS:
                 extents = used.setdefault(chunk, {})
                 extents[(off, length)] = extents.get((off, length), 0) + 1
-        c.used, c.nonempty, c.cache_epoch = used, len(nonempty), c.hget("epoch")
+        c.used, c.nonempty, c.live, c.cache_epoch = used, len(nonempty), live, c.hget("epoch")
         return used
 
     def _first_fit(self, length: int) -> tuple[int, int] | None:
@@ -1157,53 +1403,73 @@ class Store:
     def _grow(self, length: int) -> int | None:
         """Create a new chunk that holds `length` bytes, or None when RAM may not grow."""
         sizes = [self._chunk_size(k) for k in range(MAX_CHUNKS)]
-        k = next((i for i, s in enumerate(sizes) if s == 0), None)
-        if k is None:
+        free = [i for i, s in enumerate(sizes) if s == 0]
+        if not free:
             return None
         have = sum(sizes)
         room = max(0, self._c.hget("ram_budget") - have)
         size = min(room, max(length, MIN_CHUNK, have)) // PAGE * PAGE
         if size < length:
             return None
-        path = self.chunk_path(k)
-        if self._pool:
-            # Already allocated and mapped here: no memory to ask for, no page to fault in.
-            leased = _pool.lease(self._shm_dir, length, room, size, path)
-            if leased is not None:
-                self._chunk_fds[k], self._chunk_maps[k], size = leased
-                _CHUNK.pack_into(self._c.mm, CHUNK_OFF + k * 32, 0, 0, size)
-                struct.pack_into("<I", self._c.mm, CHUNK_OFF + k * 32, 1)
-                return k
-        if not memory_allows(self._probe, size):
-            # Memory is short: what the pool keeps is the first thing to give back.
-            if release_pool() == 0 or not memory_allows(self._probe, size):
-                return None
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            os.unlink(path)  # a leftover of a creator that died before recording it
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
+        memory_checked = False
+        # A chunk's name is known to every local user (the run id shows in /dev/shm): a name that
+        # someone else took is skipped, never removed or opened, and the next free index is tried.
+        for k in free:
+            path = self.chunk_path(k)
+            if self._pool:
+                # Already allocated and mapped here: no memory to ask for, no page to fault in.
+                leased = _pool.lease(self._shm_dir, length, room, size, path)
+                if leased is not None:
+                    self._chunk_fds[k], self._chunk_maps[k], got = leased
+                    _CHUNK.pack_into(self._c.mm, CHUNK_OFF + k * 32, 0, 0, got)
+                    struct.pack_into("<I", self._c.mm, CHUNK_OFF + k * 32, 1)
+                    return k
+            if not memory_checked:
+                if not memory_allows(self._probe, size):
+                    # Memory is short: what the pool keeps is the first thing to give back.
+                    if release_pool() == 0 or not memory_allows(self._probe, size):
+                        return None
+                memory_checked = True
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                _fallocate(fd, 0, size)
+                try:
+                    fd = os.open(path, flags, 0o600)
+                except FileExistsError:
+                    if not unlink_own_leftover(path):  # a creator that died before recording it
+                        continue  # someone else's: another name
+                    fd = os.open(path, flags, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return None  # no inode left
+                raise
+            try:
+                try:
+                    _fallocate(fd, 0, size)
+                except OSError:
+                    if release_pool() == 0:
+                        raise
+                    _fallocate(fd, 0, size)
             except OSError:
-                if release_pool() == 0:
-                    raise
-                _fallocate(fd, 0, size)
-        except OSError:
-            os.close(fd)
-            os.unlink(path)
-            return None  # /dev/shm full: the disk tier takes it, never a SIGBUS later
-        self._chunk_fds[k] = fd
-        _CHUNK.pack_into(self._c.mm, CHUNK_OFF + k * 32, 0, 0, size)
-        struct.pack_into("<I", self._c.mm, CHUNK_OFF + k * 32, 1)
-        return k
+                os.close(fd)
+                os.unlink(path)
+                return None  # /dev/shm full: the disk tier takes it, never a SIGBUS later
+            self._chunk_fds[k] = fd
+            _CHUNK.pack_into(self._c.mm, CHUNK_OFF + k * 32, 0, 0, size)
+            struct.pack_into("<I", self._c.mm, CHUNK_OFF + k * 32, 1)
+            return k
+        return None  # every free name is taken: the disk tier takes it
 
     def _chunk_fd(self, k: int) -> int:
         fd = self._chunk_fds.get(k)
         if fd is None:
             size = self._chunk_size(k)
-            fd = os.open(self.chunk_path(k), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fd = os.open(self.chunk_path(k), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._raise_if_finished()  # the owner removed it
+                raise CorruptedStoreError(f"run {self._run_id!r}: chunk {k} is missing") from None
             st = os.fstat(fd)
             if st.st_size < size or st.st_uid != os.geteuid():
                 os.close(fd)
@@ -1232,6 +1498,7 @@ class Store:
             place = self._first_fit(length)
             if place is None and self._reclaim_dead():
                 place = self._first_fit(length)
+            replacing = self._find_sealed(raw) >= 0
             c.begin()
             _killpoint("after_lock")
             try:
@@ -1248,7 +1515,7 @@ class Store:
                 c.hset("next_version", file_id + 1)
                 tier = RAM if place is not None else DISK
                 chunk, off = place if place is not None else (0, 0)
-                index = self._insert(raw, (tier, c.slot, file_id, chunk, off, length))
+                index = self._insert(raw, (tier, c.slot, file_id, chunk, off, length), key, replacing)
             finally:
                 c.end()
         try:
@@ -1264,18 +1531,29 @@ class Store:
             region[meta_off : meta_off + len(meta)] = meta
             buffers = [region[o : o + n] for o, n in zip(offsets, sizes)]
         except BaseException:
-            with self._locked():
-                c.begin()
-                self._tombstone(index)
-                c.end()
+            try:
+                with self._locked(running=False):
+                    c.begin()
+                    self._tombstone(index)
+                    c.end()
+            except StoreClosedError:
+                pass  # closed meanwhile: its release tombstoned the entry
             raise
         _killpoint("after_reserve")
         return Reservation(self, key, index, file_id, tier, buffers, mapping)
 
     def _create_disk_object(self, file_id: int, length: int) -> mmap.mmap:
-        path = self._disk_path(file_id)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        path, name, dir_fd = self._disk_path(file_id), f"{file_id:016x}.obj", self._c.disk_fd
         try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+        except OSError:
+            self._raise_if_finished()
+            raise
+        try:
+            problem = private_file_problem(fd)
+            if problem:
+                raise StoreAccessError(f"run {self._run_id!r}: new disk file {path} is {problem}")
             try:
                 _fallocate(fd, 0, length)
             except OSError as exc:
@@ -1287,10 +1565,40 @@ class Store:
                 raise
             return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            os.unlink(path)
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
             raise
         finally:
             os.close(fd)
+
+    def _open_disk_object(self, file_id: int, key: str) -> int:
+        """The object's file, opened O_NOFOLLOW in the run directory and checked by fstat (ours,
+        a regular file, no group or other bits): StoreAccessError naming key and file otherwise."""
+        path, where = self._disk_path(file_id), f"run {self._run_id!r}, object {key!r}"
+        try:
+            # O_NONBLOCK: a FIFO in its place must not hang us; it is refused below.
+            fd = os.open(f"{file_id:016x}.obj", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._c.disk_fd)
+        except OSError as exc:
+            self._raise_if_finished()
+            if exc.errno == errno.ENOENT:
+                raise CorruptedStoreError(f"{where}: its disk file {path} is missing") from None
+            if exc.errno == errno.ELOOP:
+                raise StoreAccessError(f"{where}: disk file {path} is a symbolic link; refusing to read it") from None
+            raise
+        problem = private_file_problem(fd)
+        if problem:
+            os.close(fd)
+            raise StoreAccessError(
+                f"{where}: disk file {path} is not a private file of this user ({problem}); refusing to read it")
+        return fd
+
+    def _raise_if_finished(self) -> None:
+        """RunFinishedError when the owner has ended the run (its files go right after the flag)."""
+        if not self._c.released and self._c.hget("flags") & FLAG_FINISHED:
+            raise RunFinishedError(f"run {self._run_id!r} has finished: its owner ended it")
 
     def _own_reserved(self, index: int, file_id: int) -> tuple:
         e = self._valid(index)
@@ -1318,7 +1626,7 @@ class Store:
 
     def _abort(self, index: int, file_id: int) -> None:
         c = self._c
-        with self._locked():
+        with self._locked(running=False):
             self._own_reserved(index, file_id)
             c.begin()
             self._tombstone(index)
@@ -1360,7 +1668,9 @@ class Store:
                 if rec is None:
                     p = next((i for i, s in enumerate(c.pin_states.tolist()) if s == 0), None)
                     if p is None:
-                        raise StoreFullError(f"run {self._run_id!r}: pin table full ({PIN_CAP} live views)")
+                        raise StoreFullError(
+                            f"run {self._run_id!r}: pin table full ({PIN_CAP} live views of distinct objects); "
+                            f"cannot load {key!r} zero-copy: drop views of other loads, or load a copy")
                     c.begin()
                     _PIN.pack_into(c.mm, PIN_OFF + p * 32, 0, c.slot, chunk, off, length)
                     c.set_pin_state(p, 1)
@@ -1369,10 +1679,7 @@ class Store:
                 rec[0] += 1
                 fd = self._chunk_fd(chunk)
             else:
-                try:
-                    fd = os.open(self._disk_path(file_id), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    raise CorruptedStoreError(f"{where}: its disk file is missing") from None
+                fd = self._open_disk_object(file_id, key)
         if tier == DISK:
             try:
                 if os.fstat(fd).st_size < length:
@@ -1439,11 +1746,7 @@ class Store:
             if tier == RAM:
                 meta_len, bufs = parse_directory(memoryview(self._chunk_map(chunk))[off : off + length], length, where)[1:]
             else:
-                try:
-                    fh = open(self._disk_path(file_id), "rb")
-                except FileNotFoundError:
-                    raise CorruptedStoreError(f"{where}: its disk file is missing") from None
-                with fh:
+                with open(self._open_disk_object(file_id, key), "rb") as fh:
                     if os.fstat(fh.fileno()).st_size < length:
                         raise CorruptedStoreError(f"{where}: disk file truncated")
                     with mmap.mmap(fh.fileno(), length, mmap.MAP_PRIVATE, mmap.PROT_READ) as mm:
@@ -1479,12 +1782,12 @@ class Store:
             return out
 
     def reclaim(self) -> int:
-        with self._locked():
+        with self._locked(running=False):
             return self._reclaim_dead()
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def mark_finished(self) -> None:
-        with self._locked():
+        with self._locked(running=False):
             c = self._c
             c.hset("flags", c.hget("flags") | FLAG_FINISHED)
 
@@ -1528,7 +1831,7 @@ class Store:
                 self._give_chunks_to_pool()
             except Exception:
                 pass  # an optimisation only: the chunks are removed below like any others
-        remove_run_files(self._shm_dir, self._run_id, self._disk_dir)
+        remove_run_files(self._shm_dir, self._run_id, self._disk_dir, self._c.disk_fd)
         if closing_now:
             self._finish_close()
 
@@ -1576,16 +1879,19 @@ class Store:
 
 
 class _Locked:
-    __slots__ = ("_store",)
+    __slots__ = ("_store", "_running")
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, running: bool = False):
         self._store = store
+        self._running = running
 
     def __enter__(self) -> None:
         c = self._store._c
         c.lock()
         try:
             self._store._repair_if_dirty()
+            if self._running:
+                self._store._raise_if_finished()
         except BaseException:
             c.unlock()
             raise
@@ -1621,9 +1927,10 @@ def _validate_header(head: bytes, file_size: int, run_id: str) -> None:
         raise CorruptedStoreError(f"run {run_id!r}: header names run {stored!r}")
 
 
-def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None) -> None:
-    """Unlink a run's chunks, lock files (portable mode), disk directory and control segment (only
-    our own names).
+def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None, disk_fd: int = -1) -> None:
+    """Unlink a run's chunks, lock files (portable mode), disk directory and control segment: only
+    our own names, and only files of ours (a name another user planted stays; it must not stop
+    the removal of the rest). `disk_fd`: the run directory, when the caller has it open.
 
     The control segment goes last, so a sweep that dies half-way is finished by the next one.
     """
@@ -1634,21 +1941,29 @@ def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None) -> None:
         names = []
     for name in names:
         if name.startswith(prefix) and _RUN_FILE_SUFFIX.fullmatch(name, len(prefix)):
+            unlink_own_leftover(os.path.join(shm_dir, name))
+    if disk_dir and os.path.basename(disk_dir) == f"dcf-{run_id}":
+        opened = -1
+        if disk_fd < 0:
             try:
-                os.unlink(os.path.join(shm_dir, name))
-            except FileNotFoundError:
+                disk_fd = opened = open_private_dir(disk_dir)  # never a directory others could change
+            except OSError:  # UnsafeDirectoryError included
                 pass
-    if disk_dir and os.path.basename(disk_dir) == f"dcf-{run_id}" and os.path.isdir(disk_dir):
-        for name in os.listdir(disk_dir):
-            if name.endswith(".obj"):
+        if disk_fd >= 0:
+            try:
+                for name in os.listdir(disk_fd):
+                    if name.endswith(".obj"):
+                        try:
+                            os.unlink(name, dir_fd=disk_fd)
+                        except OSError:
+                            pass
                 try:
-                    os.unlink(os.path.join(disk_dir, name))
-                except FileNotFoundError:
-                    pass
-        try:
-            os.rmdir(disk_dir)
-        except OSError:
-            pass
+                    os.rmdir(disk_dir)
+                except OSError:
+                    pass  # someone left other files there
+            finally:
+                if opened >= 0:
+                    os.close(opened)
     try:
         os.unlink(os.path.join(shm_dir, f"dcf-{run_id}"))
     except FileNotFoundError:
@@ -1696,7 +2011,12 @@ class _Pool:
                 try:
                     _rename_noreplace(pool_path, path)
                 except FileExistsError:
-                    os.unlink(path)  # left by a creator that died before recording it (as in _grow)
+                    # Left by a creator that died before recording it (as in _grow); a name
+                    # someone else took keeps the pooled file for another name.
+                    if not unlink_own_leftover(path):
+                        self.entries.append(entry)
+                        self.bytes += size
+                        return None
                     _rename_noreplace(pool_path, path)
             except OSError:
                 _unlink_quiet(pool_path)

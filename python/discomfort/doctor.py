@@ -7,7 +7,7 @@ import shutil
 from typing import Any
 
 from . import sysinfo
-from ._pystore import MODE, PLATFORM, read_meminfo
+from ._pystore import MODE, PLATFORM, disk_root_problem, read_meminfo
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -52,7 +52,8 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
         "disk_free": disk.free,
         "ram_budget": sysinfo.default_ram_budget(shm_dir, meminfo, cgroup_root) if shm_size else 0,
         "ram_budget_env": os.environ.get("DISCOMFORT_RAM_BUDGET"),
-        "advice": advice(shm_size, shm_free, mem.get("MemAvailable"), cg.limit, disk.free, mode=MODE),
+        "advice": ([problem] if (problem := disk_root_problem(os.path.abspath(root))) else [])
+        + advice(shm_size, shm_free, mem.get("MemAvailable"), cg.limit, disk.free, mode=MODE),
     }
 
 

@@ -17,6 +17,7 @@ enum class ErrorCode {
     DiskFull,         // DiskFullError
     Corrupted,        // CorruptedStoreError
     Access,           // StoreAccessError
+    UnsafeDirectory,  // UnsafeDirectoryError (a StoreAccessError)
     Closed,           // StoreClosedError
     InvalidArgument,  // ValueError
     System,           // OSError carrying errno

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "discomfort/errors.hpp"
 #include "discomfort/format.hpp"
 #include "discomfort/layout.hpp"
 #include "discomfort/sys.hpp"
@@ -195,12 +196,16 @@ private:
     };
 
     Store(std::string run_id, std::string shm_dir, std::string mem_probe, std::optional<std::string> disk_dir,
-          bool owner, bool pool, Fd fd, Mapping control);
+          bool owner, bool pool, Fd fd, Mapping control, Fd disk_fd);
 
     // lifecycle (store.cpp)
     void claim_slot();
     void forget_after_fork() noexcept;
     void check_usable() const;
+    // After the metadata lock is taken: RunFinishedError once the owner has ended the run.
+    void check_running() const;
+    bool run_ended() const;
+    StoreError finished_error() const;
     bool forked() const;
     void release_locked() noexcept;
     void give_chunks_to_pool();
@@ -224,8 +229,12 @@ private:
     // the object table (table.cpp)
     std::vector<uint32_t> probe_path(const std::string& key, uint64_t hash) const;
     std::optional<uint32_t> find_sealed(const std::string& key) const;
+    // `replacing`: the key has a SEALED entry, which the seal turns into a TOMBSTONE, so the
+    // write may go past the bound of 3/4 of the table that new keys keep (FORMAT.md).
     uint32_t insert(const std::string& key, uint64_t hash, uint32_t tier, uint64_t file_id, uint64_t chunk,
-                    uint64_t offset, uint64_t length);
+                    uint64_t offset, uint64_t length, bool replacing);
+    std::optional<uint32_t> first_free(uint64_t hash) const;
+    uint32_t purge_tombstones();
     void tombstone(uint32_t i);
     bool slot_alive(uint32_t i) const;
     uint64_t reclaim_slot(uint32_t i);
@@ -239,6 +248,7 @@ private:
         bool valid = false;
         uint64_t epoch = 0;
         uint32_t nonempty = 0;            // object entries whose state is not EMPTY
+        uint32_t live = 0;                // object entries RESERVED or SEALED
         std::map<Extent, uint32_t> used;  // RAM extents of RESERVED/SEALED entries and pins, counted
     };
     bool cache_fresh() const { return cache_.valid && cache_.epoch == header()->epoch; }
@@ -253,9 +263,13 @@ private:
     Chunk& open_chunk(uint32_t k);
     std::shared_ptr<Mapping> chunk_map(uint32_t k);
     Mapping create_disk_object(uint64_t file_id, uint64_t length);
+    // The object's file opened O_NOFOLLOW in the run directory and checked by fstat (ours, a
+    // regular file, 0600): StoreAccessError naming the key and the file otherwise.
+    Fd open_disk_object(uint64_t file_id, const std::string& key) const;
+    std::string disk_name(uint64_t file_id) const;
 
     // pins and deferred work (pins.cpp)
-    PinRef pin_locked(const Extent& extent);
+    PinRef pin_locked(const Extent& extent, const std::string& key);
     void unpin(const Extent& extent) noexcept;
     void abort_later(uint32_t index, uint64_t file_id) noexcept;
     bool live_pins() const;
@@ -276,6 +290,7 @@ private:
     const pid_t pid_;
 
     Fd ctl_fd_;        // holds flock(LOCK_SH), the slot lock, and the metadata lock while taken
+    Fd disk_fd_;       // the run's disk directory (O_DIRECTORY|O_NOFOLLOW), for *at() calls
     Mapping control_;  // mapped until the Store is destroyed
     uint8_t* base_;
     uint32_t slot_ = kNoSlot;

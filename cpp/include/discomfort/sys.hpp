@@ -91,6 +91,33 @@ bool rename_noreplace(const std::string& from, const std::string& to);
 
 uint64_t realtime_ns();
 
+// ---- the disk tier's directories and files (docs/FORMAT.md, "Disk tier"), checked like
+// OpenSSH's StrictModes: nothing another local user could swap or plant is ever used.
+
+// Open the disk root (made 0700 when missing) and check it: a real directory, owned by this
+// user or root, not writable by group or others unless the sticky bit is set. UnsafeDirectory
+// otherwise, with a one-line message that says what to change.
+Fd open_disk_root(const std::string& root);
+
+// Make `name` in `root_fd` exclusively (EEXIST: never reuse someone's directory), mode 0700,
+// then open it O_DIRECTORY|O_NOFOLLOW and check it as check_private_dir does.
+Fd make_private_dir(int root_fd, const std::string& root, const std::string& name);
+
+// Open an existing run directory O_DIRECTORY|O_NOFOLLOW; an invalid Fd with errno set when
+// open fails; UnsafeDirectory when it is not a 0700-style directory of this user.
+Fd open_private_dir(const std::string& path);
+
+// "" when `fd` is a regular file of this user with no group or other permission bits; else
+// what is wrong with it ("owned by uid 65534, mode 0644").
+std::string private_file_problem(int fd);
+
+// Unlink `path` if it is a regular file of this user (a leftover of our own); false when it is
+// someone else's (or gone, or not a file): the caller must then pick another name.
+bool unlink_own_leftover(const std::string& path);
+
+// openat(2) that retries on EINTR (O_CLOEXEC added); -1 with errno set on failure.
+int openat_retry(int dir_fd, const std::string& name, int flags, mode_t mode = 0);
+
 // Test-only: park the process at a named point when DISCOMFORT_TEST_KILLPOINT says so.
 void killpoint(const char* name);
 
