@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,8 +36,9 @@ DTYPES: dict[str, int] = {
     "int64": 8, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
     "complex64": 8, "complex128": 16,
 }
-_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu)(:[0-9]{1,3})?$")
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:[0-9]{1,3})?")
 _ARROW_KINDS = ("table", "batch", "array", "chunked")
+_MAX_INT_DIGITS = 4000  # what the decoder reads
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Limits:
 
     max_meta: int = 16 << 20  # bytes of JSON
     max_depth: int = 32  # nesting of containers
-    max_nodes: int = 1_000_000  # values in all
+    max_nodes: int = 200_000  # values in all (large data belongs in tensors and arrays)
     max_buffers: int = 4096
     max_ndim: int = 16
     max_bytes: int = 1 << 40  # sum of the buffers
@@ -86,7 +88,12 @@ def _enc(obj: Any, buffers: list, depth: int, count: list[int], limits: Limits, 
     if obj is None or cls is bool or cls is str:
         return obj
     if cls is int:
-        return obj if -(1 << 63) <= obj < (1 << 64) else {"t": "int", "v": str(obj)}
+        if -(1 << 63) <= obj < (1 << 64):
+            return obj
+        text = str(obj) if obj.bit_length() <= 14_000 else ""  # str() refuses past 4300 digits
+        if not text or len(text.lstrip("-")) > _MAX_INT_DIGITS:
+            raise SerializationError(f"{where}: an int of more than {_MAX_INT_DIGITS} digits")
+        return {"t": "int", "v": text}
     if cls is float:
         return obj if math.isfinite(obj) else {"t": "float", "v": repr(obj)}
     if cls in (bytes, bytearray):
@@ -170,8 +177,13 @@ def _no_constants(name: str) -> Any:
 def _parse(meta: bytes | memoryview, limits: Limits) -> Any:
     if len(meta) > limits.max_meta:
         raise _bad(f"{len(meta)} bytes of description (at most {limits.max_meta})")
+    raw = bytes(meta)
+    # Bound what json.loads would build before it builds it: every item but the first of a
+    # container follows a comma, every container opens with a bracket.
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > 4 * limits.max_nodes:
+        raise _bad(f"more than {limits.max_nodes} items")
     try:
-        doc = json.loads(bytes(meta).decode("utf-8"), parse_constant=_no_constants)
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
     except SerializationError:
         raise
     except RecursionError:
@@ -180,7 +192,7 @@ def _parse(meta: bytes | memoryview, limits: Limits) -> Any:
         raise _bad(f"not UTF-8 JSON ({exc})") from None
     if type(doc) is not dict or set(doc) != {"format", "value"}:
         raise _bad("the top level must be {'format': ..., 'value': ...}")
-    if doc["format"] != FORMAT:
+    if type(doc["format"]) is not int or doc["format"] != FORMAT:
         raise _bad(f"format {doc['format']!r}; this side reads format {FORMAT}")
     return doc["value"]
 
@@ -246,7 +258,7 @@ class _Walk:
             return out
         if kind == "int":
             v = node["v"]
-            if type(v) is not str or not re.fullmatch(r"-?[0-9]{1,4000}", v):
+            if type(v) is not str or not re.fullmatch(r"-?[0-9]{1,%d}" % _MAX_INT_DIGITS, v):
                 raise _bad(f"{where}: not an integer")
             return int(v)
         if kind == "float":
@@ -274,7 +286,7 @@ class _Walk:
                 or any(type(d) is not int or d < 0 for d in shape):
             raise _bad(f"{where}: shape {shape!r:.80} must be at most {self.limits.max_ndim} non-negative ints")
         if kind == "tensor":
-            if not isinstance(node["device"], str) or not _DEVICE.match(node["device"]):
+            if not isinstance(node["device"], str) or not _DEVICE.fullmatch(node["device"]):
                 raise _bad(f"{where}: device {node['device']!r:.40}")
             if type(node["grad"]) is not bool or (node["grad"] and not dtype.startswith(("float", "bfloat", "complex"))):
                 raise _bad(f"{where}: 'grad' must be a bool, true only for floating dtypes")
@@ -308,12 +320,22 @@ def check(meta: bytes | memoryview, sizes: list[int], limits: Limits = DEFAULT_L
     w.finish()
 
 
-def decode(meta: bytes | memoryview, buffers: list, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Build the value; tensors and arrays are views over ``buffers`` (copies if read-only)."""
-    views = [memoryview(b).cast("B") if memoryview(b).format != "B" or memoryview(b).ndim != 1 else memoryview(b)
-             for b in buffers]
+def decode(meta: bytes | memoryview, buffers: list, limits: Limits = DEFAULT_LIMITS, *,
+           place: bool = True) -> Any:
+    """Build the value. Tensors are views over ``buffers`` (copies where a buffer is read-only:
+    torch has no read-only tensors); numpy arrays are views, read-only where the buffer is.
+
+    ``place=False`` validates everything (contents included) but leaves tensors on the CPU
+    without gradients: what a server does with a value it only stores.
+    """
+    views = []
+    for b in buffers:
+        v = memoryview(b)
+        views.append(v if v.format == "B" and v.ndim == 1 else v.cast("B"))
 
     def build(node: dict, i: int) -> Any:
+        if node["t"] == "tensor":
+            return _build_tensor(node, views[i], place)
         return _BUILDERS[node["t"]](node, views[i])
 
     w = _Walk([v.nbytes for v in views], limits, build)
@@ -321,8 +343,9 @@ def decode(meta: bytes | memoryview, buffers: list, limits: Limits = DEFAULT_LIM
         value = w.walk(_parse(meta, limits), 0, "value")
     except SerializationError:
         raise
-    except (ImportError, RuntimeError, ValueError, TypeError, MemoryError, OverflowError) as exc:
-        raise SerializationError(f"cannot build the value: {type(exc).__name__}: {exc}") from exc
+    except (ImportError, RuntimeError, ValueError, TypeError, MemoryError, OverflowError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise SerializationError(f"cannot build the value: {type(exc).__name__}: {first}") from None
     w.finish()
     return value
 
@@ -335,10 +358,18 @@ def _build_bytes(node: dict, view: memoryview) -> Any:
     return bytearray(view) if node["mutable"] else bytes(view)
 
 
-def _build_tensor(node: dict, view: memoryview) -> Any:
+def _build_tensor(node: dict, view: memoryview, place: bool = True) -> Any:
     import warnings
 
     import torch
+
+    device = node["device"]
+    if place and device != "cpu":
+        kind, _, index = device.partition(":")
+        backend = getattr(torch, kind, None)
+        count = backend.device_count() if backend is not None and backend.is_available() else 0
+        if int(index or 0) >= count:
+            raise _bad(f"the tensor is for device {device!r}, which this process does not have")
 
     dtype = getattr(torch, node["dtype"])
     if view.nbytes == 0:
@@ -350,9 +381,9 @@ def _build_tensor(node: dict, view: memoryview) -> Any:
         if dtype is torch.bool and bool((u8 > 1).any()):
             raise _bad("a bool tensor holds bytes other than 0 and 1")
         t = u8.view(dtype).view(node["shape"])
-    if node["device"] != "cpu":
-        t = t.to(node["device"])
-    if node["grad"]:
+    if place and device != "cpu":
+        t = t.to(device)
+    if place and node["grad"]:
         t.requires_grad_(True)
     return t
 
@@ -373,6 +404,7 @@ def _build_ndarray(node: dict, view: memoryview) -> Any:
 def _build_arrow(node: dict, view: memoryview) -> Any:
     import pyarrow as pa
 
+    _check_ipc_messages(pa, pa.py_buffer(view))
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(view))
         table = reader.read_all()
@@ -395,11 +427,67 @@ def _build_arrow(node: dict, view: memoryview) -> Any:
 
 
 def _has_extension(pa: Any, typ: Any) -> bool:
-    if isinstance(typ, pa.ExtensionType):
+    if isinstance(typ, pa.BaseExtensionType):
         return True
+    if isinstance(typ, pa.DictionaryType):
+        return _has_extension(pa, typ.value_type)
     return any(_has_extension(pa, typ.field(i).type) for i in range(getattr(typ, "num_fields", 0)))
 
 
+def _check_ipc_messages(pa: Any, buf: Any) -> None:
+    """Refuse, before pyarrow reads a batch, what this encoder never writes and a peer could
+    abuse: compressed bodies (a few KB inflating to GBs), extension types (their deserializers
+    would see the peer's bytes), messages other than schema, dictionary and record batches."""
+    try:
+        reader = pa.ipc.MessageReader.open_stream(buf)
+        for message in reader:
+            meta = message.metadata.to_pybytes()
+            kind = message.type
+            if kind == "schema":
+                if b"ARROW:extension:name" in meta:
+                    raise _bad("Arrow data with extension types is not accepted")
+            elif kind in ("record batch", "dictionary"):
+                if _fb_batch_compressed(meta, kind == "dictionary"):
+                    raise _bad("compressed Arrow data is not accepted")
+            else:
+                raise _bad(f"Arrow message of type {kind!r} is not accepted")
+    except SerializationError:
+        raise
+    except (pa.ArrowException, ValueError, OSError, struct.error, IndexError) as exc:
+        raise _bad(f"Arrow data: {exc}") from None
+
+
+def _fb_batch_compressed(meta: bytes, dictionary: bool) -> bool:
+    """Whether a RecordBatch (or DictionaryBatch) message's flatbuffer names a BodyCompression.
+
+    Message {version, header_type, header, ...}; DictionaryBatch {id, data: RecordBatch, ...};
+    RecordBatch {length, nodes, buffers, compression, ...}. Reads are bounds-checked by struct.
+    """
+    def field(table: int, index: int) -> int:  # position of a table's field, 0 when absent
+        vtable = table - struct.unpack_from("<i", meta, table)[0]
+        vlen = struct.unpack_from("<H", meta, vtable)[0]
+        slot = 4 + 2 * index
+        if slot + 2 > vlen:
+            return 0
+        off = struct.unpack_from("<H", meta, vtable + slot)[0]
+        return table + off if off else 0
+
+    def deref(pos: int) -> int:
+        return pos + struct.unpack_from("<I", meta, pos)[0]
+
+    message = deref(0)
+    header = field(message, 2)
+    if not header:
+        raise ValueError("a batch message without a header")
+    batch = deref(header)
+    if dictionary:
+        data = field(batch, 1)
+        if not data:
+            raise ValueError("a dictionary batch without data")
+        batch = deref(data)
+    return bool(field(batch, 3))
+
+
 _BUILDERS: dict[str, Callable[[dict, memoryview], Any]] = {
-    "bytes": _build_bytes, "tensor": _build_tensor, "ndarray": _build_ndarray, "arrow": _build_arrow,
+    "bytes": _build_bytes, "ndarray": _build_ndarray, "arrow": _build_arrow,
 }

@@ -197,7 +197,7 @@ class RunServer:
     def __init__(self, limits: ServerLimits | None = None, secret: str | None = None) -> None:
         self.runs: dict[str, ServedContext] = {}
         self.limits = limits or ServerLimits.from_env()
-        self.secret = secret if secret is not None else os.environ.get(SECRET_ENV) or None
+        self.secret = (secret if secret is not None else os.environ.get(SECRET_ENV)) or None
         if self.secret is not None and len(self.secret) < 16:
             raise ValueError(f"{SECRET_ENV} must be at least 16 characters")
         self._timer: asyncio.TimerHandle | None = None
@@ -427,7 +427,7 @@ class RunServer:
             try:
                 for dst in res.buffers:
                     await _fill(reader, dst, lim.stall_seconds)
-                datacodec.decode(meta, res.buffers, lim.codec)  # contents too: bool bytes, Arrow offsets
+                datacodec.decode(meta, res.buffers, lim.codec, place=False)  # contents: bool bytes, Arrow
                 version = res.seal()
             except BaseException:
                 res.abort()
