@@ -341,6 +341,8 @@ def test_win32_http_client_round_trip(tmp_path):
     pytest.importorskip("aiohttp")
     pytest.importorskip("requests")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOMFORT_")}
+    # Outside ComfyUI the routes cannot know what it listens on: they need the server secret.
+    env["DISCOMFORT_SERVER_SECRET"] = "portable-test-secret-0123456789"
     server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SERVER)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -351,7 +353,7 @@ def test_win32_http_client_round_trip(tmp_path):
             import numpy as np
             from discomfort.remote import RemoteContext
             arr = np.random.default_rng(3).standard_normal((256, 1024))
-            with RemoteContext("http://127.0.0.1:{port}") as rc:
+            with RemoteContext("http://127.0.0.1:{port}", secret="portable-test-secret-0123456789") as rc:
                 rc.save("arr", arr)
                 rc.save("text", "héllo")
                 got = rc.load("arr")

@@ -164,6 +164,7 @@ def test_dataloader_missing_key_is_a_node_error(executor):
             "5": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "y", "input_data": ["4", 0],
                                                              "run_id": ctx.run_id}},
         }
+        ctx.allow_prompt(prompt)
         with pytest.raises(NodeExecutionError) as info:
             executor.execute(prompt, timeout=60)
     assert info.value.node_id == "4"
@@ -181,6 +182,7 @@ def test_dataloader_cache_follows_the_stored_version(executor, workflow):
     }
     with WorkflowContext() as ctx:
         prompt = prepare_prompt(wf, ctx.run_id)
+        ctx.allow_prompt(prompt)  # as run_sequential does for each prompt it queues
 
         def run():
             v = ctx.info("y")["version"] if "y" in ctx else None
@@ -206,7 +208,7 @@ def test_dataloader_cache_follows_the_stored_version(executor, workflow):
 
 def test_server_nodes_attach_to_the_orchestrators_context(server, workflow):
     """The server's nodes run in another process and reach the run through shared memory."""
-    remote_pid = server.host_info()["pid"]
+    remote_pid = server.process.pid  # main.py runs in the launched process itself
     assert remote_pid != os.getpid()
     rec = Recorder(server)
     image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(21))
