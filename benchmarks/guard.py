@@ -22,7 +22,7 @@ def measure(backend: str) -> dict[str, float]:
     import torch
 
     from discomfort import bench
-    from discomfort.bench import _median_ms
+    from discomfort.bench import median_ms
     from discomfort.context import WorkflowContext
 
     out: dict[str, float] = {}
@@ -38,24 +38,24 @@ def measure(backend: str) -> dict[str, float]:
             held[:] = [ctx.load("big")]
 
         ref_big = bench.memcpy_ms(192 * MiB, 5)
-        out["save_192MiB_x_memcpy"] = _median_ms(save_big, 5) / ref_big
-        out["load_192MiB_ms"] = _median_ms(lambda: ctx.load("big"), 15)
+        out["save_192MiB_x_memcpy"] = median_ms(save_big, 5) / ref_big
+        out["load_192MiB_ms"] = median_ms(lambda: ctx.load("big"), 15)
         ctx.save("mid", mid)
-        out["load_12MiB_ms"] = _median_ms(lambda: ctx.load("mid"), 15)
+        out["load_12MiB_ms"] = median_ms(lambda: ctx.load("mid"), 15)
         out["load_size_ratio_192_to_12"] = out["load_192MiB_ms"] / out["load_12MiB_ms"]
 
         def round_trip_mid():
             ctx.save("mid", mid)
             return ctx.load("mid")
 
-        legacy = _median_ms(lambda: bench.legacy_round_trip(mid), 3)
-        out["legacy_12MiB_x_round_trip"] = legacy / _median_ms(round_trip_mid, 7)
+        legacy = median_ms(lambda: bench.legacy_round_trip(mid), 3)
+        out["legacy_12MiB_x_round_trip"] = legacy / median_ms(round_trip_mid, 7)
 
         def small():
             ctx.save("n", 42)
             return ctx.load("n")
 
-        out["small_save_load_us"] = _median_ms(small, 200) * 1e3
+        out["small_save_load_us"] = median_ms(small, 200) * 1e3
     return out
 
 

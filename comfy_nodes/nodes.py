@@ -1,7 +1,7 @@
 """DiscomfortPort: where a value enters (INPUT) or leaves (OUTPUT) a workflow, keyed by unique_id."""
 
-from discomfort.comfy.nodes_support import ANY, always_changed_token, get_handler
-from discomfort.comfy.nodes_support import port_mode as _resolve_mode
+from discomfort.nodes.support import ANY, always_changed_token, get_handler
+from discomfort.nodes.support import port_mode as _resolve_mode
 
 
 class DiscomfortPort:

@@ -1,6 +1,6 @@
 """DiscomfortDataLoader: what run_sequential puts in place of an INPUT port."""
 
-from discomfort.comfy.nodes_support import ANY, get_handler
+from discomfort.nodes.support import ANY, get_handler
 
 
 def _describe(exc, run_id, unique_id):

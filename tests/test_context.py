@@ -308,7 +308,7 @@ def test_sigterm_handler_chains_and_only_raises():
     saved = (context_mod._signal_installed, context_mod._previous_sigterm)
     context_mod._signal_installed = False
     try:
-        context_mod._install_signal_handler()
+        context_mod.install_signal_handler()
         with pytest.raises(SystemExit) as info:
             signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
         assert info.value.code == 128 + signal.SIGTERM and calls == [signal.SIGTERM]

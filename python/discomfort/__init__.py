@@ -15,8 +15,12 @@ from ._pystore import MODE as store_mode  # noqa: E402
 
 Store = _store_module.Store
 
-from .context import WorkflowContext, get_context, release_pool  # noqa: E402  (needs the backend chosen above)
+from .context import RAY_RUN_PREFIX, WorkflowContext, get_context, release_pool  # noqa: E402  (needs the backend chosen above)
 from .run_control import CancelToken, ProgressEvent  # noqa: E402
+from .runs import RunContext, register_resolver  # noqa: E402
+
+# Ray run ids are found through the cluster; the Ray package is imported only when one is met.
+register_resolver(RAY_RUN_PREFIX, "discomfort.distributed:get_ray_context")
 
 __version__ = "0.1.0"
 
@@ -31,7 +35,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "backend", "store_mode", "Store", "WorkflowContext", "get_context", "release_pool", "run_sequential",
+    "backend", "store_mode", "Store", "WorkflowContext", "RunContext", "get_context", "release_pool",
+    "run_sequential",
     "CancelToken", "ProgressEvent", "errors", "__version__",
     *errors.__all__,
 ]

@@ -41,7 +41,7 @@ class Row:
     zero_copy: bool
 
 
-def _median_ms(fn: Callable[[], Any], rounds: int, warmup: int = 1) -> float:
+def median_ms(fn: Callable[[], Any], rounds: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -58,7 +58,7 @@ def memcpy_ms(nbytes: int, rounds: int) -> float:
 
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.ones(nbytes, dtype=np.uint8)  # touched, so no page faults are measured
-    return _median_ms(lambda: np.copyto(dst, src), rounds)
+    return median_ms(lambda: np.copyto(dst, src), rounds)
 
 
 def legacy_round_trip(tensor: Any) -> Any:
@@ -94,8 +94,8 @@ def bench_store(backend: str, tensor: Any, rounds: int, disk: bool = False) -> d
             ctx.save("image", tensor)
             held["view"] = ctx.load("image")
 
-        out = {"save": (_median_ms(save, rounds), False), "load": (_median_ms(load, rounds), True),
-               "save+load": (_median_ms(round_trip, rounds), False)}
+        out = {"save": (median_ms(save, rounds), False), "load": (median_ms(load, rounds), True),
+               "save+load": (median_ms(round_trip, rounds), False)}
         loaded = ctx.load("image")
         mapping = ctx.store.disk_dir if disk else ctx.store.shm_dir.rstrip("/") + "/"
         out["load"] = (out["load"][0], _lies_in(loaded.data_ptr(), mapping))
@@ -149,21 +149,37 @@ def run(sizes: tuple[str, ...], backends: list[str], rounds: int, disk_tier: boo
                 step(f"{size}: {backend} {tier} tier")
         if legacy:
             if nbytes <= LEGACY_MAX_BYTES:
-                add("legacy base64 round trip", "-", _median_ms(lambda: legacy_round_trip(tensor), 3, 0), False)
+                add("legacy base64 round trip", "-", median_ms(lambda: legacy_round_trip(tensor), 3, 0), False)
             step(f"{size}: legacy")
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
+Column = tuple  # (header, width, format spec or "" for text, the row's value)
+
+
+def size_table(rows: list[Any], columns: list[Column]) -> str:
+    """Rows grouped by IMAGE size (each row has ``size`` and ``nbytes``), one line per row."""
+    def cell(width: int, spec: str, value: Any) -> str:
+        if value is None:
+            return " " * width
+        return format(value, f">{width}{spec}") if spec else format(str(value), f"<{width}")
+
     out = []
     for size in dict.fromkeys(r.size for r in rows):
         sub = [r for r in rows if r.size == size]
         out.append(f"\n{size} IMAGE ({sub[0].nbytes / MiB:.0f} MiB)")
-        out.append(f"  {'method':28} {'backend':8} {'median ms':>10} {'GB/s':>8} {'x memcpy':>9}  zero-copy")
+        out.append("  " + " ".join(format(h, f"<{w}" if not spec else f">{w}") for h, w, spec, _ in columns))
         for r in sub:
-            out.append(f"  {r.method:28} {r.backend:8} {r.median_ms:10.3f} {r.gbps:8.2f} {r.ratio:9.3f}  "
-                       f"{'yes' if r.zero_copy else 'no'}")
+            out.append("  " + " ".join(cell(w, spec, get(r)) for _h, w, spec, get in columns))
     return "\n".join(out)
+
+
+def format_table(rows: list[Row]) -> str:
+    return size_table(rows, [
+        ("method", 28, "", lambda r: r.method), ("backend", 8, "", lambda r: r.backend),
+        ("median ms", 10, ".3f", lambda r: r.median_ms), ("GB/s", 8, ".2f", lambda r: r.gbps),
+        ("x memcpy", 9, ".3f", lambda r: r.ratio), ("zero-copy", 9, "", lambda r: "yes" if r.zero_copy else "no"),
+    ])
 
 
 def to_json(rows: list[Row]) -> str:

@@ -81,7 +81,7 @@ class _Pickler(cloudpickle.Pickler):
             return _reduce_ndarray(np, obj)
         pa = mods.get("pyarrow")
         if pa is not None and isinstance(obj, (pa.Table, pa.RecordBatch, pa.Array, pa.ChunkedArray)):
-            return _reduce_arrow(pa, obj)
+            return reduce_arrow(pa, obj)
         return super().reducer_override(obj)
 
 
@@ -124,10 +124,10 @@ def _reduce_tensor(torch: Any, t: Any) -> tuple:
     if data.device.type != "cpu":
         data = data.cpu()
     data = data.reshape(-1).view(torch.uint8)  # 1-D, contiguous: valid for every dtype and size
-    return _rebuild_tensor, (_tensor_buffer(data), t.dtype, shape, t.requires_grad, device)
+    return _rebuild_tensor, (tensor_buffer(data), t.dtype, shape, t.requires_grad, device)
 
 
-def _tensor_buffer(u8: Any) -> pickle.PickleBuffer:
+def tensor_buffer(u8: Any) -> pickle.PickleBuffer:
     """A PickleBuffer over a contiguous uint8 CPU tensor that keeps the tensor alive."""
     try:
         return pickle.PickleBuffer(u8.numpy())  # the array holds a reference to the tensor
@@ -173,7 +173,7 @@ def _rebuild_meta_tensor(dtype: Any, shape: tuple, requires_grad: bool) -> Any:
 
 # ---------------------------------------------------------------------------------------- arrow
 
-def _reduce_arrow(pa: Any, obj: Any) -> tuple:
+def reduce_arrow(pa: Any, obj: Any) -> tuple:
     """Write Arrow data as one IPC stream, sent out of band; decode reads it back zero-copy."""
     if isinstance(obj, pa.Table):
         kind, table = "table", obj
@@ -211,7 +211,7 @@ def decode(meta: bytes, buffers: list) -> Any:
 
 # -------------------------------------------------------------------------------------- pass_by
 
-PassBy = Literal["val", "ref", "try"]
+Verdict = Literal["val", "ref", "try"]  # what choose_pass_by decides
 
 _MAX_DEPTH = 8
 _MAX_ITEMS = 10_000
@@ -265,7 +265,7 @@ def encode_or_ref(obj: Any, pass_by: str, what: str) -> tuple[bytes, list[memory
         return None  # "try": not picklable, so it stays in this process by reference
 
 
-def choose_pass_by(obj: Any) -> PassBy:
+def choose_pass_by(obj: Any) -> Verdict:
     """Decide by type alone how `obj` should be stored: "val", "ref" or "try".
 
     Never pickles anything: models are often picklable and gigabytes would be copied. "val":
@@ -276,7 +276,7 @@ def choose_pass_by(obj: Any) -> PassBy:
     return _classify(obj, 0, [_MAX_ITEMS])
 
 
-def _classify(obj: Any, depth: int, budget: list[int]) -> PassBy:
+def _classify(obj: Any, depth: int, budget: list[int]) -> Verdict:
     cls = type(obj)
     if cls in _VAL_ATOMS:
         return "val"
@@ -288,7 +288,7 @@ def _classify(obj: Any, depth: int, budget: list[int]) -> PassBy:
         if budget[0] < 0:
             return "try"
         # A subclass (namedtuple, OrderedDict, ...) may carry more state than its items.
-        verdict: PassBy = "val" if cls in _CONTAINERS else "try"
+        verdict: Verdict = "val" if cls in _CONTAINERS else "try"
         for item in items:  # keys and values alike
             sub = _classify(item, depth + 1, budget)
             if sub == "ref":
@@ -299,7 +299,7 @@ def _classify(obj: Any, depth: int, budget: list[int]) -> PassBy:
     return _classify_type(obj, cls)
 
 
-def _classify_type(obj: Any, cls: type) -> PassBy:
+def _classify_type(obj: Any, cls: type) -> Verdict:
     if _is_ref_type(cls):
         return "ref"
     mods = sys.modules

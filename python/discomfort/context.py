@@ -1,4 +1,4 @@
-"""WorkflowContext: one run's ephemeral object store, its registry, and its lifecycle.
+"""WorkflowContext: one run's ephemeral object store in shared memory, its registry, and its lifecycle.
 
 `run_sequential` owns one context per call; ComfyUI nodes find it by `run_id` through the
 registry (in this process) or attach to it (in a ComfyUI server process).
@@ -7,7 +7,6 @@ registry (in this process) or attach to it (in a ComfyUI server process).
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import secrets
@@ -15,7 +14,7 @@ import signal
 import sys
 import threading
 from types import ModuleType
-from typing import Any, Iterator, Literal
+from typing import Any
 
 from . import _backend, codecs, datacodec, sysinfo
 from ._pystore import require_local_store
@@ -23,23 +22,19 @@ from ._sweep import sweep
 from .errors import (
     InvalidRunIdError,
     PromptNotAllowedError,
-    ReferenceUnavailableError,
     RunFinishedError,
     StoreClosedError,
     UnknownKeyError,
     UnknownRunError,
 )
+from .runs import REFERENCES, PassBy, RunBase, prompt_digest, resolver_for
 
-PassBy = Literal["auto", "val", "ref"]
+__all__ = ["WorkflowContext", "get_context", "release_finished", "active_runs", "release_pool",
+           "install_signal_handler", "RAY_RUN_PREFIX"]
 
 # The seed's registry: run_id -> the context this process holds for it.
 _active_handlers: dict[str, WorkflowContext] = {}
 _handler_lock = threading.Lock()
-
-# Objects saved by reference live here, in the process that saved them.
-_refs: dict[tuple[str, str], Any] = {}
-_refs_lock = threading.Lock()
-_PROCESS_TOKEN = secrets.token_hex(16)
 
 _TAG_VALUE = b"V"  # a pickle this user's own process wrote
 _TAG_REF = b"R"  # a JSON marker of an object kept in the saving process
@@ -48,18 +43,6 @@ _TAG_PROMPTS = b"P"  # the run's registered prompt digests (JSON)
 
 #: The digests of the prompts the run's orchestrator queued and that are running now.
 _PROMPTS_KEY = "\x1fdiscomfort.prompts"
-
-
-def prompt_digest(prompt: Any) -> str:
-    """SHA-256 of what an API prompt does (each node's class and inputs, canonical JSON).
-
-    Other fields are left out: ComfyUI adds its own (``is_changed``) while it runs a prompt.
-    """
-    if not isinstance(prompt, dict):
-        raise TypeError(f"a prompt is an API-format dict, not {type(prompt).__name__}")
-    what = {str(k): [n.get("class_type"), n.get("inputs")] if isinstance(n, dict) else n for k, n in prompt.items()}
-    text = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 #: Run ids with this prefix live in a Ray cluster (discomfort.distributed.RayContext).
 RAY_RUN_PREFIX = "ray-"
@@ -73,7 +56,7 @@ def _store_module(backend: str | None) -> ModuleType:
     return _backend.load(backend)
 
 
-class WorkflowContext:
+class WorkflowContext(RunBase):
     """A per-run object store: `save` values under unique ids, `load` them back zero-copy.
 
     Use it as a context manager; on exit its shared memory and files are removed and it leaves
@@ -83,15 +66,14 @@ class WorkflowContext:
     def __init__(self, run_id: str | None = None, ram_budget: int | str | None = None,
                  disk_dir: str | os.PathLike | None = None, *, backend: str | None = None,
                  shm_dir: str = sysinfo.SHM_DIR, _store: Any = None):
-        self._lock = threading.Lock()
-        self._closed = False
         if _store is not None:  # attach()
+            self._start(owner=False)
             self._store = _store
-            self._owner = False
             self.run_id = _store.run_id
             return
         if run_id is not None and str(run_id).startswith(RAY_RUN_PREFIX):
             raise InvalidRunIdError(f"run id {run_id!r}: the prefix {RAY_RUN_PREFIX!r} is reserved for Ray runs")
+        self._start(owner=True)
         self.run_id = run_id if run_id is not None else secrets.token_hex(16)
         require_local_store()  # Windows: a clear error before anything touches the system
         sweep(shm_dir)
@@ -103,9 +85,8 @@ class WorkflowContext:
             shm_dir=shm_dir,
             pool=True,  # chunks of finished runs serve the next run of this process, prefaulted
         )
-        self._owner = True
         self._pid = os.getpid()
-        _install_signal_handler()
+        install_signal_handler()
         with _handler_lock:
             _active_handlers[self.run_id] = self
 
@@ -119,14 +100,6 @@ class WorkflowContext:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     @property
-    def owner(self) -> bool:
-        return self._owner
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
     def backend(self) -> str:
         return "python" if type(self._store).__module__.endswith("_pystore") else "native"
 
@@ -134,37 +107,21 @@ class WorkflowContext:
     def store(self) -> Any:
         return self._store
 
-    def shutdown(self) -> None:
-        """Release the run: the owner removes everything, an attacher detaches. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        try:
-            if self._owner and os.getpid() == self._pid:
-                self._store.destroy()
-            else:
-                self._store.close()
-        finally:
-            with _handler_lock:
-                if _active_handlers.get(self.run_id) is self:
-                    del _active_handlers[self.run_id]
-            if self._owner:
-                with _refs_lock:
-                    for k in [k for k in _refs if k[0] == self.run_id]:
-                        del _refs[k]
+    def _release(self) -> None:
+        if self._owner and os.getpid() == self._pid:
+            self._store.destroy()
+        else:
+            self._store.close()
 
-    close = shutdown
-
-    def __enter__(self) -> WorkflowContext:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+    def _forget(self) -> None:
+        with _handler_lock:
+            if _active_handlers.get(self.run_id) is self:
+                del _active_handlers[self.run_id]
+        super()._forget()
 
     def _check(self) -> Any:
         if self._closed:
-            raise RunFinishedError(f"run {self.run_id!r} has finished: its context was shut down")
+            raise self._finished()
         return self._store
 
     # ---- data -------------------------------------------------------------------------------------
@@ -174,14 +131,10 @@ class WorkflowContext:
         encoded = codecs.encode_or_ref(data, pass_by, f"{unique_id!r} in run {self.run_id!r}")
         if encoded is not None:
             version = store.put(unique_id, _TAG_VALUE + encoded[0], encoded[1])
-            with _refs_lock:
-                _refs.pop((self.run_id, unique_id), None)
+            REFERENCES.drop(self.run_id, unique_id)
             return version
-        marker = json.dumps({"process": _PROCESS_TOKEN, "pid": os.getpid(),
-                             "type": f"{type(data).__module__}.{type(data).__qualname__}"})
-        with _refs_lock:
-            _refs[(self.run_id, unique_id)] = data
-        return store.put(unique_id, _TAG_REF + marker.encode(), [])
+        marker = REFERENCES.keep(self.run_id, unique_id, data)
+        return store.put(unique_id, _TAG_REF + json.dumps(marker).encode(), [])
 
     def reserve_data(self, unique_id: str, meta: bytes, sizes: list[int]) -> Any:
         """Room for a value in the data-only encoding (:mod:`discomfort.datacodec`).
@@ -191,8 +144,7 @@ class WorkflowContext:
         The value replaces whatever `unique_id` held, references included.
         """
         store = self._check()
-        with _refs_lock:
-            _refs.pop((self.run_id, unique_id), None)
+        REFERENCES.drop(self.run_id, unique_id)
         return store.reserve(unique_id, _TAG_DATA + meta, sizes)
 
     def load_encoded(self, unique_id: str) -> tuple[str, bytes, list[memoryview], dict[str, Any]]:
@@ -209,7 +161,7 @@ class WorkflowContext:
         """The value saved under `unique_id`: CPU tensors and arrays are zero-copy views."""
         kind, meta, views, _ = self.load_encoded(unique_id)
         if kind == "ref":
-            return self._load_ref(unique_id, json.loads(meta))
+            return REFERENCES.get(self.run_id, unique_id, json.loads(meta))
         if kind == "data":
             return datacodec.decode(meta, views)
         return codecs.decode(meta, views)
@@ -223,21 +175,25 @@ class WorkflowContext:
         is refused. ``revoke_prompt(digest)`` once the prompt has finished.
         """
         digest = prompt_digest(prompt)
-        self._set_prompts(self._prompts() | {digest})
+        self.allow_digest(digest)
         return digest
 
+    def allow_digest(self, digest: str) -> None:
+        self._set_prompts(self.prompt_digests() | {digest})
+
     def revoke_prompt(self, digest: str) -> None:
-        self._set_prompts(self._prompts() - {digest})
+        self._set_prompts(self.prompt_digests() - {digest})
 
     def check_prompt(self, prompt: Any) -> None:
         """Raise PromptNotAllowedError unless ``prompt`` was registered with ``allow_prompt``."""
-        if not isinstance(prompt, dict) or prompt_digest(prompt) not in self._prompts():
+        if not isinstance(prompt, dict) or prompt_digest(prompt) not in self.prompt_digests():
             raise PromptNotAllowedError(
                 f"run {self.run_id!r} does not accept this prompt: only prompts its orchestrator queued "
                 "(run_sequential, or WorkflowContext.allow_prompt) may read or write its values"
             )
 
-    def _prompts(self) -> frozenset[str]:
+    def prompt_digests(self) -> frozenset[str]:
+        """The digests of the prompts allowed to use the run now."""
         try:
             meta, _views, _info = self._check().get(_PROMPTS_KEY)
         except UnknownKeyError:
@@ -251,25 +207,9 @@ class WorkflowContext:
         else:
             store.delete(_PROMPTS_KEY)
 
-    def _load_ref(self, unique_id: str, marker: dict) -> Any:
-        if marker.get("process") != _PROCESS_TOKEN:
-            raise ReferenceUnavailableError(
-                f"{unique_id!r} in run {self.run_id!r} is a {marker.get('type')} saved by reference in process "
-                f"{marker.get('pid')}; references cannot leave the process that saved them "
-                f"(save it with pass_by='val' to share it)"
-            )
-        with _refs_lock:
-            try:
-                return _refs[(self.run_id, unique_id)]
-            except KeyError:
-                raise ReferenceUnavailableError(
-                    f"{unique_id!r} in run {self.run_id!r}: the referenced object is gone"
-                ) from None
-
     def delete(self, unique_id: str) -> bool:
         removed = self._check().delete(unique_id)
-        with _refs_lock:
-            _refs.pop((self.run_id, unique_id), None)
+        REFERENCES.drop(self.run_id, unique_id)
         return removed
 
     def keys(self) -> list[str]:
@@ -277,9 +217,6 @@ class WorkflowContext:
 
     def __contains__(self, unique_id: object) -> bool:
         return unique_id != _PROMPTS_KEY and self._check().contains(unique_id)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
 
     def info(self, unique_id: str) -> dict[str, Any]:
         """Tier, size and version (store-wide, never repeated) of the stored object."""
@@ -291,12 +228,8 @@ class WorkflowContext:
         out["owner"] = self._owner
         return out
 
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else ("owner" if self._owner else "attached")
-        return f"<WorkflowContext run_id={self.run_id!r} {state} backend={self.backend}>"
 
-
-def get_context(run_id: str) -> WorkflowContext:
+def get_context(run_id: str) -> Any:
     """The context of `run_id` registered in this process, else an attachment to it.
 
     Attachments of runs that have finished are dropped here, so a long-lived server that serves
@@ -304,10 +237,9 @@ def get_context(run_id: str) -> WorkflowContext:
     """
     if not isinstance(run_id, str) or not run_id:
         raise UnknownRunError(f"no run id given (got {run_id!r})")
-    if run_id.startswith(RAY_RUN_PREFIX):  # a Ray run: found through the cluster, not /dev/shm
-        from .distributed import get_ray_context
-
-        return get_ray_context(run_id)
+    resolve = resolver_for(run_id)  # e.g. a Ray run: found through the cluster, not /dev/shm
+    if resolve is not None:
+        return resolve(run_id)
     with _handler_lock:
         _drop_finished_locked()
         ctx = _active_handlers.get(run_id)
@@ -384,7 +316,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _install_signal_handler() -> None:
+def install_signal_handler() -> None:
+    """SIGTERM unwinds the process (handlers only raise), so owners clean up on the way out."""
     global _signal_installed, _previous_sigterm
     if _signal_installed or threading.current_thread() is not threading.main_thread():
         return
@@ -398,14 +331,12 @@ def _install_signal_handler() -> None:
 
 def _after_fork_in_child() -> None:
     """A forked child inherits no ownership: it must never unlink its parent's runs."""
-    global _handler_lock, _refs_lock
+    global _handler_lock
     _handler_lock = threading.Lock()
-    _refs_lock = threading.Lock()
     for ctx in _active_handlers.values():
         ctx._owner = False
         ctx._closed = True
     _active_handlers.clear()
-    _refs.clear()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows

@@ -123,9 +123,9 @@ def _enc(obj: Any, buffers: list, depth: int, count: list[int], limits: Limits, 
             return _enc_ndarray(np, np.asarray(obj), buffers, where, scalar=True)
     pa = mods.get("pyarrow")
     if pa is not None and isinstance(obj, (pa.Table, pa.RecordBatch, pa.Array, pa.ChunkedArray)):
-        from .codecs import _reduce_arrow
+        from .codecs import reduce_arrow
 
-        _, (pb, kind) = _reduce_arrow(pa, obj)
+        _, (pb, kind) = reduce_arrow(pa, obj)
         buffers.append(memoryview(pb.raw()))
         return {"t": "arrow", "kind": kind, "buf": len(buffers) - 1}
     raise SerializationError(
@@ -135,7 +135,7 @@ def _enc(obj: Any, buffers: list, depth: int, count: list[int], limits: Limits, 
 
 
 def _enc_tensor(torch: Any, t: Any, buffers: list, where: str) -> dict:
-    from .codecs import _tensor_buffer
+    from .codecs import tensor_buffer
 
     if t.is_nested or t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
         raise SerializationError(f"{where}: a {t.layout} / nested / quantized / meta tensor cannot be sent")
@@ -145,7 +145,7 @@ def _enc_tensor(torch: Any, t: Any, buffers: list, where: str) -> dict:
     data = t.detach().resolve_conj().resolve_neg().contiguous()
     if data.device.type != "cpu":
         data = data.cpu()
-    buffers.append(memoryview(_tensor_buffer(data.reshape(-1).view(torch.uint8)).raw()))
+    buffers.append(memoryview(tensor_buffer(data.reshape(-1).view(torch.uint8)).raw()))
     return {"t": "tensor", "dtype": dtype, "shape": list(t.shape), "buf": len(buffers) - 1,
             "device": str(t.device), "grad": bool(t.requires_grad)}
 

@@ -1,5 +1,5 @@
 """What the machine offers a run: memory, /dev/shm (or the portable mode's segment directory),
-cgroup limits, and the RAM budget from them.
+cgroup limits, and the RAM budget from them; and whether another process shares this host.
 
 Used to size a context's RAM tier and by `discomfort doctor`. Every reader takes its path as an
 argument so tests never depend on the machine's live memory.
@@ -7,9 +7,12 @@ argument so tests never depend on the machine's live memory.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from ._pystore import SHM_DIR, prepare_shm_dir, private_dir, read_meminfo, user_temp_dir
 
@@ -85,3 +88,83 @@ def disk_root(explicit: str | os.PathLike | None = None) -> str:
         return private_dir(user_temp_dir())
     except PermissionError as exc:
         raise PermissionError(f"{exc}; set DISCOMFORT_DISK_DIR") from None
+
+
+# ---- is another process on this host, user and /dev/shm? -------------------------------------
+
+def host_facts() -> dict[str, Any]:
+    """What decides whether two processes can share this run's memory; never sent anywhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot_id: str | None = f.read().strip() or None
+    except OSError:
+        boot_id = None
+    try:
+        st = os.stat("/dev/shm")
+        shm: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except OSError:
+        shm = None
+    return {"boot_id": boot_id, "uid": os.getuid() if hasattr(os, "getuid") else None, "shm": shm}
+
+
+_NONCE = re.compile(r"^[0-9a-f]{32,128}$")
+
+
+def host_info(nonce: str) -> dict[str, Any]:
+    """Keyed digests of this host, user and /dev/shm, for the same-host check over HTTP.
+
+    Each digest mixes the asker's ``nonce`` with the boot id, which another machine cannot read:
+    the asker compares them with its own :func:`host_info` of the same nonce, and learns only
+    whether they match, never a uid, a pid or the boot id itself.
+    """
+    if not isinstance(nonce, str) or not _NONCE.match(nonce):
+        raise ValueError("nonce must be 32-128 lowercase hex digits")
+    facts = host_facts()
+
+    def digest(*parts: Any) -> str | None:
+        if facts["boot_id"] is None or any(p is None for p in parts):
+            return None
+        text = "\x00".join(str(p) for p in (nonce, facts["boot_id"], *parts))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    return {
+        "nonce": nonce,
+        "host": digest("host"),
+        "user": digest("user", facts["uid"]),
+        "shm": digest("shm", *(facts["shm"] or (None,))),
+        "version": _package_version(),
+    }
+
+
+def _package_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("discomfort")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def same_host(a: dict, b: dict) -> bool:
+    """Whether two host_info() answers of the same nonce can share POSIX shared memory."""
+    return not host_differences(a, b)
+
+
+def host_differences(a: dict, b: dict) -> list[str]:
+    """Why two host_info() answers cannot share memory, in words; empty when they can."""
+    a, b = a or {}, b or {}
+    if a.get("nonce") is None or a.get("nonce") != b.get("nonce"):
+        return ["the answers were made for different nonces"]
+    why = []
+    if a.get("host") is None or a.get("host") != b.get("host"):
+        why.append("another host or kernel (boot id differs)")
+    elif a.get("user") is None or a.get("user") != b.get("user"):
+        why.append("another user")
+    if a.get("host") is not None and a.get("host") == b.get("host") \
+            and (a.get("shm") is None or a.get("shm") != b.get("shm")):
+        why.append("another /dev/shm (device or inode differs: a container?)")
+    return why

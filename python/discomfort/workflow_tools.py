@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, UnknownKeyError, WorkflowError
@@ -182,7 +183,7 @@ def choose_transport(executor: Any, transport: str | None = None) -> tuple[str, 
         if not url:
             raise ValueError(f"transport='http': the executor {executor!r} has no server url")
         return "http", "transport='http' was requested"
-    from .comfy.nodes_support import host_differences, host_info
+    from .sysinfo import host_differences, host_info
 
     try:
         remote = ask()
@@ -283,13 +284,54 @@ def run_sequential(
 
     The result stays valid after the run's store is gone. The store lives only inside this call.
     """
-    from .context import WorkflowContext
-
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    executor = resolve_executor(executor)
+    plan = _plan(workflows, inputs, iterations, executor, object_info, outputs, release_unused)
+    path, why = choose_transport(executor, transport)
+    run = _open_run(path, executor, ram_budget, disk_dir)
+    state = _RunState(plan.names, iterations, on_progress, progress)
+    options = _executor_options(executor, cancel, state, on_progress is not None)
+    try:
+        with run as ctx:
+            state.run_id = ctx.run_id
+            _announce(ctx, path, why, executor)
+            try:
+                _save_inputs(ctx, inputs, plan)
+                sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(plan.prompts, plan.port_nodes)]
+                for iteration in range(iterations):
+                    for k, prompt in enumerate(sent):
+                        _run_workflow(ctx, executor, plan, state, iteration, k, prompt, timeout, options, cancel)
+                state.at(None, None)
+                return _collect(ctx, plan.written, plan.wanted)
+            except RunCancelled as exc:
+                raise state.cut(RunCancelled, cancel.reason if cancel is not None else None) from exc
+            except KeyboardInterrupt as exc:
+                raise state.cut(RunInterrupted, "Ctrl-C") from exc
+    finally:
+        state.close()
+
+
+@dataclass
+class _Plan:
+    """What run_sequential knows before the run starts: prompts, ports, keys read and written."""
+
+    names: list[str]
+    prompts: list[dict]
+    port_nodes: list[dict]
+    port_keys: list[dict]
+    reads: list[list[str]]
+    writes: list[list[str]]
+    wanted: list[str] | None
+    releases: list[list[str]] | None
+    written: list[str] = field(default_factory=list)  # keys some port wrote, in order
+
+
+def _plan(workflows: Any, inputs: Mapping[str, Any] | None, iterations: int, executor: Any,
+          object_info: Mapping | None, outputs: Iterable[str] | None, release_unused: bool) -> _Plan:
+    """Read and convert the workflows, find their ports, check ``outputs=``, plan releases."""
     names = workflow_names(workflows)
     items = read_workflows(workflows)
-    executor = resolve_executor(executor)
     if object_info is None and any(is_ui_format(w) for w in items) \
             and callable(getattr(executor, "object_info", None)):
         object_info = executor.object_info()
@@ -306,76 +348,83 @@ def run_sequential(
     if release_unused:
         keep = wanted if wanted is not None else {uid for w in writes for uid in w}
         releases = plan_releases(reads, writes, iterations, keep, initial=inputs or {})
+    return _Plan(names, prompts, port_nodes, port_keys, reads, writes, wanted, releases)
 
-    path, why = choose_transport(executor, transport)
+
+def _open_run(path: str, executor: Any, ram_budget: int | str | None, disk_dir: Any) -> Any:
+    """The run's context: in this process's shared memory, or inside the server over HTTP."""
     if path == "http":
-        from .remote import RemoteContext, TransportWarning
+        from .remote import RemoteContext
 
-        run: Any = RemoteContext(executor.url, ram_budget=ram_budget)
-    else:
-        run = WorkflowContext(ram_budget=ram_budget, disk_dir=disk_dir)
+        return RemoteContext(executor.url, ram_budget=ram_budget)
+    from .context import WorkflowContext
 
-    state = _RunState(names, iterations, on_progress, progress)
-    kwargs: dict[str, Any] = {}
+    return WorkflowContext(ram_budget=ram_budget, disk_dir=disk_dir)
+
+
+def _executor_options(executor: Any, cancel: CancelToken | None, state: "_RunState",
+                      wants_events: bool) -> dict[str, Any]:
+    """The keywords this executor's ``execute`` takes: cancel, and ComfyUI's events for progress."""
+    options: dict[str, Any] = {}
     if cancel is not None and accepts_keyword(executor.execute, "cancel"):
-        kwargs["cancel"] = cancel
-    if (on_progress is not None or state.bar is not None) and accepts_keyword(executor.execute, "on_event"):
-        kwargs["on_event"] = state.comfy_event
-    written: list[str] = []
+        options["cancel"] = cancel
+    if (wants_events or state.bar is not None) and accepts_keyword(executor.execute, "on_event"):
+        options["on_event"] = state.comfy_event
+    return options
+
+
+def _announce(ctx: Any, path: str, why: str, executor: Any) -> None:
+    """Log where the values live; the HTTP path also warns once, since it copies every value."""
+    if path == "http":
+        from .remote import TransportWarning
+
+        log.info("discomfort: run %s: values travel over HTTP to %s (%s)", ctx.run_id, executor.url, why)
+        warnings.warn(
+            f"discomfort run {ctx.run_id}: values travel over HTTP to {executor.url} ({why}); "
+            "every value is copied over the socket",
+            TransportWarning, stacklevel=3,
+        )
+    else:
+        log.info("discomfort: run %s: values in shared memory (%s)", ctx.run_id, why)
+
+
+def _save_inputs(ctx: Any, inputs: Mapping[str, Any] | None, plan: _Plan) -> None:
+    for uid, value in (inputs or {}).items():
+        ctx.save(uid, value)
+    _release(ctx, plan.releases, 0)
+
+
+def _run_workflow(ctx: Any, executor: Any, plan: _Plan, state: "_RunState", iteration: int, k: int,
+                  prompt: dict, timeout: float | None, options: dict[str, Any],
+                  cancel: CancelToken | None) -> None:
+    """One workflow of one iteration: check its inputs, let its prompt use the run, run it,
+    check that every port wrote, release what no later workflow reads."""
+    state.at(iteration, k)
+    if cancel is not None and cancel.cancelled:
+        raise RunCancelled("cancelled between workflows")
+    missing = sorted(uid for uid in plan.reads[k] if uid not in ctx)
+    if missing:
+        raise missing_inputs_error(k, missing, ctx.run_id)
+    before = {uid: _version(ctx, uid) for uid in plan.writes[k]}
+    state.emit("workflow_start")
+    state.inside = True
+    digest = ctx.allow_prompt(prompt)
     try:
-        with run as ctx:
-            state.run_id = ctx.run_id
-            if path == "http":
-                log.info("discomfort: run %s: values travel over HTTP to %s (%s)", ctx.run_id, executor.url, why)
-                warnings.warn(
-                    f"discomfort run {ctx.run_id}: values travel over HTTP to {executor.url} ({why}); "
-                    "every value is copied over the socket",
-                    TransportWarning, stacklevel=2,
-                )
-            else:
-                log.info("discomfort: run %s: values in shared memory (%s)", ctx.run_id, why)
-            try:
-                for uid, value in (inputs or {}).items():
-                    ctx.save(uid, value)
-                _release(ctx, releases, 0)
-                sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(prompts, port_nodes)]
-                for iteration in range(iterations):
-                    for k, prompt in enumerate(sent):
-                        state.at(iteration, k)
-                        if cancel is not None and cancel.cancelled:
-                            raise RunCancelled("cancelled between workflows")
-                        keys = port_keys[k]
-                        missing = sorted(uid for uid in reads[k] if uid not in ctx)
-                        if missing:
-                            raise missing_inputs_error(k, missing, ctx.run_id)
-                        before = {uid: _version(ctx, uid) for uid in writes[k]}
-                        state.emit("workflow_start")
-                        state.inside = True
-                        digest = ctx.allow_prompt(prompt)
-                        try:
-                            executor.execute(prompt, timeout=timeout, **kwargs)
-                        finally:
-                            ctx.revoke_prompt(digest)
-                        state.inside = False
-                        for uid in writes[k]:
-                            after = _version(ctx, uid)
-                            if after is None or after == before[uid]:
-                                raise WorkflowError(
-                                    f"workflow {k}: the port(s) {', '.join(keys[uid].output_node_ids)} writing "
-                                    f"{uid!r} did not save a value in this run"
-                                )
-                            if uid not in written:
-                                written.append(uid)
-                        _release(ctx, releases, iteration * len(sent) + k + 1)
-                        state.finished()
-                state.at(None, None)
-                return _collect(ctx, written, wanted)
-            except RunCancelled as exc:
-                raise state.cut(RunCancelled, cancel.reason if cancel is not None else None) from exc
-            except KeyboardInterrupt as exc:
-                raise state.cut(RunInterrupted, "Ctrl-C") from exc
+        executor.execute(prompt, timeout=timeout, **options)
     finally:
-        state.close()
+        ctx.revoke_prompt(digest)
+    state.inside = False
+    for uid in plan.writes[k]:
+        after = _version(ctx, uid)
+        if after is None or after == before[uid]:
+            raise WorkflowError(
+                f"workflow {k}: the port(s) {', '.join(plan.port_keys[k][uid].output_node_ids)} writing "
+                f"{uid!r} did not save a value in this run"
+            )
+        if uid not in plan.written:
+            plan.written.append(uid)
+    _release(ctx, plan.releases, iteration * len(plan.prompts) + k + 1)
+    state.finished()
 
 
 def _release(ctx: Any, releases: list[list[str]] | None, index: int) -> None:

@@ -121,7 +121,7 @@ def test_a_server_beyond_loopback_without_secret_refuses_runs(exposed):
     assert "listens beyond loopback" in exposed.log_path.read_text()  # the log says how to enable
     # What the same-host check needs still works, and reveals only digests.
     info = exposed.host_info()
-    assert set(info) == {"nonce", "host", "user", "shm", "version", "backend"}
+    assert set(info) == {"nonce", "host", "user", "shm", "version"}
     assert requests.get(f"{exposed.url}/discomfort/host_info", timeout=10).status_code == 400
 
 

@@ -18,8 +18,7 @@ import requests
 import torch
 
 import discomfort
-from discomfort.comfy import host_info, same_host
-from discomfort.comfy.nodes_support import host_differences, host_facts, new_nonce
+from discomfort.sysinfo import host_differences, host_facts, host_info, new_nonce, same_host
 from discomfort.errors import (
     NodeExecutionError,
     ReferenceUnavailableError,
@@ -83,8 +82,8 @@ def test_same_host_compares_keyed_digests_only():
     nonce = new_nonce()
     here = host_info(nonce)
     assert same_host(here, dict(here)) and host_differences(here, dict(here)) == []
-    # Nothing but digests, the nonce, the version and the backend: no uid, pid or boot id.
-    assert set(here) == {"nonce", "host", "user", "shm", "version", "backend"}
+    # Nothing but digests, the nonce and the version: no uid, pid or boot id.
+    assert set(here) == {"nonce", "host", "user", "shm", "version"}
     facts = host_facts()
     text = json.dumps(here)
     assert facts["boot_id"] not in text and str(os.getpid()) not in text

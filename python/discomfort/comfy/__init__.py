@@ -15,7 +15,6 @@ from ._tvshim import install as install_torchvision_shim
 from .client import ComfyServer
 from .inprocess import InProcessComfy
 from .launcher import free_port, launch_server
-from .nodes_support import host_info, same_host
 
 __all__ = [
     "InProcessComfy",
@@ -23,7 +22,5 @@ __all__ = [
     "launch_server",
     "free_port",
     "install_torchvision_shim",
-    "host_info",
-    "same_host",
     "cached_nodes",
 ]

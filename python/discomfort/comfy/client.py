@@ -88,7 +88,7 @@ class ComfyServer:
     def host_info(self, nonce: str | None = None) -> dict:
         """The node pack's ``/discomfort/host_info`` answer for ``nonce`` (default: a fresh one):
         digests to compare with :func:`discomfort.comfy.host_info` of the same nonce."""
-        from .nodes_support import new_nonce
+        from ..sysinfo import new_nonce
 
         return self.get_json("/discomfort/host_info", params={"nonce": nonce or new_nonce()})
 

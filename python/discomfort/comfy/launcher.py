@@ -29,7 +29,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Path, lines: int = 60) -> str:
+def log_tail(path: Path, lines: int = 60) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -111,6 +111,7 @@ def launch_server(
     log_path: os.PathLike | str | None = None,
     env: dict | None = None,
     cpu: bool = True,
+    api_nodes: bool = False,
 ) -> Iterator[ComfyServer]:
     """Start ``main.py --listen 127.0.0.1 --port P`` (with ``--cpu`` unless ``cpu=False``) and
     yield a :class:`ComfyServer`.
@@ -121,7 +122,8 @@ def launch_server(
     in a temporary work directory. It must load ``DiscomfortPort`` (checked on
     ``/object_info/DiscomfortPort`` when the default pack is used). On exit it gets SIGTERM, then
     SIGKILL after ``stop_timeout`` seconds. The log goes to ``log_path`` (default: in the work
-    directory); errors quote its tail.
+    directory); errors quote its tail. ``api_nodes=True`` loads ComfyUI's API nodes (no network
+    until one runs), for their ``/object_info``.
     """
     comfy_path = Path(comfy_path).expanduser().resolve()
     if not (comfy_path / "main.py").is_file():
@@ -169,7 +171,7 @@ def launch_server(
                 "--input-directory", str(work / "input"),
                 "--user-directory", str(work / "user"),
                 "--database-url", "sqlite:///:memory:",
-                "--disable-api-nodes", "--disable-auto-launch",
+                *([] if api_nodes else ["--disable-api-nodes"]), "--disable-auto-launch",
                 *extra_args,
             ]
             log_start = log_file.stat().st_size if log_file.exists() else 0
@@ -183,7 +185,7 @@ def launch_server(
             if why is None:
                 break
             _stop(proc, stop_timeout)
-            tail = _tail(log_file)
+            tail = log_tail(log_file)
             new_log = ""
             try:
                 with open(log_file, "rb") as f:
@@ -200,7 +202,7 @@ def launch_server(
         else:
             raise last_error  # type: ignore[misc]
 
-        server = ComfyServer(url, log_tail=lambda: _tail(log_file))
+        server = ComfyServer(url, log_tail=lambda: log_tail(log_file))
         server.process = proc
         server.log_path = log_file
         server.work_dir = work
@@ -211,7 +213,7 @@ def launch_server(
                 if "DiscomfortPort" not in info:
                     raise ComfyConnectionError(
                         "the ComfyUI server started but did not load the Discomfort node pack "
-                        f"(no /object_info/DiscomfortPort)\n--- log tail ({log_file}) ---\n{_tail(log_file)}"
+                        f"(no /object_info/DiscomfortPort)\n--- log tail ({log_file}) ---\n{log_tail(log_file)}"
                     )
             yield server
         finally:

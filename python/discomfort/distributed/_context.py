@@ -11,7 +11,7 @@ import secrets
 import threading
 import time
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -19,7 +19,8 @@ from ray.exceptions import ObjectLostError, ObjectStoreFullError, RayActorError
 
 from .. import codecs
 from .._pystore import check_key, check_run_id
-from ..context import PassBy, RAY_RUN_PREFIX, _install_signal_handler, prompt_digest
+from ..context import RAY_RUN_PREFIX, install_signal_handler
+from ..runs import REFERENCES, PassBy, RunBase, prompt_digest
 from ..errors import (
     InvalidRunIdError,
     PromptNotAllowedError,
@@ -30,7 +31,7 @@ from ..errors import (
     UnknownRunError,
 )
 from . import _ray
-from ._directory import _FINISHED, RunDirectory
+from ._directory import FINISHED, RunDirectory
 
 __all__ = ["RayContext", "ValueLostError", "attach_or_get", "active_ray_runs"]
 
@@ -41,11 +42,6 @@ _runs: dict[str, RayContext] = {}
 _runs_lock = threading.Lock()
 _last_sweep = [0.0]
 SWEEP_INTERVAL = 30.0  # seconds between checks that attached runs still exist
-
-# Values saved by reference stay here, in the process that saved them.
-_refs: dict[tuple[str, str], Any] = {}
-_refs_lock = threading.Lock()
-_PROCESS_TOKEN = secrets.token_hex(16)
 
 _actor_class: Any = None
 
@@ -70,7 +66,7 @@ def _load_mode(copy: bool | None) -> bool:
     return mode == "copy"
 
 
-class RayContext:
+class RayContext(RunBase):
     """A run whose values live in a Ray cluster's object store: the WorkflowContext API.
 
     ``RayContext()`` creates a run (id ``ray-<32 hex>``, or ``run_id=`` which must start with
@@ -103,8 +99,7 @@ class RayContext:
 
     def __init__(self, run_id: str | None = None, *, address: str | None = None, copy: bool | None = None,
                  _actor: Any = None) -> None:
-        self._lock = threading.Lock()
-        self._closed = False
+        self._start(owner=_actor is None)
         self._copy = _load_mode(copy)
         _ray.ensure_connected(address)
         self._pid = os.getpid()
@@ -114,7 +109,6 @@ class RayContext:
                 raise ValueError("attaching needs the run id")
             self.run_id = run_id
             self._actor = _actor
-            self._owner = False
             return
         if run_id is None:
             run_id = RAY_RUN_PREFIX + secrets.token_hex(16)
@@ -127,7 +121,7 @@ class RayContext:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = _ray.node_id()
-        owner = {"pid": os.getpid(), "node": here, "process": _PROCESS_TOKEN}
+        owner = {"pid": os.getpid(), "node": here, "process": REFERENCES.token}
         self._actor = _directory_actor().options(
             name=self.actor_name, namespace=_ray.NAMESPACE, num_cpus=0, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True),
@@ -136,8 +130,7 @@ class RayContext:
             ray.get(self._actor.ping.remote())
         except (ValueError, RayActorError) as exc:
             raise InvalidRunIdError(f"cannot create Ray run {run_id!r}: {exc}") from exc
-        self._owner = True
-        _install_signal_handler()
+        install_signal_handler()
         with _runs_lock:
             _runs[run_id] = self
 
@@ -162,67 +155,47 @@ class RayContext:
         return _ray.ACTOR_PREFIX + self.run_id
 
     @property
-    def owner(self) -> bool:
-        return self._owner
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
     def backend(self) -> str:
         return "ray"
 
-    def shutdown(self) -> None:
-        """Release the run: the owner frees everything it put into Ray, an attacher detaches."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        try:
-            if self._owner and os.getpid() == self._pid and ray.is_initialized():
-                try:
-                    ray.get(self._actor.clear.remote())
-                except RayActorError:
-                    pass
-                ray.kill(self._actor, no_restart=True)
-        finally:
-            with _runs_lock:
-                if _runs.get(self.run_id) is self:
-                    del _runs[self.run_id]
-            if self._owner:
-                _drop_refs(self.run_id)
+    def _release(self) -> None:
+        """The owner frees everything it put into Ray; an attacher detaches."""
+        if self._owner and os.getpid() == self._pid and ray.is_initialized():
+            try:
+                ray.get(self._actor.clear.remote())
+            except RayActorError:
+                pass
+            ray.kill(self._actor, no_restart=True)
 
-    close = shutdown
-
-    def __enter__(self) -> RayContext:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+    def _forget(self) -> None:
+        with _runs_lock:
+            if _runs.get(self.run_id) is self:
+                del _runs[self.run_id]
+        super()._forget()
 
     def _call(self, method: str, *args: Any) -> Any:
         if self._closed:
-            raise RunFinishedError(f"run {self.run_id!r} has finished: its context was shut down")
+            raise self._finished()
         try:
             out = ray.get(getattr(self._actor, method).remote(*args))
         except RayActorError as exc:
-            self._finished()
+            self._ended()
             raise RunFinishedError(
                 f"Ray run {self.run_id!r} has finished: its directory actor {self.actor_name} is gone"
             ) from exc
-        if isinstance(out, str) and out == _FINISHED:
-            self._finished()
+        if isinstance(out, str) and out == FINISHED:
+            self._ended()
             raise RunFinishedError(f"Ray run {self.run_id!r} has finished (its owner shut it down)")
         return out
 
-    def _finished(self) -> None:
+    def _ended(self) -> None:
+        """The run ended elsewhere (its owner, or its directory died): forget it here."""
         with self._lock:
             self._closed = True
         with _runs_lock:
             if _runs.get(self.run_id) is self:
                 del _runs[self.run_id]
-        _drop_refs(self.run_id)
+        REFERENCES.drop_run(self.run_id)
 
     # ---- which prompts may use the run --------------------------------------------------------
     def allow_prompt(self, prompt: Any) -> str:
@@ -245,16 +218,13 @@ class RayContext:
     def save(self, unique_id: str, data: Any, pass_by: PassBy = "auto") -> int:
         """Store ``data`` under ``unique_id``; returns its version (run-wide, never repeated)."""
         if self._closed:
-            raise RunFinishedError(f"run {self.run_id!r} has finished: its context was shut down")
+            raise self._finished()
         check_key(unique_id)
         encoded = codecs.encode_or_ref(data, pass_by, f"{unique_id!r} in run {self.run_id!r}")
         if encoded is not None:
             return self._put_value(unique_id, *encoded)
-        marker = {"kind": "ref", "tier": "ref", "process": _PROCESS_TOKEN, "pid": os.getpid(),
-                  "node": _ray.node_id(), "type": f"{type(data).__module__}.{type(data).__qualname__}",
-                  "size": 0, "nbytes": 0, "nbuf": 0, "meta_len": 0}
-        with _refs_lock:
-            _refs[(self.run_id, unique_id)] = data
+        marker = REFERENCES.keep(self.run_id, unique_id, data, kind="ref", tier="ref", node=_ray.node_id(),
+                                 size=0, nbytes=0, nbuf=0, meta_len=0)
         return self._call("put", unique_id, [], marker)
 
     def _put_value(self, unique_id: str, meta: bytes, buffers: list) -> int:
@@ -269,10 +239,9 @@ class RayContext:
             ) from exc
         info = {"kind": "val", "tier": "ray", "size": nbytes + len(meta), "nbytes": nbytes,
                 "nbuf": len(arrays), "meta_len": len(meta), "node": _ray.node_id(), "pid": os.getpid(),
-                "process": _PROCESS_TOKEN}
+                "process": REFERENCES.token}
         version = self._call("put", unique_id, [ref], info)
-        with _refs_lock:
-            _refs.pop((self.run_id, unique_id), None)
+        REFERENCES.drop(self.run_id, unique_id)
         return version
 
     def load(self, unique_id: str, *, copy: bool | None = None) -> Any:
@@ -297,26 +266,12 @@ class RayContext:
         return _decode_views(meta, arrays)
 
     def _load_ref(self, unique_id: str, info: dict) -> Any:
-        if info.get("process") != _PROCESS_TOKEN:
-            here = _ray.node_id()
-            where = "this node" if info.get("node") == here else f"node {info.get('node')}"
-            raise ReferenceUnavailableError(
-                f"{unique_id!r} in Ray run {self.run_id!r} is a {info.get('type')} saved by reference in "
-                f"process {info.get('pid')} on {where}; references cannot leave the process that saved "
-                f"them (save it with pass_by='val' to share it across the cluster)"
-            )
-        with _refs_lock:
-            try:
-                return _refs[(self.run_id, unique_id)]
-            except KeyError:
-                raise ReferenceUnavailableError(
-                    f"{unique_id!r} in Ray run {self.run_id!r}: the referenced object is gone"
-                ) from None
+        where = "this node" if info.get("node") == _ray.node_id() else f"node {info.get('node')}"
+        return REFERENCES.get(self.run_id, unique_id, info, f" on {where}")
 
     def delete(self, unique_id: str) -> bool:
         removed = self._call("delete", unique_id)
-        with _refs_lock:
-            _refs.pop((self.run_id, unique_id), None)
+        REFERENCES.drop(self.run_id, unique_id)
         return removed
 
     def keys(self) -> list[str]:
@@ -324,9 +279,6 @@ class RayContext:
 
     def __contains__(self, unique_id: object) -> bool:
         return self._call("contains", unique_id)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
 
     def info(self, unique_id: str) -> dict[str, Any]:
         """Tier ("ray" or "ref"), size, version, and the node and process that saved it."""
@@ -349,15 +301,11 @@ class RayContext:
     def _foreign_values(self, unique_ids: list[str]) -> dict[str, tuple[list, dict]]:
         """Values among ``unique_ids`` that a process other than this one owns."""
         got = self._call("entries", list(unique_ids))
-        return {u: e for u, e in got.items() if e[1].get("process") != _PROCESS_TOKEN}
+        return {u: e for u, e in got.items() if e[1].get("process") != REFERENCES.token}
 
     def _adopted(self, unique_id: str, version: int, ref: Any, node: str | None) -> bool:
-        info = {"process": _PROCESS_TOKEN, "pid": os.getpid(), "node": node, "adopted": True}
+        info = {"process": REFERENCES.token, "pid": os.getpid(), "node": node, "adopted": True}
         return self._call("adopt", unique_id, version, [ref], info)
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else ("owner" if self._owner else "attached")
-        return f"<RayContext run_id={self.run_id!r} {state}>"
 
 
 # ---- zero-copy decoding ---------------------------------------------------------------------------
@@ -399,12 +347,6 @@ def _decode_views(meta: bytes, arrays: list) -> Any:
 # ---- registry -------------------------------------------------------------------------------------
 
 
-def _drop_refs(run_id: str) -> None:
-    with _refs_lock:
-        for k in [k for k in _refs if k[0] == run_id]:
-            del _refs[k]
-
-
 def attach_or_get(run_id: str) -> RayContext:
     """What ``discomfort.get_context`` returns for a ``ray-`` id (see get_ray_context)."""
     with _runs_lock:
@@ -440,7 +382,7 @@ def _sweep() -> None:
         try:
             ray.get_actor(ctx.actor_name, namespace=_ray.NAMESPACE)
         except ValueError:
-            ctx._finished()
+            ctx._ended()
         except Exception:  # noqa: BLE001 - the check is best effort
             pass
 

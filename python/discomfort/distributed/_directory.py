@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-_FINISHED = "__finished__"
+FINISHED = "__finished__"
 
 
 class RunDirectory:
@@ -42,7 +42,7 @@ class RunDirectory:
     def put(self, uid: str, box: list, info: dict) -> Any:
         """Store ``box[0]`` (an ObjectRef; empty box: a reference kept by its process) under uid."""
         if self._finished:
-            return _FINISHED
+            return FINISHED
         version = self._next_version
         self._next_version += 1
         self._puts += 1
@@ -64,7 +64,7 @@ class RunDirectory:
 
     def delete(self, uid: str) -> Any:
         if self._finished:
-            return _FINISHED
+            return FINISHED
         return self._entries.pop(uid, None) is not None
 
     def clear(self) -> int:
@@ -77,7 +77,7 @@ class RunDirectory:
     # ---- reads ----------------------------------------------------------------------------------
     def get(self, uid: str) -> Any:
         if self._finished:
-            return _FINISHED
+            return FINISHED
         current = self._entries.get(uid)
         if current is None:
             return None
@@ -86,19 +86,19 @@ class RunDirectory:
 
     def info(self, uid: str) -> Any:
         if self._finished:
-            return _FINISHED
+            return FINISHED
         current = self._entries.get(uid)
         return None if current is None else dict(current[1])
 
     def versions(self, uids: list) -> Any:
         if self._finished:
-            return _FINISHED
+            return FINISHED
         return {u: (self._entries[u][1]["version"] if u in self._entries else None) for u in uids}
 
     def entries(self, uids: list) -> Any:
         """``{uid: ([ref], info)}`` of the values among ``uids`` (for adoption)."""
         if self._finished:
-            return _FINISHED
+            return FINISHED
         out = {}
         for u in uids:
             current = self._entries.get(u)
@@ -107,14 +107,14 @@ class RunDirectory:
         return out
 
     def keys(self) -> Any:
-        return _FINISHED if self._finished else list(self._entries)
+        return FINISHED if self._finished else list(self._entries)
 
     def contains(self, uid: str) -> Any:
-        return _FINISHED if self._finished else uid in self._entries
+        return FINISHED if self._finished else uid in self._entries
 
     def stats(self) -> Any:
         if self._finished:
-            return _FINISHED
+            return FINISHED
         by_node: dict[str, int] = {}
         nbytes = refs = 0
         for _ref, info in self._entries.values():

@@ -166,9 +166,9 @@ class ComfyServerActor:
         return pid
 
     def log_tail(self, lines: int = 60) -> str:
-        from ..comfy.launcher import _tail
+        from ..comfy.launcher import log_tail
 
-        return _tail(Path(self.server.log_path), lines)
+        return log_tail(Path(self.server.log_path), lines)
 
     def stop(self) -> None:
         self._stack.close()

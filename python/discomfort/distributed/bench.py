@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..bench import SIZES, _median_ms, memcpy_ms
+from ..bench import SIZES, median_ms, memcpy_ms, size_table
 
 MiB = 1 << 20
 DEFAULT_SIZES = ("12 MiB", "192 MiB")
@@ -57,9 +57,9 @@ class _Loader:
         return ray.get_runtime_context().get_node_id()
 
     def load(self, run_id: str, key: str) -> int:
-        import discomfort
+        from ..context import get_context
 
-        value = discomfort.get_context(run_id).load(key)
+        value = get_context(run_id).load(key)
         return int(value.numel())
 
 
@@ -153,22 +153,18 @@ def _measure(ctx: Any, tensor: Any, rounds: int, loader: Any, warmup: int) -> di
         ctx.save("image", tensor)
         ray.get(loader.load.remote(ctx.run_id, "image"))
 
-    out = {"save": _median_ms(save, rounds, warmup), "load": _median_ms(load, rounds),
-           "handoff": _median_ms(handoff, rounds, warmup)}
+    out = {"save": median_ms(save, rounds, warmup), "load": median_ms(load, rounds),
+           "handoff": median_ms(handoff, rounds, warmup)}
     held.clear()
     return out
 
 
 def format_table(rows: list[Row]) -> str:
-    out = []
-    for size in dict.fromkeys(r.size for r in rows):
-        sub = [r for r in rows if r.size == size]
-        out.append(f"\n{size} IMAGE ({sub[0].nbytes / MiB:.0f} MiB)")
-        out.append(f"  {'method':20} {'backend':8} {'median ms':>10} {'x memcpy':>9} {'x shm':>8}")
-        for r in sub:
-            x_shm = f"{r.x_shm:8.2f}" if r.x_shm is not None else f"{'':8}"
-            out.append(f"  {r.method:20} {r.backend:8} {r.median_ms:10.3f} {r.x_memcpy:9.3f} {x_shm}")
-    return "\n".join(out)
+    return size_table(rows, [
+        ("method", 20, "", lambda r: r.method), ("backend", 8, "", lambda r: r.backend),
+        ("median ms", 10, ".3f", lambda r: r.median_ms), ("x memcpy", 9, ".3f", lambda r: r.x_memcpy),
+        ("x shm", 8, ".2f", lambda r: r.x_shm),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
 from .. import codecs, datacodec, errors
-from ..context import prompt_digest
+from ..runs import RunBase, prompt_digest
 from ..errors import ComfyConnectionError, ReferenceUnavailableError, SerializationError, UnknownKeyError
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, FrameBody, frame_length,
                       parse_fixed, parse_sizes)
@@ -47,7 +46,7 @@ def encode_for_http(data: Any, pass_by: str, unique_id: str, where: str,
         raise SerializationError(f"cannot send {unique_id!r} to {where}: {exc}") from exc
 
 
-class RemoteContext:
+class RemoteContext(RunBase):
     """A run whose store lives in a ComfyUI server process, reached over HTTP.
 
     The subset of :class:`~discomfort.WorkflowContext` that ``run_sequential`` uses: ``run_id``,
@@ -74,8 +73,7 @@ class RemoteContext:
         self.limits = datacodec.Limits(max_bytes=max_value)
         self._own_session = session is None
         self._session = requests.Session() if session is None else session
-        self._closed = False
-        self._lock = threading.Lock()
+        self._start(owner=True)
         self.run_id = ""
         self._token = ""
         secret = secret if secret is not None else os.environ.get(SECRET_ENV)
@@ -91,14 +89,6 @@ class RemoteContext:
         self._token = answer["token"]
 
     # -- plumbing ------------------------------------------------------------------------------
-
-    @property
-    def owner(self) -> bool:
-        return True
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def backend(self) -> str:
@@ -146,7 +136,7 @@ class RemoteContext:
 
     def _check(self) -> None:
         if self._closed:
-            raise errors.RunFinishedError(f"run {self.run_id!r} has finished: its context was shut down")
+            raise self._finished()
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -222,9 +212,6 @@ class RemoteContext:
             return False
         return self.version(unique_id) is not None
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
     def stats(self) -> dict[str, Any]:
         self._check()
         return self._json("GET", self._route())
@@ -244,12 +231,8 @@ class RemoteContext:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """End the run on the server (its memory and files are removed there). Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+    def _release(self) -> None:
+        """End the run on the server (its memory and files are removed there)."""
         try:
             route = self._route()
             resp = self._request("DELETE", route)
@@ -258,20 +241,6 @@ class RemoteContext:
         finally:
             if self._own_session:
                 self._session.close()
-
-    close = shutdown
-
-    def __enter__(self) -> "RemoteContext":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.shutdown()
-            return
-        try:  # do not hide the error that ended the block
-            self.shutdown()
-        except Exception as err:  # noqa: BLE001
-            log.warning("could not end run %s on %s: %s", self.run_id, self.url, err)
 
     def __repr__(self) -> str:
         return f"<RemoteContext run_id={self.run_id!r} server={self.url!r}{' closed' if self._closed else ''}>"

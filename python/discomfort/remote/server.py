@@ -220,7 +220,7 @@ class RunServer:
         for rid, ctx in list(self.runs.items()):
             if ctx.closed:
                 self.runs.pop(rid, None)
-            elif now - ctx.last_used > self.limits.idle_seconds and not ctx._prompts():
+            elif now - ctx.last_used > self.limits.idle_seconds and not ctx.prompt_digests():
                 self.runs.pop(rid, None)
                 log.warning("discomfort: run %s unused for %.0fs: ended", rid, now - ctx.last_used)
                 ctx.shutdown()
@@ -382,7 +382,7 @@ class RunServer:
                 digest = None
             if not isinstance(digest, str) or not _DIGEST.match(digest):
                 raise ValueError("the body must be {\"digest\": <64 lowercase hex digits>}")
-            ctx._set_prompts(ctx._prompts() | {digest})
+            ctx.allow_digest(digest)
         except Exception as exc:  # noqa: BLE001
             return self._error(exc, run_id)
         return web.json_response({"run_id": run_id, "digest": digest})

@@ -15,7 +15,7 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from discomfort.comfy.nodes_support import ANY
+from discomfort.nodes.support import ANY
 
 CONSTRUCTED = [0]
 _LIVE: "weakref.WeakValueDictionary[int, CountingModel]" = weakref.WeakValueDictionary()

@@ -1,0 +1,50 @@
+"""The node pack's HTTP routes, added to ComfyUI's PromptServer when ComfyUI runs as a server.
+
+* ``GET /discomfort/host_info?nonce=HEX``: keyed digests of where this server runs, so that an
+  orchestrator can tell whether it shares memory with it (same host, user and /dev/shm) without
+  the server revealing its uid, pid or boot id.
+* ``/discomfort/runs...``: runs owned by this server process, for orchestrators that cannot share
+  memory with it (see :mod:`discomfort.remote.server`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..remote.server import add_routes
+from ..sysinfo import host_info
+
+__all__ = ["register"]
+
+_registered = False
+
+
+def register(routes: Any = None) -> bool:
+    """Add the routes to ``routes`` (default: ComfyUI's ``PromptServer.instance.routes``, when
+    there is one); False when there is no server to add them to, or they are already there."""
+    global _registered
+    if _registered:
+        return False
+    if routes is None:
+        try:
+            import server  # type: ignore[import-not-found]  (ComfyUI's)
+        except ImportError:
+            return False
+        instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+        routes = getattr(instance, "routes", None)
+    if routes is None or not hasattr(routes, "get"):
+        return False
+
+    from aiohttp import web
+
+    @routes.get("/discomfort/host_info")
+    async def discomfort_host_info(request: Any) -> Any:
+        try:
+            return web.json_response(host_info(request.query.get("nonce", "")))
+        except ValueError as exc:
+            return web.json_response({"error": f"GET /discomfort/host_info?nonce=<hex>: {exc}",
+                                      "type": "ValueError"}, status=400)
+
+    add_routes(routes)
+    _registered = True
+    return True

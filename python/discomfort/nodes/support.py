@@ -1,0 +1,61 @@
+"""What the node pack's classes (``comfy_nodes/``) need from the package.
+
+The node pack folder stays thin: its node classes call into this module, which has no ComfyUI
+import of its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from ..context import get_context
+from ..workflow_format import LOADER_CLASS, PORT_CLASS, port_mode_in_prompt
+
+__all__ = ["AnyType", "ANY", "port_mode", "get_handler", "always_changed_token", "PORT_CLASS", "LOADER_CLASS"]
+
+
+class AnyType(str):
+    """A ComfyUI type that matches every other type (ComfyUI compares types with ``!=``)."""
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = str.__hash__
+
+
+ANY = AnyType("*")
+
+
+def port_mode(prompt: dict | None, node_id: str | None, declared: str | None = None) -> str:
+    """INPUT, OUTPUT or PASSTHRU of the port ``node_id`` in an API-format ``prompt``.
+
+    ``declared`` (what an orchestrator wrote into the prompt) wins when it is one of the three.
+    """
+    if declared:
+        d = str(declared).upper()
+        if d in ("INPUT", "OUTPUT", "PASSTHRU"):
+            return d
+    if not prompt or node_id is None or str(node_id) not in prompt:
+        # No graph to look at: a port with data is an output.
+        return "OUTPUT"
+    return port_mode_in_prompt(prompt, str(node_id))
+
+
+def get_handler(run_id: str, prompt: Any = None):
+    """The run's context, for a node of ``prompt`` (ComfyUI's hidden PROMPT input).
+
+    Registered in this process or attached; raises if the run is unknown, or if the run's
+    orchestrator did not queue this prompt (someone else's prompt naming the run's id).
+    """
+    ctx = get_context(run_id)
+    ctx.check_prompt(prompt)
+    return ctx
+
+
+def always_changed_token() -> str:
+    """A fingerprint that never repeats: the node is never served from ComfyUI's cache."""
+    return uuid.uuid4().hex
