@@ -48,7 +48,7 @@ def clip():
 
 
 def test_video_discomfort_shm(benchmark, server, clip):
-    from discomfort.workflow_tools import run_sequential
+    from discomfort.sequential import run_sequential
 
     benchmark.group = GROUP
     wf = {"1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "video"}},

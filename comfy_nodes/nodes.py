@@ -9,7 +9,7 @@ class DiscomfortPort:
 
     Its mode follows the graph: INPUT (no incoming link, feeds other nodes), OUTPUT (incoming
     link, nothing downstream), PASSTHRU (both). With a ``run_id`` (written into the prompt by
-    ``discomfort.workflow_tools.run_sequential``), in OUTPUT or PASSTHRU mode it saves its input
+    ``discomfort.run_sequential``), in OUTPUT or PASSTHRU mode it saves its input
     into the run's WorkflowContext under ``unique_id`` and passes it through unchanged; it is then
     never served from ComfyUI's cache, so its value is always in the store. Without a run_id it
     is a plain pass-through, so workflows still run in the ComfyUI editor.

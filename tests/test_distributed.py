@@ -378,7 +378,7 @@ def _same_result(a: dict, b: dict) -> None:
 def test_run_on_two_servers_on_two_nodes_equals_one_machine(cluster, pool):
     from discomfort.comfy import ComfyServer
     from discomfort.distributed import run_sequential_ray
-    from discomfort.workflow_tools import run_sequential
+    from discomfort.sequential import run_sequential
 
     workflows = [_wf("run_loop_invert.json"), _wf("run_loop_invert.json"), _wf("run_latent_b.json")]
     baseline = _wait_usage_at_most(_store_usage(), timeout=0)

@@ -26,17 +26,17 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # run_sequential pulls in the workflow tooling; load it on first use, not at import.
-    if name == "run_sequential":
-        from .workflow_tools import run_sequential
+    # run_sequential and Run pull in the workflow tooling; load it on first use, not at import.
+    if name in ("run_sequential", "Run"):
+        from . import sequential
 
-        return run_sequential
+        return getattr(sequential, name)
     raise AttributeError(f"module 'discomfort' has no attribute {name!r}")
 
 
 __all__ = [
     "backend", "store_mode", "Store", "WorkflowContext", "RunContext", "get_context", "release_pool",
-    "run_sequential",
+    "run_sequential", "Run",
     "CancelToken", "ProgressEvent", "errors", "__version__",
     *errors.__all__,
 ]

@@ -341,7 +341,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .workflow_tools import run_sequential
+    from .sequential import run_sequential
 
     if args.iterations < 1:
         raise ValueError(f"--iterations must be at least 1, not {args.iterations}")

@@ -272,6 +272,7 @@ def _drop_finished_locked() -> int:
             del _active_handlers[rid]
             ctx._closed = True
             ctx._store.close()
+            REFERENCES.drop_run(rid)  # what this process's nodes kept by reference for that run
             dropped += 1
     return dropped
 

@@ -81,19 +81,19 @@ class ProgressEvent:
     kind: str
     run_id: str
     iteration: int
-    iterations: int
+    iterations: int | None  # None: no bound (a loop that runs until a condition)
     workflow: int
     workflows: int
     name: str
     done: int
-    total: int
+    total: int | None
     node: str | None = None
     value: int | None = None
     max: int | None = None
     seconds: float | None = None
 
 
-def progress_bar(show: bool | None, total: int, desc: str) -> Any:
+def progress_bar(show: bool | None, total: int | None, desc: str) -> Any:
     """A tqdm bar on stderr, or None: ``show`` None means only when stderr is a terminal."""
     if show is None:
         show = sys.stderr.isatty()
@@ -150,20 +150,23 @@ def plan_releases(reads: Sequence[Iterable[str]], writes: Sequence[Iterable[str]
 
 
 
-def cut_error(cls: type, reason: str | None, run_id: str, names: Sequence[str], iterations: int,
-              iteration: int | None, workflow: int | None, inside: bool, done: int) -> BaseException:
+def cut_error(cls: type, reason: str | None, run_id: str, names: Sequence[str], iterations: int | None,
+              iteration: int | None, workflow: int | None, inside: bool, done: int,
+              store_removed: bool = True) -> BaseException:
     """The RunCancelled / RunInterrupted of a run cut at (iteration, workflow), saying where."""
-    total = iterations * len(names)
+    of = "" if iterations is None else f"/{iterations}"
     if iteration is None or workflow is None:
         where = "before its first workflow" if done == 0 else "after its last workflow"
     else:
         where = (f"{'inside' if inside else 'before'} workflow {workflow + 1}/{len(names)} "
-                 f"({names[workflow]}) of iteration {iteration + 1}/{iterations}")
+                 f"({names[workflow]}) of iteration {iteration + 1}{of}")
         if inside:
             where += " (ComfyUI was told to stop it)"
     why = f" ({reason})" if reason else ""
+    total = "" if iterations is None else f" of {iterations * len(names)}"
+    store = "its store was removed" if store_removed else "its store is kept until the run ends"
     return cls(
-        f"run {run_id} was cancelled{why} {where}, after {done} of {total} workflows; its store was removed",
+        f"run {run_id} was cancelled{why} {where}, after {done}{total} workflows; {store}",
         run_id=run_id, iteration=iteration, iterations=iterations, workflow=workflow,
         workflow_name=None if workflow is None else names[workflow], inside=inside,
     )

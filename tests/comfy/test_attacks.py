@@ -22,7 +22,7 @@ import torch
 from discomfort.comfy import launch_server
 from discomfort.errors import AuthenticationError
 from discomfort.remote import RemoteContext
-from discomfort.workflow_tools import run_sequential
+from discomfort.sequential import run_sequential
 
 pytestmark = pytest.mark.comfy
 

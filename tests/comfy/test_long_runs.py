@@ -20,7 +20,7 @@ import torch
 from discomfort import CancelToken, get_context
 from discomfort.comfy import ComfyServer
 from discomfort.errors import RunCancelled, RunInterrupted
-from discomfort.workflow_tools import run_sequential
+from discomfort.sequential import run_sequential
 
 pytestmark = pytest.mark.comfy
 
@@ -350,7 +350,7 @@ CTRL_C_CHILD = textwrap.dedent("""
     import json, sys
     import torch
     from discomfort.errors import RunInterrupted
-    from discomfort.workflow_tools import run_sequential
+    from discomfort.sequential import run_sequential
     wfs, url = json.loads(sys.argv[1]), sys.argv[2]
     seen = []
     try:

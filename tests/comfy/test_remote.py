@@ -30,7 +30,8 @@ from discomfort.errors import (
 )
 from discomfort.remote import FrameBody, RemoteContext, TransportWarning, frame_header, parse_header
 from discomfort.remote.framing import TOKEN_HEADER
-from discomfort.workflow_tools import choose_transport, run_sequential
+from discomfort.sequential import run_sequential
+from discomfort.workflow_tools import choose_transport
 
 SHM = "/dev/shm"
 

@@ -14,7 +14,8 @@ from discomfort import WorkflowContext
 from discomfort.comfy import cached_nodes
 from discomfort.errors import NodeExecutionError, UnknownKeyError
 from discomfort.workflow_format import stitch
-from discomfort.workflow_tools import prepare_prompt, run_sequential
+from discomfort.sequential import run_sequential
+from discomfort.workflow_tools import prepare_prompt
 
 pytestmark = pytest.mark.comfy
 

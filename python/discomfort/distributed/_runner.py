@@ -71,7 +71,7 @@ def run_sequential_ray(
     comfy_path: str | os.PathLike | None = None,
     cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
-    """:func:`~discomfort.workflow_tools.run_sequential` across a Ray cluster.
+    """:func:`~discomfort.sequential.run_sequential` across a Ray cluster.
 
     ``workflows``, ``inputs``, ``iterations``, ``timeout``, ``object_info``: as in
     run_sequential (the outputs of workflow k feed workflow k+1, those of iteration N feed N+1).

@@ -5,6 +5,7 @@
 - DiscomfortTestSteps: reports progress through ``comfy.utils.ProgressBar`` like a sampler.
 - DiscomfortTestModelLoader / DiscomfortTestModelReport: a weights-free MODEL stand-in that
   counts its constructions, and a node that says which instance it was given.
+- DiscomfortTestMeanAbove: whether an image's mean is above a threshold (a loop's stop flag).
 """
 
 import os
@@ -114,7 +115,23 @@ class DiscomfortTestModelReport:
         return (f"name={model.name} serial={model.serial} constructed={CONSTRUCTED[0]} same={same}",)
 
 
+class DiscomfortTestMeanAbove:
+    """BOOLEAN: whether an image's mean is above a threshold (a loop's stop flag)."""
+
+    CATEGORY = "discomfort/test"
+    RETURN_TYPES = ("BOOLEAN",)
+    FUNCTION = "check"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE", {}), "threshold": ("FLOAT", {"default": 0.5})}}
+
+    def check(self, image, threshold):
+        return (bool(float(image.mean()) > threshold),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "DiscomfortTestMeanAbove": DiscomfortTestMeanAbove,
     "DiscomfortTestGate": DiscomfortTestGate,
     "DiscomfortTestSteps": DiscomfortTestSteps,
     "DiscomfortTestModelLoader": DiscomfortTestModelLoader,
