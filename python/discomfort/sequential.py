@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, UnknownKeyError, WorkflowError
+from .recipes import Recipe, RecipeError, extract, stitch_recipe
 from .run_control import CancelToken, ProgressEvent, accepts_keyword, cut_error, plan_releases, progress_bar
 from .workflow_format import is_ui_format
 from .workflow_tools import (
@@ -63,6 +64,9 @@ class Run:
         self.transport, why = choose_transport(self.executor, transport)
         self.object_info = object_info
         self._removes_store_on_cancel = False  # run_sequential: a cut call ends the run too
+        self._recipes: dict[str, Recipe] = {}  # keys given as recipes: built where they are read
+        self._writers: dict[str, tuple[str, dict, str]] = {}  # key -> (executor, prompt, port node) that wrote it
+        self._infos: dict[str, Mapping | None] = {}  # executor -> its /object_info
         if self.transport == "http":
             from .remote import RemoteContext
 
@@ -78,11 +82,37 @@ class Run:
     def run_id(self) -> str:
         return self.context.run_id
 
-    def save(self, unique_id: str, value: Any, pass_by: str = "auto") -> int:
+    def save(self, unique_id: str, value: Any, pass_by: str = "auto") -> int | None:
+        """Store a value; a :class:`~discomfort.recipes.Recipe` (or its JSON) is kept here instead,
+        and built by whichever executor reads the key."""
+        if Recipe.is_recipe(value):
+            self._recipes[unique_id] = value if isinstance(value, Recipe) else Recipe.from_json(value)
+            self._writers.pop(unique_id, None)
+            if unique_id in self.context:
+                self.context.delete(unique_id)
+            return None
+        self._recipes.pop(unique_id, None)
+        self._writers.pop(unique_id, None)
         return self.context.save(unique_id, value, pass_by)
 
     def load(self, unique_id: str) -> Any:
         return self.context.load(unique_id)
+
+    def recipe(self, unique_id: str) -> Recipe:
+        """How to build ``unique_id``'s value elsewhere: the part of the workflow that wrote it."""
+        if unique_id in self._recipes:
+            return self._recipes[unique_id]
+        if unique_id not in self._writers:
+            raise RecipeError(f"{unique_id!r} was not written by a workflow of this run: no recipe for it")
+        executor, prompt, node = self._writers[unique_id]
+        return extract(prompt, node, unique_id, self._object_info(executor), self._recipes)
+
+    def _object_info(self, executor: Any) -> Mapping | None:
+        key = _where(executor)
+        if key not in self._infos:
+            ask = getattr(executor, "object_info", None)
+            self._infos[key] = self.object_info if self.object_info is not None or not callable(ask) else ask()
+        return self._infos[key]
 
     def delete(self, unique_id: str) -> bool:
         return self.context.delete(unique_id)
@@ -97,29 +127,44 @@ class Run:
     def execute(self, workflows: Any, inputs: Mapping[str, Any] | None = None, iterations: int | None = 1, *,
                 until: Until | None = None, timeout: float | None = None, outputs: Iterable[str] | None = None,
                 release_unused: bool = False, cancel: CancelToken | None = None, progress: bool | None = None,
-                on_progress: Callable[[ProgressEvent], Any] | None = None) -> Result:
+                on_progress: Callable[[ProgressEvent], Any] | None = None, executor: Any = None) -> Result:
         """Run ``workflows`` one after the other, ``iterations`` times (or until ``until``); returns
-        the values the ports wrote in this call (or ``outputs``). See :func:`run_sequential`."""
+        the values the ports wrote in this call (or ``outputs``). See :func:`run_sequential`.
+
+        ``executor``: run this call somewhere else than the run's executor (shared memory only):
+        references another executor's workflows saved reach this one by recipe.
+        """
         iterations = _check_bounds(iterations, until)
+        executor = self.executor if executor is None else resolve_executor(executor)
+        if _where(executor) != _where(self.executor) and self.transport == "http":
+            raise ValueError("this run lives inside its ComfyUI server (HTTP transport): its workflows run there only")
         plan = _plan(workflows, inputs, iterations, until, self, outputs, release_unused)
         state = _RunState(plan.names, iterations, until, on_progress, progress)
         state.run_id = self.run_id
-        options = _executor_options(self.executor, cancel, state, on_progress is not None)
+        options = _executor_options(executor, cancel, state, on_progress is not None)
         ctx = self.context
         try:
-            _save_inputs(ctx, inputs, plan)
+            for uid, value in (inputs or {}).items():
+                self.save(uid, value)
+            if plan.releases is not None:
+                _release(ctx, plan.releases[0])
             sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(plan.prompts, plan.port_nodes)]
             result = Result()
             iteration = 0
             while iterations is None or iteration < iterations:
                 for k, prompt in enumerate(sent):
-                    _run_workflow(ctx, self.executor, plan, state, iteration, k, prompt, timeout, options, cancel)
+                    prompt = self._with_recipes(prompt, plan, k, executor)
+                    _run_workflow(ctx, executor, plan, state, iteration, k, prompt, timeout, options, cancel,
+                                  self._recipes)
+                    for uid in plan.writes[k]:
+                        self._recipes.pop(uid, None)
+                        self._writers[uid] = (_where(executor), plan.prompts[k], plan.port_keys[k][uid].output_node_ids[-1])
                 iteration += 1
                 if until is not None and _stop(ctx, until, iteration - 1):
                     result.stopped = "until"
                     break
             state.at(None, None)
-            result.update(_collect(ctx, plan.written, plan.wanted))
+            result.update(self._collect(plan.written, plan.wanted))
             result.iterations = iteration
             return result
         except RunCancelled as exc:
@@ -129,6 +174,42 @@ class Run:
             raise state.cut(RunInterrupted, "Ctrl-C", self._removes_store_on_cancel) from exc
         finally:
             state.close()
+
+    def _with_recipes(self, prompt: dict, plan: "_Plan", k: int, executor: Any) -> dict:
+        """``prompt`` with a recipe in place of each loader whose key is a reference that does not
+        live in ``executor``'s process (or was given as a recipe)."""
+        for uid in plan.reads[k]:
+            recipe = self._recipes.get(uid)
+            if recipe is None and uid in self._writers and self._writers[uid][0] != _where(executor) \
+                    and self._is_reference(uid):
+                recipe = self.recipe(uid)
+            if recipe is None:
+                continue
+            for node in plan.port_keys[k][uid].input_node_ids:
+                prompt = stitch_recipe(prompt, node, recipe, self.run_id, self._object_info(executor))
+        return prompt
+
+    def _is_reference(self, uid: str) -> bool:
+        encoded = getattr(self.context, "load_encoded", None)
+        return encoded is not None and uid in self.context and encoded(uid)[0] == "ref"
+
+    def _collect(self, written: list[str], wanted: list[str] | None) -> dict[str, Any]:
+        """The values to return: ``wanted`` (a reference that cannot come here comes as its
+        recipe), else every written key that can leave its process."""
+        out: dict[str, Any] = {}
+        for uid in written if wanted is None else wanted:
+            if uid in self._recipes:
+                out[uid] = self._recipes[uid]
+                continue
+            try:
+                out[uid] = self.context.load(uid)
+            except ReferenceUnavailableError:
+                if wanted is not None:
+                    out[uid] = self.recipe(uid)
+                    continue
+                log.info("discomfort: run %s: %r is not returned: it is a reference to an object in the "
+                         "ComfyUI server's process (ask for it in outputs= to get its recipe)", self.run_id, uid)
+        return out
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -274,7 +355,7 @@ def _plan(workflows: Any, inputs: Mapping[str, Any] | None, iterations: int | No
     written = {uid for w in writes for uid in w}
     wanted = None if outputs is None else list(dict.fromkeys([outputs] if isinstance(outputs, str) else outputs))
     if wanted is not None:
-        unknown = [uid for uid in wanted if uid not in written | set(inputs or {}) | set(run.keys())]
+        unknown = [uid for uid in wanted if uid not in written | set(inputs or {}) | set(run.keys()) | set(run._recipes)]
         if unknown:
             raise ValueError(f"outputs= names {', '.join(map(repr, unknown))}, which no port writes, inputs= "
                              "does not give and the run does not hold")
@@ -324,22 +405,15 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def _save_inputs(ctx: Any, inputs: Mapping[str, Any] | None, plan: _Plan) -> None:
-    for uid, value in (inputs or {}).items():
-        ctx.save(uid, value)
-    if plan.releases is not None:
-        _release(ctx, plan.releases[0])
-
-
 def _run_workflow(ctx: Any, executor: Any, plan: _Plan, state: "_RunState", iteration: int, k: int,
                   prompt: dict, timeout: float | None, options: dict[str, Any],
-                  cancel: CancelToken | None) -> None:
+                  cancel: CancelToken | None, recipes: Mapping[str, Any]) -> None:
     """One workflow of one iteration: check its inputs, let its prompt use the run, run it,
     check that every port wrote, release what no later workflow reads."""
     state.at(iteration, k)
     if cancel is not None and cancel.cancelled:
         raise RunCancelled("cancelled between workflows")
-    missing = sorted(uid for uid in plan.reads[k] if uid not in ctx)
+    missing = sorted(uid for uid in plan.reads[k] if uid not in recipes and uid not in ctx)
     if missing:
         raise missing_inputs_error(k, missing, ctx.run_id)
     before = {uid: _version(ctx, uid) for uid in plan.writes[k]}
@@ -363,6 +437,12 @@ def _run_workflow(ctx: Any, executor: Any, plan: _Plan, state: "_RunState", iter
     if plan.releases is not None:
         _release(ctx, plan.releases[plan.release_index(iteration, k)])
     state.finished()
+
+
+def _where(executor: Any) -> str:
+    """Which process an executor's nodes run in: a server's URL, or this process."""
+    url = getattr(executor, "url", None)
+    return str(url) if url else "this process"
 
 
 def _version(ctx: Any, uid: str) -> int | None:
@@ -415,20 +495,6 @@ def _stop(ctx: Any, until: Until, iteration: int) -> bool:
     if not isinstance(value, (bool, int, float)):
         raise WorkflowError(f"until={until!r}: the value is a {type(value).__name__}, not a BOOLEAN or INT")
     return bool(value)
-
-
-def _collect(ctx: Any, written: list[str], wanted: list[str] | None) -> dict[str, Any]:
-    """The values to return: ``wanted``, else every written key that can leave its process."""
-    out = {}
-    for uid in written if wanted is None else wanted:
-        try:
-            out[uid] = ctx.load(uid)
-        except ReferenceUnavailableError:
-            if wanted is not None:
-                raise
-            log.info("discomfort: run %s: %r is not returned: it is a reference to an object in the "
-                     "ComfyUI server's process", ctx.run_id, uid)
-    return out
 
 
 class _RunState:
