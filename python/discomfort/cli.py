@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_run_parser(sub)
 
+    from .cli_convert import add_convert_parser
+
+    add_convert_parser(sub)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,6 +1,6 @@
 """discomfort run: run workflows from the command line, inputs read from files, outputs written to files.
 
-    discomfort run WORKFLOW... [--iterations N] [--input KEY=FILE ...] --output-dir DIR
+    discomfort run WORKFLOW... [--iterations N] [--until KEY] [--input KEY=FILE ...] --output-dir DIR
                    (--server URL | --comfyui PATH) [--transport auto|shm|http] [--timeout S]
 
 Inputs, by the file's extension: .png/.jpg/.jpeg/.webp -> IMAGE tensor [1,H,W,3] float32 in 0..1
@@ -289,7 +289,10 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("workflows", nargs="+", metavar="WORKFLOW", help="workflow JSON files (API or UI format), run in order")
-    p.add_argument("--iterations", "-n", type=int, default=1, metavar="N", help="run the sequence N times (default 1)")
+    p.add_argument("--iterations", "-n", type=int, default=None, metavar="N",
+                   help="run the sequence N times (default 1; with --until, the most times)")
+    p.add_argument("--until", metavar="KEY", default=None,
+                   help="stop after the iteration in which the BOOLEAN or INT an output port writes to KEY is true")
     p.add_argument("--input", "-i", action="append", default=[], metavar="KEY=FILE",
                    help="a value for the INPUT port KEY, read from FILE (repeatable)")
     p.add_argument("--output-dir", "-o", required=True, metavar="DIR", help="where the outputs are written")
@@ -343,8 +346,9 @@ def run_command(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .sequential import run_sequential
 
-    if args.iterations < 1:
+    if args.iterations is not None and args.iterations < 1:
         raise ValueError(f"--iterations must be at least 1, not {args.iterations}")
+    iterations = args.iterations if args.iterations is not None or args.until else 1
     for w in args.workflows:
         if not Path(w).is_file():
             raise FileNotFoundError(f"workflow file {w} does not exist")
@@ -355,7 +359,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--input {key}=... given twice")
         inputs[key] = load_input(path)
     executor = _executor(args)
-    results = run_sequential(args.workflows, inputs, iterations=args.iterations, executor=executor,
+    results = run_sequential(args.workflows, inputs, iterations=iterations, until=args.until, executor=executor,
                              timeout=args.timeout, transport=args.transport, progress=args.progress,
                              release_unused=args.release_unused)
     written = write_outputs(results, args.output_dir)
@@ -365,6 +369,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{key}: {p} ({_describe(results[key])})")
             count += 1
     print(f"{count} file(s) written to {args.output_dir}")
+    if args.until:
+        why = f"{args.until} was true" if results.stopped == "until" else f"{args.until} stayed false"
+        print(f"{results.iterations} iteration(s): {why}")
     return 0
 
 

@@ -20,9 +20,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from .errors import UnsupportedWorkflowError
+from .workflow_subgraphs import MODE_BYPASS, MODE_NEVER, Network, NodeView
+from .workflow_widgets import UNDEFINED, node_widgets, serialise
 
 __all__ = [
     "Port",
@@ -118,63 +120,13 @@ def load_workflow(workflow: Mapping | str | os.PathLike, object_info: Mapping | 
 
 
 # ---------------------------------------------------------------------------------------------
-# UI format -> API format
+# UI format -> API format (graphToPrompt); widgets in workflow_widgets, graph in workflow_subgraphs
 
 
 def _input_spec_type(spec: Any) -> Any:
     if isinstance(spec, (list, tuple)) and spec:
         return spec[0]
     return spec
-
-
-def _input_spec_options(spec: Any) -> dict:
-    if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], Mapping):
-        return dict(spec[1])
-    return {}
-
-
-def _is_widget_spec(spec: Any) -> bool:
-    typ = _input_spec_type(spec)
-    opts = _input_spec_options(spec)
-    if opts.get("forceInput"):
-        return False
-    if isinstance(typ, (list, tuple)):
-        return True  # a combo: list of choices
-    return isinstance(typ, str) and typ in WIDGET_TYPES
-
-
-def widget_layout(node_info: Mapping) -> list[str | None]:
-    """The names behind a node's positional ``widgets_values``; None for frontend-only extras.
-
-    Order: required then optional inputs, in ``input_order``. A seed-like INT widget (option
-    ``control_after_generate``, or named seed/noise_seed) is followed by the frontend's
-    "control after generate" value; an upload combo by its upload button's value.
-    """
-    inputs = node_info.get("input", {}) or {}
-    order = node_info.get("input_order") or {}
-    layout: list[str | None] = []
-    for category in ("required", "optional"):
-        specs = inputs.get(category) or {}
-        names = list(order.get(category) or specs.keys())
-        for name in names:
-            if name not in specs:
-                continue
-            spec = specs[name]
-            if not _is_widget_spec(spec):
-                continue
-            layout.append(name)
-            typ = _input_spec_type(spec)
-            opts = _input_spec_options(spec)
-            control = opts.get("control_after_generate")
-            if control is None and typ == "INT" and name in SEED_WIDGET_NAMES:
-                control = True
-            if control:
-                layout.append(None)  # "control after generate"
-                if isinstance(typ, (list, tuple)) or typ == "COMBO":
-                    layout.append(None)  # combos also get a "control filter list"
-            if any(opts.get(o) for o in UPLOAD_OPTIONS):
-                layout.append(None)
-    return layout
 
 
 def _input_spec(node_info: Mapping, name: str) -> Any:
@@ -186,224 +138,80 @@ def _input_spec(node_info: Mapping, name: str) -> Any:
     return None
 
 
-@dataclass
-class _Link:
-    id: int
-    origin_id: Any
-    origin_slot: int
-    target_id: Any
-    target_slot: int
-    type: Any = None
+def widget_layout(node_info: Mapping, class_type: str = "") -> list[str | None]:
+    """The names behind a node's positional ``widgets_values``; None for frontend-only widgets."""
+    return [w.name if w.sent else None for w in node_widgets(class_type, node_info) if w.saved]
 
 
-def _parse_links(raw: Iterable) -> dict[int, _Link]:
-    links: dict[int, _Link] = {}
-    for item in raw or ():
-        if isinstance(item, Mapping):
-            link = _Link(item["id"], item["origin_id"], int(item["origin_slot"]), item["target_id"],
-                         int(item["target_slot"]), item.get("type"))
-        else:
-            link = _Link(item[0], item[1], int(item[2]), item[3], int(item[4]), item[5] if len(item) > 5 else None)
-        links[link.id] = link
-    return links
+def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
+    """Convert a UI-format workflow into an API-format prompt, as the frontend's ``graphToPrompt``.
+
+    Subgraphs are flattened (ids ``"<outer>:<inner>"``); muted and bypassed nodes are left out
+    (bypassed ones pass a type-matched input through), even of node types the server lacks.
+    Anything the frontend would not send as this, or could not convert, raises
+    :class:`UnsupportedWorkflowError` naming the node.
+    """
+    _refuse_group_nodes(workflow)
+    net = Network(workflow, object_info)
+    executables = net.flatten()
+    for view in net.all_views():
+        _check_node_type(view)
+    net.apply_primitives()
+    replacement_nodes = net.replacement_nodes()
+    prompt: dict[str, dict] = {}
+    for dto in executables.values():
+        view = dto.view
+        if view.kind in ("virtual", "subgraph") or view.mode in (MODE_NEVER, MODE_BYPASS):
+            continue
+        inputs = serialise(view.node, view.widgets, replacement_nodes, view.type)
+        for slot, inp in enumerate(view.inputs):
+            resolved = net.resolve_input(dto, slot, set())
+            if resolved is None:
+                continue
+            if isinstance(resolved, tuple):
+                value = resolved[1]
+                inputs[inp.name] = {"__value__": value} if isinstance(value, list) else value
+            else:
+                inputs[inp.name] = resolved
+        prompt[dto.id] = {"inputs": _drop_undefined(inputs), "class_type": view.type,
+                          "_meta": {"title": view.title}}
+    _drop_links_to_missing(prompt)
+    return prompt
 
 
-_VIRTUAL_TYPES = NOTE_TYPES | REROUTE_TYPES | PRIMITIVE_TYPES
+def _refuse_group_nodes(workflow: Mapping) -> None:
+    """Legacy group nodes ("workflow>..."): the frontend expands them with its own code."""
+    group_nodes = set(((workflow.get("extra") or {}).get("groupNodes") or {}).keys())
+    for node in workflow.get("nodes") or ():
+        typ = node.get("type")
+        if isinstance(typ, str) and (typ.startswith("workflow>") or typ.startswith("workflow/")) \
+                or typ in group_nodes:
+            raise _unsupported(node, "group nodes are not supported; convert the group node back to nodes")
 
 
-def _type_ok(a: Any, b: Any) -> bool:
-    """LiteGraph.isValidConnection: "*" and "" match anything; "A,B" unions overlap."""
-    if a in ("", "*", None, 0) or b in ("", "*", None, 0) or a == b:
-        return True
-    sa = {t.strip().lower() for t in str(a).split(",")}
-    sb = {t.strip().lower() for t in str(b).split(",")}
-    return bool(sa & sb)
+def _check_node_type(view: NodeView) -> None:
+    """A node type the server lacks is only acceptable on a muted or bypassed node."""
+    if view.kind == "unknown" and view.mode not in (MODE_NEVER, MODE_BYPASS):
+        raise _unsupported(view.node, "unknown node type (not in the server's object_info): a missing "
+                                      "custom node, or a node this server cannot load")
 
 
-def _bypass_input_for(node: Mapping, out_slot: int, want_type: Any) -> int:
-    """Which input of a bypassed node stands in for output ``out_slot`` (frontend rule); -1: none."""
-    ins = node.get("inputs") or []
-    outs = node.get("outputs") or []
-    out_type = outs[out_slot].get("type") if out_slot < len(outs) else None
-    if want_type in ("*", ""):
-        return out_slot if len(ins) > out_slot else 0
-    if out_slot < len(ins) and _type_ok(ins[out_slot].get("type"), out_type) \
-            and _type_ok(ins[out_slot].get("type"), want_type):
-        return out_slot
-    for i, inp in enumerate(ins):
-        if inp.get("type") == want_type:
-            return i
-    for i, inp in enumerate(ins):
-        if _type_ok(inp.get("type"), out_type) and _type_ok(inp.get("type"), want_type):
-            return i
-    return -1
+def _drop_undefined(inputs: dict) -> dict:
+    """JSON drops JavaScript ``undefined`` values (e.g. a combo with no choices and no value)."""
+    return {k: v for k, v in inputs.items() if v is not UNDEFINED}
+
+
+def _drop_links_to_missing(prompt: dict) -> None:
+    """Inputs linked to nodes that are not in the prompt (muted, removed) are dropped."""
+    for entry in prompt.values():
+        for name in list(entry["inputs"]):
+            value = entry["inputs"][name]
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) not in prompt:
+                del entry["inputs"][name]
 
 
 def _unsupported(node: Mapping, why: str) -> UnsupportedWorkflowError:
     return UnsupportedWorkflowError(f"node {node.get('id')} (type {node.get('type')!r}): {why}")
-
-
-def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
-    """Convert a UI-format workflow into an API-format prompt (see :func:`load_workflow`)."""
-    subgraph_ids = set()
-    definitions = workflow.get("definitions") or {}
-    for sg in definitions.get("subgraphs") or ():
-        if isinstance(sg, Mapping) and "id" in sg:
-            subgraph_ids.add(sg["id"])
-    group_nodes = set(((workflow.get("extra") or {}).get("groupNodes") or {}).keys())
-
-    nodes_by_id: dict[Any, Mapping] = {}
-    for node in workflow["nodes"]:
-        nodes_by_id[node["id"]] = node
-    links = _parse_links(workflow.get("links") or [])
-
-    # 1. Which nodes become API nodes; everything unknown is refused before any work.
-    real: list[Mapping] = []
-    for node in workflow["nodes"]:
-        typ = node.get("type")
-        mode = node.get("mode", MODE_ALWAYS)
-        if typ in NOTE_TYPES or typ in REROUTE_TYPES or typ in PRIMITIVE_TYPES:
-            continue
-        if typ in subgraph_ids:
-            raise _unsupported(node, "subgraphs are not supported; convert the subgraph back to nodes")
-        if isinstance(typ, str) and (typ.startswith("workflow>") or typ.startswith("workflow/")) \
-                or typ in group_nodes:
-            raise _unsupported(node, "group nodes are not supported; convert the group node back to nodes")
-        if typ not in object_info:
-            raise _unsupported(node, "unknown node type (not in the server's object_info); "
-                                     "a missing custom node, or a subgraph")
-        if mode in (MODE_NEVER, MODE_BYPASS):
-            continue
-        real.append(node)
-
-    def input_link(node: Mapping, slot: int) -> _Link | None:
-        ins = node.get("inputs") or []
-        if slot < 0 or slot >= len(ins):
-            return None
-        link_id = ins[slot].get("link")
-        if link_id is None:
-            return None
-        return links.get(link_id)
-
-    def resolve_input(node: Mapping, slot: int, want_type: Any, seen: set) -> list | None:
-        """Where input ``slot`` of ``node`` really comes from, as the frontend resolves it."""
-        key = (node.get("id"), "I", slot)
-        if key in seen:
-            raise UnsupportedWorkflowError(f"node {node.get('id')}: circular link through input {slot}")
-        seen.add(key)
-        link = input_link(node, slot)
-        if link is None:
-            return None
-        origin = nodes_by_id.get(link.origin_id)
-        if origin is None:
-            return None
-        if want_type is None:
-            ins = node.get("inputs") or []
-            want_type = ins[slot].get("type") if slot < len(ins) else None
-        return resolve_output(origin, link.origin_slot, want_type, seen)
-
-    def resolve_output(node: Mapping, slot: int, want_type: Any, seen: set) -> list | None:
-        key = (node.get("id"), "O", slot)
-        if key in seen:
-            raise UnsupportedWorkflowError(f"node {node.get('id')}: circular link through output {slot}")
-        seen.add(key)
-        typ = node.get("type")
-        if node.get("mode", MODE_ALWAYS) == MODE_BYPASS and typ not in _VIRTUAL_TYPES:
-            idx = _bypass_input_for(node, slot, want_type)
-            if idx < 0:
-                return None
-            return resolve_input(node, idx, None, seen)
-        if typ in _VIRTUAL_TYPES:
-            # A reroute's output slot k comes from its input slot k; a PrimitiveNode has no
-            # input (its value reaches its consumers' widgets, below); notes have no links.
-            if input_link(node, slot) is None:
-                return None
-            return resolve_input(node, slot, want_type, seen)
-        # Muted nodes resolve like any other: the link is removed afterwards with the node.
-        return [str(node["id"]), int(slot)]
-
-    # What PrimitiveNodes write into their consumers' widgets (the frontend's applyToGraph).
-    primitive_values: dict[Any, dict[str, Any]] = {}
-
-    def push_primitive(value: Any, link_ids: Iterable, seen: set) -> None:
-        for lid in link_ids or ():
-            link = links.get(lid)
-            if link is None or lid in seen:
-                continue
-            seen.add(lid)
-            target = nodes_by_id.get(link.target_id)
-            if target is None:
-                continue
-            if target.get("type") in REROUTE_TYPES:
-                for out in target.get("outputs") or []:
-                    push_primitive(value, out.get("links"), seen)
-                continue
-            ins = target.get("inputs") or []
-            if link.target_slot >= len(ins):
-                continue
-            inp = ins[link.target_slot]
-            widget = inp.get("widget")
-            name = widget.get("name") if isinstance(widget, Mapping) and widget.get("name") else inp.get("name")
-            if name:
-                primitive_values.setdefault(target["id"], {})[name] = copy.deepcopy(value)
-
-    for node in workflow["nodes"]:
-        if node.get("type") in PRIMITIVE_TYPES:
-            values = node.get("widgets_values")
-            if isinstance(values, list) and values:
-                for out in node.get("outputs") or []:
-                    push_primitive(values[0], out.get("links"), set())
-
-    prompt: dict[str, dict] = {}
-    for node in real:
-        typ = node["type"]
-        info = object_info[typ]
-        inputs: dict[str, Any] = {}
-        values = node.get("widgets_values")
-        if isinstance(values, Mapping):
-            for name, value in values.items():
-                spec = _input_spec(info, name)
-                if spec is not None and _is_widget_spec(spec):
-                    inputs[name] = copy.deepcopy(value)
-        elif isinstance(values, list) and values:
-            layout = widget_layout(info)
-            plain: list[str | None] = [n for n in layout if n is not None]
-            if len(values) == len(layout):
-                names = layout
-            elif len(values) == len(plain):
-                names = plain  # saved without the frontend-only extras
-            else:
-                raise _unsupported(node, f"{len(values)} widget values where this node type has "
-                                         f"{len(layout)} ({', '.join(n or '<control>' for n in layout)}): "
-                                         "a different version of the node?")
-            for name, value in zip(names, values):
-                if name is not None:
-                    inputs[name] = copy.deepcopy(value)
-        for name, value in primitive_values.get(node["id"], {}).items():
-            if name in inputs or _input_spec(info, name) is not None:
-                inputs[name] = value
-        for name, value in list(inputs.items()):
-            if isinstance(value, list):
-                inputs[name] = {"__value__": value}  # as the frontend does: never mistaken for a link
-
-        for slot, inp in enumerate(node.get("inputs") or []):
-            name = inp.get("name")
-            if name is None:
-                continue
-            source = resolve_input(node, slot, None, set())
-            if source is not None:
-                inputs[name] = source
-
-        title = node.get("title") or info.get("display_name") or typ
-        prompt[str(node["id"])] = {"inputs": inputs, "class_type": typ, "_meta": {"title": title}}
-
-    # Inputs linked to nodes that are not in the prompt (muted, removed) are dropped.
-    for entry in prompt.values():
-        for name in list(entry["inputs"]):
-            value = entry["inputs"][name]
-            if is_link(value) and str(value[0]) not in prompt:
-                del entry["inputs"][name]
-    return prompt
 
 
 # ---------------------------------------------------------------------------------------------

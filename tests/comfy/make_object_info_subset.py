@@ -22,6 +22,9 @@ NODE_TYPES = [
     "InvertMask", "MaskToImage", "EmptyLatentImage", "LatentUpscale", "LatentAdd", "KSampler",
     "RandomNoise", "PrimitiveInt", "PrimitiveString", "PreviewImage", "SaveImage", "LoadImage",
     "DiscomfortPort", "DiscomfortDataLoader",
+    # frontend-only widget values (issue 14): viewers, size text, preview, browser captures
+    "Preview3D", "SaveGLB", "GetImageSize", "PreviewAny", "WebcamCapture", "Load3D",
+    "CLIPTextEncode", "ImageScaleToTotalPixels",
 ]
 
 
@@ -32,9 +35,10 @@ def subset(object_info: dict) -> dict:
     out = {}
     for t in NODE_TYPES:
         info = dict(object_info[t])
-        if t == "LoadImage":  # the file list depends on the input folder
+        if t in ("LoadImage", "Load3D"):  # the file list depends on the input folder
             info["input"] = json.loads(json.dumps(info["input"]))
-            info["input"]["required"]["image"][0] = ["example.png"]
+            key = "image" if t == "LoadImage" else "model_file"
+            info["input"]["required"][key][0] = ["example.png" if t == "LoadImage" else "example.glb"]
         out[t] = info
     return out
 

@@ -246,3 +246,28 @@ def test_run_command_errors_are_one_line(inprocess, comfy_path, tmp_path, capsys
     assert rc == 1 and "missing.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["run", "x.json", "-o", str(tmp_path), "--server", "http://x", "--comfyui", "y"])
+
+
+@pytest.mark.comfy
+def test_run_command_until_a_key(server, tmp_path, capsys):
+    """``--until KEY`` without ``--iterations``: as many iterations as it takes."""
+    port = lambda uid, src=None: {"class_type": "DiscomfortPort",  # noqa: E731
+                                  "inputs": {"unique_id": uid, **({"input_data": src} if src else {})}}
+    workflow = {
+        "1": port("image"),
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 6, "height": 5, "batch_size": 1, "color": 0xFFFFFF}},
+        "3": {"class_type": "ImageBlend", "inputs": {"image1": ["1", 0], "image2": ["2", 0], "blend_factor": 0.5,
+                                                     "blend_mode": "normal"}},
+        "4": port("image", ["3", 0]),
+        "5": {"class_type": "DiscomfortTestMeanAbove", "inputs": {"image": ["3", 0], "threshold": 0.9}},
+        "6": port("bright", ["5", 0]),
+    }
+    (tmp_path / "brighten.json").write_text(json.dumps(workflow))
+    Image.fromarray(np.zeros((5, 6, 3), np.uint8)).save(tmp_path / "black.png")
+    rc = cli.main(["run", str(tmp_path / "brighten.json"), "-i", f"image={tmp_path / 'black.png'}",
+                   "-o", str(tmp_path / "out"), "--server", server.url, "--until", "bright", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "4 iteration(s): bright was true" in captured.out  # 1 - 0.5**4 > 0.9 first at 4
+    with Image.open(tmp_path / "out" / "image_000.png") as im:
+        assert np.asarray(im).min() == round(255 * (1 - 0.5 ** 4))
