@@ -15,8 +15,10 @@ if [[ "${SANITIZE:-0}" == 1 ]]; then
     EXTRA+=(-DDISCOMFORT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo)
 fi
 
+VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 cmake -S . -B "$BUILD" -G Ninja \
     -DPython_EXECUTABLE="$PY" \
+    -DSKBUILD_PROJECT_VERSION="$VERSION" \
     -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" \
     "${EXTRA[@]}"
 cmake --build "$BUILD" -j "${JOBS:-2}"

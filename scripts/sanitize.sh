@@ -10,7 +10,11 @@ BUILD=$ROOT/build/sanitize
 PKG=$(mktemp -d)
 trap 'rm -rf "$PKG"' EXIT
 
+# The version is pyproject.toml's (scikit-build-core hands it to CMake in a wheel build).
+VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+
 PATH="$(dirname "$PY"):$PATH" cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" \
+    -DSKBUILD_PROJECT_VERSION="$VERSION" \
     -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" \
     -DDISCOMFORT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 PATH="$(dirname "$PY"):$PATH" cmake --build "$BUILD" -j 2
@@ -25,5 +29,5 @@ export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export PYTHONPATH=$PKG
 export DISCOMFORT_REQUIRE_NATIVE=1
 cd "$ROOT/tests"
-"$PY" -c "import discomfort; assert discomfort.backend == 'native'; print('sanitized core:', discomfort._store_module.__file__)"
+"$PY" -c "import discomfort; assert discomfort.backend == 'native'; print('sanitized core:', discomfort._backend.module().__file__)"
 "$PY" -m pytest -p no:cacheprovider -q -k "native" test_store.py test_core_native.py test_reliability.py test_pool.py test_disk_security.py "$@"

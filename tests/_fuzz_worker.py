@@ -12,7 +12,7 @@ import shutil
 import sys
 
 from discomfort import _backend, errors
-from discomfort._pystore import OBJ_OFF, PIN_OFF, TOTAL
+from discomfort._pystore.format import OBJ_OFF, PIN_OFF, TOTAL
 
 SHM = "/dev/shm"
 
@@ -91,7 +91,7 @@ def exercise(mod, run_id: str) -> None:
 
 def main() -> None:
     backend, source, seed, cases = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    from discomfort._pystore import fnv1a64
+    from discomfort._pystore.layout import fnv1a64
 
     _HOMES.extend(fnv1a64(k.encode()) % 4096 for k in ("small", "large", "disk", "many"))
     mod = _backend.load(backend)

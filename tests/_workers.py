@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 
 from discomfort import _backend
@@ -39,6 +40,34 @@ def main() -> None:
         store.put("locked", b"", [b"x" * 100])
     sys.stdin.read()  # parked until killed
     del held
+
+
+def as_user(uid: int, fn, *, wait_for: int | None = None) -> str:
+    """Run fn in a forked child that has dropped to `uid`; return what it returned (or raised).
+
+    A fork, not a new interpreter: the interpreter may live where that user cannot read it.
+    `wait_for`: a pipe's read end the child reads one byte from before it starts.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            if wait_for is not None:
+                os.read(wait_for, 1)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            result = str(fn())
+        except BaseException as exc:  # reported to the parent
+            result = f"raised {type(exc).__name__}: {exc}"
+        os.write(w, result.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        out = fh.read().decode()
+    os.waitpid(pid, 0)
+    return out
 
 
 if __name__ == "__main__":

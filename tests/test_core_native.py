@@ -972,3 +972,17 @@ def test_backends_write_identical_segments(run_id, tmp_path):
     if native[0] != python[0]:
         diff = [i for i in range(CONTROL_SIZE) if native[0][i] != python[0][i]]
         pytest.fail(f"control segments differ at bytes {diff[:16]}")
+
+
+def test_error_classes_are_looked_up_when_the_core_loads():
+    """A class of discomfort.errors the core raises, renamed or gone: the import fails, naming it."""
+    code = """
+        import discomfort.errors  # the Python backend is chosen: the core is not loaded yet
+        del discomfort.errors.DiskFullError
+        import discomfort._core
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOMFORT_")}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                         env={**env, "DISCOMFORT_BACKEND": "python"}, timeout=120)
+    assert out.returncode != 0 and "DiskFullError" in out.stderr, out.stderr
+    assert core.BACKEND == "native" and core.Store.backend == "native"

@@ -18,6 +18,7 @@ import tempfile
 import pytest
 
 from _helpers import leftovers
+from _workers import as_user
 from discomfort import errors
 
 MiB = 1 << 20
@@ -25,34 +26,6 @@ NOBODY = 65534
 VICTIM = 4242  # a uid of no account: enough for the kernel's permission checks
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
-
-
-def as_user(uid: int, fn, *, wait_for: int | None = None) -> str:
-    """Run fn in a forked child that has dropped to `uid`; return what it returned (or raised).
-
-    A fork, not a new interpreter: the interpreter may live where that user cannot read it.
-    `wait_for`: a pipe's read end the child reads one byte from before it starts.
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            if wait_for is not None:
-                os.read(wait_for, 1)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            result = str(fn())
-        except BaseException as exc:  # reported to the parent
-            result = f"raised {type(exc).__name__}: {exc}"
-        os.write(w, result.encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        out = fh.read().decode()
-    os.waitpid(pid, 0)
-    return out
 
 
 @pytest.fixture

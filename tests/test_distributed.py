@@ -406,6 +406,37 @@ def test_run_on_two_servers_on_two_nodes_equals_one_machine(cluster, pool):
 @needs_comfy
 @needs_ray
 @pytest.mark.comfy
+def test_a_model_on_one_ray_server_reaches_the_other_by_recipe_until_a_condition(cluster, pool):
+    """Workflow 0 loads the weights-free model on server 0; workflow 1 on server 1 gets it by
+    recipe (built there once: ComfyUI's cache keeps it between its prompts); until= stops the loop."""
+    import re
+
+    from discomfort.distributed import run_sequential_ray
+
+    load = {"1": {"class_type": "DiscomfortTestModelLoader", "inputs": {"name": "ray-recipe"}},
+            "2": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "model", "input_data": ["1", 0]}}}
+    use = {"1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "model"}},
+           "2": {"class_type": "DiscomfortTestModelReport", "inputs": {"model": ["1", 0]}},
+           "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "report", "input_data": ["2", 0]}}}
+    reports = []
+
+    def third(iteration, values):
+        reports.append(values["report"])
+        return iteration == 2
+
+    events = []
+    result = run_sequential_ray([load, use], iterations=10, until=third, servers=pool, timeout=120,
+                                progress=events.append)
+    assert [(e.iteration, e.index, e.server) for e in events] == [(i, k, k) for i in range(3) for k in range(2)]
+    found = [re.fullmatch(r"name=ray-recipe serial=(\d+) constructed=(\d+) same=True", r) for r in reports]
+    assert all(found), reports
+    assert len({(m.group(1), m.group(2)) for m in found}) == 1  # one construction on server 1, reused
+    assert set(result) == {"report"}  # the model is a reference in a server: not returned
+
+
+@needs_comfy
+@needs_ray
+@pytest.mark.comfy
 def test_cancel_inside_a_workflow_on_a_ray_server(cluster, pool, tmp_path):
     """A cancel while server 1 runs a gate node: its actor takes the prompt back, the run's values
     leave Ray, and RunCancelled says where."""

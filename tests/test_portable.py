@@ -19,7 +19,8 @@ import textwrap
 
 import pytest
 
-from discomfort import _pystore
+from discomfort import _platform
+from discomfort._pystore import lock as pslock, sys as pssys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "_workers.py")
@@ -29,10 +30,11 @@ MiB = 1 << 20
 COMMON = textwrap.dedent("""
     import json, os, signal, subprocess, sys
     import numpy as np
-    from discomfort import _pystore as ps
+    from discomfort import _platform, _pystore as ps
+    from discomfort._pystore import lock as pslock, sys as pssys
 
     def names(run_id):
-        return sorted(n for n in os.listdir(ps.SHM_DIR) if n == f"dcf-{run_id}" or n.startswith(f"dcf-{run_id}."))
+        return sorted(n for n in os.listdir(_platform.SHM_DIR) if n == f"dcf-{run_id}" or n.startswith(f"dcf-{run_id}."))
 
     def values():
         rng = np.random.default_rng(7)
@@ -88,9 +90,9 @@ def segment_dir(tmp_path) -> str:
 @pytest.mark.skipif(not sys.platform.startswith("linux") or "DISCOMFORT_TEST_PLATFORM" in os.environ,
                     reason="checks the real Linux mode")
 def test_linux_keeps_dev_shm_ofd_locks_and_fallocate():
-    assert _pystore.MODE == "shm" and _pystore.SHM_DIR == "/dev/shm"
-    assert _pystore._lock_wait is _pystore._ofd_lock_wait and _pystore._lock_held is _pystore._ofd_held
-    assert _pystore._allocate is os.posix_fallocate and _pystore._map_private is _pystore._map_extent
+    assert _platform.MODE == "shm" and _platform.SHM_DIR == "/dev/shm"
+    assert pslock.lock_wait is pslock._ofd_lock_wait and pslock.lock_held is pslock._ofd_held
+    assert pssys._allocate is os.posix_fallocate and pssys.map_private is pssys._map_extent
 
 
 # --------------------------------------------------------------------------------------- darwin
@@ -101,10 +103,10 @@ def test_darwin_picks_the_portable_python_store(tmp_path):
         import discomfort
         from discomfort import _backend, doctor
         report = doctor.collect()
-        print(json.dumps({"backend": discomfort.backend, "mode": discomfort.store_mode, "dir": ps.SHM_DIR,
-                          "available": _backend.available(), "zero_fill": ps._allocate is ps._zero_fill,
-                          "flock": ps._lock_wait is ps._flock_lock_wait, "renameat2": ps._renameat2 is not None,
-                          "coarse_maps": ps._map_private is ps._map_extent_coarse,
+        print(json.dumps({"backend": discomfort.backend, "mode": discomfort.store_mode, "dir": _platform.SHM_DIR,
+                          "available": _backend.available(), "zero_fill": pssys._allocate is pssys._zero_fill,
+                          "flock": pslock.lock_wait is pslock._flock_lock_wait, "renameat2": pssys._renameat2 is not None,
+                          "coarse_maps": pssys.map_private is pssys._map_extent_coarse,
                           "doctor": doctor.format_report(report)}))
     """))
     assert out["backend"] == "python" and out["mode"] == "portable" and out["available"] == ["python"]
@@ -142,8 +144,8 @@ def test_darwin_round_trip_between_processes(tmp_path):
         own = {k: same(v, ctx.load(k)) for k, v in vals.items()}
         running = names(rid)
         devshm = [n for n in os.listdir("/dev/shm") if rid in n]
-        modes = {n: os.stat(os.path.join(ps.SHM_DIR, n)).st_mode & 0o777 for n in running}
-        dirs = [os.stat(d).st_mode & 0o777 for d in (ps.SHM_DIR, os.path.dirname(ps.SHM_DIR))]
+        modes = {n: os.stat(os.path.join(_platform.SHM_DIR, n)).st_mode & 0o777 for n in running}
+        dirs = [os.stat(d).st_mode & 0o777 for d in (_platform.SHM_DIR, os.path.dirname(_platform.SHM_DIR))]
         code = sys.argv[1] + sys.argv[2]
         attacher = subprocess.run([sys.executable, "-c", code, rid], capture_output=True, text=True, timeout=120)
         assert attacher.returncode == 0, attacher.stderr
@@ -242,7 +244,7 @@ def test_darwin_sweeper_removes_a_dead_runs_files(tmp_path):
         child.kill()
         child.wait(30)
         child.stdin.close()
-        orphan = os.path.join(ps.SHM_DIR, "dcf-orphan01.lk5")  # a lock file whose run is gone
+        orphan = os.path.join(_platform.SHM_DIR, "dcf-orphan01.lk5")  # a lock file whose run is gone
         open(orphan, "w").close()
         live = WorkflowContext(ram_budget=16 * MiB)  # sweeps the directory first
         after = names(rid) + [d for d in [disk_dir] if os.path.exists(d)]
@@ -294,7 +296,7 @@ def test_win32_imports_and_refuses_a_local_store_clearly(tmp_path):
         import discomfort
         from discomfort import doctor, errors
         from discomfort.remote import RemoteContext
-        assert discomfort._pystore.fcntl is None
+        assert discomfort._platform.fcntl is None
         seen = {}
         for name, call in [("create", lambda: discomfort.WorkflowContext()),
                            ("attach", lambda: discomfort.WorkflowContext.attach("abc")),
@@ -387,7 +389,8 @@ def test_cmake_builds_no_core_off_linux(tmp_path, system):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOMFORT_")}
 
     def configure(build: str, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([cmake, "-S", repo, "-B", str(tmp_path / build), f"-DCMAKE_SYSTEM_NAME={system}"],
+        return subprocess.run([cmake, "-S", repo, "-B", str(tmp_path / build), f"-DCMAKE_SYSTEM_NAME={system}",
+                               "-DSKBUILD_PROJECT_VERSION=0.0.0"],
                               capture_output=True, text=True, env={**env, **extra}, timeout=120)
 
     plain = configure("plain")

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from _helpers import leftovers, load_backend
+from _workers import as_user
 from discomfort import errors
 
 MiB = 1 << 20
@@ -134,30 +135,6 @@ def test_fuzzed_segments_never_crash(store_mod, backend, make_store, seed):
     assert store.get("small")[0] == b"s" and store.stats()["objects_disk"] == 1
 
 
-def _as_nobody(fn) -> str:
-    """Run fn in a forked child that has dropped to the user nobody; return what it returned.
-
-    A fork, not a new interpreter: the interpreter may live where nobody cannot read it.
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgid(65534)
-            os.setuid(65534)
-            result = str(fn())
-        except BaseException as exc:  # reported to the parent
-            result = f"raised {type(exc).__name__}: {exc}"
-        os.write(w, result.encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        out = fh.read().decode()
-    os.waitpid(pid, 0)
-    return out
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
 def test_another_user_cannot_attach(store_mod, make_store):
     store = make_store()
@@ -167,7 +144,7 @@ def test_another_user_cannot_attach(store_mod, make_store):
         store_mod.Store.attach(store.run_id)
         return "attached"
 
-    out = _as_nobody(attach)
+    out = as_user(65534, attach)
     assert out.startswith("raised StoreAccessError"), out
 
 
@@ -182,7 +159,7 @@ def test_runs_of_another_user_are_refused(store_mod):
         return "made"
 
     try:
-        out = _as_nobody(create)
+        out = as_user(65534, create)
         assert out == "made", out
         assert os.stat(f"/dev/shm/dcf-{run_id}").st_uid == 65534
         with pytest.raises(errors.StoreAccessError, match="uid 65534"):

@@ -18,7 +18,7 @@ import pytest
 
 from _helpers import BACKENDS, leftovers, load_backend
 from discomfort import errors
-from discomfort._pystore import fnv1a64
+from discomfort._pystore.layout import fnv1a64
 
 MiB = 1 << 20
 WORKERS = os.path.join(os.path.dirname(__file__), "_workers.py")
@@ -279,30 +279,30 @@ def test_attach_refuses_a_truncated_segment(store_mod, make_store):
         os.unlink(path)
 
 
+def _refused_by_another_handle(store_mod, store, match: str) -> None:
+    """A fresh handle's get("k") is CorruptedStoreError naming `match`."""
+    other = store_mod.Store.attach(store.run_id)
+    try:
+        with pytest.raises(errors.CorruptedStoreError, match=match):
+            other.get("k")
+    finally:
+        other.close()
+
+
 def test_corrupted_entry_is_an_error_not_a_crash(store_mod, make_store):
     store = make_store()
     store.put("k", b"", [bytes(MiB)])
     index = fnv1a64(b"k") % 4096  # the key's home slot: nothing else is in the table
     entry = 12288 + index * 320
     _corrupt(store, entry + 48, struct.pack("<Q", 1 << 40))  # offset far outside the chunk
-    other = store_mod.Store.attach(store.run_id)
-    try:
-        with pytest.raises(errors.CorruptedStoreError, match="entry"):
-            other.get("k")
-    finally:
-        other.close()
+    _refused_by_another_handle(store_mod, store, "entry")
 
 
 def test_truncated_chunk_is_an_error(store_mod, make_store):
     store = make_store()
     store.put("k", b"", [bytes(MiB)])
     os.truncate(store.chunk_path(0), 4096)
-    other = store_mod.Store.attach(store.run_id)
-    try:
-        with pytest.raises(errors.CorruptedStoreError, match="chunk"):
-            other.get("k")
-    finally:
-        other.close()
+    _refused_by_another_handle(store_mod, store, "chunk")
 
 
 def test_closed_store_raises(make_store):
@@ -572,7 +572,7 @@ def test_full_table_still_overwrites_existing_keys(make_store):
 
 
 def test_a_full_pin_table_names_the_key(store_mod, make_store):
-    from discomfort._pystore import PIN_CAP, PIN_OFF
+    from discomfort._pystore.format import PIN_CAP, PIN_OFF
 
     store = make_store(ram_budget=64 * MiB)
     store.put("big\nkey", b"", [b"b" * MiB])

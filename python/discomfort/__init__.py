@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from . import errors
-from ._backend import select as _select
+from . import _backend, errors
+from ._version import __version__
 from .errors import *  # noqa: F403
 
-backend, _store_module = _select()
+backend: str = _backend.name()
 """Which store implementation is active: "native" (the C++ core) or "python"."""
 
 # How runs are kept here: "shm" (Linux: /dev/shm), "portable" (macOS and other POSIX systems:
 # file-backed segments in a private temp directory) or "unsupported" (Windows: no local store).
-from ._pystore import MODE as store_mode  # noqa: E402
+from ._platform import MODE as store_mode  # noqa: E402
 
-Store = _store_module.Store
+Store = _backend.module().Store
 
 from .context import RAY_RUN_PREFIX, WorkflowContext, get_context, release_pool  # noqa: E402  (needs the backend chosen above)
 from .run_control import CancelToken, ProgressEvent  # noqa: E402
@@ -21,8 +21,6 @@ from .runs import RunContext, register_resolver  # noqa: E402
 
 # Ray run ids are found through the cluster; the Ray package is imported only when one is met.
 register_resolver(RAY_RUN_PREFIX, "discomfort.distributed:get_ray_context")
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

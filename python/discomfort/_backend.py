@@ -3,16 +3,25 @@
 DISCOMFORT_BACKEND=auto|native|python picks one (auto: native when it loads).
 DISCOMFORT_REQUIRE_NATIVE=1 turns a missing core into an import error instead of a fallback.
 The core is for Linux with /dev/shm only: elsewhere (the store's portable mode on macOS, no local
-store on Windows; see _pystore.MODE) it is never loaded, and auto means python.
+store on Windows; see _platform.MODE) it is never loaded, and auto means python.
+
+Each backend module says which it is (BACKEND: "native" or "python"), and so do its Store
+objects (`store.backend`). `module()` is the backend this process chose, `module(name)` a named one.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import threading
 from types import ModuleType
 
+from ._platform import MODE, PLATFORM
+
 VALID = ("auto", "native", "python")
+
+_chosen: ModuleType | None = None
+_chosen_lock = threading.Lock()
 
 
 class BackendUnavailableError(ImportError):
@@ -34,8 +43,6 @@ def requested() -> str:
 
 
 def _import_core() -> ModuleType:
-    from ._pystore import MODE, PLATFORM
-
     if MODE != "shm":
         # Its locks and placement are Linux's: mixed with the Python store's portable mode, they
         # would not exclude each other.
@@ -63,7 +70,7 @@ def load(name: str) -> ModuleType:
 
 
 def select() -> tuple[str, ModuleType]:
-    """The backend this process uses, by the environment."""
+    """The backend this process uses, by the environment: (its name, its module)."""
     want = requested()
     if want == "python":
         if _require_native():
@@ -79,12 +86,30 @@ def select() -> tuple[str, ModuleType]:
     return "python", load("python")
 
 
+def module(name: str | None = None) -> ModuleType:
+    """The store module of backend `name`; None: the one this process chose (selected once, on
+    first use: `import discomfort` does it)."""
+    global _chosen
+    if name is not None:
+        return load(name)
+    if _chosen is None:
+        with _chosen_lock:
+            if _chosen is None:
+                _chosen = select()[1]
+    return _chosen
+
+
+def name() -> str:
+    """Which backend this process chose: "native" or "python"."""
+    return module().BACKEND
+
+
 def available() -> list[str]:
     names = []
-    for name in ("native", "python"):
+    for backend in ("native", "python"):
         try:
-            load(name)
+            load(backend)
         except BackendUnavailableError:
             continue
-        names.append(name)
+        names.append(backend)
     return names

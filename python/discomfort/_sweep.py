@@ -12,15 +12,13 @@ lock files (dcf-{run_id}.lk, .lk{slot}): they go with their run.
 from __future__ import annotations
 
 import os
-import re
 import stat
 import struct
 
-from ._pystore import MAGIC, SHM_DIR, TOTAL, fcntl, remove_run_files
-
-_CONTROL = re.compile(r"^dcf-([A-Za-z0-9_-]{1,64})$")
-_RUN_FILE = re.compile(r"^dcf-([A-Za-z0-9_-]{1,64})\.(?:c\d+|lk\d*)$")  # a RAM chunk or a lock file
-_POOL = re.compile(r"^dcf-pool-[0-9a-f]{16}\.\d+$")
+from ._names import CONTROL_FILE, POOL_FILE, RUN_FILE, control_name
+from ._platform import SHM_DIR, fcntl
+from ._pystore.format import MAGIC, TOTAL
+from ._pystore.store import remove_run_files
 
 
 def sweep(shm_dir: str = SHM_DIR) -> list[str]:
@@ -32,25 +30,25 @@ def sweep(shm_dir: str = SHM_DIR) -> list[str]:
     swept = []
     controls = set()
     for name in names:
-        m = _CONTROL.match(name)
+        m = CONTROL_FILE.match(name)
         if not m:
             continue
         controls.add(m.group(1))
         if _sweep_one(shm_dir, m.group(1)):
             swept.append(m.group(1))
     for name in names:  # files whose control segment is gone: a destroy that died half-way
-        m = _RUN_FILE.match(name)
+        m = RUN_FILE.match(name)
         if m and m.group(1) not in controls:
             path = os.path.join(shm_dir, name)
             try:
                 # (a run born while the directory was read has its control segment by now)
                 if os.lstat(path).st_uid == os.geteuid() and not os.path.lexists(
-                        os.path.join(shm_dir, f"dcf-{m.group(1)}")):
+                        os.path.join(shm_dir, control_name(m.group(1)))):
                     os.unlink(path)
             except OSError:
                 pass
     for name in names:
-        if _POOL.match(name):
+        if POOL_FILE.match(name):
             _sweep_pool_file(os.path.join(shm_dir, name))
     return swept
 
@@ -79,7 +77,7 @@ def _sweep_pool_file(path: str) -> None:
 
 
 def _sweep_one(shm_dir: str, run_id: str) -> bool:
-    path = os.path.join(shm_dir, f"dcf-{run_id}")
+    path = os.path.join(shm_dir, control_name(run_id))
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:

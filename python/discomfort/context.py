@@ -13,11 +13,10 @@ import secrets
 import signal
 import sys
 import threading
-from types import ModuleType
 from typing import Any
 
 from . import _backend, codecs, datacodec, sysinfo
-from ._pystore import require_local_store
+from ._platform import require_local_store
 from ._sweep import sweep
 from .errors import (
     InvalidRunIdError,
@@ -48,14 +47,6 @@ _PROMPTS_KEY = "\x1fdiscomfort.prompts"
 RAY_RUN_PREFIX = "ray-"
 
 
-def _store_module(backend: str | None) -> ModuleType:
-    if backend is None:
-        from . import _store_module as default
-
-        return default
-    return _backend.load(backend)
-
-
 class WorkflowContext(RunBase):
     """A per-run object store: `save` values under unique ids, `load` them back zero-copy.
 
@@ -77,7 +68,7 @@ class WorkflowContext(RunBase):
         self.run_id = run_id if run_id is not None else secrets.token_hex(16)
         require_local_store()  # Windows: a clear error before anything touches the system
         sweep(shm_dir)
-        module = _store_module(backend)
+        module = _backend.module(backend)
         self._store = module.Store.create(
             self.run_id,
             ram_budget=sysinfo.ram_budget(ram_budget, shm_dir),
@@ -95,13 +86,13 @@ class WorkflowContext(RunBase):
     def attach(cls, run_id: str, *, backend: str | None = None,
                shm_dir: str = sysinfo.SHM_DIR) -> WorkflowContext:
         """Open a run another process owns: same data, no ownership; `close()` detaches."""
-        store = _store_module(backend).Store.attach(run_id, shm_dir=shm_dir)
+        store = _backend.module(backend).Store.attach(run_id, shm_dir=shm_dir)
         return cls(_store=store)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        return "python" if type(self._store).__module__.endswith("_pystore") else "native"
+        return self._store.backend
 
     @property
     def store(self) -> Any:

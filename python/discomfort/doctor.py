@@ -6,8 +6,10 @@ import os
 import shutil
 from typing import Any
 
-from . import sysinfo
-from ._pystore import MODE, PLATFORM, disk_root_problem, read_meminfo
+from . import _backend, sysinfo
+from ._platform import MODE, PLATFORM, read_meminfo
+from ._version import __version__
+from ._pystore.sys import disk_root_problem
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -15,13 +17,10 @@ GiB = 1 << 30
 
 def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminfo: str = "/proc/meminfo",
             cgroup_root: str = "/sys/fs/cgroup") -> dict[str, Any]:
-    import discomfort
-
-    core_version = None
-    if discomfort.backend == "native":
-        core_version = discomfort._store_module.__version__
+    backend = _backend.name()
+    core_version = _backend.module().__version__ if backend == "native" else None
     if MODE == "unsupported":  # nothing local to look at
-        return {"version": discomfort.__version__, "backend": discomfort.backend, "core_version": None,
+        return {"version": __version__, "backend": backend, "core_version": None,
                 "mode": MODE, "platform": PLATFORM, "shm_dir": None,
                 "advice": ["No local store on this system: run discomfort under WSL2, or reach a ComfyUI "
                            "server on Linux with the HTTP transport (discomfort.remote.RemoteContext)."]}
@@ -36,8 +35,8 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
     disk = shutil.disk_usage(root)
     cg = sysinfo.cgroup_memory(cgroup_root)
     return {
-        "version": discomfort.__version__,
-        "backend": discomfort.backend,
+        "version": __version__,
+        "backend": backend,
         "core_version": core_version,
         "mode": MODE,
         "platform": PLATFORM,

@@ -92,7 +92,7 @@ def extract(prompt: Mapping[str, Any], port_node: str, key: str, object_info: Ma
     references too. Refuses output nodes (a SaveImage must not run twice), a part that reads its
     own key, and parts over :data:`MAX_NODES`.
     """
-    source = (prompt[port_node].get("inputs") or {}).get(PORT_DATA_INPUT)
+    source: Any = (prompt[port_node].get("inputs") or {}).get(PORT_DATA_INPUT)
     if not is_link(source):
         raise RecipeError(f"{key!r}: its port (node {port_node}) has no input to build a recipe from")
     nodes: dict[str, dict] = {}
@@ -107,7 +107,7 @@ def extract(prompt: Mapping[str, Any], port_node: str, key: str, object_info: Ma
             raise RecipeError(f"{key!r}: node {nid} is linked to but not in the workflow")
         cls = entry.get("class_type")
         if cls == PORT_CLASS and port_mode_in_prompt(prompt, nid) == INPUT:
-            uid = (entry.get("inputs") or {}).get("unique_id")
+            uid = str((entry.get("inputs") or {}).get("unique_id"))
             if uid == key:
                 raise RecipeError(f"the recipe of {key!r} reads {key!r} itself (port node {nid}): a loop over a "
                                   "reference cannot be rebuilt elsewhere; keep its workflows on one executor")
@@ -120,7 +120,7 @@ def extract(prompt: Mapping[str, Any], port_node: str, key: str, object_info: Ma
         for value in (entry.get("inputs") or {}).values():
             if is_link(value):
                 todo.append(str(value[0]))
-    types = {e.get("class_type") for e in nodes.values()} - {PORT_CLASS}
+    types = {str(e.get("class_type")) for e in nodes.values()} - {PORT_CLASS}
     recipe = Recipe(key, nodes, [str(source[0]), source[1]], inputs, types_digest(types, object_info))
     _check_size(recipe)
     for uid, where in inputs.items():
@@ -151,7 +151,7 @@ def stitch_recipe(prompt: dict[str, Any], loader_node: str, recipe: Recipe, run_
     every consumer of the loader is linked to the recipe's output instead.
     """
     if object_info is not None and recipe.types:
-        types = {e.get("class_type") for e in recipe.nodes.values()} - {PORT_CLASS}
+        types = {str(e.get("class_type")) for e in recipe.nodes.values()} - {PORT_CLASS}
         if types_digest(types, object_info) != recipe.types:
             raise RecipeError(f"the recipe of {recipe.key!r} was made for other definitions of "
                               f"{', '.join(sorted(t for t in types if t))} than this ComfyUI has")

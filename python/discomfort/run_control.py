@@ -11,9 +11,12 @@ import inspect
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-__all__ = ["CancelToken", "ProgressEvent", "plan_releases", "progress_bar", "accepts_keyword", "cut_error"]
+from .errors import UnknownKeyError, WorkflowError
+
+__all__ = ["CancelToken", "ProgressEvent", "plan_releases", "progress_bar", "accepts_keyword", "cut_error",
+           "Until", "check_bounds", "until_holds", "RunValues"]
 
 
 class CancelToken:
@@ -170,3 +173,62 @@ def cut_error(cls: type, reason: str | None, run_id: str, names: Sequence[str], 
         run_id=run_id, iteration=iteration, iterations=iterations, workflow=workflow,
         workflow_name=None if workflow is None else names[workflow], inside=inside,
     )
+
+
+# ---- loops that stop on a condition ---------------------------------------------------------
+
+#: What ``until`` may be: a key an output port writes (BOOLEAN or INT), or
+#: ``fn(iteration, values) -> bool`` (``values``: a read-only mapping of the run's current values).
+Until = str | Callable[[int, Mapping[str, Any]], Any]
+
+
+def check_bounds(iterations: int | None, until: Until | None) -> int | None:
+    """``iterations`` checked against ``until``: a positive int, or None (no bound) with ``until``."""
+    if iterations is None:
+        if until is None:
+            raise ValueError("iterations=None (no bound) needs until= (a key or a function that says when to stop)")
+        return None
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int (or None with until=), got {iterations!r}")
+    if until is not None and not isinstance(until, str) and not callable(until):
+        raise TypeError(f"until must be a key (str) or a function (iteration, values) -> bool, not {until!r}")
+    return iterations
+
+
+class RunValues(Mapping):
+    """The run's current values, read-only, loaded when asked for (what an ``until`` function sees)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self._ctx.load(key)
+        except UnknownKeyError:
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ctx.keys())
+
+    def __len__(self) -> int:
+        return len(self._ctx.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._ctx
+
+
+def until_holds(ctx: Any, until: Until, iteration: int) -> bool:
+    """Whether ``until`` holds after ``iteration``."""
+    if callable(until):
+        return bool(until(iteration, RunValues(ctx)))
+    value = ctx.load(until)
+    if hasattr(value, "numel") and hasattr(value, "item") or hasattr(value, "size") and hasattr(value, "item"):
+        count = value.numel() if hasattr(value, "numel") else value.size
+        if count != 1:
+            raise WorkflowError(f"until={until!r}: the value is an array of {count} items, not one BOOLEAN or INT")
+        value = value.item()
+    if isinstance(value, (list, tuple)) and len(value) == 1:  # ComfyUI's list outputs
+        value = value[0]
+    if not isinstance(value, (bool, int, float)):
+        raise WorkflowError(f"until={until!r}: the value is a {type(value).__name__}, not a BOOLEAN or INT")
+    return bool(value)

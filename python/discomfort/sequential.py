@@ -15,11 +15,21 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, UnknownKeyError, WorkflowError
 from .recipes import Recipe, RecipeError, extract, stitch_recipe
-from .run_control import CancelToken, ProgressEvent, accepts_keyword, cut_error, plan_releases, progress_bar
+from .run_control import (
+    CancelToken,
+    ProgressEvent,
+    Until,
+    accepts_keyword,
+    check_bounds,
+    cut_error,
+    plan_releases,
+    progress_bar,
+    until_holds,
+)
 from .workflow_format import is_ui_format
 from .workflow_tools import (
     choose_transport,
@@ -35,11 +45,6 @@ from .workflow_tools import (
 __all__ = ["Run", "Result", "run_sequential"]
 
 log = logging.getLogger("discomfort")
-
-#: What ``until`` may be: a key an output port writes (BOOLEAN or INT), or
-#: ``fn(iteration, values) -> bool`` (``values``: a read-only mapping of the run's current values).
-Until = str | Callable[[int, Mapping[str, Any]], Any]
-
 
 class Result(dict):
     """``{unique_id: value}`` of a call, with how many iterations ran and why the loop stopped
@@ -134,7 +139,7 @@ class Run:
         ``executor``: run this call somewhere else than the run's executor (shared memory only):
         references another executor's workflows saved reach this one by recipe.
         """
-        iterations = _check_bounds(iterations, until)
+        iterations = check_bounds(iterations, until)
         executor = self.executor if executor is None else resolve_executor(executor)
         if _where(executor) != _where(self.executor) and self.transport == "http":
             raise ValueError("this run lives inside its ComfyUI server (HTTP transport): its workflows run there only")
@@ -160,7 +165,7 @@ class Run:
                         self._recipes.pop(uid, None)
                         self._writers[uid] = (_where(executor), plan.prompts[k], plan.port_keys[k][uid].output_node_ids[-1])
                 iteration += 1
-                if until is not None and _stop(ctx, until, iteration - 1):
+                if until is not None and until_holds(ctx, until, iteration - 1):
                     result.stopped = "until"
                     break
             state.at(None, None)
@@ -294,7 +299,7 @@ def run_sequential(
     The result stays valid after the run's store is gone. The store lives only inside this call;
     hold a :class:`Run` to keep values and models across calls.
     """
-    iterations = _check_bounds(iterations, until)
+    iterations = check_bounds(iterations, until)
     with Run(executor, transport=transport, ram_budget=ram_budget, disk_dir=disk_dir,
              object_info=object_info) as run:
         run._removes_store_on_cancel = True
@@ -304,18 +309,6 @@ def run_sequential(
 
 
 # ---- the steps ------------------------------------------------------------------------------------
-
-
-def _check_bounds(iterations: int | None, until: Until | None) -> int | None:
-    if iterations is None:
-        if until is None:
-            raise ValueError("iterations=None (no bound) needs until= (a key or a function that says when to stop)")
-        return None
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int (or None with until=), got {iterations!r}")
-    if until is not None and not isinstance(until, str) and not callable(until):
-        raise TypeError(f"until must be a key (str) or a function (iteration, values) -> bool, not {until!r}")
-    return iterations
 
 
 @dataclass
@@ -365,7 +358,8 @@ def _plan(workflows: Any, inputs: Mapping[str, Any] | None, iterations: int | No
     bounded = iterations is not None and until is None
     if release_unused:
         keep = set(wanted if wanted is not None else written) | ({until} if isinstance(until, str) else set())
-        releases = plan_releases(reads, writes, iterations if bounded else 3, keep, initial=inputs or {})
+        releases = plan_releases(reads, writes, iterations if bounded and iterations else 3, keep,
+                                 initial=inputs or {})
     return _Plan(names, prompts, port_nodes, port_keys, reads, writes, wanted, releases, bounded)
 
 
@@ -456,45 +450,6 @@ def _version(ctx: Any, uid: str) -> int | None:
 def _release(ctx: Any, keys: list[str]) -> None:
     for uid in keys:
         ctx.delete(uid)
-
-
-class _Values(Mapping):
-    """The run's current values, read-only, loaded when asked for (what an ``until`` function sees)."""
-
-    def __init__(self, ctx: Any) -> None:
-        self._ctx = ctx
-
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return self._ctx.load(key)
-        except UnknownKeyError:
-            raise KeyError(key) from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._ctx.keys())
-
-    def __len__(self) -> int:
-        return len(self._ctx.keys())
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._ctx
-
-
-def _stop(ctx: Any, until: Until, iteration: int) -> bool:
-    """Whether ``until`` holds after ``iteration``."""
-    if callable(until):
-        return bool(until(iteration, _Values(ctx)))
-    value = ctx.load(until)
-    if hasattr(value, "numel") and hasattr(value, "item") or hasattr(value, "size") and hasattr(value, "item"):
-        count = value.numel() if hasattr(value, "numel") else value.size
-        if count != 1:
-            raise WorkflowError(f"until={until!r}: the value is an array of {count} items, not one BOOLEAN or INT")
-        value = value.item()
-    if isinstance(value, (list, tuple)) and len(value) == 1:  # ComfyUI's list outputs
-        value = value[0]
-    if not isinstance(value, (bool, int, float)):
-        raise WorkflowError(f"until={until!r}: the value is a {type(value).__name__}, not a BOOLEAN or INT")
-    return bool(value)
 
 
 class _RunState:

@@ -11,10 +11,11 @@ import hashlib
 import os
 import re
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
-from ._pystore import SHM_DIR, prepare_shm_dir, private_dir, read_meminfo, user_temp_dir
+from ._platform import (  # noqa: F401  (Cgroup and cgroup_memory are part of this module's API)
+    SHM_DIR, Cgroup, cgroup_memory, prepare_shm_dir, private_dir, read_meminfo, user_temp_dir,
+)
 
 BUDGET_FRACTION = 0.5  # of what is available: the rest stays for the workflows themselves
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -27,25 +28,6 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (use bytes or a K/M/G/T suffix)")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
-
-
-@dataclass(frozen=True)
-class Cgroup:
-    limit: int | None
-    usage: int | None
-
-
-def cgroup_memory(root: str = "/sys/fs/cgroup") -> Cgroup:
-    """The cgroup v2 memory limit and usage of this process, when there is a limit."""
-    try:
-        with open(os.path.join(root, "memory.max")) as fh:
-            raw = fh.read().strip()
-        limit = None if raw == "max" else int(raw)
-        with open(os.path.join(root, "memory.current")) as fh:
-            usage = int(fh.read())
-        return Cgroup(limit, usage)
-    except (OSError, ValueError):
-        return Cgroup(None, None)
 
 
 def shm_space(shm_dir: str = SHM_DIR) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import ObjectLostError, ObjectStoreFullError, RayActorError
 
 from .. import codecs
-from .._pystore import check_key, check_run_id
+from .._names import check_key, check_run_id
 from ..context import RAY_RUN_PREFIX, install_signal_handler
 from ..runs import REFERENCES, PassBy, RunBase, prompt_digest
 from ..errors import (

@@ -8,9 +8,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..errors import RunCancelled, RunInterrupted, WorkflowError
+from ..errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, WorkflowError
+from ..recipes import extract, stitch_recipe
+from ..run_control import CancelToken, Until, check_bounds, cut_error, progress_bar, until_holds
 from ..workflow_format import is_ui_format
-from ..run_control import CancelToken, cut_error, progress_bar
 from ..workflow_tools import (
     missing_inputs_error,
     plan_workflows,
@@ -36,7 +37,7 @@ class WorkflowEvent:
     iteration: int  # 0-based
     index: int  # the workflow's index in ``workflows``
     step: int  # 1-based count of workflows run so far in this call
-    total: int  # iterations x workflows
+    total: int | None  # iterations x workflows (None: a loop bounded only by until=)
     server: int  # index of the pool's server that ran it
     node_id: str  # the Ray node of that server
     seconds: float  # running it, the retry and the server's replacement included
@@ -56,9 +57,10 @@ def _assigner(assign: Any, n: int) -> Callable[[int, int, int], int]:
 def run_sequential_ray(
     workflows: Any,
     inputs: Mapping[str, Any] | None = None,
-    iterations: int = 1,
+    iterations: int | None = 1,
     servers: RayComfyPool | int | None = None,
     *,
+    until: Until | None = None,
     timeout: float | None = None,
     object_info: Mapping | None = None,
     progress: bool | Callable[[WorkflowEvent], Any] | None = None,
@@ -73,8 +75,10 @@ def run_sequential_ray(
 ) -> dict[str, Any]:
     """:func:`~discomfort.sequential.run_sequential` across a Ray cluster.
 
-    ``workflows``, ``inputs``, ``iterations``, ``timeout``, ``object_info``: as in
+    ``workflows``, ``inputs``, ``iterations``, ``until``, ``timeout``, ``object_info``: as in
     run_sequential (the outputs of workflow k feed workflow k+1, those of iteration N feed N+1).
+    A value saved by reference (a MODEL) on one server reaches a workflow on another by recipe:
+    the part of the workflow that built it runs there (once, with ``--cache-lru``).
     The run is a :class:`~discomfort.distributed.RayContext` owned by this call; values pass
     between servers through Ray's object store, never through the prompts.
 
@@ -104,10 +108,10 @@ def run_sequential_ray(
     where; the run's values are freed from Ray first.
 
     Returns ``{unique_id: value}``: private, writable copies that stay valid after the run,
-    whose values are all freed from Ray before this returns.
+    whose values are all freed from Ray before this returns (references, which cannot leave
+    their server's process, are left out).
     """
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    iterations = check_bounds(iterations, until)
     if not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
     names = workflow_names(workflows)
@@ -124,22 +128,32 @@ def run_sequential_ray(
             raise TypeError(f"servers must be a RayComfyPool, a positive int or None, not {servers!r}")
         pool = own_pool = RayComfyPool(comfy_path, size=servers).start()
     try:
-        return _run(pool, items, names, inputs, iterations, timeout, object_info, progress, retries,
+        return _run(pool, items, names, inputs, iterations, until, timeout, object_info, progress, retries,
                     _assigner(assign, len(pool)), adopt, free_after, run_id, cancel)
     finally:
         if own_pool is not None:
             own_pool.close()
 
 
-def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | None, iterations: int,
-         timeout: float | None, object_info: Mapping | None, progress: Any, retries: int, choose: Callable,
+def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | None, iterations: int | None,
+         until: Until | None, timeout: float | None, object_info: Mapping | None, progress: Any, retries: int, choose: Callable,
          adopt: bool, free_after: bool, run_id: str | None, cancel: CancelToken | None) -> dict[str, Any]:
     if object_info is None and any(is_ui_format(w) for w in items):
         object_info = pool.object_info(0)
     prompts, port_nodes, port_keys = plan_workflows(items, object_info)
     reads, writes = port_io(port_keys)
+    if isinstance(until, str) and until not in {u for w in writes for u in w}:
+        raise ValueError(f"until={until!r}: no output port of these workflows writes that key")
 
-    total = iterations * len(prompts)
+    total = None if iterations is None else iterations * len(prompts)
+    writers: dict[str, tuple[int, int]] = {}  # key -> (server, workflow) that wrote it last
+    infos: dict[int, Mapping] = {} if object_info is None else {0: object_info}
+
+    def info() -> Mapping:  # the pool's servers run one ComfyUI: one /object_info, fetched once
+        if 0 not in infos:
+            infos[0] = pool.object_info(0)
+        return infos[0]
+
     written: list[str] = []
     used: set[int] = set()
     with RayContext(run_id) as ctx:
@@ -152,7 +166,8 @@ def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | No
             for uid, value in (inputs or {}).items():
                 ctx.save(uid, value)
             sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(prompts, port_nodes)]
-            for iteration in range(iterations):
+            iteration = 0
+            while iterations is None or iteration < iterations:
                 for k, prompt in enumerate(sent):
                     where[:] = [iteration, k, False]
                     if cancel is not None and cancel.cancelled:
@@ -163,6 +178,7 @@ def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | No
                     if missing:
                         raise missing_inputs_error(k, missing, ctx.run_id)
                     server = choose(iteration, k, step)
+                    prompt = _with_recipes(ctx, prompt, server, k, reads, writers, prompts, port_keys, info)
                     t0 = time.monotonic()
                     where[2] = True
                     attempts = _run_one(pool, ctx, server, k, iteration, prompt, keys, outs, have, timeout,
@@ -170,6 +186,7 @@ def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | No
                     where[2] = False
                     used.add(server)
                     for uid in outs:
+                        writers[uid] = (server, k)
                         if uid not in written:
                             written.append(uid)
                     step += 1
@@ -185,8 +202,17 @@ def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | No
                         bar.update(1)
                     if callable(progress) and progress is not True:
                         progress(event)
+                iteration += 1
+                if until is not None and until_holds(ctx, until, iteration - 1):
+                    break
             where[:] = [None, None, False]
-            result = {uid: ctx.load(uid, copy=True) for uid in written}
+            result = {}
+            for uid in written:
+                try:
+                    result[uid] = ctx.load(uid, copy=True)
+                except ReferenceUnavailableError:
+                    log.info("discomfort: run %s: %r is a reference in a server's process: not returned",
+                             ctx.run_id, uid)
         except RunCancelled as exc:
             raise cut_error(RunCancelled, cancel.reason if cancel is not None else None, ctx.run_id, names,
                             iterations, where[0], where[1], where[2], step) from exc
@@ -199,6 +225,21 @@ def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | No
     if free_after and used:
         pool.free(sorted(used))
     return result
+
+
+def _with_recipes(ctx: RayContext, prompt: dict, server: int, k: int, reads: list,
+                  writers: Mapping[str, tuple[int, int]], prompts: list, port_keys: list,
+                  object_info: Callable[[], Mapping]) -> dict:
+    """``prompt`` with a recipe in place of each loader whose key is a reference another server saved."""
+    for uid in reads[k]:
+        wrote = writers.get(uid)
+        if wrote is None or wrote[0] == server or ctx.info(uid).get("kind") != "ref":
+            continue
+        info = object_info()
+        recipe = extract(prompts[wrote[1]], port_keys[wrote[1]][uid].output_node_ids[-1], uid, info)
+        for node in port_keys[k][uid].input_node_ids:
+            prompt = stitch_recipe(prompt, node, recipe, ctx.run_id, info)
+    return prompt
 
 
 def _run_one(pool: RayComfyPool, ctx: RayContext, server: int, k: int, iteration: int, prompt: dict,

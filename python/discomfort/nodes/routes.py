@@ -27,7 +27,7 @@ def register(routes: Any = None) -> bool:
         return False
     if routes is None:
         try:
-            import server  # type: ignore[import-not-found]  (ComfyUI's)
+            import server  # type: ignore[import-not-found]  # ComfyUI's
         except ImportError:
             return False
         instance = getattr(getattr(server, "PromptServer", None), "instance", None)

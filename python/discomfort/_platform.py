@@ -1,0 +1,113 @@
+"""Facts about the system a run lives on: the store mode, where segments go, private
+directories, and the host's memory. The bottom layer: imports nothing of discomfort but errors.
+
+Test hook: DISCOMFORT_TEST_PLATFORM=darwin|win32 behaves as on that system (read once at import;
+sets PLATFORM, hence MODE): "darwin" runs the portable mode on Linux, "win32" refuses local stores.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+try:
+    import fcntl
+except ImportError:  # Windows: no local store there (MODE "unsupported")
+    fcntl = None  # type: ignore[assignment]
+
+from .errors import UnsupportedPlatformError
+
+PLATFORM = os.environ.get("DISCOMFORT_TEST_PLATFORM", "").strip() or sys.platform
+
+
+def _store_mode() -> str:
+    """How this system keeps a run (docs/FORMAT.md, "Portable mode"):
+
+    "shm": Linux: segments in /dev/shm, OFD byte-range locks, posix_fallocate.
+    "portable": another POSIX system (macOS), or Linux without /dev/shm or OFD locks: segments are
+        regular files in a private temp directory, locks are flock() on lock files.
+    "unsupported": Windows (no fcntl, no POSIX shared mappings): no local store.
+    """
+    if PLATFORM == "win32" or fcntl is None:
+        return "unsupported"
+    if PLATFORM.startswith("linux") and hasattr(fcntl, "F_OFD_SETLK") and os.path.isdir("/dev/shm"):
+        return "shm"
+    return "portable"
+
+
+MODE = _store_mode()
+
+
+def user_temp_dir() -> str:
+    """This user's folder in the temp directory (not created here)."""
+    return os.path.join(tempfile.gettempdir(), f"discomfort-{os.geteuid()}")
+
+
+#: Where runs keep their control segments and RAM chunks by default.
+SHM_DIR = os.path.join(user_temp_dir(), "segments") if MODE == "portable" else "/dev/shm"
+
+
+def private_dir(path: str) -> str:
+    """Make `path` (mode 0700) unless it exists; refuse it unless it is a real directory of ours."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != os.geteuid() or not os.path.isdir(path) or os.path.islink(path):
+        raise PermissionError(f"{path} is not a private directory of this user")
+    return path
+
+
+def prepare_shm_dir(shm_dir: str) -> None:
+    """In portable mode, make the default segment directory (and its parent) on first use."""
+    if MODE == "portable" and shm_dir == SHM_DIR:
+        private_dir(os.path.dirname(shm_dir))
+        private_dir(shm_dir)
+
+
+def require_local_store() -> None:
+    """Raise UnsupportedPlatformError where no local store can run (Windows)."""
+    if MODE == "unsupported":
+        name = "Windows" if PLATFORM == "win32" else PLATFORM
+        raise UnsupportedPlatformError(
+            f"discomfort cannot keep a local store on {name} ({PLATFORM}): it needs POSIX shared "
+            "file mappings and fcntl locks. Run it under WSL2, or run ComfyUI on a Linux machine and "
+            "reach it over HTTP (discomfort.remote.RemoteContext, or run_sequential(..., "
+            "executor=SERVER_URL, transport='http'))"
+        )
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+def read_meminfo(path: str) -> dict[str, int]:
+    """A file in /proc/meminfo format as {field: bytes}; {} when it cannot be read."""
+    out = {}
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith(b":"):
+                    mult = 1024 if len(parts) > 2 and parts[2] == b"kB" else 1
+                    out[parts[0][:-1].decode()] = int(parts[1]) * mult
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+@dataclass(frozen=True)
+class Cgroup:
+    limit: int | None
+    usage: int | None
+
+
+def cgroup_memory(root: str = "/sys/fs/cgroup") -> Cgroup:
+    """The cgroup v2 memory limit and usage of this process, when there is a limit."""
+    try:
+        with open(os.path.join(root, "memory.max")) as fh:
+            raw = fh.read().strip()
+        limit = None if raw == "max" else int(raw)
+        with open(os.path.join(root, "memory.current")) as fh:
+            usage = int(fh.read())
+        return Cgroup(limit, usage)
+    except (OSError, ValueError):
+        return Cgroup(None, None)

@@ -1,0 +1,342 @@
+"""The operations on objects: reserve/seal/abort, put, get and the read-only queries; the twin of
+cpp/src/objects.cpp."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import weakref
+from typing import Any, Sequence
+
+from .._names import check_key, object_file_name
+from .._types import LoadInfo, ObjectInfo, StoreStats
+from ..errors import CorruptedStoreError, StoreClosedError, StoreFullError, UnknownKeyError
+from .alloc import AllocStore
+from .format import (
+    BUFDESC, DISK, ENTRY, EXT_HEAD, FLAG_FINISHED, MAX_CHUNKS, OBJ_MAGIC, OBJ_OFF, PIN_OFF, PIN_STRUCT, RAM,
+    RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES,
+)
+from .layout import layout, parse_directory, parse_extent
+from .sys import killpoint, map_private
+
+
+def _aligned_copy(src: Any) -> memoryview:
+    """A private copy of a small extent whose start is 64-byte aligned, like the store's."""
+    n = len(src)
+    raw = bytearray(n + 64)
+    pad = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % 64
+    view = memoryview(raw)[pad : pad + n]
+    view[:] = src
+    return view
+
+
+class Reservation:
+    """A reserved object that readers cannot see until `seal()`."""
+
+    def __init__(self, store: ObjectStore, key: str, index: int, file_id: int, tier: int,
+                 buffers: list[memoryview], mapping: Any):
+        self._store = store
+        self._key = key
+        self._index = index
+        self._file_id = file_id
+        self._tier = tier
+        self._buffers = buffers
+        self._mapping = mapping
+        self._done = False
+        name = object_file_name(file_id) if tier == DISK else None
+        self._dropped = weakref.finalize(self, store._c.abort_dropped, index, file_id, name)
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def buffers(self) -> list[memoryview]:
+        return self._buffers
+
+    @property
+    def tier(self) -> str:
+        return TIER_NAMES[self._tier]
+
+    def _finish(self) -> None:
+        self._done = True
+        self._dropped.detach()
+        self._buffers = []
+        if self._mapping is not None:
+            try:
+                self._mapping.close()
+            except BufferError:
+                pass  # a caller still holds a buffer; the mapping goes with it
+            self._mapping = None
+
+    def seal(self) -> int:
+        if self._done:
+            raise StoreClosedError(f"reservation of {self._key!r} was already sealed or aborted")
+        try:
+            return self._store._seal(self._index, self._file_id, self._key)
+        finally:
+            self._finish()
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        if self._store.closed:  # closing the store retired the reservation already
+            self._finish()
+            return
+        try:
+            self._store._abort(self._index, self._file_id)
+        finally:
+            self._finish()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.seal()
+
+
+class ObjectStore(AllocStore):
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- writes --------------------------------------------------------------------------------------
+    def reserve(self, key: str, meta: bytes, sizes: Sequence[int]) -> Reservation:
+        raw = check_key(key)
+        meta = bytes(meta)
+        sizes = [int(n) for n in sizes]
+        if any(n < 0 for n in sizes) or len(sizes) > 65536:
+            raise ValueError("buffer sizes must be non-negative and at most 65536 buffers")
+        meta_off, offsets, length = layout(len(meta), sizes)
+        c = self._c
+        with self._locked():
+            place = self._first_fit(length)
+            if place is None and self._reclaim_dead():
+                place = self._first_fit(length)
+            replacing = self._find_sealed(raw) >= 0
+            c.begin()
+            killpoint("after_lock")
+            try:
+                if place is None:
+                    k = self._grow(length)
+                    if k is not None:
+                        place = (k, 0)
+                if place is None and self._disk_dir is None:
+                    raise StoreFullError(
+                        f"run {self._run_id!r}: object {key!r} of {length} bytes does not fit the RAM budget "
+                        f"and the run has no disk tier"
+                    )
+                file_id = c.hget("next_version")
+                c.hset("next_version", file_id + 1)
+                tier = RAM if place is not None else DISK
+                chunk, off = place if place is not None else (0, 0)
+                index = self._insert(raw, (tier, c.slot, file_id, chunk, off, length), key, replacing)
+            finally:
+                c.end()
+        try:
+            if tier == RAM:
+                region = memoryview(self._chunk_map(chunk))[off : off + length]
+                mapping = None
+            else:
+                mapping = self._create_disk_object(file_id, length)
+                region = memoryview(mapping)
+            EXT_HEAD.pack_into(region, 0, OBJ_MAGIC, len(sizes), meta_off, len(meta), 0)
+            for i, (o, n) in enumerate(zip(offsets, sizes)):
+                BUFDESC.pack_into(region, 32 + 16 * i, o, n)
+            region[meta_off : meta_off + len(meta)] = meta
+            buffers = [region[o : o + n] for o, n in zip(offsets, sizes)]
+        except BaseException:
+            try:
+                with self._locked(running=False):
+                    c.begin()
+                    self._tombstone(index)
+                    c.end()
+            except StoreClosedError:
+                pass  # closed meanwhile: its release tombstoned the entry
+            raise
+        killpoint("after_reserve")
+        return Reservation(self, key, index, file_id, tier, buffers, mapping)
+
+    def _own_reserved(self, index: int, file_id: int) -> tuple:
+        e = self._valid(index)
+        if e[0] != RESERVED or e[2] != self._c.slot or e[6] != file_id:
+            raise CorruptedStoreError(f"run {self._run_id!r}: reservation entry {index} changed under its writer")
+        return e
+
+    def _seal(self, index: int, file_id: int, key: str) -> int:
+        c = self._c
+        with self._locked():
+            e = self._own_reserved(index, file_id)
+            c.begin()
+            try:
+                raw = bytes(e[10][: e[3]])
+                for i in self._probe_path(raw, e[4]):
+                    if i != index and c.states[i] == SEALED:
+                        self._tombstone(i)
+                version = c.hget("next_version")
+                c.hset("next_version", version + 1)
+                struct.pack_into("<Q", c.mm, OBJ_OFF + index * ENTRY + 24, version)
+                self._set_state(index, SEALED)
+            finally:
+                c.end()
+        return version
+
+    def _abort(self, index: int, file_id: int) -> None:
+        c = self._c
+        with self._locked(running=False):
+            self._own_reserved(index, file_id)
+            c.begin()
+            self._tombstone(index)
+            c.end()
+
+    def put(self, key: str, meta: bytes, buffers: Sequence[Any]) -> int:
+        views = []
+        for b in buffers:
+            v = memoryview(b)
+            if not v.c_contiguous:
+                raise ValueError("put() needs C-contiguous buffers")
+            views.append(v if v.ndim == 1 and v.format == "B" else v.cast("B"))
+        res = self.reserve(key, meta, [v.nbytes for v in views])
+        try:
+            for dst, src in zip(res.buffers, views):
+                dst[:] = src
+        except BaseException:
+            res.abort()
+            raise
+        return res.seal()
+
+    # ---- reads -------------------------------------------------------------------------------------
+    def _sealed_entry(self, raw: bytes, key: str) -> tuple[tuple, str]:
+        """The key's valid SEALED entry (UnknownKeyError when there is none) and the object's name
+        for messages; under the lock."""
+        index = self._find_sealed(raw)
+        if index < 0:
+            raise UnknownKeyError(f"no object {key!r} in run {self._run_id!r}")
+        return self._valid(index), f"run {self._run_id!r}, object {key!r}"
+
+    def get(self, key: str) -> tuple[bytes, list[memoryview], LoadInfo]:
+        raw = check_key(key)
+        c = self._c
+        with self._locked():
+            e, where = self._sealed_entry(raw, key)
+            tier, version, file_id, chunk, off, length = e[1], e[5], e[6], e[7], e[8], e[9]
+            if tier == RAM and length < SMALL_OBJECT_BYTES:
+                data = _aligned_copy(memoryview(self._chunk_map(chunk))[off : off + length])
+                return self._views(data, length, where, version, tier, False)
+            if tier == RAM:
+                extent = (chunk, off, length)
+                c.pin_locked(extent, self._run_id, key)
+                fd = self._chunk_fd(chunk)
+            else:
+                fd = self._open_disk_object(file_id, key)
+        if tier == DISK:
+            try:
+                if os.fstat(fd).st_size < length:
+                    raise CorruptedStoreError(f"{where}: disk file truncated")
+                if length < SMALL_OBJECT_BYTES:
+                    data = _aligned_copy(os.pread(fd, length, 0))
+                    return self._views(data, length, where, version, tier, False)
+                mm = mmap.mmap(fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            return self._views(mm, length, where, version, tier, True)
+        try:
+            mm, data = map_private(fd, off, length)
+        except BaseException:
+            c.release_pin(extent)
+            raise
+        weakref.finalize(mm, c.release_pin, extent)
+        return self._views(data, length, where, version, tier, True)
+
+    @staticmethod
+    def _views(data: Any, length: int, where: str, version: int, tier: int,
+               zero_copy: bool) -> tuple[bytes, list[memoryview], LoadInfo]:
+        meta, bufs = parse_extent(data, length, where)
+        whole = memoryview(data)
+        views = [whole[o : o + n] for o, n in bufs]
+        return meta, views, LoadInfo(version=version, tier=TIER_NAMES[tier], zero_copy=zero_copy)
+
+    def contains(self, key: str) -> bool:
+        raw = check_key(key)
+        with self._locked():
+            return self._find_sealed(raw) >= 0
+
+    __contains__ = contains
+
+    def delete(self, key: str) -> bool:
+        raw = check_key(key)
+        c = self._c
+        with self._locked():
+            index = self._find_sealed(raw)
+            if index < 0:
+                return False
+            c.begin()
+            self._tombstone(index)
+            c.end()
+            return True
+
+    def keys(self) -> list[str]:
+        with self._locked():
+            out = []
+            for i, s in enumerate(self._c.states.tolist()):
+                if s == SEALED:
+                    e = self._valid(i)
+                    out.append(bytes(e[10][: e[3]]).decode())
+            return sorted(out)
+
+    def info(self, key: str) -> ObjectInfo:
+        raw = check_key(key)
+        with self._locked():
+            e, where = self._sealed_entry(raw, key)
+            tier, version, file_id, chunk, off, length = e[1], e[5], e[6], e[7], e[8], e[9]
+            if tier == RAM:
+                meta_len, bufs = parse_directory(memoryview(self._chunk_map(chunk))[off : off + length], length, where)[1:]
+            else:
+                with open(self._open_disk_object(file_id, key), "rb") as fh:
+                    if os.fstat(fh.fileno()).st_size < length:
+                        raise CorruptedStoreError(f"{where}: disk file truncated")
+                    with mmap.mmap(fh.fileno(), length, mmap.MAP_PRIVATE, mmap.PROT_READ) as mm:
+                        meta_len, bufs = parse_directory(mm, length, where)[1:]
+        return ObjectInfo(
+            key=key, tier=TIER_NAMES[tier], version=version, size=length, nbuf=len(bufs),
+            nbytes=sum(n for _, n in bufs), meta_len=meta_len, chunk=chunk if tier == RAM else None, offset=off,
+        )
+
+    def stats(self) -> StoreStats:
+        c = self._c
+        with self._locked():
+            self._reclaim_dead()
+            count = {"ram": 0, "disk": 0}
+            nbytes = {"ram": 0, "disk": 0}
+            reserved = 0
+            for i, s in enumerate(c.states.tolist()):
+                if s == RESERVED:
+                    reserved += 1
+                elif s == SEALED:
+                    e = self._valid(i)
+                    count[TIER_NAMES[e[1]]] += 1
+                    nbytes[TIER_NAMES[e[1]]] += e[9]
+            sizes = [self._chunk_size(k) for k in range(MAX_CHUNKS)]
+            live_pins = [PIN_STRUCT.unpack_from(c.mm, PIN_OFF + p * 32)
+                         for p, s in enumerate(c.pin_states.tolist()) if s == 1]
+            return StoreStats(
+                run_id=self._run_id, objects_ram=count["ram"], objects_disk=count["disk"], bytes_ram=nbytes["ram"],
+                bytes_disk=nbytes["disk"], reserved=reserved, ram_capacity=sum(sizes), ram_budget=c.hget("ram_budget"),
+                chunks=sum(1 for s in sizes if s), pins=len(live_pins), pinned_bytes=sum(p[4] for p in live_pins),
+                slots_used=sum(c.slot_used(i) for i in range(SLOT_CAP)),
+                epoch=c.hget("epoch"), next_version=c.hget("next_version"),
+            )
+
+    def reclaim(self) -> int:
+        with self._locked(running=False):
+            return self._reclaim_dead()
+
+    def mark_finished(self) -> None:
+        with self._locked(running=False):
+            c = self._c
+            c.hset("flags", c.hget("flags") | FLAG_FINISHED)

@@ -1,0 +1,203 @@
+"""The object table (open addressing, linear probing), slot liveness, reclaim and repair; the
+twin of cpp/src/table.cpp."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Iterator
+
+from .._names import object_file_name
+from ..errors import StoreFullError
+from .control import StoreBase
+from .format import (
+    DISK, EMPTY, ENTRY, ENTRY_HEAD, ENTRY_STRUCT, MAX_CHUNKS, OBJ_OFF, PIN_CAP, PIN_OFF, PIN_STRUCT, RESERVED,
+    SEALED, SLOT_CAP, SLOT_LOCK_BASE, TABLE_CAP, TOMBSTONE,
+)
+from .layout import fnv1a64
+from .lock import lock_held
+
+
+class TableStore(StoreBase):
+    def _probe_path(self, raw: bytes, h: int) -> Iterator[int]:
+        """Indices of live entries on the key's probe path with this key."""
+        states = self._c.states
+        start = h % TABLE_CAP
+        for step in range(TABLE_CAP):
+            i = (start + step) % TABLE_CAP
+            s = states[i]
+            if s == EMPTY:
+                return
+            if s in (RESERVED, SEALED):
+                _, _, _, key_len, eh = ENTRY_HEAD.unpack_from(self._c.mm, OBJ_OFF + i * ENTRY)[:5]
+                if eh == h and key_len == len(raw):
+                    koff = OBJ_OFF + i * ENTRY + 64
+                    if self._c.mm[koff : koff + key_len] == raw:
+                        yield i
+
+    def _find_sealed(self, raw: bytes) -> int:
+        for i in self._probe_path(raw, fnv1a64(raw)):
+            if self._c.states[i] == SEALED:
+                return i
+        return -1
+
+    def _first_free(self, h: int) -> int:
+        """The first EMPTY or TOMBSTONE entry on a probe path from h's home; -1 when none."""
+        states = self._c.states
+        start = h % TABLE_CAP
+        for step in range(TABLE_CAP):
+            i = (start + step) % TABLE_CAP
+            if states[i] in (EMPTY, TOMBSTONE):
+                return i
+        return -1
+
+    def _insert(self, raw: bytes, fields: tuple, key: str, replacing: bool) -> int:
+        """Take the first EMPTY or TOMBSTONE entry on the key's probe path (state written last).
+
+        New keys: at most 3/4 of the table live. An overwrite (`replacing`: the key has a SEALED
+        entry, which its seal retires) may go past that. Any insertion leaves one EMPTY entry,
+        which ends every probe; tombstones that no probe needs are made EMPTY first when it comes
+        to that."""
+        states = self._c.states
+        h = fnv1a64(raw)
+        self._tables()
+        if not replacing and self._c.live + 1 > TABLE_CAP * 3 // 4:
+            raise StoreFullError(f"run {self._run_id!r}: object table full ({TABLE_CAP * 3 // 4} keys at most); "
+                                 f"cannot add key {key!r}")
+
+        def fits(i: int) -> bool:
+            # Reusing a TOMBSTONE leaves the count of non-EMPTY entries as it is.
+            self._tables()
+            return i >= 0 and self._c.nonempty + (states[i] == EMPTY) <= TABLE_CAP - 1
+
+        i = self._first_free(h)
+        if not fits(i) and self._purge_tombstones():
+            i = self._first_free(h)
+        if not fits(i):
+            raise StoreFullError(
+                f"run {self._run_id!r}: object table full ({self._c.nonempty} of {TABLE_CAP} entries in use); "
+                f"cannot add key {key!r}")
+        tier, owner, file_id, chunk, off, length = fields
+        ENTRY_STRUCT.pack_into(self._c.mm, OBJ_OFF + i * ENTRY, states[i], tier, owner, len(raw), h,
+                               0, file_id, chunk, off, length, raw)
+        self._set_state(i, RESERVED)
+        return i
+
+    def _purge_tombstones(self) -> int:
+        """TOMBSTONEs that no live entry's probe path crosses become EMPTY, without moving any
+        entry (writers name theirs by index). A tombstone at position p of a cluster (a run of
+        non-EMPTY entries) is crossed when a live entry after it has its home at or before p.
+        Same rule as the core's Store::purge_tombstones; returns how many became EMPTY."""
+        c = self._c
+        states = c.states.tolist()
+        try:
+            start = states.index(EMPTY)
+        except ValueError:
+            return 0  # no EMPTY entry: no cluster boundary to start from
+        c.begin()
+        freed = 0
+        cluster: list[int] = []
+
+        def flush() -> None:
+            nonlocal freed
+            min_home = 1 << 62
+            for p in range(len(cluster) - 1, -1, -1):
+                j = cluster[p]
+                s = states[j]
+                if s == TOMBSTONE and min_home > p:
+                    self._set_state(j, EMPTY)
+                    states[j] = EMPTY
+                    freed += 1
+                elif s in (RESERVED, SEALED):
+                    home = struct.unpack_from("<Q", c.mm, OBJ_OFF + j * ENTRY + 16)[0] % TABLE_CAP
+                    dist = (j - home) % TABLE_CAP
+                    min_home = min(min_home, -1 if dist > p else p - dist)
+                elif s != TOMBSTONE:
+                    min_home = -1  # an unknown state: keep everything before it as it is
+            cluster.clear()
+
+        try:
+            for n in range(1, TABLE_CAP + 1):
+                i = (start + n) % TABLE_CAP
+                if n < TABLE_CAP and states[i] != EMPTY:
+                    cluster.append(i)
+                else:
+                    flush()
+        finally:
+            c.end()
+        return freed
+
+    def _tombstone(self, index: int) -> None:
+        """Retire an entry; unlink its disk file. Keeps every probe path intact."""
+        e = self._entry(index)
+        if e[1] == DISK and self._c.disk_fd >= 0 and e[6]:
+            try:
+                os.unlink(object_file_name(e[6]), dir_fd=self._c.disk_fd)
+            except OSError:
+                pass  # the entry goes regardless; the file goes with the disk directory
+        self._set_state(index, TOMBSTONE)
+        states = self._c.states
+        if states[(index + 1) % TABLE_CAP] == EMPTY:
+            i = index
+            while states[i] == TOMBSTONE:
+                self._set_state(i, EMPTY)
+                i = (i - 1) % TABLE_CAP
+
+    # ---- liveness -------------------------------------------------------------------------------
+    def _slot_alive(self, i: int) -> bool:
+        if i == self._c.slot:
+            return True
+        return lock_held(self._c, SLOT_LOCK_BASE + i)
+
+    def _reclaim_slot(self, slot: int) -> int:
+        """Free what a dead handle held: its reservations and its pins (inside an update)."""
+        count = 0
+        states = self._c.states
+        for i in range(TABLE_CAP):
+            if states[i] == RESERVED and self._entry(i)[2] == slot:
+                self._tombstone(i)
+                count += 1
+        count += self._c.unpin_slot(slot)
+        self._c.free_slot(slot)
+        return count
+
+    def _reclaim_dead(self) -> int:
+        dead = [i for i in range(SLOT_CAP) if self._c.slot_used(i) and not self._slot_alive(i)]
+        if not dead:
+            return 0
+        self._c.begin()
+        count = sum(self._reclaim_slot(i) for i in dead)
+        self._c.end()
+        return count
+
+    def _repair(self) -> None:
+        """A handle died inside an update: rebuild a consistent table from what is valid."""
+        c = self._c
+        c.hset("dirty", 1)
+        c.cache_epoch = None  # rescanned after the repair
+        sealed: dict[bytes, list[tuple[int, int]]] = {}
+        for i in range(TABLE_CAP):
+            s = c.states[i]
+            if s in (EMPTY, TOMBSTONE):
+                continue
+            if s not in (RESERVED, SEALED):
+                self._set_state(i, TOMBSTONE)
+                continue
+            e = self._entry(i)
+            if self._entry_problem(e) is not None:
+                self._set_state(i, TOMBSTONE)
+            elif s == RESERVED and not self._slot_alive(e[2]):
+                self._tombstone(i)
+            elif s == SEALED:
+                sealed.setdefault(bytes(e[10][: e[3]]), []).append((e[5], i))
+        for versions in sealed.values():
+            for _, i in sorted(versions)[:-1]:
+                self._tombstone(i)
+        for p in range(PIN_CAP):
+            if c.pin_states[p] == 0:
+                continue
+            state, slot, chunk, off, length = PIN_STRUCT.unpack_from(c.mm, PIN_OFF + p * 32)
+            size = self._chunk_size(chunk) if chunk < MAX_CHUNKS else 0
+            if state != 1 or slot >= SLOT_CAP or off + length > size:
+                c.set_pin_state(p, 0)
+        c.end()
