@@ -437,6 +437,42 @@ def test_a_model_on_one_ray_server_reaches_the_other_by_recipe_until_a_condition
 @needs_comfy
 @needs_ray
 @pytest.mark.comfy
+def test_a_ray_run_held_across_calls(cluster, pool):
+    """RayRun: one run across calls, Python choosing each call's workflow and parameter; the model
+    loaded once on server 0 reaches server 1 by recipe."""
+    import re
+
+    import torch
+
+    from discomfort.distributed import RayRun
+
+    load = {"1": {"class_type": "DiscomfortTestModelLoader", "inputs": {"name": "ray-held"}},
+            "2": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "model", "input_data": ["1", 0]}}}
+    use = {"1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "model"}},
+           "2": {"class_type": "DiscomfortTestModelReport", "inputs": {"model": ["1", 0]}},
+           "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "report", "input_data": ["2", 0]}},
+           "4": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "image"}},
+           "5": {"class_type": "ImageInvert", "inputs": {"image": ["4", 0]}},
+           "6": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "image", "input_data": ["5", 0]}}}
+    image = torch.rand(1, 4, 4, 3)
+    with RayRun(pool, assign=lambda it, k: 0) as run:  # the first call on server 0
+        run.execute(load, timeout=120)
+        run.save("image", image)
+        reports = []
+        for i in range(4):  # then every call on server 1
+            out = run.execute(use, timeout=120, assign=lambda it, k: 1)
+            reports.append(out["report"])
+            assert torch.equal(run.load("image", copy=True), image if i % 2 else 1.0 - image)
+        assert set(out) == {"report", "image"} and out.iterations == 1
+        found = [re.fullmatch(r"name=ray-held serial=(\d+) constructed=(\d+) same=True", r) for r in reports]
+        assert all(found) and len({m.groups() for m in found}) == 1, reports  # built once on server 1
+        run_id = run.run_id
+    assert run.context.closed and run_id.startswith("ray-")
+
+
+@needs_comfy
+@needs_ray
+@pytest.mark.comfy
 def test_cancel_inside_a_workflow_on_a_ray_server(cluster, pool, tmp_path):
     """A cancel while server 1 runs a gate node: its actor takes the prompt back, the run's values
     leave Ray, and RunCancelled says where."""

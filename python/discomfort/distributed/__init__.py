@@ -29,6 +29,7 @@ __all__ = [
     "RayContext",
     "RayComfyPool",
     "run_sequential_ray",
+    "RayRun",
     "WorkflowEvent",
     "ValueLostError",
     "ServerDiedError",
@@ -43,6 +44,7 @@ _LAZY = {
     "RayComfyPool": "._pool",
     "ServerDiedError": "._pool",
     "run_sequential_ray": "._runner",
+    "RayRun": "._runner",
     "WorkflowEvent": "._runner",
 }
 

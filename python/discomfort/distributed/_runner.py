@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, WorkflowError
 from ..recipes import extract, stitch_recipe
+from ..sequential import Result
 from ..run_control import CancelToken, Until, check_bounds, cut_error, progress_bar, until_holds
 from ..workflow_format import is_ui_format
 from ..workflow_tools import (
@@ -24,7 +25,7 @@ from . import _ray
 from ._context import RayContext
 from ._pool import RayComfyPool, ServerDiedError
 
-__all__ = ["run_sequential_ray", "WorkflowEvent"]
+__all__ = ["run_sequential_ray", "RayRun", "WorkflowEvent"]
 
 log = logging.getLogger("discomfort")
 
@@ -72,7 +73,7 @@ def run_sequential_ray(
     address: str | None = None,
     comfy_path: str | os.PathLike | None = None,
     cancel: CancelToken | None = None,
-) -> dict[str, Any]:
+) -> Result:
     """:func:`~discomfort.sequential.run_sequential` across a Ray cluster.
 
     ``workflows``, ``inputs``, ``iterations``, ``until``, ``timeout``, ``object_info``: as in
@@ -128,44 +129,105 @@ def run_sequential_ray(
             raise TypeError(f"servers must be a RayComfyPool, a positive int or None, not {servers!r}")
         pool = own_pool = RayComfyPool(comfy_path, size=servers).start()
     try:
-        return _run(pool, items, names, inputs, iterations, until, timeout, object_info, progress, retries,
-                    _assigner(assign, len(pool)), adopt, free_after, run_id, cancel)
+        with RayRun(pool, run_id=run_id, assign=assign, retries=retries, adopt=adopt) as run:
+            run._removes_store_on_cancel = True
+            result = run.execute(items, inputs, iterations, until=until, timeout=timeout, object_info=object_info,
+                                 progress=progress, cancel=cancel, names=names)
+        if free_after and run.used:
+            pool.free(sorted(run.used))
+        return result
     finally:
         if own_pool is not None:
             own_pool.close()
 
 
-def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | None, iterations: int | None,
-         until: Until | None, timeout: float | None, object_info: Mapping | None, progress: Any, retries: int, choose: Callable,
-         adopt: bool, free_after: bool, run_id: str | None, cancel: CancelToken | None) -> dict[str, Any]:
-    if object_info is None and any(is_ui_format(w) for w in items):
-        object_info = pool.object_info(0)
-    prompts, port_nodes, port_keys = plan_workflows(items, object_info)
-    reads, writes = port_io(port_keys)
-    if isinstance(until, str) and until not in {u for w in writes for u in w}:
-        raise ValueError(f"until={until!r}: no output port of these workflows writes that key")
+class RayRun:
+    """A Ray run held across calls: ``with RayRun(pool) as run: run.save(...); run.execute([...])``.
 
-    total = None if iterations is None else iterations * len(prompts)
-    writers: dict[str, tuple[int, int]] = {}  # key -> (server, workflow) that wrote it last
-    infos: dict[int, Mapping] = {} if object_info is None else {0: object_info}
+    The :class:`~discomfort.sequential.Run` of a :class:`RayComfyPool`: values live in the Ray
+    object store for the whole block, Python runs between the calls, and a reference a server
+    saved reaches workflows on other servers by recipe. ``assign``, ``retries``, ``adopt``: as in
+    :func:`run_sequential_ray`.
+    """
 
-    def info() -> Mapping:  # the pool's servers run one ComfyUI: one /object_info, fetched once
-        if 0 not in infos:
-            infos[0] = pool.object_info(0)
-        return infos[0]
-
-    written: list[str] = []
-    used: set[int] = set()
-    with RayContext(run_id) as ctx:
-        bar = progress_bar(None if progress is None else progress is True, total, f"discomfort {ctx.run_id[:12]}")
-        log.info("discomfort: run %s on %d ComfyUI servers in the Ray cluster at %s", ctx.run_id, len(pool),
+    def __init__(self, servers: RayComfyPool, *, run_id: str | None = None,
+                 assign: str | Callable[[int, int], int] = "workflow", retries: int = 1, adopt: bool = True) -> None:
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        self.pool = servers
+        self.choose = _assigner(assign, len(servers))
+        self.retries, self.adopt = retries, adopt
+        self.context = RayContext(run_id)
+        self.used: set[int] = set()  # servers that ran a workflow of this run
+        self._writers: dict[str, tuple[int, dict, str]] = {}  # key -> (server, prompt, port node) that wrote it
+        self._info: Mapping | None = None
+        self._removes_store_on_cancel = False
+        log.info("discomfort: run %s on %d ComfyUI servers in the Ray cluster at %s", self.run_id, len(servers),
                  _ray.gcs_address())
+
+    @property
+    def run_id(self) -> str:
+        return self.context.run_id
+
+    def save(self, unique_id: str, value: Any, pass_by: str = "auto") -> int:
+        self._writers.pop(unique_id, None)
+        return self.context.save(unique_id, value, pass_by)  # type: ignore[arg-type]
+
+    def load(self, unique_id: str, *, copy: bool | None = None) -> Any:
+        return self.context.load(unique_id, copy=copy)
+
+    def delete(self, unique_id: str) -> bool:
+        return self.context.delete(unique_id)
+
+    def keys(self) -> list[str]:
+        return self.context.keys()
+
+    def __contains__(self, unique_id: object) -> bool:
+        return unique_id in self.context
+
+    def close(self) -> None:
+        self.context.shutdown()
+
+    def __enter__(self) -> "RayRun":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.context.__exit__(*exc)
+
+    def _object_info(self) -> Mapping:  # the pool's servers run one ComfyUI: one /object_info
+        if self._info is None:
+            self._info = self.pool.object_info(0)
+        return self._info
+
+    def execute(self, workflows: Any, inputs: Mapping[str, Any] | None = None, iterations: int | None = 1, *,
+                until: Until | None = None, timeout: float | None = None, object_info: Mapping | None = None,
+                progress: bool | Callable[[WorkflowEvent], Any] | None = None, cancel: CancelToken | None = None,
+                assign: str | Callable[[int, int], int] | None = None, names: list[str] | None = None) -> Result:
+        """Run ``workflows`` on the pool ``iterations`` times (or until ``until``); returns private
+        copies of the values their ports wrote (references, which stay in their server, left out).
+        ``assign``: which server runs each workflow in this call (default: the run's)."""
+        iterations = check_bounds(iterations, until)
+        choose = self.choose if assign is None else _assigner(assign, len(self.pool))
+        names = names or workflow_names(workflows)
+        items = read_workflows(workflows)
+        if object_info is not None:
+            self._info = object_info
+        info = self._object_info() if any(is_ui_format(w) for w in items) else object_info
+        prompts, port_nodes, port_keys = plan_workflows(items, info)
+        reads, writes = port_io(port_keys)
+        if isinstance(until, str) and until not in {u for w in writes for u in w}:
+            raise ValueError(f"until={until!r}: no output port of these workflows writes that key")
+        ctx = self.context
+        total = None if iterations is None else iterations * len(prompts)
+        written: list[str] = []
+        bar = progress_bar(None if progress is None else progress is True, total, f"discomfort {ctx.run_id[:12]}")
         where: list[Any] = [None, None, False]  # iteration, workflow, inside: for a cut run's message
         step = 0
         try:
             for uid, value in (inputs or {}).items():
-                ctx.save(uid, value)
+                self.save(uid, value)
             sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(prompts, port_nodes)]
+            result = Result()
             iteration = 0
             while iterations is None or iteration < iterations:
                 for k, prompt in enumerate(sent):
@@ -178,68 +240,67 @@ def _run(pool: RayComfyPool, items: list, names: list[str], inputs: Mapping | No
                     if missing:
                         raise missing_inputs_error(k, missing, ctx.run_id)
                     server = choose(iteration, k, step)
-                    prompt = _with_recipes(ctx, prompt, server, k, reads, writers, prompts, port_keys, info)
+                    prompt = self._with_recipes(prompt, server, reads[k], port_keys[k])
                     t0 = time.monotonic()
                     where[2] = True
-                    attempts = _run_one(pool, ctx, server, k, iteration, prompt, keys, outs, have, timeout,
-                                        retries, adopt, cancel)
+                    attempts = _run_one(self.pool, ctx, server, k, iteration, prompt, keys, outs, have, timeout,
+                                        self.retries, self.adopt, cancel)
                     where[2] = False
-                    used.add(server)
+                    self.used.add(server)
                     for uid in outs:
-                        writers[uid] = (server, k)
+                        self._writers[uid] = (server, prompts[k], keys[uid].output_node_ids[-1])
                         if uid not in written:
                             written.append(uid)
                     step += 1
-                    seconds = time.monotonic() - t0
-                    event = WorkflowEvent(ctx.run_id, iteration, k, step, total, server,
-                                          pool.slots[server].node_id, seconds, attempts)
-                    log.info("discomfort: run %s: iteration %d, workflow %d on server %d (node %s): %.2fs%s",
-                             ctx.run_id, iteration, k, server, event.node_id[:8], seconds,
-                             "" if attempts == 1 else f" ({attempts} attempts: its server was replaced)")
-                    if bar is not None:
-                        bar.set_postfix_str(f"it {iteration} wf {k} -> server {server} "
-                                            f"({event.node_id[:8]}) {seconds:.1f}s", refresh=False)
-                        bar.update(1)
-                    if callable(progress) and progress is not True:
-                        progress(event)
+                    self._report(progress, bar, iteration, k, step, total, server, time.monotonic() - t0, attempts)
                 iteration += 1
                 if until is not None and until_holds(ctx, until, iteration - 1):
+                    result.stopped = "until"
                     break
             where[:] = [None, None, False]
-            result = {}
             for uid in written:
                 try:
                     result[uid] = ctx.load(uid, copy=True)
                 except ReferenceUnavailableError:
                     log.info("discomfort: run %s: %r is a reference in a server's process: not returned",
                              ctx.run_id, uid)
+            result.iterations = iteration
+            return result
         except RunCancelled as exc:
             raise cut_error(RunCancelled, cancel.reason if cancel is not None else None, ctx.run_id, names,
-                            iterations, where[0], where[1], where[2], step) from exc
+                            iterations, where[0], where[1], where[2], step, self._removes_store_on_cancel) from exc
         except KeyboardInterrupt as exc:
             raise cut_error(RunInterrupted, "Ctrl-C", ctx.run_id, names, iterations, where[0], where[1], where[2],
-                            step) from exc
+                            step, self._removes_store_on_cancel) from exc
         finally:
             if bar is not None:
                 bar.close()
-    if free_after and used:
-        pool.free(sorted(used))
-    return result
 
+    def _with_recipes(self, prompt: dict, server: int, reads: list[str], ports: Mapping) -> dict:
+        """``prompt`` with a recipe in place of each loader whose key is a reference another server saved."""
+        for uid in reads:
+            wrote = self._writers.get(uid)
+            if wrote is None or wrote[0] == server or self.context.info(uid).get("kind") != "ref":
+                continue
+            info = self._object_info()
+            recipe = extract(wrote[1], wrote[2], uid, info)
+            for node in ports[uid].input_node_ids:
+                prompt = stitch_recipe(prompt, node, recipe, self.run_id, info)
+        return prompt
 
-def _with_recipes(ctx: RayContext, prompt: dict, server: int, k: int, reads: list,
-                  writers: Mapping[str, tuple[int, int]], prompts: list, port_keys: list,
-                  object_info: Callable[[], Mapping]) -> dict:
-    """``prompt`` with a recipe in place of each loader whose key is a reference another server saved."""
-    for uid in reads[k]:
-        wrote = writers.get(uid)
-        if wrote is None or wrote[0] == server or ctx.info(uid).get("kind") != "ref":
-            continue
-        info = object_info()
-        recipe = extract(prompts[wrote[1]], port_keys[wrote[1]][uid].output_node_ids[-1], uid, info)
-        for node in port_keys[k][uid].input_node_ids:
-            prompt = stitch_recipe(prompt, node, recipe, ctx.run_id, info)
-    return prompt
+    def _report(self, progress: Any, bar: Any, iteration: int, k: int, step: int, total: int | None, server: int,
+                seconds: float, attempts: int) -> None:
+        event = WorkflowEvent(self.run_id, iteration, k, step, total, server, self.pool.slots[server].node_id,
+                              seconds, attempts)
+        log.info("discomfort: run %s: iteration %d, workflow %d on server %d (node %s): %.2fs%s",
+                 self.run_id, iteration, k, server, event.node_id[:8], seconds,
+                 "" if attempts == 1 else f" ({attempts} attempts: its server was replaced)")
+        if bar is not None:
+            bar.set_postfix_str(f"it {iteration} wf {k} -> server {server} ({event.node_id[:8]}) {seconds:.1f}s",
+                                refresh=False)
+            bar.update(1)
+        if callable(progress) and progress is not True:
+            progress(event)
 
 
 def _run_one(pool: RayComfyPool, ctx: RayContext, server: int, k: int, iteration: int, prompt: dict,
