@@ -46,6 +46,7 @@ __all__ = ["Run", "Result", "run_sequential"]
 
 log = logging.getLogger("discomfort")
 
+
 class Result(dict):
     """``{unique_id: value}`` of a call, with how many iterations ran and why the loop stopped
     (``stopped``: "iterations" when it ran them all, "until" when the condition held)."""
@@ -120,10 +121,12 @@ class Run:
         return self._infos[key]
 
     def delete(self, unique_id: str) -> bool:
-        return self.context.delete(unique_id)
+        given = self._recipes.pop(unique_id, None) is not None
+        self._writers.pop(unique_id, None)
+        return self.context.delete(unique_id) or given
 
     def keys(self) -> list[str]:
-        return self.context.keys()
+        return self.context.keys() + [k for k in self._recipes if k not in self.context]
 
     def __contains__(self, unique_id: object) -> bool:
         return unique_id in self.context
@@ -161,9 +164,10 @@ class Run:
                     prompt = self._with_recipes(prompt, plan, k, executor)
                     _run_workflow(ctx, executor, plan, state, iteration, k, prompt, timeout, options, cancel,
                                   self._recipes)
-                    for uid in plan.writes[k]:
+                    for uid in plan.writes[k]:  # where each written value lives, and its recipe's source
                         self._recipes.pop(uid, None)
-                        self._writers[uid] = (_where(executor), plan.prompts[k], plan.port_keys[k][uid].output_node_ids[-1])
+                        node = plan.port_keys[k][uid].output_node_ids[-1]
+                        self._writers[uid] = (_where(executor), plan.prompts[k], node)
                 iteration += 1
                 if until is not None and until_holds(ctx, until, iteration - 1):
                     result.stopped = "until"
