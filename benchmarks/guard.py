@@ -56,6 +56,17 @@ def measure(backend: str) -> dict[str, float]:
             return ctx.load("n")
 
         out["small_save_load_us"] = median_ms(small, 200) * 1e3
+
+        latent = torch.rand(1, 4, 32, 32)  # 16 KiB: below the size loads copy at
+        out["small_tensor_save_us"] = median_ms(lambda: ctx.save("latent", latent), 200) * 1e3
+        out["small_tensor_load_us"] = median_ms(lambda: ctx.load("latent"), 200) * 1e3
+
+        one = torch.rand(1, 256, 256, 4)  # 1 MiB IMAGE, saved with its previous view held
+
+        ctx.save("one", one)
+        out["save_1MiB_x_memcpy"] = bench.median_ms_after(lambda: held.__setitem__(slice(None), [ctx.load("one")]),
+                                                          lambda: ctx.save("one", one), 50) \
+            / bench.memcpy_ms(MiB, 50)
     return out
 
 

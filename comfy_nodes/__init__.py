@@ -22,7 +22,9 @@ from . import routes as _routes
 
 NODE_CLASS_MAPPINGS = {**_PORT_NODES, **_INTERNAL_NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {**_PORT_NAMES, **_INTERNAL_NAMES}
+# The editor's Discomfort panel (a sidebar tab): plain JS, served by ComfyUI under /extensions/.
+WEB_DIRECTORY = "./web"
 
 _routes.register()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -48,6 +48,44 @@ print('fresh venv: native backend, round trip ok')
 ")
 rm -rf "$FRESH"
 
+step "the suite without ComfyUI on the oldest and newest supported Python (3.10, 3.13): numpy, no torch"
+# torch is at hand offline for 3.11 only: here the wheel is built and installed with numpy (and
+# pyarrow, matplotlib, requests) but no torch; tests that need torch skip with the reason
+# (.ci/pytest_notorch.py) and are counted. A Python this machine lacks is said and skipped.
+# DISCOMFORT_PY310 / DISCOMFORT_PY313 name the interpreters (default: pyenv's, else python3.X).
+for v in 3.10 3.13; do
+    var="DISCOMFORT_PY${v/./}"
+    PYV=${!var:-}
+    if [ -z "$PYV" ]; then
+        PYV=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python3 2>/dev/null | sort -V | tail -n 1 || true)
+        [ -n "$PYV" ] || PYV=$(command -v "python$v" || true)
+    fi
+    if [ -z "$PYV" ] || ! "$PYV" -c 'import sys' 2>/dev/null; then
+        echo "Python $v: not on this machine (set $var=/path/to/python$v); skipped"
+        continue
+    fi
+    OLD=$(mktemp -d)
+    VPY="$OLD/venv/bin/python"
+    VPIP=("$VPY" -m pip --disable-pip-version-check -q)
+    timeout 120 "$PYV" -m venv "$OLD/venv"
+    timeout 300 "${VPIP[@]}" install -U pip
+    timeout 600 "${VPIP[@]}" install -c "$CONSTRAINTS" numpy cloudpickle tqdm pytest pytest-timeout requests \
+        matplotlib "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake
+    timeout 300 "${VPIP[@]}" install -c "$CONSTRAINTS" --only-binary=:all: pyarrow \
+        || echo "Python $v: no pyarrow wheel; its tests skip"
+    timeout 900 "$VPY" -m pip wheel --no-build-isolation --no-deps -q -w "$OLD/dist" "$ROOT"
+    timeout 300 "${VPIP[@]}" install "$OLD"/dist/discomfort-*.whl
+    set +e
+    (cd "$ROOT/tests" && DISCOMFORT_REQUIRE_NATIVE=1 PYTHONPATH="$ROOT/.ci" timeout 900 "$VPY" -m pytest \
+        -p no:cacheprovider -p pytest_notorch --timeout 300 -q -rs --ignore=comfy . | tee "$OLD/pytest.log")
+    rc=${PIPESTATUS[0]}
+    set -e
+    echo "Python $v: $(grep -E "^SKIPPED \[[0-9]+\].*(needs torch|import 'torch')" "$OLD/pytest.log" \
+        | sed -E 's/^SKIPPED \[([0-9]+)\].*/\1/' | awk '{s += $1} END {print s + 0}') test(s) skipped for torch"
+    rm -rf "$OLD"
+    [ "$rc" -eq 0 ] || { echo "Python $v: the suite failed"; exit "$rc"; }
+done
+
 step "ComfyUI for the node tests"
 COMFY=$(timeout 1200 "$VENV/bin/python" "$ROOT/scripts/setup_comfyui.py" --python "$VENV/bin/python" | tail -n 1)
 export DISCOMFORT_COMFYUI=$COMFY

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
+
 from discomfort import doctor
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="the benchmark needs torch, not installed for this Python")
 
 MiB = 1 << 20
 
 
+@needs_torch
 def test_bench_quick_writes_a_table_and_json(tmp_path):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "discomfort.cli", "bench", "--quick", "--rounds", "3",
@@ -29,6 +36,7 @@ def test_bench_quick_writes_a_table_and_json(tmp_path):
 
 
 def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the plot extra)")
     from discomfort import bench
 
     rows = [bench.Row("1 MiB", MiB, "memcpy (reference)", "-", 0.1, 10.0, 1.0, False),

@@ -4,6 +4,9 @@
 #include "fork.hpp"
 
 #include <pthread.h>
+#include <unistd.h>
+
+#include <atomic>
 
 #include <mutex>
 #include <set>
@@ -24,10 +27,13 @@ std::set<Store*>& registry() {
     return *live;
 }
 
+std::atomic<int> g_pid{0};
+
 // Held across fork() so that the child's copy of the registry is consistent.
 void before_fork() { registry_mutex().lock(); }
 void after_fork_in_parent() { registry_mutex().unlock(); }
 void after_fork_in_child() {
+    g_pid.store(int(::getpid()), std::memory_order_relaxed);
     forget_stores_after_fork();
     registry_mutex().unlock();
 }
@@ -38,9 +44,17 @@ void forget_stores_after_fork() noexcept {
     for (Store* store : registry()) store->forget_after_fork();
 }
 
+int current_pid() noexcept {
+    int pid = g_pid.load(std::memory_order_relaxed);
+    return pid ? pid : int(::getpid());
+}
+
 void track_store(Store* store, bool live) {
     static std::once_flag installed;
-    std::call_once(installed, [] { pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); });
+    std::call_once(installed, [] {
+        g_pid.store(int(::getpid()), std::memory_order_relaxed);
+        pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
+    });
     std::lock_guard<std::mutex> lk(registry_mutex());
     if (live) {
         registry().insert(store);

@@ -174,7 +174,12 @@ void write_extent_head(uint8_t* dst, const ExtentPlan& plan, const void* meta, u
 }
 
 ExtentDir parse_extent(const uint8_t* data, uint64_t available, uint64_t length, const std::string& where) {
-    auto bad = [&](const std::string& why) { return StoreError(ErrorCode::Corrupted, where + ": " + why); };
+    return parse_extent(data, available, length, [&] { return where; });
+}
+
+ExtentDir parse_extent(const uint8_t* data, uint64_t available, uint64_t length,
+                       const std::function<std::string()>& where) {
+    auto bad = [&](const std::string& why) { return StoreError(ErrorCode::Corrupted, where() + ": " + why); };
     if (length < sizeof(ExtentHead) || available < sizeof(ExtentHead))
         throw bad("extent of " + std::to_string(length) + " bytes is too short");
     ExtentHead head;

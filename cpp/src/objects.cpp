@@ -19,6 +19,9 @@ const char* tier_name(Tier tier) { return tier == Tier::Ram ? "ram" : "disk"; }
 
 namespace {
 
+// RAM puts up to this size reserve, copy and seal under one hold of the lock (put_small).
+constexpr uint64_t kFusedPutBytes = 1ull << 20;
+
 StoreError unknown_key(const std::string& key, const std::string& run_id) {
     return StoreError(ErrorCode::UnknownKey, "no object " + quoted(key) + " in run " + quoted(run_id));
 }
@@ -148,8 +151,13 @@ uint64_t Store::seal_reserved(uint32_t index, uint64_t file_id, const std::strin
     Guard guard(*this);
     check_running();
     ObjEntry e = own_reserved(index, file_id);
+    return seal_locked(index, key, e.hash);
+}
+
+// Under the lock: the reserved entry becomes the key's visible version.
+uint64_t Store::seal_locked(uint32_t index, const std::string& key, uint64_t hash) {
     Update update(*this);
-    for (uint32_t i : probe_path(key, e.hash))
+    for (uint32_t i : probe_path(key, hash))
         if (i != index && entry_state(i) == kSealed) tombstone(i);
     uint64_t version = header()->next_version++;
     entry_at(index)->version = version;
@@ -166,10 +174,53 @@ void Store::abort_reserved(uint32_t index, uint64_t file_id) {
     tombstone(index);
 }
 
+// A put that reserves, copies and seals under one hold of the lock: for RAM objects up to
+// kFusedPutBytes, where the two lock round trips (four fcntl calls) of reserve + seal cost more
+// than the copy keeps other processes waiting. Same states and updates as reserve() and seal():
+// RESERVED while the bytes go in, so a death during the copy is reclaimed like any reservation.
+// nullopt: no room in the RAM chunks as they are (the caller takes the general path).
+std::optional<uint64_t> Store::put_small(const std::string& key, const void* meta, uint64_t meta_len,
+                                         const std::vector<Source>& buffers, const ExtentPlan& plan) {
+    const uint64_t length = plan.length;
+    const uint64_t hash = fnv1a64(key.data(), key.size());
+    Guard guard(*this);
+    check_running();
+    auto place = first_fit(length);
+    if (!place && reclaim_dead()) place = first_fit(length);
+    if (!place) return std::nullopt;
+    const bool replacing = find_sealed(key).has_value();
+    std::shared_ptr<Mapping> chunk_mapping = chunk_map(place->first);
+    uint32_t index;
+    {
+        Update update(*this);
+        const uint64_t file_id = header()->next_version++;
+        index = insert(key, hash, kTierRam, file_id, place->first, place->second, length, replacing);
+    }
+    uint8_t* base = chunk_mapping->data() + place->second;
+    try {
+        write_extent_head(base, plan, meta, meta_len);
+    } catch (...) {
+        Update update(*this);
+        tombstone(index);
+        throw;
+    }
+    for (size_t i = 0; i < buffers.size(); ++i)
+        if (buffers[i].size) std::memcpy(base + plan.buffers[i].offset, buffers[i].data, buffers[i].size);
+    return seal_locked(index, key, hash);
+}
+
 uint64_t Store::put(const std::string& key, const void* meta, uint64_t meta_len, const std::vector<Source>& buffers) {
     std::vector<uint64_t> sizes;
     sizes.reserve(buffers.size());
     for (const Source& b : buffers) sizes.push_back(b.size);
+    if (!killpoints_armed()) {
+        check_usable();
+        check_key(key);
+        ExtentPlan plan = plan_extent(meta_len, sizes);
+        if (plan.length <= kFusedPutBytes) {
+            if (auto version = put_small(key, meta, meta_len, buffers, plan)) return *version;
+        }
+    }
     std::unique_ptr<Reservation> res = reserve(key, meta, meta_len, sizes);
     uint8_t* base = res->region()->data;
     for (size_t i = 0; i < buffers.size(); ++i)
@@ -182,7 +233,6 @@ uint64_t Store::put(const std::string& key, const void* meta, uint64_t meta_len,
 Object Store::get(const std::string& key) {
     check_usable();
     check_key(key);
-    const std::string where = object_where(key);
     Object out;
     ObjEntry e;
     PinRef pin;                 // declared before the guard: released after it on any exit
@@ -214,17 +264,19 @@ Object Store::get(const std::string& key) {
         out.zero_copy = true;
     } else if (disk_fd.valid()) {
         struct stat st;
-        if (::fstat(disk_fd.get(), &st) != 0) throw_system("fstat of " + where, errno);
-        if (uint64_t(st.st_size) < e.length) throw StoreError(ErrorCode::Corrupted, where + ": disk file truncated");
+        if (::fstat(disk_fd.get(), &st) != 0) throw_system("fstat of " + object_where(key), errno);
+        if (uint64_t(st.st_size) < e.length)
+            throw StoreError(ErrorCode::Corrupted, object_where(key) + ": disk file truncated");
         if (e.length < kSmallObjectBytes) {
             out.region = heap_region(e.length);
-            pread_all(disk_fd.get(), out.region->data, e.length, 0, where);
+            pread_all(disk_fd.get(), out.region->data, e.length, 0, object_where(key));
         } else {
             out.region = mapped_region(Mapping(disk_fd.get(), e.length, MAP_PRIVATE, 0), PinRef());
             out.zero_copy = true;
         }
     }
-    ExtentDir dir = parse_extent(out.region->data, out.region->size, e.length, where);
+    ExtentDir dir = parse_extent(out.region->data, out.region->size, e.length,
+                                 std::function<std::string()>([&] { return object_where(key); }));
     out.meta.assign(reinterpret_cast<const char*>(out.region->data + dir.meta_off), dir.meta_len);
     out.buffers = std::move(dir.buffers);
     return out;

@@ -296,7 +296,7 @@ void Store::claim_slot() {
     throw StoreError(ErrorCode::StoreFull, "run " + quoted(run_id_) + ": all 128 process slots are in use");
 }
 
-bool Store::forked() const { return ::getpid() != pid_; }
+bool Store::forked() const { return current_pid() != pid_; }
 
 bool Store::run_ended() const {
     return !released_ && (__atomic_load_n(&header()->flags, __ATOMIC_ACQUIRE) & kFlagFinished);

@@ -335,6 +335,11 @@ uint64_t realtime_ns() {
     return uint64_t(ts.tv_sec) * 1000000000ull + uint64_t(ts.tv_nsec);
 }
 
+bool killpoints_armed() {
+    static const bool armed = std::getenv("DISCOMFORT_TEST_KILLPOINT") != nullptr;
+    return armed;
+}
+
 void killpoint(const char* name) {
     const char* want = std::getenv("DISCOMFORT_TEST_KILLPOINT");
     if (!want || std::strcmp(want, name) != 0) return;

@@ -1,20 +1,89 @@
-"""The `discomfort` command: bench, doctor, run."""
+"""The `discomfort` command: bench, doctor, run, convert, install-comfyui.
+
+Errors are one line on stderr (``discomfort COMMAND: error: ...``, with what to do) and a
+non-zero exit: 2 for a wrong command line, 1 for anything else, 130 for Ctrl-C.
+``DISCOMFORT_DEBUG=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+from typing import NoReturn
+
+from .cli_common import CommandError, check_output_path, one_line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a wrong command line is one line (plus where to look), not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+_SIZE_ARG = re.compile(r"^\s*(\d+)\s*mib\s*$", re.IGNORECASE)
+
+
+def bench_sizes(values: list[str]) -> tuple[str, ...]:
+    """``["12 MiB", "192MiB"]`` or ``["1MiB,12MiB"]`` (as DISCOMFORT_BENCH_SIZES) -> bench.SIZES keys."""
+    from . import bench
+
+    out: list[str] = []
+    for value in values:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            m = _SIZE_ARG.match(part)
+            name = f"{int(m.group(1))} MiB" if m else part
+            if name not in bench.SIZES:
+                raise CommandError(f"--sizes {part!r}: choose from {', '.join(bench.SIZES)} "
+                                   "(written '12 MiB' or '12MiB')")
+            if name not in out:
+                out.append(name)
+    return tuple(out)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from . import _backend, bench
 
-    backends = [args.backend] if args.backend else _backend.available()
-    sizes = bench.QUICK_SIZES[:2] if args.quick else tuple(args.sizes or bench.QUICK_SIZES)
-    rounds = 3 if args.quick else args.rounds
-    with tqdm(total=None, desc="bench", unit="step", disable=args.no_progress, file=sys.stderr) as bar:
+    available = _backend.available()
+    if args.backend and args.backend not in available:
+        raise CommandError(f"--backend {args.backend}: not available here (available: {', '.join(available)}); "
+                           "see `discomfort doctor`")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CommandError(f'--plot needs matplotlib: pip install "discomfort[plot]" (or leave out --plot)') \
+                from None
+        check_output_path("--plot", args.plot)
+    if args.json:
+        check_output_path("--json", args.json)
+    backends = [args.backend] if args.backend else available
+    if args.sizes:
+        sizes = bench_sizes(args.sizes)
+    else:
+        sizes = bench.QUICK_SIZES[:2] if args.quick else bench.QUICK_SIZES
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
+    try:
+        import torch  # noqa: F401  (the benchmark's values are torch tensors)
+    except ImportError:
+        raise CommandError('the benchmark needs torch: pip install "discomfort[torch]"') from None
+
+    from tqdm import tqdm
+
+    disable = args.no_progress or not sys.stderr.isatty()  # no bar in logs
+    with tqdm(total=None, desc="bench", unit="step", disable=disable, file=sys.stderr) as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update(1)
@@ -36,25 +105,31 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     report = doctor.collect(disk_root=args.disk_dir)
     print(doctor.format_report(report))
-    return 0
+    for problem in report.get("problems", []):
+        print(f"discomfort doctor: {problem}", file=sys.stderr)
+    return 1 if report.get("problems") else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="discomfort", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="discomfort", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("bench", help="measure save/load against memcpy and the legacy path")
-    p.add_argument("--quick", action="store_true", help="small sizes, RAM tier only (under ~20 s)")
-    p.add_argument("--sizes", nargs="+", choices=["1 MiB", "12 MiB", "192 MiB", "512 MiB"], metavar="SIZE",
-                   help='sizes to run, e.g. --sizes "12 MiB" "512 MiB"')
-    p.add_argument("--rounds", type=int, default=7, help="rounds per measurement (median reported)")
+    p.add_argument("--quick", action="store_true",
+                   help="RAM tier only, 1 and 12 MiB unless --sizes, 3 rounds unless --rounds (under ~20 s)")
+    p.add_argument("--sizes", nargs="+", metavar="SIZE",
+                   help='sizes to run: 1, 12, 192 or 512 MiB, e.g. --sizes "12 MiB" 512MiB (or 1MiB,12MiB)')
+    p.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
+                   help="rounds per measurement, median reported (default 7; 3 with --quick)")
     p.add_argument("--backend", choices=["native", "python"], help="only this backend (default: every one)")
     p.add_argument("--json", metavar="FILE", help="write the raw numbers as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the ratios (needs matplotlib)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none anyway when stderr is "
+                   "not a terminal)")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("doctor", help="what this machine offers a run, and advice")
+    p = sub.add_parser("doctor", help="what this machine offers a run, checked by a tiny run; exit 1 on a problem")
     p.add_argument("--disk-dir", default=None, help="disk root to check (default: the one runs use)")
     p.set_defaults(func=_cmd_doctor)
 
@@ -66,8 +141,26 @@ def main(argv: list[str] | None = None) -> int:
 
     add_convert_parser(sub)
 
+    from .cli_install import add_install_parser
+
+    add_install_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    name = f"discomfort {args.command}"
+    if os.environ.get("DISCOMFORT_DEBUG"):
+        return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as exc:
+        print(f"{name}: interrupted{': ' + one_line(exc) if str(exc) else ''}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the command line shows one line, never a traceback
+        print(f"{name}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

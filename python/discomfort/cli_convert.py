@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_common import read_json_file
 from .errors import UnsupportedWorkflowError
 
 
@@ -22,12 +23,26 @@ def add_convert_parser(sub) -> None:
 
 def _object_info(args: argparse.Namespace) -> dict:
     if args.object_info:
-        return json.loads(Path(args.object_info).read_text(encoding="utf-8"))
+        info = read_json_file(args.object_info, "--object-info file")
+        if not isinstance(info, dict):
+            raise ValueError(f"--object-info file {args.object_info} is not an /object_info answer (a JSON object)")
+        return info
     import requests
 
-    response = requests.get(args.server.rstrip("/") + "/object_info", timeout=60)
-    response.raise_for_status()
-    return response.json()
+    url = args.server.rstrip("/")
+    try:
+        response = requests.get(url + "/object_info", timeout=60)
+    except requests.ConnectionError:
+        raise ConnectionError(f"nothing answers at {url}: is ComfyUI running there? Start it, or give its "
+                              "address with --server URL (or a saved /object_info with --object-info FILE)") from None
+    except requests.Timeout:
+        raise TimeoutError(f"the ComfyUI server at {url} did not answer /object_info in 60 s") from None
+    if response.status_code != 200:
+        raise ConnectionError(f"GET {url}/object_info answered HTTP {response.status_code}: is that a ComfyUI server?")
+    try:
+        return response.json()
+    except ValueError:
+        raise ValueError(f"GET {url}/object_info did not answer JSON: is that a ComfyUI server?") from None
 
 
 def convert_command(args: argparse.Namespace) -> int:
@@ -35,12 +50,21 @@ def convert_command(args: argparse.Namespace) -> int:
     from .workflow_format import load_workflow
 
     try:
-        prompt = load_workflow(args.workflow, _object_info(args))
+        workflow = read_json_file(args.workflow, "workflow file")
+        if not isinstance(workflow, dict):
+            raise ValueError(f"workflow file {args.workflow} holds no workflow (a JSON object)")
+        if args.output:
+            from .cli_common import check_output_path
+
+            check_output_path("-o", args.output)
+        prompt = load_workflow(workflow, _object_info(args))
     except (UnsupportedWorkflowError, ValueError, OSError) as e:
         print(f"discomfort convert: {e}".splitlines()[0], file=sys.stderr)
         return 1
-    except Exception as e:  # the server did not answer
-        print(f"discomfort convert: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        from .cli_common import one_line
+
+        print(f"discomfort convert: {one_line(e)}", file=sys.stderr)
         return 1
     text = json.dumps(prompt, indent=1, ensure_ascii=False) + "\n"
     if args.output:

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from .cli_common import check_output_path, read_json_file
+
 __all__ = ["add_run_parser", "run_command", "load_input", "parse_input_spec", "write_output",
            "write_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
 
@@ -309,6 +311,11 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     bar.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
                      help="show the progress bar even when stderr is not a terminal")
     bar.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show in-process ComfyUI's own log (start-up and nodes) on stderr")
+    p.add_argument("--log", metavar="FILE", default=None,
+                   help="write in-process ComfyUI's own log to FILE (default: kept out of the terminal, "
+                        "and named when the run fails)")
     p.set_defaults(func=run_command)
     return p
 
@@ -318,29 +325,140 @@ def _executor(args: argparse.Namespace) -> Any:
         from .comfy import ComfyServer
 
         return ComfyServer(args.server)
-    if args.comfyui:
+    path = args.comfyui or os.environ.get("DISCOMFORT_COMFYUI")
+    if path:
+        if not Path(path).expanduser().is_dir():
+            where = "--comfyui" if args.comfyui else "DISCOMFORT_COMFYUI="
+            raise ValueError(f"{where}{'' if where.endswith('=') else ' '}{path}: no such folder; give the "
+                             "ComfyUI folder (the one with main.py)")
         from .comfy import InProcessComfy
 
-        return InProcessComfy(args.comfyui)
-    if os.environ.get("DISCOMFORT_COMFYUI"):
-        return None  # run_sequential takes it from there
+        return InProcessComfy(path)
     raise ValueError("give --server URL (a running ComfyUI) or --comfyui PATH (ComfyUI in this process), "
                      "or set DISCOMFORT_COMFYUI")
 
 
-def run_command(args: argparse.Namespace) -> int:
-    from .errors import DiscomfortError
+class _ComfyLog:
+    """In-process ComfyUI logs through the root logger (and prints a little): keep that out of
+    the terminal unless asked (``--verbose``), in ``--log FILE`` or a temporary file that is named
+    when the run fails and removed when it succeeds."""
 
-    from .errors import RunInterrupted
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.active = not args.server and not args.verbose
+        self.verbose = args.verbose and not args.server
+        self.path: str | None = args.log
+        self.keep = args.log is not None
+        self.handler: Any = None
+        self.saved: Any = None
 
+    def __enter__(self) -> "_ComfyLog":
+        import logging
+
+        root = logging.getLogger()
+        if self.verbose:
+            if not root.handlers:
+                logging.basicConfig(level=logging.INFO, format="%(message)s")
+            return self
+        if not self.active:
+            return self
+        if self.path is None:
+            import tempfile
+
+            fd, self.path = tempfile.mkstemp(prefix="discomfort-comfyui-", suffix=".log")
+            os.close(fd)
+        self.handler = logging.FileHandler(self.path, mode="w", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.saved = (list(root.handlers), root.level)
+        for h in self.saved[0]:
+            root.removeHandler(h)
+        root.addHandler(self.handler)
+        root.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import logging
+
+        if self.handler is None:
+            return
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        self.handler.close()
+        for h in self.saved[0]:
+            root.addHandler(h)
+        root.setLevel(self.saved[1])
+
+    def finish(self, ok: bool) -> str | None:
+        """The line naming the log, or None (the temporary log of a run that succeeded is removed)."""
+        if not self.active or self.path is None:
+            return None
+        if ok and not self.keep:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            return None
+        if not os.path.exists(self.path) or (not ok and os.path.getsize(self.path) == 0):
+            return None
+        return f"ComfyUI's log: {self.path}"
+
+
+def _connection_failure(exc: BaseException, url: str | None) -> str | None:
+    """A one-line reason when ``exc`` (or what caused it) is a connection that nothing answered."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
     try:
-        return _run(args)
+        import requests
+
+        refused: tuple[type, ...] = (requests.exceptions.ConnectionError, ConnectionRefusedError)
+        timeouts: tuple[type, ...] = (requests.exceptions.Timeout,)
+    except ImportError:
+        refused, timeouts = (ConnectionRefusedError,), ()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if timeouts and isinstance(cur, timeouts) or isinstance(cur, TimeoutError) and url:
+            return (f"the ComfyUI server at {url} did not answer in time: is it running and reachable? "
+                    "(check the address given with --server)")
+        if isinstance(cur, refused):
+            return (f"nothing answers at {url}: is ComfyUI running there? Start it (python main.py) or give "
+                    "its address with --server URL; --transport shm|http chooses how values travel")
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _cli_wording(text: str) -> str:
+    """Library advice in Python syntax, as the command line's options."""
+    return (text.replace("Pass transport='shm' or 'http'", "Pass --transport shm or --transport http")
+            .replace("transport='shm' or 'http'", "--transport shm or --transport http")
+            .replace("Use transport='http' (or 'auto')", "Use --transport http (or auto)")
+            .replace("transport='http'", "--transport http").replace("transport='shm'", "--transport shm")
+            .replace("pass it in inputs=", "give it with --input KEY=FILE"))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from .errors import DiscomfortError, RunInterrupted
+
+    log = _ComfyLog(args)
+    ok = False
+    try:
+        with log:
+            rc = _run(args)
+        ok = rc == 0
+        return rc
     except RunInterrupted as exc:
         print(f"discomfort run: {exc}", file=sys.stderr)
         return 130
-    except (DiscomfortError, OSError, ValueError, ImportError) as exc:
-        print(f"discomfort run: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("discomfort run: interrupted", file=sys.stderr)
+        return 130
+    except (DiscomfortError, OSError, ValueError, ImportError, TimeoutError) as exc:
+        reason = _connection_failure(exc, args.server) if args.server else None
+        text = reason or _cli_wording(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        print(f"discomfort run: error: {text}", file=sys.stderr)
         return 1
+    finally:
+        line = log.finish(ok)
+        if line:
+            print(line, file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -352,6 +470,9 @@ def _run(args: argparse.Namespace) -> int:
     for w in args.workflows:
         if not Path(w).is_file():
             raise FileNotFoundError(f"workflow file {w} does not exist")
+        read_json_file(w, "workflow file")
+    if args.log:
+        check_output_path("--log", args.log)
     inputs: dict[str, Any] = {}
     for spec in args.input:
         key, path = parse_input_spec(spec)
@@ -378,5 +499,5 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="discomfort")
     add_run_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(["run", *(list(argv) if argv is not None else sys.argv[1:])])
     return args.func(args)

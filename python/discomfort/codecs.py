@@ -25,7 +25,7 @@ import cloudpickle
 
 from .errors import SerializationError
 
-__all__ = ["encode", "decode", "choose_pass_by"]
+__all__ = ["encode", "encode_fast", "decode", "choose_pass_by"]
 
 PROTOCOL = 5
 
@@ -49,6 +49,97 @@ def encode(obj: Any) -> tuple[bytes, list[memoryview]]:
     except Exception as exc:  # pickling fails with many types: TypeError, PicklingError, ...
         raise SerializationError(f"cannot serialize a value of type {_type_name(obj)}: {exc}") from exc
     return out.getvalue(), buffers
+
+
+# ----------------------------------------------------------------------------- fast paths
+#
+# The values a workflow passes most (a bare CPU tensor, an int, a string) skip cloudpickle: its
+# Pickler costs ~20 us to build and run, more than the store's whole put of a small value. What
+# they produce is what `encode` would (a pickle calling `_rebuild_tensor` with the tensor's bytes
+# out of band; a plain pickle of the atom), so every decoder reads them alike.
+
+# Exact types whose plain pickle equals cloudpickle's (bytearray is not here: with a buffer
+# callback it travels out of band).
+_PICKLE_ATOMS = frozenset({int, float, str, bool, type(None), bytes, complex})
+_CACHE_MAX = 1024  # distinct (dtype, shape, requires_grad) metas kept per process
+
+
+class _TensorStub:
+    """Pickles as the call `_rebuild_tensor(buffer, dtype, shape, requires_grad, "cpu")`."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple):
+        self.args = args
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_tensor, self.args
+
+
+_tensor_metas: dict[tuple, bytes] = {}  # (dtype, shape, requires_grad) -> meta
+_tensor_specs: dict[bytes, tuple] = {}  # meta -> (numpy dtype or None, dtype, shape, requires_grad)
+_numpy_dtypes: dict[Any, Any] = {}  # torch dtype -> numpy dtype, for those numpy has
+
+
+def encode_fast(obj: Any) -> tuple[bytes, list[memoryview]] | None:
+    """`encode(obj)` for a bare CPU tensor or a plain atom, in a few microseconds; None for any
+    other value (use `encode`)."""
+    cls = type(obj)
+    if cls in _PICKLE_ATOMS:
+        return pickle.dumps(obj, PROTOCOL), []
+    torch = sys.modules.get("torch")
+    if torch is not None and cls is torch.Tensor:
+        return _encode_plain_tensor(torch, obj)
+    return None
+
+
+def _encode_plain_tensor(torch: Any, t: Any) -> tuple[bytes, list[memoryview]] | None:
+    if not t.is_contiguous():
+        return None
+    requires_grad = t.requires_grad
+    data = t.detach() if requires_grad else t
+    dtype = t.dtype
+    try:
+        if dtype in _numpy_dtypes:
+            # numpy() refuses what has no plain CPU bytes: other devices, sparse, nested,
+            # quantized, conjugate or negative bits. Those take the general path.
+            array = data.numpy()
+        else:
+            if t.is_neg() or t.is_conj() or t.is_quantized or not _note_numpy_dtype(torch, dtype):
+                return None
+            array = data.reshape(-1).view(torch.uint8).numpy()
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    key = (dtype, t.shape, requires_grad)
+    meta = _tensor_metas.get(key)
+    if meta is None:
+        meta = _tensor_meta(dtype, tuple(t.shape), requires_grad)
+        if len(_tensor_metas) >= _CACHE_MAX:
+            _tensor_metas.clear()
+        _tensor_metas[key] = meta
+    return meta, [pickle.PickleBuffer(array).raw()]
+
+
+def _note_numpy_dtype(torch: Any, dtype: Any) -> bool:
+    """Learn whether numpy holds `dtype` (True: it does not, or it does now); False: not a
+    dense dtype at all."""
+    if dtype.is_complex or dtype.is_floating_point or dtype in (torch.bool, torch.uint8, torch.int8,
+                                                                torch.int16, torch.int32, torch.int64):
+        try:
+            _numpy_dtypes[dtype] = torch.empty(0, dtype=dtype).numpy().dtype
+        except (RuntimeError, TypeError):
+            pass  # bfloat16, float8, ...: sent as bytes
+        return True
+    try:
+        torch.empty(0, dtype=dtype).view(torch.uint8)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _tensor_meta(dtype: Any, shape: tuple, requires_grad: bool) -> bytes:
+    args = (pickle.PickleBuffer(bytearray()), dtype, shape, requires_grad, "cpu")
+    return pickle.dumps(_TensorStub(args), protocol=PROTOCOL, buffer_callback=lambda _b: False)
 
 
 def _raw(pb: pickle.PickleBuffer) -> memoryview:
@@ -154,9 +245,7 @@ def _rebuild_tensor(buf: Any, dtype: Any, shape: tuple, requires_grad: bool, dev
     else:
         if view.readonly:  # torch has no read-only tensors: writing would fault, so copy
             view = memoryview(bytearray(view))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(view, dtype=torch.uint8)
+        t = torch.frombuffer(view, dtype=torch.uint8)  # writable: torch does not warn
         t = t.view(dtype).view(shape)
     if device != "cpu":
         t = t.to(device)
@@ -206,7 +295,61 @@ def _rebuild_arrow(buf: Any, kind: str) -> Any:
 
 def decode(meta: bytes, buffers: list) -> Any:
     """Rebuild a value from `encode`'s output; arrays and tensors become views over `buffers`."""
-    return pickle.loads(meta, buffers=buffers)
+    spec = _tensor_specs.get(meta) if len(buffers) == 1 and type(meta) is bytes else None
+    if spec is None:
+        if (len(buffers) != 1 or type(meta) is not bytes or len(meta) > 512
+                or meta[11:11 + len(_TENSOR_CALL)] != _TENSOR_CALL):
+            return pickle.loads(meta, buffers=buffers)
+        spec = _learn_tensor_meta(meta)
+        if spec is None:
+            return pickle.loads(meta, buffers=buffers)
+    np_dtype, dtype, shape, requires_grad = spec
+    buf = buffers[0]
+    if np_dtype is None or type(buf) is not memoryview or buf.readonly:
+        return _rebuild_tensor(buf, dtype, shape, requires_grad, "cpu")
+    np = sys.modules["numpy"]
+    t = sys.modules["torch"].from_numpy(np.frombuffer(buf, np_dtype).reshape(shape))
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+# What a tensor's pickle starts with after PROTO and FRAME: the global `_rebuild_tensor`.
+_TENSOR_CALL = pickle.dumps(_TensorStub((None,)), protocol=PROTOCOL)[11:][:48].split(b"\x93", 1)[0] + b"\x93"
+
+
+class _SpecUnpickler(pickle.Unpickler):
+    """Reads a tensor's pickle for its arguments, without a buffer and without building it."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == "_rebuild_tensor":
+            return _tensor_args
+        return super().find_class(module, name)
+
+
+def _tensor_args(*args: Any) -> tuple:
+    return args
+
+
+def _learn_tensor_meta(meta: bytes) -> tuple | None:
+    """The decode spec of a CPU tensor's meta (kept for the next decode), or None."""
+    torch = sys.modules.get("torch")
+    if torch is None or "numpy" not in sys.modules:
+        return None
+    try:
+        args = _SpecUnpickler(io.BytesIO(meta), buffers=[None]).load()
+    except Exception:  # noqa: BLE001 - not of the shape: the general path decides
+        return None
+    if not isinstance(args, tuple) or len(args) != 5 or args[4] != "cpu" or not isinstance(args[1], torch.dtype):
+        return None
+    dtype = args[1]
+    if dtype not in _numpy_dtypes:
+        _note_numpy_dtype(torch, dtype)
+    spec = (_numpy_dtypes.get(dtype), dtype, tuple(args[2]), bool(args[3]))
+    if len(_tensor_specs) >= _CACHE_MAX:
+        _tensor_specs.clear()
+    _tensor_specs[bytes(meta)] = spec
+    return spec
 
 
 # -------------------------------------------------------------------------------------- pass_by

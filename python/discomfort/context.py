@@ -39,6 +39,7 @@ _TAG_VALUE = b"V"  # a pickle this user's own process wrote
 _TAG_REF = b"R"  # a JSON marker of an object kept in the saving process
 _TAG_DATA = b"D"  # a datacodec description that crossed a trust boundary: never unpickled
 _TAG_PROMPTS = b"P"  # the run's registered prompt digests (JSON)
+_KINDS = {_TAG_REF: "ref", _TAG_DATA: "data"}  # load_encoded's kind by tag; any other: "val"
 
 #: The digests of the prompts the run's orchestrator queued and that are running now.
 _PROMPTS_KEY = "\x1fdiscomfort.prompts"
@@ -119,7 +120,11 @@ class WorkflowContext(RunBase):
     def save(self, unique_id: str, data: Any, pass_by: PassBy = "auto") -> int:
         """Store `data` under `unique_id`; returns its version (store-wide, never repeated)."""
         store = self._check()
-        encoded = codecs.encode_or_ref(data, pass_by, f"{unique_id!r} in run {self.run_id!r}")
+        # A bare tensor or an atom is a value whatever `pass_by` says but "ref": the fast encoder
+        # spares them classification and cloudpickle.
+        encoded = codecs.encode_fast(data) if pass_by == "auto" or pass_by == "val" else None
+        if encoded is None:
+            encoded = codecs.encode_or_ref(data, pass_by, f"{unique_id!r} in run {self.run_id!r}")
         if encoded is not None:
             version = store.put(unique_id, _TAG_VALUE + encoded[0], encoded[1])
             REFERENCES.drop(self.run_id, unique_id)
@@ -145,12 +150,15 @@ class WorkflowContext(RunBase):
         JSON marker naming the type and the process that owns the object.
         """
         meta, views, info = self._check().get(unique_id)
-        kind = {_TAG_REF: "ref", _TAG_DATA: "data"}.get(bytes(meta[:1]), "val")
-        return kind, meta[1:], views, info
+        return _KINDS.get(bytes(meta[:1]), "val"), meta[1:], views, info
 
     def load(self, unique_id: str) -> Any:
         """The value saved under `unique_id`: CPU tensors and arrays are zero-copy views."""
-        kind, meta, views, _ = self.load_encoded(unique_id)
+        meta, views, _info = self._check().get(unique_id)
+        tag = meta[:1]
+        if tag == _TAG_VALUE:  # the common case first
+            return codecs.decode(meta[1:], views)
+        kind, meta = _KINDS.get(bytes(tag), "val"), meta[1:]
         if kind == "ref":
             return REFERENCES.get(self.run_id, unique_id, json.loads(meta))
         if kind == "data":

@@ -1,4 +1,11 @@
-"""`discomfort doctor`: what a run would get on this machine, and plain advice."""
+"""`discomfort doctor`: what a run would get on this machine, plain advice, and a check.
+
+The check does what a run does: it reads the settings (``DISCOMFORT_RAM_BUDGET``,
+``DISCOMFORT_DISK_DIR``, ``DISCOMFORT_TRANSPORT``), checks the disk root's type, owner and mode,
+and creates and removes a tiny run whose RAM budget is too small for one of its two values, so
+that both tiers are written and read back. What fails is in ``report["problems"]``, one line
+each with the fix.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +23,13 @@ GiB = 1 << 30
 
 
 def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminfo: str = "/proc/meminfo",
-            cgroup_root: str = "/sys/fs/cgroup") -> dict[str, Any]:
+            cgroup_root: str = "/sys/fs/cgroup", check: bool = True) -> dict[str, Any]:
+    """What a run would get here; ``check``: also create and remove a tiny run (both tiers)."""
     backend = _backend.name()
     core_version = _backend.module().__version__ if backend == "native" else None
     if MODE == "unsupported":  # nothing local to look at
         return {"version": __version__, "backend": backend, "core_version": None,
-                "mode": MODE, "platform": PLATFORM, "shm_dir": None,
+                "mode": MODE, "platform": PLATFORM, "shm_dir": None, "problems": [],
                 "advice": ["No local store on this system: run discomfort under WSL2, or reach a ComfyUI "
                            "server on Linux with the HTTP transport (discomfort.remote.RemoteContext)."]}
     mem = read_meminfo(meminfo)
@@ -31,9 +39,49 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
         shm_size, shm_free = sysinfo.shm_space(shm_dir)
     except OSError:
         shm_size = shm_free = None
-    root = sysinfo.disk_root(disk_root)
-    disk = shutil.disk_usage(root)
+    problems: list[str] = []
+    notes: list[str] = []
+    budget_env = os.environ.get("DISCOMFORT_RAM_BUDGET")
+    if budget_env:
+        try:
+            sysinfo.parse_size(budget_env)
+        except ValueError:
+            problems.append(f"DISCOMFORT_RAM_BUDGET={budget_env!r} is not a size, so every run fails; "
+                            "set it to bytes or a K/M/G/T size (e.g. DISCOMFORT_RAM_BUDGET=8G) or unset it")
+    transport = os.environ.get("DISCOMFORT_TRANSPORT")
+    if transport and transport.strip().lower() not in ("auto", "shm", "http"):
+        problems.append(f"DISCOMFORT_TRANSPORT={transport!r} is not a transport, so runs on a server fail; "
+                        "set it to auto, shm or http, or unset it")
+    where = "--disk-dir" if disk_root is not None else (
+        "DISCOMFORT_DISK_DIR" if os.environ.get("DISCOMFORT_DISK_DIR") else "the default disk root")
+    try:
+        root = sysinfo.disk_root(disk_root)
+    except OSError as exc:
+        root = None
+        problems.append(f"cannot make the default disk root: {exc}")
+    disk_free = None
+    if root is not None:
+        root = os.path.abspath(os.path.expanduser(root))
+        existing = _existing_ancestor(root)
+        if existing != root:
+            if os.path.isdir(existing):
+                notes.append(f"The disk root {root} does not exist yet; a run creates it (mode 0700).")
+            else:
+                problems.append(f"{where} {root} cannot be a folder: {existing} is not a directory; "
+                                "give a directory of your own (mode 0700)")
+        elif not os.path.isdir(root) and not os.path.islink(root):
+            problems.append(f"{where} {root} is not a directory; give a directory of your own (mode 0700)")
+        elif problem := disk_root_problem(root):
+            problems.append(problem)
+        try:
+            disk_free = shutil.disk_usage(existing if os.path.isdir(existing) else os.path.dirname(existing)).free
+        except OSError:
+            disk_free = None
     cg = sysinfo.cgroup_memory(cgroup_root)
+    if check and not problems and root is not None:
+        problem = try_a_run(root)
+        if problem:
+            problems.append(problem)
     return {
         "version": __version__,
         "backend": backend,
@@ -48,16 +96,72 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
         "cgroup_limit": cg.limit,
         "cgroup_usage": cg.usage,
         "disk_root": root,
-        "disk_free": disk.free,
+        "disk_free": disk_free,
         "ram_budget": sysinfo.default_ram_budget(shm_dir, meminfo, cgroup_root) if shm_size else 0,
-        "ram_budget_env": os.environ.get("DISCOMFORT_RAM_BUDGET"),
-        "advice": ([problem] if (problem := disk_root_problem(os.path.abspath(root))) else [])
-        + advice(shm_size, shm_free, mem.get("MemAvailable"), cg.limit, disk.free, mode=MODE),
+        "ram_budget_env": budget_env,
+        "problems": problems,
+        "checked": check and not problems and root is not None,
+        "advice": problems + notes + advice(shm_size, shm_free, mem.get("MemAvailable"), cg.limit, disk_free,
+                                            mode=MODE, problems=bool(problems)),
     }
 
 
+def _existing_ancestor(path: str) -> str:
+    """``path`` itself when it exists (a link counts), else its nearest existing ancestor."""
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def try_a_run(root: str) -> str | None:
+    """Create a run as ``WorkflowContext`` does, with a RAM budget too small for one of its two
+    values, write both tiers, read them back and remove it; folders it had to make for the disk
+    root are removed again. Returns what failed, with the fix, or None."""
+    from .context import WorkflowContext, release_pool
+
+    made = []
+    path = root
+    while not os.path.lexists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    small, big = b"s" * 100, b"b" * (2 * MiB)
+    step = "create a run"
+    try:
+        with WorkflowContext(ram_budget=MiB, disk_dir=root) as ctx:
+            step = "save a value in shared memory"
+            ctx.save("small", small)
+            step = "save a value on the disk tier"
+            ctx.save("big", big)
+            step = "read the values back"
+            tiers = (ctx.info("small")["tier"], ctx.info("big")["tier"])
+            if ctx.load("small") != small or ctx.load("big") != big:
+                return f"a test run in {root} read back other bytes than it saved; please report this"
+            run_dir = os.path.join(root, f"dcf-{ctx.run_id}")
+        if tiers[1] != "disk":
+            return f"a test run with a 1 MiB RAM budget kept a 2 MiB value in {tiers[1]}, not on disk; please report this"
+        if os.path.lexists(run_dir):
+            return f"a test run left its disk folder {run_dir} behind; remove it and report this"
+        return None
+    except Exception as exc:  # noqa: BLE001 - what a run would hit, in one line
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        fix = "" if "DISK_DIR" in text or "disk_dir" in text else \
+            "; set DISCOMFORT_DISK_DIR (or --disk-dir) to a directory of your own (mode 0700)" \
+            if isinstance(exc, OSError) else ""
+        return f"a test run failed to {step} (disk root {root}): {text}{fix}"
+    finally:
+        release_pool()
+        for folder in made:  # innermost first; only if still empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+
 def advice(shm_size: int | None, shm_free: int | None, avail: int | None, cg_limit: int | None,
-           disk_free: int, mode: str = "shm") -> list[str]:
+           disk_free: int | None, mode: str = "shm", problems: bool = False) -> list[str]:
     out = []
     if mode == "portable":
         out.append("Portable mode (no Linux /dev/shm with OFD locks here): the RAM tier is made of files in the "
@@ -74,9 +178,9 @@ def advice(shm_size: int | None, shm_free: int | None, avail: int | None, cg_lim
         out.append(f"Only {_fmt(avail)} of memory available: large values will go to the disk tier.")
     if cg_limit is not None:
         out.append(f"This process runs under a cgroup memory limit of {_fmt(cg_limit)}; the RAM budget respects it.")
-    if disk_free < 4 * GiB:
+    if disk_free is not None and disk_free < 4 * GiB:
         out.append(f"The disk root has {_fmt(disk_free)} free: set DISCOMFORT_DISK_DIR to a larger filesystem.")
-    if not out:
+    if not out and not problems:
         out.append("All good: values stay in shared memory up to the RAM budget.")
     return out
 
@@ -110,6 +214,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"memory         {_fmt(r['mem_available'])} available of {_fmt(r['mem_total'])}",
         f"cgroup limit   {_fmt(r['cgroup_limit']) if r['cgroup_limit'] else 'none'}",
         f"disk root      {r['disk_root']}: {_fmt(r['disk_free'])} free",
+        "test run       " + ("created and removed: both tiers written and read back" if r.get("checked")
+                             else "not tried (fix the problems below first)" if r.get("problems") else "skipped"),
         f"RAM budget     {_fmt(r['ram_budget'])} by default"
         + (f" (DISCOMFORT_RAM_BUDGET={r['ram_budget_env']} overrides it)" if r["ram_budget_env"] else ""),
         "",

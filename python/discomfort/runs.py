@@ -180,13 +180,33 @@ if hasattr(os, "register_at_fork"):  # not on Windows
 def prompt_digest(prompt: Any) -> str:
     """SHA-256 of what an API prompt does (each node's class and inputs, canonical JSON).
 
-    Other fields are left out: ComfyUI adds its own (``is_changed``) while it runs a prompt.
+    Other fields are left out: ComfyUI adds its own (``is_changed``) while it runs a prompt. Values
+    are compared as ComfyUI's validation leaves them: it casts each widget value in place to its
+    input's type (``1`` -> ``1.0`` for a FLOAT, ``5`` -> ``"5"`` for a STRING) and unwraps
+    ``{"__value__": ...}``, so a number, a bool and a string that such casts make equal digest alike.
     """
     if not isinstance(prompt, dict):
         raise TypeError(f"a prompt is an API-format dict, not {type(prompt).__name__}")
-    what = {str(k): [n.get("class_type"), n.get("inputs")] if isinstance(n, dict) else n for k, n in prompt.items()}
+    what = {str(k): [n.get("class_type"), _canonical(n.get("inputs"))] if isinstance(n, dict) else n
+            for k, n in prompt.items()}
     text = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__value__"}:
+            return _canonical(value["__value__"])
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return value if value is None else str(value)
 
 
 # Run-id prefix -> "module:function" (imported on first use) or a callable, giving the context.

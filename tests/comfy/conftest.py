@@ -62,7 +62,9 @@ def server(comfy_path, tmp_path_factory):
     from discomfort.comfy import launch_server
 
     work = tmp_path_factory.mktemp("comfy-server")
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180) as srv:
+    # No API nodes (ComfyUI's default loads them): a faster start, and no test runs one.
+    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180,
+                       api_nodes=False) as srv:
         yield srv
 
 

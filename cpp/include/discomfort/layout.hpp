@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,9 @@ struct ExtentDir {
     std::vector<Span> buffers;
 };
 ExtentDir parse_extent(const uint8_t* data, uint64_t available, uint64_t length, const std::string& where);
+// The same, naming the object only when there is something to report (a read's hot path).
+ExtentDir parse_extent(const uint8_t* data, uint64_t available, uint64_t length,
+                       const std::function<std::string()>& where);
 
 // Whether bytes are well-formed UTF-8 (keys come back to Python as str).
 bool valid_utf8(const void* data, size_t len);

@@ -279,6 +279,9 @@ private:
     // reservations (objects.cpp)
     ObjEntry own_reserved(uint32_t index, uint64_t file_id) const;
     uint64_t seal_reserved(uint32_t index, uint64_t file_id, const std::string& key);
+    uint64_t seal_locked(uint32_t index, const std::string& key, uint64_t hash);
+    std::optional<uint64_t> put_small(const std::string& key, const void* meta, uint64_t meta_len,
+                                      const std::vector<Source>& buffers, const ExtentPlan& plan);
     void abort_reserved(uint32_t index, uint64_t file_id);
 
     const std::string run_id_;

@@ -120,5 +120,8 @@ int openat_retry(int dir_fd, const std::string& name, int flags, mode_t mode = 0
 
 // Test-only: park the process at a named point when DISCOMFORT_TEST_KILLPOINT says so.
 void killpoint(const char* name);
+// Whether this process was started with a kill point (read once): operations then keep the
+// lock-release points the kill points name.
+bool killpoints_armed();
 
 }  // namespace discomfort

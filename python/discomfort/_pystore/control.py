@@ -20,6 +20,7 @@ from .format import (
 from .layout import fnv1a64
 from .lock import Locked, lock_wait, unlock
 from .pins import Extent, Pins
+from .sys import current_pid
 
 UsedExtents = dict[int, dict[tuple[int, int], int]]  # chunk -> {(offset, length): count}
 
@@ -225,7 +226,7 @@ class StoreBase:
         """The metadata lock for an operation; `running`: RunFinishedError once the run has ended."""
         if self._closed:
             raise StoreClosedError(f"store of run {self._run_id!r} is closed")
-        if os.getpid() != self._pid:
+        if current_pid() != self._pid:
             raise StoreClosedError(
                 f"store handle of run {self._run_id!r} belongs to process {self._pid}; attach again in this process"
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mmap
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreFullError
 from .format import LOCK_BYTE, PIN_CAP, PIN_OFF, PIN_STRUCT
@@ -53,7 +53,7 @@ class Pins:
         """One more reference on the extent's pin, under the lock; the pin entry is made on first use."""
         rec = self.pins.get(extent)
         if rec is None:
-            p = next((i for i, s in enumerate(self.pin_states.tolist()) if s == 0), None)
+            p = _first_free(self.pin_states)
             if p is None:
                 raise StoreFullError(
                     f"run {run_id!r}: pin table full ({PIN_CAP} live views of distinct objects); "
@@ -117,3 +117,12 @@ class Pins:
                 self.set_pin_state(p, 0)
                 count += 1
         return count
+
+
+def _first_free(states: Any) -> int | None:
+    """The first free pin entry: a short walk when few views are live (the usual case), instead
+    of reading all PIN_CAP states."""
+    for p in range(len(states)):
+        if states[p] == 0:
+            return p
+    return None

@@ -26,6 +26,30 @@ from .format import PAGE
 _KILLPOINT = os.environ.get("DISCOMFORT_TEST_KILLPOINT", "")
 
 
+# ---- the process id -----------------------------------------------------------------------------
+# os.getpid() is a system call, and every store operation checks it: cached, refreshed in a
+# forked child (the twin of current_pid in cpp/src/fork.cpp).
+_pid = [os.getpid()]
+
+
+def current_pid() -> int:
+    return _pid[0]
+
+
+def _refresh_pid() -> None:
+    _pid[0] = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def killpoints_armed() -> bool:
+    """Whether this process was started with a kill point: operations then keep the lock-release
+    points the kill points name."""
+    return bool(_KILLPOINT)
+
+
 def killpoint(name: str) -> None:
     """Test-only: park the process at a named point so a test can SIGKILL it there."""
     if _KILLPOINT != name:

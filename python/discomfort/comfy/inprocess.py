@@ -179,8 +179,8 @@ class InProcessComfy:
 
         _install_progress_hook(self.server)
         failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-        if failed:
-            log.warning("ComfyUI extras that did not import: %s", failed)
+        if failed:  # ComfyUI's own log has said why (optional extras, e.g. without torchaudio)
+            log.info("ComfyUI extras that did not import: %s", failed)
         missing = [p for p in self.node_packs if not self._pack_loaded(p)]
         if missing:
             raise ComfyConnectionError(f"ComfyUI could not import the node pack(s) {[str(p) for p in missing]}"

@@ -5,6 +5,7 @@
   the server revealing its uid, pid or boot id.
 * ``/discomfort/runs...``: runs owned by this server process, for orchestrators that cannot share
   memory with it (see :mod:`discomfort.remote.server`).
+* ``/discomfort/panel/...``: the editor panel's runner (see :mod:`discomfort.nodes.panel`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from ..remote.server import add_routes
 from ..sysinfo import host_info
+from .panel import add_panel_routes
 
 __all__ = ["register"]
 
@@ -46,5 +48,6 @@ def register(routes: Any = None) -> bool:
                                       "type": "ValueError"}, status=400)
 
     add_routes(routes)
+    add_panel_routes(routes)
     _registered = True
     return True

@@ -10,9 +10,19 @@ One module per concern: :mod:`.framing` (the frame and the headers), :mod:`disco
 (:class:`RemoteContext`), :mod:`.server` (the routes, who may call them, and their limits).
 """
 
+from typing import Any
+
 from .client import RemoteContext, TransportWarning, encode_for_http
 from .framing import FrameBody, frame_header, parse_header
-from .server import RunServer, ServedContext, ServerLimits, add_routes, run_server
+
+
+def __getattr__(name: str) -> Any:
+    # The server side needs aiohttp (ComfyUI has it); a client never imports it.
+    if name in ("RunServer", "ServedContext", "ServerLimits", "add_routes", "run_server"):
+        from . import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module 'discomfort.remote' has no attribute {name!r}")
 
 __all__ = ["RemoteContext", "TransportWarning", "encode_for_http", "FrameBody", "frame_header", "parse_header",
            "RunServer", "ServedContext", "ServerLimits", "add_routes", "run_server"]

@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
+
 from .. import codecs, datacodec, errors, sysinfo
 from ..context import WorkflowContext
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, frame_header, frame_length,
@@ -273,8 +275,6 @@ class RunServer:
 
     @staticmethod
     def _error(exc: BaseException, run_id: str | None = None, key: str | None = None) -> Any:
-        from aiohttp import web
-
         if isinstance(exc, HTTPRefusal):
             status, kind = exc.status, exc.kind.__name__
         else:
@@ -288,8 +288,6 @@ class RunServer:
     # -- handlers (aiohttp) ------------------------------------------------------------------------
 
     async def create(self, request: Any) -> Any:
-        from aiohttp import web
-
         try:
             self._may_create(request)
             raw = await request.content.read(4097)
@@ -322,16 +320,12 @@ class RunServer:
                                   "ram_budget": budget, "max_value": self.limits.max_value})
 
     async def stats(self, request: Any) -> Any:
-        from aiohttp import web
-
         try:
             return web.json_response(self._authorize(request).stats())
         except Exception as exc:  # noqa: BLE001
             return self._error(exc, request.match_info["run_id"])
 
     async def end(self, request: Any) -> Any:
-        from aiohttp import web
-
         run_id = request.match_info["run_id"]
         try:
             ctx = self._authorize(request)
@@ -342,16 +336,12 @@ class RunServer:
         return web.json_response({"run_id": run_id, "ended": True})
 
     async def keys(self, request: Any) -> Any:
-        from aiohttp import web
-
         try:
             return web.json_response({"keys": self._authorize(request).keys()})
         except Exception as exc:  # noqa: BLE001
             return self._error(exc, request.match_info["run_id"])
 
     async def info(self, request: Any) -> Any:
-        from aiohttp import web
-
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
         try:
             return web.json_response(self._authorize(request).info(key))
@@ -359,8 +349,6 @@ class RunServer:
             return self._error(exc, run_id, key)
 
     async def delete(self, request: Any) -> Any:
-        from aiohttp import web
-
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
         try:
             if not self._authorize(request).delete(key):
@@ -370,8 +358,6 @@ class RunServer:
         return web.json_response({"run_id": run_id, "unique_id": key, "deleted": True})
 
     async def allow(self, request: Any) -> Any:
-        from aiohttp import web
-
         run_id = request.match_info["run_id"]
         try:
             ctx = self._authorize(request)
@@ -388,8 +374,6 @@ class RunServer:
         return web.json_response({"run_id": run_id, "digest": digest})
 
     async def revoke(self, request: Any) -> Any:
-        from aiohttp import web
-
         run_id, digest = request.match_info["run_id"], request.match_info["digest"]
         try:
             ctx = self._authorize(request)
@@ -399,8 +383,6 @@ class RunServer:
         return web.json_response({"run_id": run_id, "revoked": digest})
 
     async def put(self, request: Any) -> Any:
-        from aiohttp import web
-
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
         lim = self.limits
         try:
@@ -449,8 +431,6 @@ class RunServer:
                               errors.RemoteLimitError)
 
     async def get(self, request: Any) -> Any:
-        from aiohttp import web
-
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
         try:
             ctx = self._authorize(request)

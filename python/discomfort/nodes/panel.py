@@ -1,0 +1,511 @@
+"""The editor panel's routes: loops of saved workflows, run by the ComfyUI server itself.
+
+=====================================================  ===========================================
+``GET  /discomfort/panel/workflows``                   the user's saved workflows (``workflows/``)
+``GET  /discomfort/panel/ports?workflow=NAME``         a saved workflow's ports
+``GET  /discomfort/panel/inputs``                      files of ComfyUI's input folder
+``POST /discomfort/panel/runs``                        start a run (202 ``{"run_id", ...}``)
+``GET  /discomfort/panel/runs?client_id=ID``           that client's runs (running and recent)
+``GET  /discomfort/panel/runs/{run_id}?client_id=ID``  one run: state, progress, outputs, error
+``POST /discomfort/panel/runs/{run_id}/cancel``        ``{"client_id"}``: cancel it
+=====================================================  ===========================================
+
+A run is a :class:`discomfort.Run` on a background thread of the server process, whose executor
+is this same server (``ComfyServer(<its own URL>)``, values in shared memory): each workflow is
+queued with ``/prompt`` like the editor's own, and shows in ComfyUI's queue. One run at a time per
+client (the frontend's ``clientId``); progress goes to that client's websocket as
+``discomfort.progress`` events (``kind``: start, workflow_start, node, step, workflow_done,
+finished); results land in ``<output>/discomfort/<run_id>/`` (served by ComfyUI's ``/view``).
+
+Like ComfyUI's ``/prompt``, these routes have no token: they run the user's own saved workflows on
+their own server. Every name is checked (:func:`.panel_io.safe_file`), values are data only (no
+pickles), requests have limits (:class:`.panel_io.PanelLimits`), and errors are JSON
+``{"error", "type"}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import errors
+from ..remote.server import HTTPRefusal
+from .panel_io import (INPUT_EXTENSIONS, InvalidName, PanelLimits, list_files, load_input, safe_file, save_outputs,
+                       typed_value)
+
+__all__ = ["PanelServer", "panel_server", "add_panel_routes", "own_url", "comfy_casts"]
+
+log = logging.getLogger("discomfort")
+
+EVENT = "discomfort.progress"
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_RUN_ID = re.compile(r"^[0-9a-f]{8,64}$")
+
+#: Exception class -> HTTP status, first match wins.
+STATUS: list[tuple[type[BaseException], int]] = [
+    (FileNotFoundError, 404),
+    (errors.UnknownRunError, 404),
+    (errors.ComfyConnectionError, 502),
+    (errors.DiscomfortError, 400),
+    (ValueError, 400),
+    (TypeError, 400),
+    (KeyError, 400),
+]
+
+
+def own_url() -> str:
+    """This ComfyUI server's URL, as a client on this host reaches it (``$DISCOMFORT_PANEL_URL``
+    overrides it): the address it listens on (loopback when it listens everywhere) and its port."""
+    env = os.environ.get("DISCOMFORT_PANEL_URL")
+    if env:
+        return env.rstrip("/")
+    from comfy.cli_args import args  # type: ignore[import-not-found]
+
+    instance = _prompt_server()
+    port = getattr(instance, "port", None) or args.port
+    host = str(getattr(instance, "address", None) or args.listen or "127.0.0.1").split(",")[0].strip()
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if getattr(args, "tls_keyfile", None) and getattr(args, "tls_certfile", None) else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+def _prompt_server() -> Any:
+    try:
+        import server  # type: ignore[import-not-found]  # ComfyUI's
+    except ImportError:
+        return None
+    return getattr(getattr(server, "PromptServer", None), "instance", None)
+
+
+_CASTS = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
+
+
+def comfy_casts(prompt: dict, object_info: dict) -> dict:
+    """``prompt`` with its widget values cast as ComfyUI's validation casts them in place
+    (``execution.validate_inputs``: INT, FLOAT, STRING, BOOLEAN), so that the prompt a node sees is
+    the one the run allowed (its digest): a FLOAT widget saved as ``2`` becomes ``2.0``."""
+    from ..workflow_format import is_link
+
+    for entry in prompt.values():
+        spec = (object_info.get(entry.get("class_type")) or {}).get("input") or {}
+        inputs = entry.get("inputs") or {}
+        for name, value in list(inputs.items()):
+            decl = (spec.get("required") or {}).get(name) or (spec.get("optional") or {}).get(name)
+            if is_link(value) or not isinstance(decl, (list, tuple)) or not decl:
+                continue
+            cast = _CASTS.get(decl[0]) if isinstance(decl[0], str) else None
+            if cast is None:
+                continue
+            if isinstance(value, dict) and "__value__" in value:
+                value = value["__value__"]
+            try:
+                inputs[name] = cast(value)
+            except (TypeError, ValueError):
+                pass  # ComfyUI's validation reports it
+    return prompt
+
+
+@dataclass
+class PanelRun:
+    """One run started from the panel."""
+
+    run_id: str
+    client_id: str
+    workflows: list[str]
+    iterations: int
+    until: str | None
+    state: str = "running"  # running, finished, cancelled, failed
+    progress: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)
+    error: str | None = None
+    error_type: str | None = None
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    cancel: Any = None
+    thread: Any = None
+
+    def summary(self) -> dict:
+        return {"run_id": self.run_id, "state": self.state, "workflows": self.workflows,
+                "iterations": self.iterations, "until": self.until, "progress": self.progress,
+                "outputs": self.outputs, "error": self.error, "error_type": self.error_type,
+                "started": self.started, "ended": self.ended}
+
+
+class PanelServer:
+    """The panel's runs in this server process, and the route handlers."""
+
+    def __init__(self, limits: PanelLimits | None = None) -> None:
+        self.limits = limits or PanelLimits.from_env()
+        self.runs: dict[str, PanelRun] = {}
+        self._starting: set[str] = set()  # clients whose run is being prepared
+        self._info: tuple[float, dict] | None = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _error(exc: BaseException, run_id: str | None = None) -> Any:
+        from aiohttp import web
+
+        if isinstance(exc, HTTPRefusal):
+            status, kind = exc.status, exc.kind.__name__
+        else:
+            status = next((s for cls, s in STATUS if isinstance(exc, cls)), 500)
+            kind = type(exc).__name__
+            if status == 500:
+                log.exception("discomfort: unexpected error in a panel route", exc_info=exc)
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        body = {"error": message or kind, "type": kind}
+        if run_id is not None:
+            body["run_id"] = run_id
+        return web.json_response(body, status=status)
+
+    async def _body(self, request: Any) -> dict:
+        raw = await request.content.read(self.limits.max_body + 1)
+        if len(raw) > self.limits.max_body:
+            raise HTTPRefusal(413, f"a panel request's body is at most {self.limits.max_body} bytes",
+                              errors.RemoteLimitError)
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            raise ValueError("the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _client(value: Any) -> str:
+        if not isinstance(value, str) or not _CLIENT_ID.match(value):
+            raise ValueError("client_id must be the frontend's clientId (1-128 of A-Z a-z 0-9 _ . : -)")
+        return value
+
+    def _workflows_dir(self, request: Any) -> str:
+        import folder_paths  # type: ignore[import-not-found]
+
+        instance = _prompt_server()
+        manager = getattr(instance, "user_manager", None)
+        try:
+            user = manager.get_request_user_id(request) if manager is not None else "default"
+        except KeyError as exc:
+            raise HTTPRefusal(403, str(exc.args[0]) if exc.args else "unknown user",
+                              errors.AuthenticationError) from None
+        root = folder_paths.get_public_user_directory(user)
+        if root is None:
+            raise HTTPRefusal(403, "unknown user", errors.AuthenticationError)
+        return os.path.join(root, "workflows")
+
+    def _workflow_path(self, request: Any, name: Any) -> tuple[str, str]:
+        if isinstance(name, str) and name and not name.lower().endswith(".json"):
+            name = name + ".json"
+        return name, safe_file(self._workflows_dir(request), name, "workflow", self.limits, (".json",))
+
+    def _object_info(self) -> dict:
+        """This server's /object_info (kept 30 s): for converting UI workflows."""
+        now = time.monotonic()
+        if self._info is None or now - self._info[0] > 30:
+            from ..comfy import ComfyServer
+
+            with ComfyServer(own_url(), request_timeout=60) as srv:
+                self._info = (now, srv.object_info())
+        return self._info[1]
+
+    def _read_workflow(self, path: str, name: str) -> tuple[dict, dict]:
+        """A saved workflow as an API prompt and its ports by key."""
+        from ..workflow_format import discover_ports, is_api_format, is_ui_format, load_workflow
+
+        size = os.path.getsize(path)
+        if size > self.limits.max_workflow_file:
+            raise HTTPRefusal(413, f"workflow {name!r} is {size} bytes, over {self.limits.max_workflow_file}",
+                              errors.RemoteLimitError)
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except ValueError as exc:
+                raise ValueError(f"workflow {name!r} is not valid JSON ({exc})") from None
+        if not (is_ui_format(data) or is_api_format(data)):
+            raise ValueError(f"workflow {name!r} is neither a UI nor an API workflow")
+        info = self._object_info()
+        try:
+            prompt = comfy_casts(load_workflow(data, info), info)
+            ports = discover_ports(prompt, info)
+        except errors.DiscomfortError as exc:
+            raise type(exc)(f"workflow {name!r}: {exc}") from None
+        return prompt, ports
+
+    def _send(self, client_id: str, data: dict) -> None:
+        instance = _prompt_server()
+        if instance is not None:
+            instance.send_sync(EVENT, data, client_id)
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    async def workflows(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            root = self._workflows_dir(request)
+            files = await asyncio.to_thread(list_files, root, (".json",), self.limits)
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc)
+        return web.json_response({"workflows": files})
+
+    async def inputs(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            import folder_paths  # type: ignore[import-not-found]
+
+            files = await asyncio.to_thread(list_files, folder_paths.get_input_directory(), INPUT_EXTENSIONS,
+                                            self.limits)
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc)
+        return web.json_response({"files": files})
+
+    async def ports(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            name, path = self._workflow_path(request, request.query.get("workflow"))
+            _, ports = await asyncio.to_thread(self._read_workflow, path, name)
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc)
+        return web.json_response({"workflow": name, "ports": [
+            {"unique_id": uid, "type": p.type, "mode": p.mode, "reads": p.reads and bool(p.consumers),
+             "writes": p.writes} for uid, p in ports.items()]})
+
+    async def start(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            body = await self._body(request)
+            client = self._client(body.get("client_id"))
+            names = body.get("workflows")
+            lim = self.limits
+            if not isinstance(names, list) or not names:
+                raise ValueError("workflows must be a non-empty list of saved workflow names")
+            if len(names) > lim.max_workflows:
+                raise HTTPRefusal(413, f"{len(names)} workflows: at most {lim.max_workflows} in one run "
+                                       "(DISCOMFORT_PANEL_MAX_WORKFLOWS)", errors.RemoteLimitError)
+            iterations = body.get("iterations", 1)
+            if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+                raise ValueError(f"iterations must be a positive integer, not {iterations!r:.40}")
+            if iterations > lim.max_iterations:
+                raise HTTPRefusal(413, f"iterations={iterations}: at most {lim.max_iterations} "
+                                       "(DISCOMFORT_PANEL_MAX_ITERATIONS)", errors.RemoteLimitError)
+            until = body.get("until") or None
+            if until is not None and not isinstance(until, str):
+                raise ValueError("until must be a key (a string) or empty")
+            bindings = body.get("inputs") or {}
+            if not isinstance(bindings, dict) or len(bindings) > lim.max_inputs:
+                raise ValueError(f"inputs must be an object of at most {lim.max_inputs} keys")
+            paths = [self._workflow_path(request, n) for n in names]
+            self._check_room(client)
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc)
+        self._starting.add(client)  # holds the client's slot while its run is prepared
+        try:
+            plan = await asyncio.to_thread(self._prepare, paths, bindings, until)
+            run = await asyncio.to_thread(self._open_run)
+            entry = PanelRun(run.run_id, client, [n for n, _ in paths], iterations, until)
+            self.runs[entry.run_id] = entry
+            self._forget_old()
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc)
+        finally:
+            self._starting.discard(client)
+        from ..run_control import CancelToken
+
+        entry.cancel = CancelToken()
+        entry.thread = threading.Thread(target=self._work, args=(entry, run, plan), daemon=True,
+                                        name=f"discomfort-panel-{entry.run_id[:8]}")
+        self._send(client, {"kind": "start", "run_id": entry.run_id, "workflows": entry.workflows,
+                            "iterations": iterations, "until": until})
+        entry.thread.start()
+        log.info("discomfort: panel run %s started for client %s: %s x%d", entry.run_id, client,
+                 ", ".join(entry.workflows), iterations)
+        return web.json_response(entry.summary(), status=202)
+
+    def _check_room(self, client: str) -> None:
+        """Refuse a second run of one client (409), or one over the server's limit (429). Handlers
+        run on the event loop's thread: no lock needed between this check and the registration."""
+        running = [r for r in self.runs.values() if r.state == "running"]
+        mine = [r.run_id for r in running if r.client_id == client] + (["starting"] if client in self._starting else [])
+        if mine:
+            raise HTTPRefusal(409, f"this client already has a run going ({mine[0]}): cancel it or "
+                                   "wait for it to finish", errors.RemoteLimitError)
+        if len(running) + len(self._starting) >= self.limits.max_runs:
+            raise HTTPRefusal(429, f"{len(running)} panel runs are going on this server, its limit "
+                                   "(DISCOMFORT_PANEL_MAX_RUNS)", errors.RemoteLimitError)
+
+    def _forget_old(self) -> None:
+        done = sorted((r for r in self.runs.values() if r.state != "running"), key=lambda r: r.ended or 0)
+        for r in done[: max(0, len(done) - self.limits.kept_runs)]:
+            self.runs.pop(r.run_id, None)
+
+    def _prepare(self, paths: list[tuple[str, str]], bindings: dict, until: str | None) -> dict:
+        """Convert the workflows, check the keys, load the inputs (all before the run starts)."""
+        import folder_paths  # type: ignore[import-not-found]
+
+        prompts: list[dict] = []
+        types: dict[str, Any] = {}
+        titles: list[dict[str, str]] = []
+        reads_first: list[str] = []
+        written: set[str] = set()
+        for name, path in paths:
+            prompt, ports = self._read_workflow(path, name)
+            prompts.append(prompt)
+            titles.append({nid: ((e.get("_meta") or {}).get("title") or e.get("class_type") or "")
+                           for nid, e in prompt.items()})
+            for uid, port in ports.items():
+                if port.reads and port.consumers and uid not in written and uid not in reads_first:
+                    reads_first.append(uid)
+                types.setdefault(uid, port.type)
+                if port.writes:
+                    types[uid] = port.type
+            written |= {uid for uid, p in ports.items() if p.writes}
+        if until is not None and until not in written:
+            raise ValueError(f"until={until!r}: no output port of these workflows writes that key")
+        unknown = sorted(set(bindings) - set(types))
+        if unknown:
+            raise ValueError(f"inputs name {', '.join(map(repr, unknown))}, which no port of these workflows has")
+        missing = [uid for uid in reads_first if uid not in bindings]
+        if missing:
+            raise ValueError(f"bind {', '.join(map(repr, missing))}: read before any workflow writes "
+                             f"{'it' if len(missing) == 1 else 'them'} (a file of the input folder or a value)")
+        values: dict[str, Any] = {}
+        for uid, bind in bindings.items():
+            if not isinstance(bind, dict) or len(bind) != 1 or not ({"file"} >= set(bind) or {"value"} >= set(bind)):
+                raise ValueError(f"input {uid!r}: give {{\"file\": NAME}} (in the input folder) or {{\"value\": V}}")
+            if "file" in bind:
+                path = safe_file(folder_paths.get_input_directory(), bind["file"], f"input {uid!r}: file",
+                                 self.limits, INPUT_EXTENSIONS)
+                values[uid] = load_input(path, types.get(uid, "*"), self.limits)
+            else:
+                values[uid] = typed_value(bind["value"], types.get(uid, "*"), uid, self.limits)
+        return {"prompts": prompts, "types": types, "titles": titles, "inputs": values, "until": until}
+
+    def _open_run(self) -> Any:
+        from ..comfy import ComfyServer
+        from ..sequential import Run
+
+        executor = ComfyServer(own_url(), request_timeout=60)
+        return Run(executor, transport="shm", object_info=self._info[1] if self._info else None)
+
+    def _work(self, entry: PanelRun, run: Any, plan: dict) -> None:
+        """The background thread of one run: execute, save the outputs, say how it ended."""
+        import folder_paths  # type: ignore[import-not-found]
+
+        def on_progress(ev: Any) -> None:
+            data = {"kind": ev.kind, "run_id": entry.run_id, "iteration": ev.iteration,
+                    "iterations": ev.iterations, "workflow": ev.workflow, "workflows": ev.workflows,
+                    "name": entry.workflows[ev.workflow], "done": ev.done, "total": ev.total,
+                    "node": ev.node, "value": ev.value, "max": ev.max, "seconds": ev.seconds}
+            if ev.node is not None:
+                data["node_title"] = plan["titles"][ev.workflow].get(str(ev.node), "")
+            entry.progress = data
+            self._send(entry.client_id, data)
+
+        try:
+            with run:
+                result = run.execute(plan["prompts"], plan["inputs"], entry.iterations, until=plan["until"],
+                                     cancel=entry.cancel, progress=False, on_progress=on_progress, timeout=None)
+                subfolder = f"discomfort/{entry.run_id}"
+                out_dir = os.path.join(folder_paths.get_output_directory(), "discomfort", entry.run_id)
+                entry.outputs = save_outputs(dict(result), plan["types"], out_dir, subfolder, self.limits)
+                entry.progress = {**entry.progress, "iterations_run": result.iterations, "stopped": result.stopped}
+            entry.state = "finished"
+        except errors.RunCancelled as exc:
+            entry.state, entry.error, entry.error_type = "cancelled", _where_cut(exc, entry), type(exc).__name__
+        except Exception as exc:  # noqa: BLE001 - reported to the page, logged here
+            entry.state, entry.error, entry.error_type = "failed", str(exc), type(exc).__name__
+            log.warning("discomfort: panel run %s failed: %s", entry.run_id, exc)
+        finally:
+            try:
+                run.executor.close()
+            except Exception:  # noqa: BLE001
+                pass
+            entry.ended = time.time()
+            self._send(entry.client_id, {"kind": "finished", **entry.summary()})
+
+    async def list_runs(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            client = self._client(request.query.get("client_id"))
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc)
+        runs = sorted((r for r in self.runs.values() if r.client_id == client), key=lambda r: r.started)
+        return web.json_response({"runs": [r.summary() for r in runs]})
+
+    def _find(self, run_id: str, client: str) -> PanelRun:
+        entry = self.runs.get(run_id) if _RUN_ID.match(run_id) else None
+        if entry is None or entry.client_id != client:
+            raise errors.UnknownRunError(f"no panel run {run_id!r} for this client")
+        return entry
+
+    async def get_run(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run_id = request.match_info["run_id"]
+        try:
+            entry = self._find(run_id, self._client(request.query.get("client_id")))
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id)
+        return web.json_response(entry.summary())
+
+    async def cancel(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run_id = request.match_info["run_id"]
+        try:
+            body = await self._body(request)
+            entry = self._find(run_id, self._client(body.get("client_id")))
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id)
+        if entry.state == "running":
+            entry.cancel.cancel("cancelled from the editor panel")
+        return web.json_response({"run_id": run_id, "state": entry.state, "cancelling": entry.state == "running"})
+
+
+def _where_cut(exc: Any, entry: PanelRun) -> str:
+    """What the panel says of a cancelled run (its values are released once the thread ends)."""
+    if getattr(exc, "iteration", None) is None or getattr(exc, "workflow", None) is None:
+        return "cancelled before its first workflow; its values were released"
+    name = entry.workflows[exc.workflow] if exc.workflow < len(entry.workflows) else f"workflow {exc.workflow}"
+    return (f"cancelled {'inside' if exc.inside else 'before'} workflow {exc.workflow + 1}/{len(entry.workflows)} "
+            f"({name}) of iteration {exc.iteration + 1}/{entry.iterations}; its values were released")
+
+
+_server: PanelServer | None = None
+
+
+def panel_server() -> PanelServer:
+    """The process-wide :class:`PanelServer`."""
+    global _server
+    if _server is None:
+        _server = PanelServer()
+    return _server
+
+
+def add_panel_routes(routes: Any) -> None:
+    """Register the panel routes on an aiohttp ``RouteTableDef`` (ComfyUI's ``PromptServer.instance.routes``)."""
+    srv = panel_server()
+    base = "/discomfort/panel"
+    routes.get(base + "/workflows")(srv.workflows)
+    routes.get(base + "/inputs")(srv.inputs)
+    routes.get(base + "/ports")(srv.ports)
+    routes.post(base + "/runs")(srv.start)
+    routes.get(base + "/runs")(srv.list_runs)
+    routes.get(base + "/runs/{run_id}")(srv.get_run)
+    routes.post(base + "/runs/{run_id}/cancel")(srv.cancel)

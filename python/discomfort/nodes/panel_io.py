@@ -1,0 +1,313 @@
+"""Files of the editor panel (:mod:`.panel`): names inside ComfyUI's folders, inputs, outputs.
+
+Every name a client sends is checked here before it touches the disk: a relative name made of
+plain parts (no ``..``, no absolute path, no backslash, no NUL), that resolves (symlinks
+followed) inside its folder, to a regular file. Input files are decoded as data only: images
+with Pillow, ``.npy`` without pickles, ``.json``, ``.txt``. Nothing here imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .. import errors
+
+__all__ = ["PanelLimits", "InvalidName", "safe_file", "list_files", "load_input", "typed_value",
+           "save_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".npy", ".json", ".txt")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class InvalidName(errors.DiscomfortError):
+    """A name that is not a plain relative name inside its folder (answered 400)."""
+
+
+@dataclass
+class PanelLimits:
+    """What one panel request may ask; each has an environment variable."""
+
+    max_workflows: int = 16  # DISCOMFORT_PANEL_MAX_WORKFLOWS: workflows in one run
+    max_iterations: int = 1000  # DISCOMFORT_PANEL_MAX_ITERATIONS
+    max_runs: int = 4  # DISCOMFORT_PANEL_MAX_RUNS: runs going at once, all clients together
+    max_body: int = 64 << 10  # bytes of a request's JSON body
+    max_name: int = 255  # characters of a file name (with its folders)
+    max_inputs: int = 64  # bound inputs of one run
+    max_input_file: int = 256 << 20  # DISCOMFORT_PANEL_MAX_INPUT_FILE: bytes of one input file
+    max_pixels: int = 64 << 20  # pixels of one input image
+    max_value_chars: int = 64 << 10  # characters of a typed value
+    max_workflow_file: int = 16 << 20  # bytes of a saved workflow
+    max_listed: int = 2000  # files a listing returns
+    max_output_files: int = 512  # files one run writes
+    kept_runs: int = 32  # finished runs remembered for listing, per server
+
+    @classmethod
+    def from_env(cls) -> "PanelLimits":
+        lim = cls()
+        for attr, env in (("max_workflows", "DISCOMFORT_PANEL_MAX_WORKFLOWS"),
+                          ("max_iterations", "DISCOMFORT_PANEL_MAX_ITERATIONS"),
+                          ("max_runs", "DISCOMFORT_PANEL_MAX_RUNS"),
+                          ("max_input_file", "DISCOMFORT_PANEL_MAX_INPUT_FILE")):
+            raw = os.environ.get(env)
+            if raw:
+                from ..sysinfo import parse_size
+
+                setattr(lim, attr, int(parse_size(raw)) if attr == "max_input_file" else int(raw))
+        return lim
+
+
+def safe_file(root: str | os.PathLike, name: Any, what: str, limits: PanelLimits,
+              extensions: Iterable[str] | None = None) -> str:
+    """The real path of the regular file ``name`` inside ``root``; raises :class:`InvalidName`
+    (400) for a name that is not a plain relative name inside it, FileNotFoundError (404) when
+    there is no such file."""
+    if not isinstance(name, str) or not name:
+        raise InvalidName(f"{what}: a name must be a non-empty string, not {name!r:.60}")
+    if len(name) > limits.max_name:
+        raise InvalidName(f"{what}: a name is at most {limits.max_name} characters")
+    if "\x00" in name or "\\" in name or name.startswith(("/", "~")) or _DRIVE.match(name) or os.path.isabs(name):
+        raise InvalidName(f"{what} {name!r}: only a relative name inside the folder (no absolute path, "
+                          "backslash, ~ or NUL)")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InvalidName(f"{what} {name!r}: '..', '.' and empty parts are not allowed in a name")
+    if extensions is not None and not name.lower().endswith(tuple(extensions)):
+        raise InvalidName(f"{what} {name!r}: expected one of {', '.join(extensions)}")
+    base = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(base, *parts))
+    if os.path.commonpath([base, real]) != base or real == base:
+        raise InvalidName(f"{what} {name!r}: it leads out of its folder (a symlink?)")
+    if not os.path.isfile(real):
+        raise FileNotFoundError(f"{what} {name!r}: no such file")
+    return real
+
+
+def list_files(root: str | os.PathLike, extensions: Iterable[str], limits: PanelLimits) -> list[dict]:
+    """Regular files under ``root`` with those extensions (symlinks leading out are left out):
+    ``[{"name", "size", "modified"}]``, sorted by name."""
+    base = os.path.realpath(root)
+    exts = tuple(extensions)
+    out: list[dict] = []
+    if not os.path.isdir(base):
+        return out
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if not fn.lower().endswith(exts) or fn.startswith("."):
+                continue
+            full = os.path.join(dirpath, fn)
+            real = os.path.realpath(full)
+            if os.path.commonpath([base, real]) != base or not os.path.isfile(real):
+                continue
+            st = os.stat(real)
+            out.append({"name": os.path.relpath(full, base).replace(os.sep, "/"), "size": st.st_size,
+                        "modified": st.st_mtime})
+            if len(out) >= limits.max_listed:
+                return out
+    return out
+
+
+# ------------------------------------------------------------------------------------- inputs
+
+
+def load_input(path: str, port_type: str, limits: PanelLimits) -> Any:
+    """The value of an input file for a port of ``port_type``: an image as IMAGE ``[1,H,W,3]``
+    (or MASK ``[1,H,W]``: its alpha channel if it has one, else its luminance), ``.npy`` as a
+    tensor (no pickles), ``.json`` as its value, ``.txt`` as a string."""
+    size = os.path.getsize(path)
+    if size > limits.max_input_file:
+        raise errors.DiscomfortError(f"{os.path.basename(path)} is {size} bytes, over the limit of "
+                                     f"{limits.max_input_file} (DISCOMFORT_PANEL_MAX_INPUT_FILE)")
+    lower = path.lower()
+    if lower.endswith(IMAGE_EXTENSIONS):
+        return _load_image(path, port_type, limits)
+    if lower.endswith(".npy"):
+        import numpy as np
+        import torch
+
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise errors.DiscomfortError(f"{os.path.basename(path)}: not a plain .npy array ({exc})") from None
+        tensor = torch.from_numpy(np.ascontiguousarray(arr))
+        return {"samples": tensor} if port_type == "LATENT" else tensor
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if lower.endswith(".json"):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise errors.DiscomfortError(f"{os.path.basename(path)}: not valid JSON ({exc})") from None
+    return text
+
+
+def _load_image(path: str, port_type: str, limits: PanelLimits) -> Any:
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as opened:
+            img: Any = opened
+            if img.width * img.height > limits.max_pixels:
+                raise errors.DiscomfortError(f"{os.path.basename(path)} has {img.width}x{img.height} pixels, "
+                                             f"over the limit of {limits.max_pixels}")
+            img = ImageOps.exif_transpose(img)
+            if port_type == "MASK":
+                if "A" in img.getbands():
+                    arr = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
+                else:
+                    arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+                return torch.from_numpy(arr.copy())[None]
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            return torch.from_numpy(arr.copy())[None]
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise errors.DiscomfortError(f"{os.path.basename(path)}: not an image Pillow can read ({exc})") from None
+
+
+def typed_value(value: Any, port_type: str, key: str, limits: PanelLimits) -> Any:
+    """A value typed in the panel, checked against the port's type (JSON scalars and lists only)."""
+    if isinstance(value, str) and len(value) > limits.max_value_chars:
+        raise ValueError(f"input {key!r}: a typed value is at most {limits.max_value_chars} characters")
+    if port_type in ("IMAGE", "MASK", "LATENT", "MODEL", "CLIP", "VAE", "CONDITIONING"):
+        raise ValueError(f"input {key!r} is a {port_type}: bind a file from ComfyUI's input folder, not a typed value")
+    if port_type == "INT":
+        if isinstance(value, str):
+            try:
+                value = int(value.strip(), 10)
+            except ValueError:
+                raise ValueError(f"input {key!r} is an INT: {value!r:.40} is not an integer") from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"input {key!r} is an INT, not {value!r:.40}")
+        return value
+    if port_type == "FLOAT":
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"input {key!r} is a FLOAT: {value!r:.40} is not a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"input {key!r} is a FLOAT, not {value!r:.40}")
+        return float(value)
+    if port_type == "BOOLEAN":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise ValueError(f"input {key!r} is a BOOLEAN: true or false, not {value!r:.40}")
+        return value
+    if port_type in ("STRING", "COMBO"):
+        if not isinstance(value, str):
+            raise ValueError(f"input {key!r} is a {port_type}: a string, not {value!r:.40}")
+        return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list) and len(value) <= 4096 and all(
+            v is None or isinstance(v, (bool, int, float, str)) for v in value):
+        return value
+    raise ValueError(f"input {key!r}: a typed value is a JSON number, string, boolean or a list of them")
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+
+def _safe_stem(key: str, taken: set[str]) -> str:
+    stem = _SAFE_KEY.sub("_", key).strip("._") or "value"
+    stem = stem[:80]
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    taken.add(name)
+    return name
+
+
+def _to_numpy(value: Any) -> Any:
+    import numpy as np
+
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    return None
+
+
+def _image_kind(arr: Any, port_type: str) -> str | None:
+    """"image" for an IMAGE (``[B,H,W,C]`` or ``[H,W,C]``), "mask" for a MASK (``[B,H,W]`` or
+    ``[H,W]``), None for anything else (saved as .npy)."""
+    channels_last = arr.ndim in (3, 4) and arr.shape[-1] in (1, 3, 4)
+    if port_type == "IMAGE" and channels_last:
+        return "image"
+    if port_type == "*" and arr.ndim == 4 and channels_last:
+        return "image"
+    if port_type == "MASK" and arr.ndim in (2, 3):
+        return "mask"
+    return None
+
+
+def save_outputs(values: dict, types: dict, out_dir: str, subfolder: str, limits: PanelLimits) -> list[dict]:
+    """Write a run's results into ``out_dir`` (in ComfyUI's output folder, ``subfolder`` of it):
+    images and masks as PNG (one per batch item), other arrays as ``.npy``, strings as ``.txt``,
+    other JSON values as ``.json``. Returns what was written, and what could not be."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    taken: set[str] = set()
+    listed: list[dict] = []
+    count = 0
+
+    def entry(key: str, kind: str, filename: str | None, note: str | None = None) -> None:
+        listed.append({"key": key, "kind": kind, "filename": filename, "subfolder": subfolder,
+                       "type": "output", **({"note": note} if note else {})})
+
+    for key, value in values.items():
+        port_type = types.get(key, "*")
+        stem = _safe_stem(key, taken)
+        if isinstance(value, dict) and "samples" in value and _to_numpy(value["samples"]) is not None:
+            value = value["samples"]  # a LATENT: its samples
+        arr = _to_numpy(value)
+        if count >= limits.max_output_files:
+            entry(key, "skipped", None, f"not saved: over {limits.max_output_files} files")
+            continue
+        if arr is not None:
+            kind = _image_kind(arr, port_type)
+            if kind is not None:
+                batch = arr if (kind == "image" and arr.ndim == 4) or (kind == "mask" and arr.ndim == 3) else arr[None]
+                for i, item in enumerate(batch[: max(1, limits.max_output_files - count)]):
+                    pixels = np.clip(255.0 * item, 0, 255).astype(np.uint8)
+                    if kind == "image" and pixels.shape[-1] == 1:
+                        pixels = pixels[..., 0]
+                    fn = f"{stem}.png" if len(batch) == 1 else f"{stem}_{i:05d}.png"
+                    Image.fromarray(pixels).save(os.path.join(out_dir, fn), compress_level=4)
+                    entry(key, kind, fn)
+                    count += 1
+                continue
+            fn = f"{stem}.npy"
+            np.save(os.path.join(out_dir, fn), np.ascontiguousarray(arr), allow_pickle=False)
+            entry(key, "npy", fn)
+        elif isinstance(value, str):
+            fn = f"{stem}.txt"
+            with open(os.path.join(out_dir, fn), "w", encoding="utf-8") as f:
+                f.write(value)
+            entry(key, "txt", fn)
+        else:
+            try:
+                text = json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                entry(key, "skipped", None, f"not saved: a {type(value).__name__} has no file form")
+                continue
+            fn = f"{stem}.json"
+            with open(os.path.join(out_dir, fn), "w", encoding="utf-8") as f:
+                f.write(text)
+            entry(key, "json", fn)
+        count += 1
+    return listed

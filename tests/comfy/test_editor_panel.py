@@ -1,0 +1,478 @@
+"""The Discomfort panel of the ComfyUI editor (issue 19): its routes, and the panel in the real frontend.
+
+One ComfyUI 0.3.75 server with the node pack and the test pack; the test writes saved workflows
+(UI format) into its user folder and an image into its input folder. The routes are exercised
+over HTTP and ComfyUI's websocket; the panel in headless Chromium through its real frontend
+(1.32.9). Screenshots of the panel go to ``$DISCOMFORT_ARTIFACTS`` (default
+``/tmp/discomfort-artifacts``). Browser tests need Debian's chromium and playwright (see
+``test_frontend_parity.py``); ``DISCOMFORT_SKIP_BROWSER=1`` skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.comfy
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_PACK = REPO / "comfy_nodes"
+TEST_PACK = Path(__file__).resolve().parent / "test_pack"
+CHROMIUM = os.environ.get("DISCOMFORT_CHROMIUM", "/usr/bin/chromium")
+START = 51  # the input image's value (0.2)
+BLEND = 0.25
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+class UIGraph:
+    """A small UI-format workflow, as the editor saves it."""
+
+    def __init__(self) -> None:
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def node(self, typ: str, widgets=(), inputs=(), outputs=(), title: str | None = None) -> int:
+        nid = len(self.nodes) + 1
+        self.nodes.append({
+            "id": nid, "type": typ, "pos": [60 + 260 * (nid - 1), 80 + 40 * (nid % 2)], "size": [220, 90],
+            "flags": {}, "order": nid - 1, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
+            "outputs": [{"name": n, "type": t, "links": []} for n, t in outputs],
+            "properties": {"Node name for S&R": typ}, "widgets_values": list(widgets),
+            **({"title": title} if title else {})})
+        return nid
+
+    def port(self, key: str) -> int:
+        return self.node("DiscomfortPort", [key], [("input_data", "*")], [("output_data", "*")], title=f"port {key}")
+
+    def link(self, a: int, a_slot: int, b: int, b_slot: int) -> None:
+        lid = len(self.links) + 1
+        src, dst = self.nodes[a - 1], self.nodes[b - 1]
+        src["outputs"][a_slot]["links"].append(lid)
+        dst["inputs"][b_slot]["link"] = lid
+        self.links.append([lid, a, a_slot, b, b_slot, src["outputs"][a_slot]["type"]])
+
+    def json(self) -> dict:
+        return {"id": str(uuid.uuid4()), "revision": 0, "last_node_id": len(self.nodes),
+                "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links, "groups": [],
+                "config": {}, "extra": {}, "version": 0.4}
+
+
+def invert_workflow() -> dict:
+    """A: image -> ImageInvert -> ImageBlend(x, x, 1) -> DiscomfortTestSteps (4 steps, like a sampler)
+    -> inverted. The blend is the identity; its FLOAT widget is saved as the integer 1, as the
+    editor saves it, which ComfyUI's validation turns into 1.0."""
+    g = UIGraph()
+    src = g.port("image")
+    inv = g.node("ImageInvert", [], [("image", "IMAGE")], [("IMAGE", "IMAGE")])
+    same = g.node("ImageBlend", [1, "normal"], [("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")])
+    steps = g.node("DiscomfortTestSteps", [4], [("value", "*")], [("*", "*")])
+    out = g.port("inverted")
+    g.link(src, 0, inv, 0)
+    g.link(inv, 0, same, 0)
+    g.link(inv, 0, same, 1)
+    g.link(same, 0, steps, 0)
+    g.link(steps, 0, out, 0)
+    return g.json()
+
+
+def blend_workflow() -> dict:
+    """B: image = blend(inverted, image, 0.25): reads both keys, writes image back (the loop)."""
+    g = UIGraph()
+    inv = g.port("inverted")
+    img = g.port("image")
+    blend = g.node("ImageBlend", [BLEND, "normal"], [("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")])
+    out = g.port("image")
+    g.link(inv, 0, blend, 0)
+    g.link(img, 0, blend, 1)
+    g.link(blend, 0, out, 0)
+    return g.json()
+
+
+def hold_workflow(fifo: str, release: str) -> dict:
+    """C: image -> DiscomfortTestGate (tells the FIFO it started, holds until ``release`` exists) -> held."""
+    g = UIGraph()
+    src = g.port("image")
+    gate = g.node("DiscomfortTestGate", [fifo, release], [("value", "*")], [("*", "*")], title="Gate")
+    out = g.port("held")
+    g.link(src, 0, gate, 0)
+    g.link(gate, 0, out, 0)
+    return g.json()
+
+
+def expected_values(iterations: int) -> dict[str, int]:
+    """The pixel values A then B give after ``iterations`` (float32, like ComfyUI's CPU tensors)."""
+    v = np.float32(START) / np.float32(255)
+    inverted = v
+    for _ in range(iterations):
+        inverted = np.float32(1) - v
+        v = inverted * np.float32(1 - BLEND) + v * np.float32(BLEND)
+    to8 = lambda x: int(np.clip(255.0 * x, 0, 255).astype(np.uint8))  # noqa: E731 - like SaveImage
+    return {"image": to8(v), "inverted": to8(inverted)}
+
+
+class Fifo:
+    """A FIFO the gate node writes "started" to; waited on with select (no sleeps)."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = str(path)
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+    def wait(self, timeout: float = 120.0) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(ready) and os.read(self.fd, 64).startswith(b"started")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Events:
+    """ComfyUI's websocket for one client id: the panel's ``discomfort.progress`` events."""
+
+    def __init__(self, url: str, client_id: str) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(url.replace("http://", "ws://") + f"/ws?clientId={client_id}",
+                                              timeout=120)
+        self.seen: list[dict] = []
+
+    def until_finished(self, run_id: str) -> list[dict]:
+        while True:
+            msg = self.ws.recv()
+            if not isinstance(msg, str):
+                continue
+            event = json.loads(msg)
+            data = event.get("data") or {}
+            if event.get("type") == "discomfort.progress" and data.get("run_id") == run_id:
+                self.seen.append(data)
+                if data["kind"] == "finished":
+                    return self.seen
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def shm_files(run_id: str) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"dcf-{run_id}")]
+
+
+def artifacts_dir() -> Path:
+    path = Path(os.environ.get("DISCOMFORT_ARTIFACTS") or "/tmp/discomfort-artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def panel(comfy_path, tmp_path_factory):
+    """A ComfyUI server with the node pack and the test pack; saved workflows and an input image."""
+    from PIL import Image
+
+    from discomfort.comfy import launch_server
+
+    work = tmp_path_factory.mktemp("panel-server")
+    workflows = work / "user" / "default" / "workflows"
+    workflows.mkdir(parents=True)
+    (workflows / "invert.json").write_text(json.dumps(invert_workflow()))
+    (workflows / "blend.json").write_text(json.dumps(blend_workflow()))
+    (workflows / "broken.json").write_text("{not json")
+    (work / "input").mkdir()
+    Image.fromarray(np.full((8, 8, 3), START, np.uint8)).save(work / "input" / "start.png")
+    (work / "input" / "notes.txt").write_text("hello")
+    secret = tmp_path_factory.mktemp("outside") / "secret.json"
+    secret.write_text(json.dumps(invert_workflow()))
+    (workflows / "escape.json").symlink_to(secret)  # a symlink out of the folder
+    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def http(panel):
+    import requests
+
+    session = requests.Session()
+
+    def call(method: str, route: str, **kw):
+        return session.request(method, panel.url + route, timeout=60, **kw)
+
+    yield call
+    session.close()
+
+
+def assert_error(resp, status: int, kind: str | None = None, says: str | None = None) -> dict:
+    assert resp.status_code == status, (resp.status_code, resp.text[:500])
+    body = resp.json()
+    assert set(body) >= {"error", "type"} and body["error"], body
+    if kind is not None:
+        assert body["type"] == kind, body
+    if says is not None:
+        assert says in body["error"], body
+    return body
+
+
+def start_body(client: str, workflows=("invert", "blend"), iterations=3, **extra) -> dict:
+    return {"client_id": client, "workflows": list(workflows), "iterations": iterations,
+            "inputs": {"image": {"file": "start.png"}}, **extra}
+
+
+# ------------------------------------------------------------------------------------ routes
+
+
+def test_listing_routes(http):
+    """Saved workflows, input files, and each workflow's ports (converted with the server's object_info)."""
+    names = [w["name"] for w in http("GET", "/discomfort/panel/workflows").json()["workflows"]]
+    assert {"invert.json", "blend.json", "broken.json"} <= set(names)
+    assert "escape.json" not in names  # a symlink out of the folder is not listed
+    files = [f["name"] for f in http("GET", "/api/discomfort/panel/inputs").json()["files"]]
+    assert files == ["notes.txt", "start.png"]
+    ports = {p["unique_id"]: p for p in http("GET", "/discomfort/panel/ports", params={"workflow": "blend"}).json()["ports"]}
+    assert ports["inverted"] == {"unique_id": "inverted", "type": "IMAGE", "mode": "INPUT", "reads": True, "writes": False}
+    assert ports["image"]["mode"] == "PASSTHRU" and ports["image"]["reads"] and ports["image"]["writes"]
+    assert ports["image"]["type"] == "IMAGE"
+    a = {p["unique_id"]: p for p in http("GET", "/discomfort/panel/ports", params={"workflow": "invert.json"}).json()["ports"]}
+    assert a["image"]["mode"] == "INPUT" and a["image"]["type"] == "IMAGE" and a["inverted"]["writes"]
+    assert_error(http("GET", "/discomfort/panel/ports", params={"workflow": "broken"}), 400, says="not valid JSON")
+
+
+@pytest.mark.parametrize("name, status", [
+    ("../invert", 400), ("../../../etc/passwd", 400), ("/etc/passwd", 400), ("sub/../invert", 400),
+    ("C:\\x", 400), ("missing", 404), ("escape", 400), ("", 400), ("a" * 300, 400),
+])
+def test_bad_workflow_names(http, name, status):
+    """Names outside the workflows folder (.., absolute, symlinks out) are 400; missing ones 404."""
+    assert_error(http("GET", "/discomfort/panel/ports", params={"workflow": name}), status)
+    body = start_body("c-names", workflows=[name])
+    assert_error(http("POST", "/discomfort/panel/runs", json=body), status)
+
+
+@pytest.mark.parametrize("change, status, says", [
+    ({"iterations": 10**6}, 413, "at most"),
+    ({"iterations": 0}, 400, "positive"),
+    ({"iterations": True}, 400, "positive"),
+    ({"workflows": ["invert"] * 17}, 413, "at most 16"),
+    ({"workflows": []}, 400, "non-empty"),
+    ({"client_id": "../x"}, 400, "client_id"),
+    ({"inputs": {"image": {"file": "../user/default/workflows/invert.json"}}}, 400, "file"),
+    ({"inputs": {"image": {"file": "/etc/hostname"}}}, 400, "file"),
+    ({"inputs": {"image": {"file": "nope.png"}}}, 404, "no such file"),
+    ({"inputs": {"image": {"value": 3}}}, 400, "bind a file"),
+    ({"inputs": {"image": {"file": "start.png"}, "nobody": {"value": 1}}}, 400, "nobody"),
+    ({"inputs": {}}, 400, "bind 'image'"),
+    ({"until": "nobody"}, 400, "until"),
+])
+def test_start_refusals(http, change, status, says):
+    """Every refusal is a 4xx JSON {"error", "type"} before any run starts."""
+    body = {**start_body("c-refusals"), **change}
+    assert_error(http("POST", "/discomfort/panel/runs", json=body), status, says=says)
+    assert http("GET", "/discomfort/panel/runs", params={"client_id": "c-refusals"}).json()["runs"] == []
+
+
+def test_malformed_bodies(http):
+    assert_error(http("POST", "/discomfort/panel/runs", data=b"[1, 2]"), 400, "ValueError")
+    assert_error(http("POST", "/discomfort/panel/runs", data=b"{nope"), 400, "ValueError")
+    assert_error(http("POST", "/discomfort/panel/runs", data=b"x" * (65 << 10)), 413, "RemoteLimitError")
+    assert_error(http("GET", "/discomfort/panel/runs"), 400, says="client_id")
+    assert_error(http("GET", "/discomfort/panel/runs/" + "ab" * 16, params={"client_id": "nobody"}), 404)
+
+
+def test_run_through_the_routes(panel, http):
+    """A then B, 3 iterations: progress over the websocket, outputs in ComfyUI's output folder."""
+    client = "c-run-" + uuid.uuid4().hex[:8]
+    events = Events(panel.url, client)
+    try:
+        resp = http("POST", "/discomfort/panel/runs", json=start_body(client))
+        assert resp.status_code == 202, resp.text
+        run_id = resp.json()["run_id"]
+        seen = events.until_finished(run_id)
+    finally:
+        events.close()
+    kinds = [e["kind"] for e in seen]
+    assert kinds.count("workflow_start") == 6 and kinds.count("workflow_done") == 6
+    assert [(e["iteration"], e["workflow"], e["name"]) for e in seen if e["kind"] == "workflow_start"] == [
+        (i, k, n) for i in range(3) for k, n in enumerate(["invert.json", "blend.json"])]
+    steps = [(e["value"], e["max"]) for e in seen if e["kind"] == "step"]
+    assert (4, 4) in steps, steps
+    assert any(e["kind"] == "node" and e["node_title"] == "Invert Image" for e in seen), [(e["node"], e["node_title"]) for e in seen if e["kind"] == "node"]
+    final = seen[-1]
+    assert final["state"] == "finished", final
+    out = {o["key"]: o for o in final["outputs"]}
+    assert set(out) == {"image", "inverted"} and out["image"]["kind"] == "image"
+    assert out["image"]["subfolder"] == f"discomfort/{run_id}"
+    want = expected_values(3)
+    for key in ("image", "inverted"):
+        got = pixels(Path(panel.work_dir) / "output" / "discomfort" / run_id / out[key]["filename"])
+        assert got.shape == (8, 8, 3) and abs(int(got.max()) - want[key]) <= 1 and got.min() == got.max(), (key, got.max(), want)
+    view = http("GET", "/view", params={"filename": out["image"]["filename"], "subfolder": out["image"]["subfolder"],
+                                        "type": "output"})
+    assert view.status_code == 200 and view.content[:8] == b"\x89PNG\r\n\x1a\n"
+    listed = http("GET", "/discomfort/panel/runs", params={"client_id": client}).json()["runs"]
+    assert [r["run_id"] for r in listed] == [run_id] and listed[0]["state"] == "finished"
+    assert http("GET", f"/discomfort/panel/runs/{run_id}", params={"client_id": client}).json()["outputs"] == final["outputs"]
+    assert_error(http("GET", f"/discomfort/panel/runs/{run_id}", params={"client_id": "someone-else"}), 404)
+    assert shm_files(run_id) == []
+
+
+def test_second_run_and_cancel(panel, http, tmp_path):
+    """While a run is held inside a workflow: a second one from the client is 409, another client
+    cannot cancel it, its client can; the queue is then empty and the run's memory gone."""
+    fifo = Fifo(tmp_path / "started")
+    workflows = Path(panel.work_dir) / "user" / "default" / "workflows"
+    (workflows / "hold_routes.json").write_text(json.dumps(hold_workflow(fifo.path, str(tmp_path / "never"))))
+    client = "c-cancel-" + uuid.uuid4().hex[:8]
+    events = Events(panel.url, client)
+    try:
+        resp = http("POST", "/discomfort/panel/runs", json=start_body(client, ["hold_routes"]))
+        assert resp.status_code == 202, resp.text
+        run_id = resp.json()["run_id"]
+        assert fifo.wait(), "the gate node never started"
+        assert shm_files(run_id), "the running run has no shared memory?"
+        assert_error(http("POST", "/discomfort/panel/runs", json=start_body(client)), 409, "RemoteLimitError")
+        listed = http("GET", "/discomfort/panel/runs", params={"client_id": client}).json()["runs"]
+        assert [(r["run_id"], r["state"]) for r in listed] == [(run_id, "running")]
+        assert_error(http("POST", f"/discomfort/panel/runs/{run_id}/cancel", json={"client_id": "other"}), 404)
+        resp = http("POST", f"/discomfort/panel/runs/{run_id}/cancel", json={"client_id": client})
+        assert resp.status_code == 200 and resp.json()["cancelling"] is True
+        final = events.until_finished(run_id)[-1]
+    finally:
+        events.close()
+        fifo.close()
+    assert final["state"] == "cancelled" and final["error_type"] == "RunCancelled", final
+    assert final["error"].startswith("cancelled inside workflow 1/1 (hold_routes.json) of iteration 1/3"), final
+    queue = http("GET", "/queue").json()
+    assert queue["queue_running"] == [] and queue["queue_pending"] == []
+    assert shm_files(run_id) == []
+    assert not (Path(panel.work_dir) / "output" / "discomfort" / run_id).exists()
+
+
+# ------------------------------------------------------------------------------------ browser
+
+
+@pytest.fixture(scope="module")
+def page(panel):
+    if os.environ.get("DISCOMFORT_SKIP_BROWSER") == "1":
+        pytest.skip("DISCOMFORT_SKIP_BROWSER=1: browser tests skipped on request")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (or set DISCOMFORT_SKIP_BROWSER=1)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        pg = browser.new_page(viewport={"width": 1500, "height": 950})
+        pg.goto(panel.url)
+        pg.wait_for_function("window.app && window.app.graph && window.comfyAPI.api.api.clientId", timeout=120_000)
+        close_templates(pg)
+        pg.evaluate("""() => { window.__dcf = [];
+            window.comfyAPI.api.api.addEventListener('discomfort.progress', e => window.__dcf.push(e.detail)); }""")
+        yield pg
+        browser.close()
+
+
+def close_templates(pg) -> None:
+    """A fresh profile (every test server's) opens the Templates dialog over the canvas, once the
+    page has loaded its settings: wait for it, close it."""
+    dialog = pg.locator(".p-dialog")
+    try:
+        dialog.first.wait_for(state="visible", timeout=60_000)
+    except Exception:  # noqa: BLE001 - no dialog this time
+        return
+    close = pg.locator(".p-dialog[aria-labelledby=global-workflow-template-selector] button.right-6")
+    if close.count():
+        close.first.click()  # its close button (top right; it has no label)
+    else:
+        pg.keyboard.press("Escape")
+    dialog.first.wait_for(state="hidden", timeout=15_000)
+
+
+def finished_event(pg, run_id: str) -> dict:
+    pg.wait_for_function("(id) => window.__dcf.some(e => e.kind === 'finished' && e.run_id === id)", arg=run_id,
+                         timeout=120_000)
+    return pg.evaluate("(id) => window.__dcf.filter(e => e.run_id === id)", run_id)
+
+
+def test_panel_in_the_editor(panel, page, tmp_path):
+    """Open the panel, choose A then B, bind the image, 3 iterations, run; check the outputs; then
+    cancel a held run from the panel (confirmed in the frontend's dialog)."""
+    pg = page
+    art = artifacts_dir()
+    pg.locator(".discomfort-panel-tab-button").click()
+    pg.wait_for_selector("[data-dcf=workflow-select] option[value='blend.json']", state="attached")
+    for name in ("invert.json", "blend.json"):
+        pg.select_option("[data-dcf=workflow-select]", name)
+        pg.click("[data-dcf=add-workflow]")
+    pg.wait_for_selector("li[data-workflow='blend.json'] .dcf-ports li[data-key=inverted]")
+    pg.wait_for_selector("li[data-workflow='invert.json'] .dcf-ports li[data-key=image]")
+    chips = pg.locator("li[data-workflow='invert.json'] .dcf-ports li").all_inner_texts()
+    assert chips == ["image IMAGE input", "inverted * output"], chips
+    assert pg.locator("[data-binding]").evaluate_all("els => els.map(e => e.dataset.binding)") == ["image"]
+    pg.select_option("[data-dcf=input-file-image]", "start.png")
+    pg.fill("[data-dcf=iterations]", "3")
+    pg.screenshot(path=str(art / "panel_before.png"))
+
+    pg.click("[data-dcf=run]")
+    pg.wait_for_selector("[data-dcf=status][data-state=running], [data-dcf=status][data-state=finished]")
+    run_id = pg.get_attribute("[data-dcf=status]", "data-run")
+    seen = finished_event(pg, run_id)
+    pg.wait_for_selector("[data-dcf=status][data-state=finished]")
+    pg.wait_for_function("() => { const i = [...document.querySelectorAll('.dcf-outputs img')];"
+                         " return i.length === 2 && i.every(x => x.complete && x.naturalWidth === 8); }")
+    pg.screenshot(path=str(art / "panel_after.png"))
+    kinds = [e["kind"] for e in seen]
+    assert kinds[0] == "start" and kinds[-1] == "finished" and kinds.count("workflow_done") == 6
+    assert any(e["kind"] == "step" and e["max"] == 4 for e in seen)
+    assert sorted(f.get_attribute("data-key") for f in pg.locator(".dcf-outputs figure").all()) == ["image", "inverted"]
+    want = expected_values(3)
+    for o in seen[-1]["outputs"]:
+        got = pixels(Path(panel.work_dir) / "output" / o["subfolder"] / o["filename"])
+        assert abs(int(got.max()) - want[o["key"]]) <= 1 and got.min() == got.max(), (o, got.max(), want)
+
+    # A second run, held by the gate, cancelled from the panel.
+    fifo = Fifo(tmp_path / "started")
+    workflows = Path(panel.work_dir) / "user" / "default" / "workflows"
+    (workflows / "hold_panel.json").write_text(json.dumps(hold_workflow(fifo.path, str(tmp_path / "never"))))
+    try:
+        pg.click("[data-dcf=refresh]")
+        pg.wait_for_selector("[data-dcf=workflow-select] option[value='hold_panel.json']", state="attached")
+        while pg.locator("[data-dcf=remove]").count():
+            pg.locator("[data-dcf=remove]").first.click()
+        pg.select_option("[data-dcf=workflow-select]", "hold_panel.json")
+        pg.click("[data-dcf=add-workflow]")
+        pg.wait_for_selector("li[data-workflow='hold_panel.json'] .dcf-ports li[data-key=held]")
+        pg.select_option("[data-dcf=input-file-image]", "start.png")
+        pg.click("[data-dcf=run]")
+        assert fifo.wait(), "the gate node never started"
+        pg.wait_for_selector("[data-dcf=status][data-state=running] [data-dcf=node]")
+        run2 = pg.get_attribute("[data-dcf=status]", "data-run")
+        assert run2 != run_id and shm_files(run2)
+        pg.wait_for_function("() => document.querySelector('[data-dcf=node]').textContent.includes('Gate')")
+        pg.screenshot(path=str(art / "panel_during.png"))
+        pg.click("[data-dcf=cancel]")
+        pg.get_by_role("button", name="Confirm").click()
+        seen2 = finished_event(pg, run2)
+    finally:
+        fifo.close()
+    pg.wait_for_selector("[data-dcf=status][data-state=cancelled]")
+    pg.screenshot(path=str(art / "panel_cancelled.png"))
+    assert seen2[-1]["state"] == "cancelled", seen2[-1]
+    import requests
+
+    queue = requests.get(panel.url + "/queue", timeout=30).json()
+    assert queue["queue_running"] == [] and queue["queue_pending"] == []
+    assert shm_files(run2) == []
