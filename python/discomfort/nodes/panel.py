@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import errors
-from ..remote.server import HTTPRefusal
-from .panel_io import (INPUT_EXTENSIONS, InvalidName, PanelLimits, list_files, load_input, safe_file, save_outputs,
-                       typed_value)
+from aiohttp import web
 
-__all__ = ["PanelServer", "panel_server", "add_panel_routes", "own_url", "comfy_casts"]
+from ..remote.server import HTTPRefusal, error_response, read_json_object
+from .panel_io import INPUT_EXTENSIONS, PanelLimits, list_files, load_input, safe_file, save_outputs, typed_value
+
+__all__ = ["PanelServer", "panel_server", "add_panel_routes", "own_url"]
 
 log = logging.getLogger("discomfort")
 
@@ -89,34 +90,6 @@ def _prompt_server() -> Any:
     return getattr(getattr(server, "PromptServer", None), "instance", None)
 
 
-_CASTS = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
-
-
-def comfy_casts(prompt: dict, object_info: dict) -> dict:
-    """``prompt`` with its widget values cast as ComfyUI's validation casts them in place
-    (``execution.validate_inputs``: INT, FLOAT, STRING, BOOLEAN), so that the prompt a node sees is
-    the one the run allowed (its digest): a FLOAT widget saved as ``2`` becomes ``2.0``."""
-    from ..workflow_format import is_link
-
-    for entry in prompt.values():
-        spec = (object_info.get(entry.get("class_type")) or {}).get("input") or {}
-        inputs = entry.get("inputs") or {}
-        for name, value in list(inputs.items()):
-            decl = (spec.get("required") or {}).get(name) or (spec.get("optional") or {}).get(name)
-            if is_link(value) or not isinstance(decl, (list, tuple)) or not decl:
-                continue
-            cast = _CASTS.get(decl[0]) if isinstance(decl[0], str) else None
-            if cast is None:
-                continue
-            if isinstance(value, dict) and "__value__" in value:
-                value = value["__value__"]
-            try:
-                inputs[name] = cast(value)
-            except (TypeError, ValueError):
-                pass  # ComfyUI's validation reports it
-    return prompt
-
-
 @dataclass
 class PanelRun:
     """One run started from the panel."""
@@ -156,33 +129,10 @@ class PanelServer:
 
     @staticmethod
     def _error(exc: BaseException, run_id: str | None = None) -> Any:
-        from aiohttp import web
-
-        if isinstance(exc, HTTPRefusal):
-            status, kind = exc.status, exc.kind.__name__
-        else:
-            status = next((s for cls, s in STATUS if isinstance(exc, cls)), 500)
-            kind = type(exc).__name__
-            if status == 500:
-                log.exception("discomfort: unexpected error in a panel route", exc_info=exc)
-        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        body = {"error": message or kind, "type": kind}
-        if run_id is not None:
-            body["run_id"] = run_id
-        return web.json_response(body, status=status)
+        return error_response(exc, STATUS, "a panel route", **({} if run_id is None else {"run_id": run_id}))
 
     async def _body(self, request: Any) -> dict:
-        raw = await request.content.read(self.limits.max_body + 1)
-        if len(raw) > self.limits.max_body:
-            raise HTTPRefusal(413, f"a panel request's body is at most {self.limits.max_body} bytes",
-                              errors.RemoteLimitError)
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-        except ValueError:
-            raise ValueError("the body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ValueError("the body must be a JSON object")
-        return body
+        return await read_json_object(request, self.limits.max_body, "a panel request's body")
 
     @staticmethod
     def _client(value: Any) -> str:
@@ -237,7 +187,7 @@ class PanelServer:
             raise ValueError(f"workflow {name!r} is neither a UI nor an API workflow")
         info = self._object_info()
         try:
-            prompt = comfy_casts(load_workflow(data, info), info)
+            prompt = load_workflow(data, info)
             ports = discover_ports(prompt, info)
         except errors.DiscomfortError as exc:
             raise type(exc)(f"workflow {name!r}: {exc}") from None
@@ -251,8 +201,6 @@ class PanelServer:
     # -- handlers --------------------------------------------------------------------------------
 
     async def workflows(self, request: Any) -> Any:
-        from aiohttp import web
-
         try:
             root = self._workflows_dir(request)
             files = await asyncio.to_thread(list_files, root, (".json",), self.limits)
@@ -261,8 +209,6 @@ class PanelServer:
         return web.json_response({"workflows": files})
 
     async def inputs(self, request: Any) -> Any:
-        from aiohttp import web
-
         try:
             import folder_paths  # type: ignore[import-not-found]
 
@@ -273,8 +219,6 @@ class PanelServer:
         return web.json_response({"files": files})
 
     async def ports(self, request: Any) -> Any:
-        from aiohttp import web
-
         try:
             name, path = self._workflow_path(request, request.query.get("workflow"))
             _, ports = await asyncio.to_thread(self._read_workflow, path, name)
@@ -285,8 +229,6 @@ class PanelServer:
              "writes": p.writes} for uid, p in ports.items()]})
 
     async def start(self, request: Any) -> Any:
-        from aiohttp import web
-
         try:
             body = await self._body(request)
             client = self._client(body.get("client_id"))
@@ -439,8 +381,6 @@ class PanelServer:
             self._send(entry.client_id, {"kind": "finished", **entry.summary()})
 
     async def list_runs(self, request: Any) -> Any:
-        from aiohttp import web
-
         try:
             client = self._client(request.query.get("client_id"))
         except Exception as exc:  # noqa: BLE001
@@ -455,8 +395,6 @@ class PanelServer:
         return entry
 
     async def get_run(self, request: Any) -> Any:
-        from aiohttp import web
-
         run_id = request.match_info["run_id"]
         try:
             entry = self._find(run_id, self._client(request.query.get("client_id")))
@@ -465,8 +403,6 @@ class PanelServer:
         return web.json_response(entry.summary())
 
     async def cancel(self, request: Any) -> Any:
-        from aiohttp import web
-
         run_id = request.match_info["run_id"]
         try:
             body = await self._body(request)

@@ -43,7 +43,8 @@ from ..context import WorkflowContext
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, frame_header, frame_length,
                       parse_fixed, parse_sizes)
 
-__all__ = ["ServedContext", "RunServer", "ServerLimits", "run_server", "add_routes", "SECRET_ENV"]
+__all__ = ["ServedContext", "RunServer", "ServerLimits", "run_server", "add_routes", "SECRET_ENV",
+           "error_response", "read_json_object"]
 
 log = logging.getLogger("discomfort")
 
@@ -164,6 +165,35 @@ def parse_budget(value: Any, cap: int) -> int:
     return min(n, cap)
 
 
+def error_response(exc: BaseException, table: list[tuple[type[BaseException], int]], where: str,
+                   **fields: Any) -> Any:
+    """The JSON answer ``{"error", "type", **fields}`` for ``exc``: an HTTPRefusal's own status, else
+    the first match in ``table``; anything unmatched is a 500, logged as a bug of ``where``."""
+    if isinstance(exc, HTTPRefusal):
+        status, kind = exc.status, exc.kind.__name__
+    else:
+        status = next((s for cls, s in table if isinstance(exc, cls)), 500)
+        kind = type(exc).__name__
+        if status == 500:
+            log.exception("discomfort: unexpected error in %s", where, exc_info=exc)
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return web.json_response({"error": message or kind, "type": kind, **fields}, status=status)
+
+
+async def read_json_object(request: Any, limit: int, what: str) -> dict:
+    """The request's body as a JSON object (an empty body is ``{}``), read up to ``limit`` bytes."""
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise HTTPRefusal(413, f"{what} is at most {limit} bytes", errors.RemoteLimitError)
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ValueError(f"{what} must be a JSON object (or empty)")
+    return body
+
+
 async def _read_exactly(reader: Any, n: int, stall: float, what: str) -> bytes:
     if n == 0:
         return b""
@@ -275,31 +305,14 @@ class RunServer:
 
     @staticmethod
     def _error(exc: BaseException, run_id: str | None = None, key: str | None = None) -> Any:
-        if isinstance(exc, HTTPRefusal):
-            status, kind = exc.status, exc.kind.__name__
-        else:
-            status = next((s for cls, s in STATUS if isinstance(exc, cls)), 500)
-            kind = type(exc).__name__
-            if status == 500:
-                log.exception("discomfort: unexpected error in a run route", exc_info=exc)
-        body = {"error": str(exc) or type(exc).__name__, "type": kind, "run_id": run_id, "unique_id": key}
-        return web.json_response(body, status=status)
+        return error_response(exc, STATUS, "a run route", run_id=run_id, unique_id=key)
 
     # -- handlers (aiohttp) ------------------------------------------------------------------------
 
     async def create(self, request: Any) -> Any:
         try:
             self._may_create(request)
-            raw = await request.content.read(4097)
-            if len(raw) > 4096:
-                raise HTTPRefusal(413, "the body of POST /discomfort/runs is at most 4096 bytes",
-                                  errors.RemoteLimitError)
-            try:
-                body = json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                raise ValueError("the body of POST /discomfort/runs must be a JSON object (or empty)") from None
-            if not isinstance(body, dict):
-                raise ValueError("the body of POST /discomfort/runs must be a JSON object (or empty)")
+            body = await read_json_object(request, 4096, "the body of POST /discomfort/runs")
             self._expire()
             client = request.remote or "?"
             if len(self.runs) >= self.limits.max_runs:
