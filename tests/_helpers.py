@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,33 @@ def leftovers(run_id: str, shm_dir: str = "/dev/shm", disk_root: str | None = No
     if disk_root and os.path.exists(os.path.join(disk_root, f"dcf-{run_id}")):
         found.append(os.path.join(disk_root, f"dcf-{run_id}"))
     return found
+
+
+def status_kib(pid: int | str, field: str) -> int:
+    """A ``/proc/PID/status`` figure in KiB (``VmRSS``, ``RssShmem``, ...); ``pid`` may be "self"."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+class Fifo:
+    """A FIFO a test gate node (tests/comfy/test_pack) writes "started" to; the test waits on it
+    with select (no sleeps). Opened for reading first, so the node's non-blocking write finds it."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = str(path)
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+    def wait(self, timeout: float = 120.0) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(ready) and os.read(self.fd, 64).startswith(b"started")
+
+    def heard(self) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], 0)
+        return bool(ready) and bool(os.read(self.fd, 64))
+
+    def close(self) -> None:
+        os.close(self.fd)

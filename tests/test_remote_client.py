@@ -15,12 +15,9 @@ from discomfort.errors import ComfyConnectionError, SerializationError
 from discomfort.remote import RemoteContext
 from discomfort.remote import server as srv
 
+from _helpers import status_kib
+
 HERE = Path(__file__).resolve().parent
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 @pytest.fixture
@@ -40,7 +37,7 @@ def rogue(tmp_path):
 def test_client_decodes_a_hostile_server_safely(rogue):
     """What a server answers is data, never code: pickles, lies and bad bytes are clean errors."""
     url, marker = rogue
-    rss0 = _rss_kib()
+    rss0 = status_kib("self", "VmRSS")
     with RemoteContext(url) as rc:
         assert torch.equal(rc.load("good"), torch.tensor([1.5, -2.0]))  # the control case works
         for key, match in [("old_pickle", "not a discomfort value frame"),
@@ -54,7 +51,7 @@ def test_client_decodes_a_hostile_server_safely(rogue):
         with pytest.raises(SerializationError, match="bool tensor holds bytes other than 0 and 1"):
             rc.load("bool_bytes")
     assert not marker.exists()  # no code of the server's ran here
-    assert _rss_kib() - rss0 < 64 * 1024  # nothing sized by the server was allocated
+    assert status_kib("self", "VmRSS") - rss0 < 64 * 1024  # nothing sized by the server was allocated
 
 
 def test_budget_is_parsed_strictly_and_capped():

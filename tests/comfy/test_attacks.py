@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ from discomfort.errors import AuthenticationError
 from discomfort.remote import RemoteContext
 from discomfort.sequential import run_sequential
 
+from _helpers import Fifo, status_kib
+
 pytestmark = pytest.mark.comfy
 
 HERE = Path(__file__).resolve().parent
@@ -33,11 +34,6 @@ SECRET = "correct horse battery staple 0123456789"
 LIMITS = {"DISCOMFORT_REMOTE_MAX_RUNS": "6", "DISCOMFORT_REMOTE_MAX_RUNS_PER_CLIENT": "3",
           "DISCOMFORT_REMOTE_MAX_VALUE": "4M", "DISCOMFORT_REMOTE_MAX_RUN_BYTES": "8M",
           "DISCOMFORT_REMOTE_MAX_BUDGET": "32M"}
-
-
-def _status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def _attacker(mode: str, url: str, *args: str, env: dict | None = None) -> dict:
@@ -69,7 +65,7 @@ def exposed(comfy_path, tmp_path_factory):
 def test_pickles_that_broke_the_old_unpickler_are_refused(locked, tmp_path):
     """A rogue client with the secret: code, forged pointers, uninitialised memory, bombs: all 400."""
     marker = tmp_path / "pwned"
-    rss0 = _status_kib(locked.process.pid, "VmRSS")
+    rss0 = status_kib(locked.process.pid, "VmRSS")
     got = _attacker("payloads", locked.url, str(marker), env={"DISCOMFORT_SERVER_SECRET": SECRET})
     assert got["created"] == 200
     for name in ("os.system", "bytearray_bomb", "np_reconstruct", "np_object_array", "torch_empty"):
@@ -79,12 +75,12 @@ def test_pickles_that_broke_the_old_unpickler_are_refused(locked, tmp_path):
     assert got["keys_after"] == []  # nothing half-written stays
     assert not marker.exists()
     assert locked.process.poll() is None  # alive
-    assert _status_kib(locked.process.pid, "VmRSS") - rss0 < 256 * 1024
+    assert status_kib(locked.process.pid, "VmRSS") - rss0 < 256 * 1024
     assert locked.object_info("DiscomfortPort")  # and still answering
 
 
 def test_limits_answer_4xx_and_bound_memory_and_disk(locked):
-    rss0 = _status_kib(locked.process.pid, "VmRSS")
+    rss0 = status_kib(locked.process.pid, "VmRSS")
     got = _attacker("exhaust", locked.url, env={"DISCOMFORT_SERVER_SECRET": SECRET})
     assert got["create_statuses"] == [200, 200, 200, 429]  # 3 runs per client
     assert got["refusal"]["type"] == "RemoteLimitError" and "limit per client" in got["refusal"]["error"]
@@ -96,7 +92,7 @@ def test_limits_answer_4xx_and_bound_memory_and_disk(locked):
     assert got["over_run_bytes"] == [200, 200, 413, 413]  # 8 MiB per run
     assert got["chunked"] == 411 and got["big_create_body"] == 413
     assert locked.process.poll() is None
-    assert _status_kib(locked.process.pid, "VmRSS") - rss0 < 256 * 1024
+    assert status_kib(locked.process.pid, "VmRSS") - rss0 < 256 * 1024
 
 
 def test_creating_runs_needs_the_secret(locked):
@@ -140,15 +136,13 @@ def _gated_workflows(fifo: str, release: str) -> list[dict]:
 @pytest.mark.parametrize("transport", ["shm", "http"])
 def test_prompts_and_routes_cannot_reach_a_live_run(server, tmp_path, transport):
     """The run id is public (ComfyUI's /queue); it opens nothing: no route, no prompt of others."""
-    fifo, release = str(tmp_path / "started"), str(tmp_path / "release")
-    os.mkfifo(fifo)
-    started = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the gate node writes without blocking
+    started, release = Fifo(tmp_path / "started"), str(tmp_path / "release")
     image = torch.rand(1, 6, 6, 3, generator=torch.Generator().manual_seed(7))
     result: dict = {}
 
     def victim():
         try:
-            result["out"] = run_sequential(_gated_workflows(fifo, release), {"image": image}, executor=server,
+            result["out"] = run_sequential(_gated_workflows(started.path, release), {"image": image}, executor=server,
                                            transport=transport, timeout=300)
         except BaseException as exc:  # noqa: BLE001
             result["error"] = exc
@@ -156,15 +150,14 @@ def test_prompts_and_routes_cannot_reach_a_live_run(server, tmp_path, transport)
     thread = threading.Thread(target=victim)
     thread.start()
     try:
-        ready, _, _ = select.select([started], [], [], 120)
-        assert ready and os.read(started, 64).startswith(b"started"), result  # held at the gate
+        assert started.wait(), result  # held at the gate
         attacker = subprocess.Popen([sys.executable, str(HERE / "_attacker.py"), "steal", server.url, "out"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         queued = json.loads(attacker.stdout.readline())["queued"]
         assert len(queued) >= 1  # its prompt waits behind the victim's
     finally:
         Path(release).touch()
-        os.close(started)
+        started.close()
     attacker.stdin.write("go\n")
     attacker.stdin.flush()
     got = json.loads(attacker.stdout.readline())

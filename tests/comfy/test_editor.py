@@ -12,67 +12,36 @@ graph goes to ``$DISCOMFORT_ARTIFACTS`` (default ``/tmp/discomfort-artifacts``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from _browser import artifacts_dir, close_templates, launch, open_editor, require_browser
 
 pytestmark = pytest.mark.comfy
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_PACK = REPO / "comfy_nodes"
 TEST_PACK = Path(__file__).resolve().parent / "test_pack"
-CHROMIUM = os.environ.get("DISCOMFORT_CHROMIUM", "/usr/bin/chromium")
 OPTIONS = "() => [...document.querySelectorAll('[role=option]')].map(e => e.textContent.trim())"
-
-
-def artifacts_dir() -> Path:
-    path = Path(os.environ.get("DISCOMFORT_ARTIFACTS") or "/tmp/discomfort-artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @pytest.fixture(scope="module")
 def editor(comfy_path, tmp_path_factory):
     """(server, page): a ComfyUI with the node pack and a Chromium page on its editor."""
-    if os.environ.get("DISCOMFORT_SKIP_BROWSER") == "1":
-        pytest.skip("DISCOMFORT_SKIP_BROWSER=1: browser tests skipped on request")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (or set DISCOMFORT_SKIP_BROWSER=1)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is missing: `pip install playwright==1.65.2` (no browser download needed)")
+    sync_playwright = require_browser()
     from discomfort.comfy import launch_server
 
     work = tmp_path_factory.mktemp("editor-server")
     with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180) as srv, \
             sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1500, "height": 950})
-        page.goto(srv.url)
-        page.wait_for_function("window.app && window.app.graph", timeout=120_000)
+        browser = launch(pw)
+        page = open_editor(browser, srv.url)
         close_templates(page)
         page.evaluate("() => app.graph.clear()")
         yield srv, page
         browser.close()
-
-
-def close_templates(pg) -> None:
-    """A fresh profile (every test server's) opens the Templates dialog over the canvas, once the
-    page has loaded its settings: wait for it, close it."""
-    dialog = pg.locator(".p-dialog")
-    try:
-        dialog.first.wait_for(state="visible", timeout=60_000)
-    except Exception:  # noqa: BLE001 - no dialog this time
-        return
-    close = pg.locator(".p-dialog[aria-labelledby=global-workflow-template-selector] button.right-6")
-    if close.count():
-        close.first.click()  # its close button (top right; it has no label)
-    else:
-        pg.keyboard.press("Escape")
-    dialog.first.wait_for(state="hidden", timeout=15_000)
 
 
 def search(pg, text: str, expect: str | None = None, x: int = 700, y: int = 300) -> list[str]:

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _browser import artifacts_dir, close_templates, launch, open_editor, require_browser
+from _helpers import Fifo
+
 pytestmark = pytest.mark.comfy
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_PACK = REPO / "comfy_nodes"
 TEST_PACK = Path(__file__).resolve().parent / "test_pack"
-CHROMIUM = os.environ.get("DISCOMFORT_CHROMIUM", "/usr/bin/chromium")
 START = 51  # the input image's value (0.2)
 BLEND = 0.25
 
@@ -119,22 +120,6 @@ def expected_values(iterations: int) -> dict[str, int]:
     return {"image": to8(v), "inverted": to8(inverted)}
 
 
-class Fifo:
-    """A FIFO the gate node writes "started" to; waited on with select (no sleeps)."""
-
-    def __init__(self, path: Path) -> None:
-        os.mkfifo(path)
-        self.path = str(path)
-        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-
-    def wait(self, timeout: float = 120.0) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        return bool(ready) and os.read(self.fd, 64).startswith(b"started")
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 class Events:
     """ComfyUI's websocket for one client id: the panel's ``discomfort.progress`` events."""
 
@@ -163,12 +148,6 @@ class Events:
 
 def shm_files(run_id: str) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"dcf-{run_id}")]
-
-
-def artifacts_dir() -> Path:
-    path = Path(os.environ.get("DISCOMFORT_ARTIFACTS") or "/tmp/discomfort-artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -367,38 +346,16 @@ def test_second_run_and_cancel(panel, http, tmp_path):
 
 @pytest.fixture(scope="module")
 def page(panel):
-    if os.environ.get("DISCOMFORT_SKIP_BROWSER") == "1":
-        pytest.skip("DISCOMFORT_SKIP_BROWSER=1: browser tests skipped on request")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (or set DISCOMFORT_SKIP_BROWSER=1)")
-    from playwright.sync_api import sync_playwright
+    sync_playwright = require_browser()
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        pg = browser.new_page(viewport={"width": 1500, "height": 950})
-        pg.goto(panel.url)
-        pg.wait_for_function("window.app && window.app.graph && window.comfyAPI.api.api.clientId", timeout=120_000)
+        browser = launch(pw)
+        pg = open_editor(browser, panel.url, "window.app && window.app.graph && window.comfyAPI.api.api.clientId")
         close_templates(pg)
         pg.evaluate("""() => { window.__dcf = [];
             window.comfyAPI.api.api.addEventListener('discomfort.progress', e => window.__dcf.push(e.detail)); }""")
         yield pg
         browser.close()
-
-
-def close_templates(pg) -> None:
-    """A fresh profile (every test server's) opens the Templates dialog over the canvas, once the
-    page has loaded its settings: wait for it, close it."""
-    dialog = pg.locator(".p-dialog")
-    try:
-        dialog.first.wait_for(state="visible", timeout=60_000)
-    except Exception:  # noqa: BLE001 - no dialog this time
-        return
-    close = pg.locator(".p-dialog[aria-labelledby=global-workflow-template-selector] button.right-6")
-    if close.count():
-        close.first.click()  # its close button (top right; it has no label)
-    else:
-        pg.keyboard.press("Escape")
-    dialog.first.wait_for(state="hidden", timeout=15_000)
 
 
 def finished_event(pg, run_id: str) -> dict:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from _browser import artifacts_dir, launch, open_editor, require_browser
 
 from discomfort.errors import UnsupportedWorkflowError
 from discomfort.workflow_format import is_ui_format, ui_to_api
@@ -33,30 +34,10 @@ pytestmark = pytest.mark.comfy
 REPO = Path(__file__).resolve().parents[2]
 NODE_PACK = REPO / "comfy_nodes"
 FIXTURES = REPO / "tests" / "fixtures" / "workflows"
-CHROMIUM = os.environ.get("DISCOMFORT_CHROMIUM", "/usr/bin/chromium")
 EXPECTED_TEMPLATES = 188  # comfyui-workflow-templates 0.7.25, pinned by ComfyUI 0.3.75
 FRONTEND_FAILS = {"ui_group_node.json", "ui_subgraph.json"}  # hand-made, invalid: the frontend throws
 CONVERT_JS = """async (wf) => { await app.loadGraphData(wf, true, true, null);
   const r = await app.graphToPrompt(); return JSON.parse(JSON.stringify(r.output)); }"""
-
-
-def artifacts_dir() -> Path:
-    path = Path(os.environ.get("DISCOMFORT_ARTIFACTS") or "/tmp/discomfort-artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def require_browser():
-    """Playwright's sync API, or a failure that says how to install what is missing."""
-    if os.environ.get("DISCOMFORT_SKIP_BROWSER") == "1":
-        pytest.skip("DISCOMFORT_SKIP_BROWSER=1: browser tests skipped on request")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (or set DISCOMFORT_SKIP_BROWSER=1)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is missing: `pip install playwright==1.65.2` (no browser download needed)")
-    return sync_playwright
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +49,10 @@ def frontend(comfy_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("frontend-server")
     with launch_server(comfy_path, custom_nodes=[NODE_PACK], work_dir=work, api_nodes=True,
                        startup_timeout=240) as server, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = open_editor(browser, server.url)
+        browser = launch(pw)
+        page = open_editor(browser, server.url, viewport=(1600, 1000))
         yield server, page
         browser.close()
-
-
-def open_editor(browser, url: str):
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    page.goto(url)
-    page.wait_for_function("window.app && window.app.graph", timeout=120_000)
-    return page
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -22,9 +21,10 @@ from discomfort.comfy import ComfyServer
 from discomfort.errors import RunCancelled, RunInterrupted
 from discomfort.sequential import run_sequential
 
+from _helpers import Fifo, leftovers, status_kib
+
 pytestmark = pytest.mark.comfy
 
-SHM = "/dev/shm"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -58,18 +58,6 @@ def _exact_image(shape, seed: int) -> torch.Tensor:
     return torch.randint(0, 257, shape, generator=g).float() / 256
 
 
-def _leftovers(run_id: str) -> list[str]:
-    return [n for n in os.listdir(SHM) if n == f"dcf-{run_id}" or n.startswith(f"dcf-{run_id}.")]
-
-
-def _status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
-
-
 def _mapped_runs(pid: int) -> set[str]:
     """The discomfort runs whose segments process ``pid`` still maps."""
     runs = set()
@@ -79,26 +67,6 @@ def _mapped_runs(pid: int) -> set[str]:
             if name.startswith("dcf-"):
                 runs.add(name.split()[0][4:].split(".")[0])
     return runs
-
-
-class Fifo:
-    """A FIFO a gate node writes "started" to; the test waits on it with select (no sleeps)."""
-
-    def __init__(self, path: Path) -> None:
-        os.mkfifo(path)
-        self.path = str(path)
-        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-
-    def wait(self, timeout: float = 120.0) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        return bool(ready) and os.read(self.fd, 64).startswith(b"started")
-
-    def heard(self) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], 0)
-        return bool(ready) and bool(os.read(self.fd, 64))
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def _in_thread(fn, *args, **kwargs):
@@ -131,8 +99,8 @@ def test_two_hundred_iterations_keep_memory_flat(server):
             st = get_context(ev.run_id).stats()
             samples.append({
                 "bytes": st["bytes_ram"] + st["bytes_disk"], "capacity": st["ram_capacity"],
-                "segments": len(_leftovers(ev.run_id)), "server_shm": _status_kib(pid, "RssShmem"),
-                "rss": _status_kib(os.getpid(), "VmRSS"), "run_id": ev.run_id,
+                "segments": len(leftovers(ev.run_id)), "server_shm": status_kib(pid, "RssShmem"),
+                "rss": status_kib(os.getpid(), "VmRSS"), "run_id": ev.run_id,
             })
 
     result = run_sequential([a, b], {"img": image}, iterations=iterations, executor=server, timeout=120,
@@ -148,7 +116,7 @@ def test_two_hundred_iterations_keep_memory_flat(server):
     assert all(s["segments"] == ref["segments"] for s in later), report
     assert max(s["server_shm"] for s in later) <= ref["server_shm"] + 4 * 1024, report
     assert max(s["rss"] for s in later) <= ref["rss"] + 16 * 1024, report
-    assert _leftovers(samples[0]["run_id"]) == []
+    assert leftovers(samples[0]["run_id"]) == []
 
     # Many runs through the same server: it keeps at most the last one's memory mapped.
     big = _exact_image((1, 1024, 1024, 3), 8)  # 12 MiB
@@ -159,11 +127,11 @@ def test_two_hundred_iterations_keep_memory_flat(server):
                        on_progress=lambda ev: seen.append(ev.run_id))
         run_ids.append(seen[0])
     mapped = _mapped_runs(pid) & set(run_ids)
-    shm_kib = _status_kib(pid, "RssShmem")
+    shm_kib = status_kib(pid, "RssShmem")
     print(f"after 6 runs of 12 MiB: server maps {len(mapped)} of them, RssShmem {shm_kib} KiB")
     assert mapped <= {run_ids[-1]}, mapped
     assert shm_kib <= ref["server_shm"] + 2 * 36 * 1024, shm_kib  # at most ~one run of 2 x 12 MiB (+ slack)
-    assert all(_leftovers(r) == [] for r in run_ids)
+    assert all(leftovers(r) == [] for r in run_ids)
 
 
 def test_a_loop_on_the_disk_tier_keeps_its_files_flat(inprocess, tmp_path):
@@ -246,7 +214,7 @@ def test_cancel_from_another_thread_inside_a_workflow(request, where, tmp_path):
     assert (exc.iteration, exc.workflow, exc.inside) == (0, 1, True)
     assert exc.workflow_name == "workflow 1" and exc.run_id == run_ids[0]
     assert "inside workflow 2/2" in str(exc) and "iteration 1/3" in str(exc) and "(test)" in str(exc)
-    assert _leftovers(exc.run_id) == []  # over HTTP the server's store: the same /dev/shm here
+    assert leftovers(exc.run_id) == []  # over HTTP the server's store: the same /dev/shm here
     if where != "inprocess":
         q = executor.queue()
         assert q["queue_running"] == [] and q["queue_pending"] == []
@@ -278,7 +246,7 @@ def test_ctrl_c_in_process_interrupts_comfyui(inprocess, tmp_path):
         fifo.close()
     exc = info.value
     assert (exc.iteration, exc.workflow, exc.inside) == (0, 1, True) and "Ctrl-C" in str(exc)
-    assert _leftovers(exc.run_id) == []
+    assert leftovers(exc.run_id) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     out = run_sequential([wfs[0]], {"img": image}, executor=inprocess, timeout=120)
     assert torch.equal(out["mid"], 1.0 - image)
@@ -303,7 +271,7 @@ def test_cancel_between_workflows(inprocess):
     exc = info.value
     assert (exc.iteration, exc.workflow, exc.inside) == (1, 1, False)
     assert "before workflow 2/2" in str(exc) and "after 3 of 10 workflows" in str(exc)
-    assert _leftovers(exc.run_id) == []
+    assert leftovers(exc.run_id) == []
 
 
 def test_cancel_removes_a_queued_prompt(server, tmp_path):
@@ -387,7 +355,7 @@ def test_ctrl_c_stops_the_run_and_the_server(server, tmp_path):
     assert info.get("is_keyboard_interrupt") is True, info
     assert (info["iteration"], info["workflow"], info["inside"]) == (0, 1, True)
     assert info["run_id"] == info["seen"] and "Ctrl-C" in info["message"]
-    assert _leftovers(info["run_id"]) == []
+    assert leftovers(info["run_id"]) == []
     q = server.queue()
     assert q["queue_running"] == [] and q["queue_pending"] == []
 
@@ -500,4 +468,4 @@ def test_discomfort_run_command_on_ctrl_c(server, tmp_path):
     line = err.strip().splitlines()[-1]
     assert line.startswith("discomfort run: run ") and "inside workflow 2/2 (wf1.json) of iteration 1/3" in line
     run_id = line.split()[3]
-    assert _leftovers(run_id) == [] and not (tmp_path / "out").exists()
+    assert leftovers(run_id) == [] and not (tmp_path / "out").exists()

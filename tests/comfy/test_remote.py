@@ -18,9 +18,7 @@ import requests
 import torch
 
 import discomfort
-from discomfort.sysinfo import host_differences, host_facts, host_info, new_nonce, same_host
 from discomfort.errors import (
-    NodeExecutionError,
     ReferenceUnavailableError,
     RunFinishedError,
     SerializationError,
@@ -31,14 +29,10 @@ from discomfort.errors import (
 from discomfort.remote import FrameBody, RemoteContext, TransportWarning, frame_header, parse_header
 from discomfort.remote.framing import TOKEN_HEADER
 from discomfort.sequential import run_sequential
+from discomfort.sysinfo import host_differences, host_facts, host_info, new_nonce, same_host
 from discomfort.workflow_tools import choose_transport
 
-SHM = "/dev/shm"
-
-
-def _leftovers(run_id: str) -> list[str]:
-    return [n for n in os.listdir(SHM) if n == f"dcf-{run_id}" or n.startswith(f"dcf-{run_id}.")]
-
+from _helpers import leftovers
 
 class Recorder:
     """Wraps the server executor; keeps the prompts and what the run looked like during each one."""
@@ -62,7 +56,7 @@ class Recorder:
         self.prompts.append(json.loads(text))
         run_id = next(n["inputs"]["run_id"] for n in prompt.values() if "run_id" in n["inputs"])
         # The run's store exists (the server made it) but this process holds no context for it.
-        self.during.append((_leftovers(run_id), run_id in discomfort.context.active_runs()))
+        self.during.append((leftovers(run_id), run_id in discomfort.context.active_runs()))
         return self.inner.execute(prompt, timeout=timeout)
 
     @property
@@ -176,7 +170,7 @@ def test_http_loop_gives_the_same_pixels_as_shm(server, workflow, iterations):
     for names, held_here in rec.during:
         assert names and not held_here
     run_id = rec.run_id
-    assert _leftovers(run_id) == []
+    assert leftovers(run_id) == []
     assert requests.get(f"{server.url}/discomfort/runs/{run_id}", headers={TOKEN_HEADER: "x"},
                         timeout=10).status_code == 404
 
@@ -255,8 +249,8 @@ def test_remote_context_api(server):
         with pytest.raises(UnknownKeyError, match="'nope'"):
             rc.info("nope")
         run_id = rc.run_id
-        assert _leftovers(run_id)  # the server's store, on this machine
-    assert rc.closed and _leftovers(run_id) == []
+        assert leftovers(run_id)  # the server's store, on this machine
+    assert rc.closed and leftovers(run_id) == []
     with pytest.raises(RunFinishedError):
         rc.load("t")
     rc.shutdown()  # idempotent

@@ -17,15 +17,11 @@ from discomfort.workflow_format import stitch
 from discomfort.sequential import run_sequential
 from discomfort.workflow_tools import prepare_prompt
 
+from _helpers import leftovers
+
 pytestmark = pytest.mark.comfy
 
-SHM = "/dev/shm"
 WORKFLOWS = Path(__file__).resolve().parents[1] / "fixtures" / "workflows"
-
-
-def _leftovers(run_id: str) -> list[str]:
-    """Shared-memory files of this run still present (other runs may come and go meanwhile)."""
-    return [n for n in os.listdir(SHM) if n == f"dcf-{run_id}" or n.startswith(f"dcf-{run_id}.")]
 
 
 def _run_id(rec: "Recorder") -> str:
@@ -65,7 +61,7 @@ def test_loop_of_image_inverts_gives_exact_pixels(executor, workflow, iterations
     assert result["image"].dtype == torch.float32 and result["image"].shape == image.shape
     assert torch.equal(result["image"], expected)
     # The run is over: its shared memory and files are gone, its values stay valid.
-    assert _leftovers(_run_id(rec)) == []
+    assert leftovers(_run_id(rec)) == []
     assert list(tmp_path.iterdir()) == []
     gc.collect()
     assert torch.equal(result["image"], expected)
@@ -150,7 +146,7 @@ def test_a_failing_node_surfaces_with_its_id(executor, workflow, tmp_path):
                        timeout=120, disk_dir=tmp_path)
     assert info.value.node_id == "2" and info.value.class_type == "ImageInvert"
     assert "node 2" in str(info.value)
-    assert _leftovers(_run_id(rec)) == [] and list(tmp_path.iterdir()) == []
+    assert leftovers(_run_id(rec)) == [] and list(tmp_path.iterdir()) == []
 
 
 def test_missing_input_is_an_error_naming_it(executor, workflow):
@@ -217,7 +213,7 @@ def test_server_nodes_attach_to_the_orchestrators_context(server, workflow):
                             executor=rec, timeout=120)
     assert torch.equal(result["image"], 1.0 - image)
     assert max(rec.sizes) < 1024
-    assert _leftovers(_run_id(rec)) == []
+    assert leftovers(_run_id(rec)) == []
     # The server still works for the next run (its attachment to the finished run is dropped).
     result = run_sequential(workflow("run_loop_invert.json"), {"image": image}, iterations=1,
                             executor=server, timeout=120)
