@@ -161,19 +161,20 @@ def test_bench_quick_honours_rounds_and_sizes_and_draws_no_bar_into_logs(monkeyp
 
     seen = {}
 
-    def fake_run(sizes, backends, rounds, disk_tier=True, legacy=True, progress=None):
-        seen.update(sizes=sizes, rounds=rounds, disk_tier=disk_tier)
+    def fake_run(sizes, backends, rounds, disk_tier=True, legacy=True, progress=None, http=False):
+        seen.update(sizes=sizes, rounds=rounds, disk_tier=disk_tier, http=http)
         progress("[1/1] step")
         return []
 
     monkeypatch.setattr(bench, "run", fake_run)
     assert cli.main(["bench", "--quick", "--rounds", "5", "--sizes", "12MiB"]) == 0
-    assert seen == {"sizes": ("12 MiB",), "rounds": 5, "disk_tier": False}
+    assert seen == {"sizes": ("12 MiB",), "rounds": 5, "disk_tier": False, "http": False}
     assert "bench" not in capsys.readouterr().err  # stderr is not a terminal here: no tqdm bar
     assert cli.main(["bench", "--quick"]) == 0
     assert seen["rounds"] == 3 and seen["sizes"] == bench.QUICK_SIZES[:2]
     assert cli.main(["bench"]) == 0
     assert seen["rounds"] == 7 and seen["sizes"] == bench.QUICK_SIZES and seen["disk_tier"]
+    assert seen["http"] == bench.http_available()  # HTTP rows wherever aiohttp and requests are
 
 
 # ------------------------------------------------------------------------------------------- run

@@ -41,6 +41,8 @@ NOTES = (
     "handoff: save here, then another process loads it and reads one byte per page; timed here, "
     "from the save to the reply (includes one pipe round trip, ~0.1 ms)",
     "load+touch (other process): the loading process's own time for its load and the page reads",
+    "http save / http load: RemoteContext against a run server in another process (the node pack's "
+    "routes, python -m discomfort.remote.standalone) over loopback; load makes a new value here",
     "legacy base64 round trip: torch.save -> base64 in prompt JSON -> back (the path this replaces)",
 )
 
@@ -186,6 +188,44 @@ def bench_handoff(backend: str, tensor: Any, rounds: int) -> dict[str, tuple[flo
                 "load+touch (other process)": (statistics.median(child_ns[1:] or child_ns) / 1e6, True)}
 
 
+def http_available() -> bool:
+    """Whether this Python has what the HTTP rows need (aiohttp for the server, requests)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "requests"))
+
+
+def bench_http(tensor: Any, rounds: int) -> dict[str, tuple[float, bool]]:
+    """save and load over HTTP, to a run server in a process of its own, over loopback."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    from .remote import RemoteContext
+
+    secret = secrets.token_urlsafe(24)
+    env = {**os.environ, "DISCOMFORT_SERVER_SECRET": secret}
+    proc = subprocess.Popen([sys.executable, "-m", "discomfort.remote.standalone"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        port = int(proc.stdout.readline() or 0)
+        if not port:
+            raise RuntimeError("the run server for the HTTP rows did not start")
+        nbytes = tensor.numel() * tensor.element_size()
+        with RemoteContext(f"http://127.0.0.1:{port}", secret=secret, ram_budget=2 * nbytes + 64 * MiB) as rc:
+            return {"http save": (median_ms(lambda: rc.save("image", tensor), rounds), False),
+                    "http load": (median_ms(lambda: rc.load("image"), rounds), False)}
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _lies_in(addr: int, prefix: str) -> bool:
     with open("/proc/self/maps") as fh:
         for line in fh:
@@ -197,11 +237,11 @@ def _lies_in(addr: int, prefix: str) -> bool:
 
 
 def run(sizes: tuple[str, ...], backends: list[str], rounds: int, disk_tier: bool = True,
-        legacy: bool = True, progress: Callable[[str], None] | None = None) -> list[Row]:
+        legacy: bool = True, progress: Callable[[str], None] | None = None, http: bool = False) -> list[Row]:
     import torch
 
     rows: list[Row] = []
-    steps = len(sizes) * (1 + len(backends) * (3 if disk_tier else 2) + (1 if legacy else 0))
+    steps = len(sizes) * (1 + len(backends) * (3 if disk_tier else 2) + (1 if legacy else 0) + (1 if http else 0))
     done = 0
 
     def step(label: str) -> None:
@@ -234,6 +274,10 @@ def run(sizes: tuple[str, ...], backends: list[str], rounds: int, disk_tier: boo
             for method, (ms, zc) in bench_handoff(backend, tensor, r).items():
                 add(f"{method} [ram]", backend, ms, zc)
             step(f"{size}: {backend} handoff to another process")
+        if http:
+            for method, (ms, zc) in bench_http(tensor, max(3, r // 2)).items():
+                add(method, "-", ms, zc)
+            step(f"{size}: HTTP to a server process")
         if legacy:
             if nbytes <= LEGACY_MAX_BYTES:
                 add("legacy base64 round trip", "-", median_ms(lambda: legacy_round_trip(tensor), 3, 0), False)

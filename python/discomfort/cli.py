@@ -88,7 +88,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             bar.set_postfix_str(label)
             bar.update(1)
 
-        rows = bench.run(sizes, backends, rounds, disk_tier=not args.quick, legacy=True, progress=progress)
+        rows = bench.run(sizes, backends, rounds, disk_tier=not args.quick, legacy=True, progress=progress,
+                         http=not args.quick and bench.http_available())
     print(bench.format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure save/load against memcpy and the legacy path")
     p.add_argument("--quick", action="store_true",
-                   help="RAM tier only, 1 and 12 MiB unless --sizes, 3 rounds unless --rounds (under ~20 s)")
+                   help="RAM tier only (no disk tier, no HTTP rows), 64 and 256 KiB unless --sizes, 3 rounds "
+                        "unless --rounds (under ~20 s)")
     p.add_argument("--sizes", nargs="+", metavar="SIZE",
                    help='sizes to run: 1, 12, 192 or 512 MiB, e.g. --sizes "12 MiB" 512MiB (or 1MiB,12MiB)')
     p.add_argument("--rounds", type=_positive_int, default=None, metavar="N",

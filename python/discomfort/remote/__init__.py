@@ -7,7 +7,8 @@ and values travel as binary HTTP bodies through the node pack's routes.
 
 One module per concern: :mod:`.framing` (the frame and the headers), :mod:`discomfort.datacodec`
 (the data-only encoding: no pickle crosses HTTP in either direction), :mod:`.client`
-(:class:`RemoteContext`), :mod:`.server` (the routes, who may call them, and their limits).
+(:class:`RemoteContext`), :mod:`.server` (the routes, who may call them, and their limits),
+:mod:`.standalone` (those routes on a plain aiohttp server, without ComfyUI).
 """
 
 from typing import Any

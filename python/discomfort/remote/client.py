@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .. import codecs, datacodec, errors
+from .._platform import receive_buffer
 from ..runs import RunBase, prompt_digest
 from ..errors import ComfyConnectionError, ReferenceUnavailableError, SerializationError, UnknownKeyError
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, FrameBody, frame_length,
@@ -165,7 +166,7 @@ class RemoteContext(RunBase):
             resp.close()
         return datacodec.decode(meta, buffers, self.limits)
 
-    def _read_frame(self, resp: Any, unique_id: str) -> tuple[bytes, list[bytearray]]:
+    def _read_frame(self, resp: Any, unique_id: str) -> tuple[bytes, list[Any]]:
         """A frame from the answer, every size checked before it is allocated."""
         raw = resp.raw
         length = resp.headers.get("Content-Length")
@@ -180,7 +181,7 @@ class RemoteContext(RunBase):
         datacodec.check(meta, sizes, self.limits)
         buffers = []
         for n in sizes:
-            buf = bytearray(n)
+            buf = receive_buffer(n)
             _read_into(raw, memoryview(buf), f"{unique_id!r}: buffer of {n} bytes")
             buffers.append(buf)
         return meta, buffers

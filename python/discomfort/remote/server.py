@@ -88,7 +88,7 @@ class ServerLimits:
     max_value: int = 8 << 30  # DISCOMFORT_REMOTE_MAX_VALUE: bytes of one frame
     max_run_bytes: int = 16 << 30  # DISCOMFORT_REMOTE_MAX_RUN_BYTES: bytes a run holds, both tiers
     idle_seconds: float = 900.0  # DISCOMFORT_REMOTE_RUN_TTL: a run nobody used for this long ends
-    stall_seconds: float = 60.0  # a body that sends nothing for this long is dropped
+    stall_seconds: float = 60.0  # DISCOMFORT_REMOTE_STALL: a body that sends nothing this long is a 408
     codec: datacodec.Limits = field(default_factory=datacodec.Limits)
 
     @classmethod
@@ -100,6 +100,7 @@ class ServerLimits:
             max_value=_env_size("DISCOMFORT_REMOTE_MAX_VALUE", 8 << 30),
             max_run_bytes=_env_size("DISCOMFORT_REMOTE_MAX_RUN_BYTES", 16 << 30),
             idle_seconds=float(os.environ.get("DISCOMFORT_REMOTE_RUN_TTL", 900)),
+            stall_seconds=float(os.environ.get("DISCOMFORT_REMOTE_STALL", 60)),
         )
         lim.codec = datacodec.Limits(max_bytes=lim.max_value)
         return lim
@@ -194,30 +195,75 @@ async def read_json_object(request: Any, limit: int, what: str) -> dict:
     return body
 
 
-async def _read_exactly(reader: Any, n: int, stall: float, what: str) -> bytes:
-    if n == 0:
-        return b""
-    try:
-        return await asyncio.wait_for(reader.readexactly(n), stall * max(1, n // CHUNK))
-    except asyncio.IncompleteReadError as exc:
-        raise ValueError(f"the body ended inside the {what} ({len(exc.partial)} of {n} bytes)") from None
-    except asyncio.TimeoutError:
-        raise HTTPRefusal(408, f"the body stalled inside the {what}", errors.RemoteLimitError) from None
+class _Body:
+    """A request body read chunk by chunk as aiohttp received it: one copy, into the destination.
+
+    ``readchunk`` hands over the parser's own chunks (``read(n)`` would join them first: one more
+    copy of every byte). A body that sends nothing for ``stall`` seconds is a 408; one timer per
+    request checks that, not a ``wait_for`` task per chunk.
+    """
+
+    def __init__(self, content: Any, stall: float) -> None:
+        self._content = content
+        self._rest = memoryview(b"")
+        self._stall = stall
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._last = self._loop.time()
+        self.stalled = False
+        self._timer = self._loop.call_later(stall, self._check)
+
+    def _check(self) -> None:
+        idle = self._loop.time() - self._last
+        if idle < self._stall:
+            self._timer = self._loop.call_later(self._stall - idle, self._check)
+        elif self._task is not None:
+            self.stalled = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        self._timer.cancel()
+
+    async def _chunk(self, what: str) -> memoryview:
+        if self._rest.nbytes:
+            chunk, self._rest = self._rest, memoryview(b"")
+            return chunk
+        while True:
+            try:
+                data, _ = await self._content.readchunk()
+            except ConnectionError:  # the client closed its end: nobody reads an answer now
+                raise ValueError(f"the connection closed inside the {what}") from None
+            self._last = self._loop.time()
+            if data:
+                return memoryview(data)
+            if self._content.at_eof():
+                raise ValueError(f"the body ended inside the {what}")
+
+    async def fill(self, dst: memoryview, what: str) -> None:
+        """Fill ``dst`` from the body."""
+        pos, n = 0, dst.nbytes
+        while pos < n:
+            try:
+                chunk = await self._chunk(what)
+            except ValueError:
+                raise ValueError(f"the body ended inside the {what} ({pos} of {n} bytes)") from None
+            take = min(chunk.nbytes, n - pos)
+            dst[pos : pos + take] = chunk[:take]
+            if take < chunk.nbytes:
+                self._rest = chunk[take:]
+            pos += take
+
+    async def exactly(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        await self.fill(memoryview(buf), what)
+        return bytes(buf)
 
 
-async def _fill(reader: Any, dst: memoryview, stall: float) -> None:
-    n = dst.nbytes
-    pos = 0
-    while pos < n:
-        try:
-            chunk = await asyncio.wait_for(reader.read(min(n - pos, CHUNK)), stall)
-        except asyncio.TimeoutError:
-            raise HTTPRefusal(408, f"the body stalled after {pos} of {n} bytes of a buffer",
-                              errors.RemoteLimitError) from None
-        if not chunk:
-            raise ValueError(f"the body ended early ({pos} of {n} bytes of a buffer)")
-        dst[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
+def _uncancel() -> None:
+    """Take back the cancellation a stalled body's timer made (Python 3.11+ counts them)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 # ------------------------------------------------------------------------------------ server
@@ -407,29 +453,40 @@ class RunServer:
             if length > lim.max_value:
                 raise HTTPRefusal(413, f"a value of {length} bytes is over this server's limit of "
                                        f"{lim.max_value} (DISCOMFORT_REMOTE_MAX_VALUE)", errors.RemoteLimitError)
-            reader = request.content
-            nbuf, meta_len = parse_fixed(await _read_exactly(reader, HEAD.size, lim.stall_seconds, "frame header"),
-                                         lim.codec)
-            sizes = parse_sizes(await _read_exactly(reader, SIZE.size * nbuf, lim.stall_seconds, "buffer table"),
-                                nbuf, lim.codec)
-            total = frame_length(meta_len, sizes)
-            if length != total:
-                raise ValueError(f"Content-Length {length} but the frame is {total} bytes")
-            meta = await _read_exactly(reader, meta_len, lim.stall_seconds, "metadata")
-            datacodec.check(meta, sizes, lim.codec)  # before a byte of the buffers is reserved
-            self._check_room(ctx, key, sum(sizes))
-            res = ctx.reserve_data(key, meta, sizes)
+            body = _Body(request.content, lim.stall_seconds)
             try:
-                for dst in res.buffers:
-                    await _fill(reader, dst, lim.stall_seconds)
-                datacodec.decode(meta, res.buffers, lim.codec, place=False)  # contents: bool bytes, Arrow
-                version = res.seal()
-            except BaseException:
-                res.abort()
-                raise
+                version = await self._receive(ctx, key, body, length)
+            except asyncio.CancelledError:
+                if not body.stalled:
+                    raise
+                _uncancel()
+                raise HTTPRefusal(408, f"the body sent nothing for {lim.stall_seconds:.0f} s",
+                                  errors.RemoteLimitError) from None
+            finally:
+                body.close()
         except Exception as exc:  # noqa: BLE001
             return self._error(exc, run_id, key)
         return web.json_response({"run_id": run_id, "unique_id": key, "version": version})
+
+    async def _receive(self, ctx: ServedContext, key: str, body: _Body, length: int) -> int:
+        """Read a frame from ``body`` into a reservation of the store; its version once sealed."""
+        lim = self.limits
+        nbuf, meta_len = parse_fixed(await body.exactly(HEAD.size, "frame header"), lim.codec)
+        sizes = parse_sizes(await body.exactly(SIZE.size * nbuf, "buffer table"), nbuf, lim.codec)
+        if length != frame_length(meta_len, sizes):
+            raise ValueError(f"Content-Length {length} but the frame is {frame_length(meta_len, sizes)} bytes")
+        meta = await body.exactly(meta_len, "metadata")
+        datacodec.check(meta, sizes, lim.codec)  # before a byte of the buffers is reserved
+        self._check_room(ctx, key, sum(sizes))
+        res = ctx.reserve_data(key, meta, sizes)
+        try:
+            for i, dst in enumerate(res.buffers):
+                await body.fill(dst, f"buffer {i}")
+            datacodec.decode(meta, res.buffers, lim.codec, place=False)  # contents: bool bytes, Arrow
+            return res.seal()
+        except BaseException:
+            res.abort()
+            raise
 
     def _check_room(self, ctx: ServedContext, key: str, nbytes: int) -> None:
         stats = ctx.stats()
