@@ -140,7 +140,7 @@ std::string Store::disk_name(uint64_t file_id) const {
     return name;
 }
 
-Mapping Store::create_disk_object(uint64_t file_id, uint64_t length) {
+Fd Store::create_disk_file(uint64_t file_id, uint64_t length) {
     const std::string path = disk_path(file_id), name = disk_name(file_id);
     Fd fd(openat_retry(disk_fd_.get(), name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0600));
     if (!fd.valid()) {
@@ -158,9 +158,19 @@ Mapping Store::create_disk_object(uint64_t file_id, uint64_t length) {
                                  std::to_string(length) + " bytes needed): " + std::strerror(rc),
                              rc);
         if (rc != 0) throw_system("allocate " + path, rc);
-        return Mapping(fd.get(), length, MAP_SHARED, 0);
+        return fd;
     } catch (...) {
         ::unlinkat(disk_fd_.get(), name.c_str(), 0);
+        throw;
+    }
+}
+
+Mapping Store::create_disk_object(uint64_t file_id, uint64_t length) {
+    Fd fd = create_disk_file(file_id, length);
+    try {
+        return Mapping(fd.get(), length, MAP_SHARED, 0);
+    } catch (...) {
+        ::unlinkat(disk_fd_.get(), disk_name(file_id).c_str(), 0);
         throw;
     }
 }

@@ -80,6 +80,11 @@ void Reservation::abort() {
 
 std::unique_ptr<Reservation> Store::reserve(const std::string& key, const void* meta, uint64_t meta_len,
                                             const std::vector<uint64_t>& sizes) {
+    return reserve_as(key, meta, meta_len, sizes, nullptr);
+}
+
+std::unique_ptr<Reservation> Store::reserve_as(const std::string& key, const void* meta, uint64_t meta_len,
+                                               const std::vector<uint64_t>& sizes, Fd* disk_file) {
     check_usable();
     check_key(key);
     ExtentPlan plan = plan_extent(meta_len, sizes);
@@ -115,13 +120,18 @@ std::unique_ptr<Reservation> Store::reserve(const std::string& key, const void* 
             region->data = chunk_mapping->data() + place->second;
             region->size = length;
             region->owner = std::move(chunk_mapping);
+        } else if (disk_file) {
+            *disk_file = create_disk_file(file_id, length);
+            std::vector<uint8_t> head(plan.meta_off + meta_len);
+            write_extent_head(head.data(), plan, meta, meta_len);
+            pwrite_all(disk_file->get(), head.data(), head.size(), 0, disk_path(file_id));
         } else {
             auto mapping = std::make_shared<Mapping>(create_disk_object(file_id, length));
             region->data = mapping->data();
             region->size = length;
             region->owner = std::move(mapping);
         }
-        write_extent_head(region->data, plan, meta, meta_len);
+        if (region->data) write_extent_head(region->data, plan, meta, meta_len);
     } catch (...) {
         try {
             Guard guard(*this);
@@ -221,7 +231,15 @@ uint64_t Store::put(const std::string& key, const void* meta, uint64_t meta_len,
             if (auto version = put_small(key, meta, meta_len, buffers, plan)) return *version;
         }
     }
-    std::unique_ptr<Reservation> res = reserve(key, meta, meta_len, sizes);
+    Fd disk_file;
+    std::unique_ptr<Reservation> res = reserve_as(key, meta, meta_len, sizes, &disk_file);
+    if (disk_file.valid()) {  // the disk tier: pwrite, no mapping (an abort unlinks the file)
+        for (size_t i = 0; i < buffers.size(); ++i)
+            if (buffers[i].size)
+                pwrite_all(disk_file.get(), buffers[i].data, buffers[i].size, res->buffers()[i].offset,
+                           object_where(key));
+        return res->seal();
+    }
     uint8_t* base = res->region()->data;
     for (size_t i = 0; i < buffers.size(); ++i)
         if (buffers[i].size) copy_bytes(base + res->buffers()[i].offset, buffers[i].data, buffers[i].size);

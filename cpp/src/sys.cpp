@@ -115,6 +115,20 @@ void pread_all(int fd, void* dst, size_t length, uint64_t offset, const std::str
     }
 }
 
+void pwrite_all(int fd, const void* src, size_t length, uint64_t offset, const std::string& what) {
+    const auto* p = static_cast<const uint8_t*>(src);
+    while (length > 0) {
+        ssize_t n = ::pwrite(fd, p, length, static_cast<off_t>(offset));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == ENOSPC || errno == EDQUOT))
+            throw StoreError(ErrorCode::DiskFull, "write of " + what + ": " + std::strerror(errno), errno);
+        if (n < 0) throw_system("write of " + what, errno);
+        p += n;
+        length -= static_cast<size_t>(n);
+        offset += static_cast<uint64_t>(n);
+    }
+}
+
 static struct flock one_byte(short type, uint64_t byte) {
     struct flock fl;
     std::memset(&fl, 0, sizeof fl);

@@ -63,6 +63,8 @@ int fallocate_file(int fd, uint64_t length);
 
 // Full pread; throws OSError.
 void pread_all(int fd, void* dst, size_t length, uint64_t offset, const std::string& what);
+// Full pwrite; DiskFullError on ENOSPC/EDQUOT, OSError otherwise.
+void pwrite_all(int fd, const void* src, size_t length, uint64_t offset, const std::string& what);
 
 // OFD locks on one byte of `fd`.
 void ofd_lock_wait(int fd, uint64_t byte);  // F_OFD_SETLKW, retried on EINTR

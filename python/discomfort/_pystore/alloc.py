@@ -122,7 +122,10 @@ class AllocStore(TableStore):
         return mm
 
     # ---- the disk tier ------------------------------------------------------------------------
-    def _create_disk_object(self, file_id: int, length: int) -> mmap.mmap:
+    def _create_disk_file(self, file_id: int, length: int) -> int:
+        """A new object file with its space reserved (DiskFullError otherwise); the caller closes
+        it. Writing a new file through a mapping faults every page (~11x a memcpy at 12 MiB);
+        pwrite does not (~2x), so put writes it that way and only reservations map it."""
         path, name, dir_fd = self._disk_path(file_id), object_file_name(file_id), self._c.disk_fd
         try:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -143,10 +146,22 @@ class AllocStore(TableStore):
                         f"({length} bytes needed): {exc.strerror}"
                     ) from None
                 raise
+            return fd
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+
+    def _create_disk_object(self, file_id: int, length: int) -> mmap.mmap:
+        fd = self._create_disk_file(file_id, length)
+        try:
             return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             try:
-                os.unlink(name, dir_fd=dir_fd)
+                os.unlink(object_file_name(file_id), dir_fd=self._c.disk_fd)
             except OSError:
                 pass
             raise

@@ -19,7 +19,7 @@ from .format import (
     RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES,
 )
 from .layout import fnv1a64, layout, parse_directory, parse_extent
-from .sys import killpoint, killpoints_armed, map_private
+from .sys import killpoint, killpoints_armed, map_private, pwrite_all
 
 #: RAM puts up to this size reserve, copy and seal under one hold of the lock (_put_small).
 FUSED_PUT_BYTES = 1 << 20
@@ -110,6 +110,11 @@ class ObjectStore(AllocStore):
 
     # ---- writes --------------------------------------------------------------------------------------
     def reserve(self, key: str, meta: bytes, sizes: Sequence[int]) -> Reservation:
+        return self._reserve(key, meta, sizes, False)[0]
+
+    def _reserve(self, key: str, meta: bytes, sizes: Sequence[int], disk_file: bool) -> tuple[Reservation, int]:
+        """reserve(); with ``disk_file``, an object that goes to the disk tier gets no buffers and
+        its file's descriptor instead of a mapping (put writes it with pwrite; -1 otherwise)."""
         raw = check_key(key)
         meta = bytes(meta)
         sizes = [int(n) for n in sizes]
@@ -141,10 +146,14 @@ class ObjectStore(AllocStore):
                 index = self._insert(raw, (tier, c.slot, file_id, chunk, off, length), key, replacing)
             finally:
                 c.end()
+        fd = -1
         try:
+            mapping = None
             if tier == RAM:
                 region = memoryview(self._chunk_map(chunk))[off : off + length]
-                mapping = None
+            elif disk_file:
+                fd = self._create_disk_file(file_id, length)
+                region = memoryview(bytearray(meta_off + len(meta)))
             else:
                 mapping = self._create_disk_object(file_id, length)
                 region = memoryview(mapping)
@@ -152,8 +161,14 @@ class ObjectStore(AllocStore):
             for i, (o, n) in enumerate(zip(offsets, sizes)):
                 BUFDESC.pack_into(region, 32 + 16 * i, o, n)
             region[meta_off : meta_off + len(meta)] = meta
-            buffers = [region[o : o + n] for o, n in zip(offsets, sizes)]
+            if fd >= 0:
+                pwrite_all(fd, region, 0, self._disk_path(file_id))
+                buffers = []
+            else:
+                buffers = [region[o : o + n] for o, n in zip(offsets, sizes)]
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
             try:
                 with self._locked(running=False):
                     c.begin()
@@ -163,7 +178,7 @@ class ObjectStore(AllocStore):
                 pass  # closed meanwhile: its release tombstoned the entry
             raise
         killpoint("after_reserve")
-        return Reservation(self, key, index, file_id, tier, buffers, mapping)
+        return Reservation(self, key, index, file_id, tier, buffers, mapping), fd
 
     def _own_reserved(self, index: int, file_id: int) -> tuple:
         e = self._valid(index)
@@ -246,13 +261,22 @@ class ObjectStore(AllocStore):
                 version = self._put_small(key, raw, meta, views, sizes, plan)
                 if version is not None:
                     return version
-        res = self.reserve(key, meta, sizes)
+        res, fd = self._reserve(key, meta, sizes, True)
         try:
-            for dst, src in zip(res.buffers, views):
-                dst[:] = src
+            if fd >= 0:  # the disk tier: pwrite, no mapping (an abort unlinks the file)
+                _meta_off, offsets, _length = layout(len(bytes(meta)), sizes)
+                where = f"run {self._run_id!r}, object {key!r}"
+                for o, src in zip(offsets, views):
+                    pwrite_all(fd, src, o, where)
+            else:
+                for dst, src in zip(res.buffers, views):
+                    dst[:] = src
         except BaseException:
             res.abort()
             raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
         return res.seal()
 
     # ---- reads -------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable
 
 from .._platform import PLATFORM
-from ..errors import UnsafeDirectoryError
+from ..errors import DiskFullError, UnsafeDirectoryError
 from .format import PAGE
 
 _KILLPOINT = os.environ.get("DISCOMFORT_TEST_KILLPOINT", "")
@@ -77,6 +77,20 @@ def fallocate(fd: int, offset: int, length: int) -> None:
         if code:
             raise OSError(code, os.strerror(code))
     _allocate(fd, offset, length)
+
+
+def pwrite_all(fd: int, data: Any, offset: int, what: str) -> None:
+    """Write all of ``data`` at ``offset`` (a pwrite may write less); DiskFullError when full."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"write of {what}: {exc.strerror}") from None
+            raise
+        view = view[n:]
+        offset += n
 
 
 def _zero_fill(fd: int, offset: int, length: int) -> None:
