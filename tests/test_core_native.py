@@ -116,7 +116,7 @@ def pattern(n: int, seed: int = 0) -> bytes:
 
 
 def test_module_constants():
-    assert core.FORMAT_VERSION == 1
+    assert core.FORMAT_VERSION == 2
     assert core.SMALL_OBJECT_BYTES == 65536
     assert isinstance(core.__version__, str) and core.__version__
 
@@ -431,13 +431,14 @@ def test_spill_to_disk_when_budget_is_exhausted(run_id, disk_root):
         assert views[0] == pattern(600_000, 2) and ginfo["tier"] == "disk" and ginfo["zero_copy"]
         files = os.listdir(s.disk_dir)
         assert len(files) == 1 and files[0].endswith(".obj") and len(files[0]) == 20
-        s.put("b", b"", [pattern(700_000, 3)])  # overwrite: the old file goes
-        assert os.listdir(s.disk_dir) != files and len(os.listdir(s.disk_dir)) == 1
+        s.put("b", b"", [pattern(700_000, 3)])  # overwrite: a view maps the old file, so a new one
+        now = os.listdir(s.disk_dir)
+        assert len(now) == 2 and files[0] in now  # the old one is kept (retired) for a later save
         assert views[0] == pattern(600_000, 2)  # the old private mapping stays intact
         s.put("tiny", b"", [b"t" * 10])  # fits in RAM still
         assert s.info("tiny")["tier"] == "ram"
         s.delete("b")
-        assert os.listdir(s.disk_dir) == []
+        assert len(os.listdir(s.disk_dir)) == 2  # both retired; no object of the run is on disk
         st = s.stats()
         assert st["objects_disk"] == 0 and st["objects_ram"] == 2 and st["ram_capacity"] == MiB
     finally:
@@ -638,7 +639,7 @@ def valid_header_bytes(run_id: str) -> bytearray:
     "damage, match",
     [
         (lambda d: d.__setitem__(slice(0, 8), b"NOTASTOR"), "not a discomfort store"),
-        (lambda d: d.__setitem__(slice(8, 12), struct.pack("<I", 2)), "version 2"),
+        (lambda d: d.__setitem__(slice(8, 12), struct.pack("<I", 3)), "version 3"),
         (lambda d: d.__setitem__(slice(72, 76), struct.pack("<I", 8192)), "table_capacity"),
         (lambda d: d.__setitem__(slice(104, 112), struct.pack("<Q", 5)), "pin_table_off"),
         (lambda d: d.__setitem__(slice(176, 180), struct.pack("<I", 5000)), "disk directory"),
@@ -916,7 +917,7 @@ def test_backends_interoperate(run_id, disk_root, creator, attacher):
             res.buffers[0][:] = b"abcd"
         assert bytes(s.get("res")[1][0]) == b"abcd"
         a.delete("disk")
-        assert s.keys() == ["big", "res", "small"] and os.listdir(s.disk_dir) == []
+        assert s.keys() == ["big", "res", "small"] and len(os.listdir(s.disk_dir)) == 1  # kept for reuse
         st_a, st_s = a.stats(), s.stats()
         assert st_a == st_s and st_s["pins"] == 1
         del held

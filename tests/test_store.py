@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import multiprocessing
 import os
@@ -147,8 +148,8 @@ def test_spills_to_disk_when_the_budget_is_exhausted(make_store):
     assert info["zero_copy"]
     files = os.listdir(store.disk_dir)
     assert len(files) == 1 and files[0].endswith(".obj")
-    store.put("large", b"l2", [b"short"])
-    assert os.listdir(store.disk_dir) == [] and bytes(views[0]) == large
+    store.put("large", b"l2", [b"short"])  # into RAM; the old file is kept for the next disk save
+    assert os.listdir(store.disk_dir) == files and bytes(views[0]) == large
     stats = store.stats()
     assert stats["objects_ram"] == 2 and stats["objects_disk"] == 0
 
@@ -172,6 +173,89 @@ def test_disk_files_by_put_and_by_reservation_are_the_same_bytes(make_store):
     for key in ("a", "b"):
         meta, views, _ = store.get(key)
         assert meta == b"meta" and [bytes(v) for v in views] == payloads
+
+
+def _only_file(store) -> int:
+    """A read descriptor on the run's one disk file: its inode cannot be recycled while it is open."""
+    (name,) = os.listdir(store.disk_dir)
+    return os.open(os.path.join(store.disk_dir, name), os.O_RDONLY)
+
+
+def _file_of(store, fd: int) -> str | None:
+    """The name the descriptor's file has in the run directory now (None: unlinked)."""
+    ino = os.fstat(fd).st_ino
+    return next((n for n in os.listdir(store.disk_dir) if os.stat(os.path.join(store.disk_dir, n)).st_ino == ino), None)
+
+
+def test_a_disk_save_reuses_the_file_of_an_overwritten_value(make_store):
+    """The steady state of a loop on the disk tier: the value before last's file takes the next
+    value (its pages are in the page cache already); the padding of a reused file is zeroed."""
+    store = make_store(ram_budget=MiB)
+    store.put("k", b"v0", [pattern(3 * MiB + 7, 0)])
+    fd = _only_file(store)
+    try:
+        store.put("k", b"v1", [pattern(3 * MiB, 1)])  # a new file; v0's is kept
+        assert os.fstat(fd).st_nlink == 1 and len(os.listdir(store.disk_dir)) == 2
+        two = [pattern(MiB + 1, 2), pattern(2 * MiB + 5, 3)]  # a gap after the first buffer
+        store.put("k", b"v2", two)  # takes v0's file
+        name = _file_of(store, fd)
+        assert name is not None and len(os.listdir(store.disk_dir)) == 2
+        meta, views, info = store.get("k")
+        assert meta == b"v2" and [bytes(v) for v in views] == two and info["tier"] == "disk"
+        before = set(os.listdir(store.disk_dir))
+        res = store.reserve("fresh", b"v2", [len(b) for b in two])  # a new file, through a mapping
+        for dst, src in zip(res.buffers, two):
+            dst[:] = src
+        res.seal()
+        (fresh,) = set(os.listdir(store.disk_dir)) - before
+        with open(os.path.join(store.disk_dir, name), "rb") as a, open(os.path.join(store.disk_dir, fresh), "rb") as b:
+            assert a.read() == b.read()  # no byte of v0 left in the padding
+    finally:
+        os.close(fd)
+
+
+def test_a_file_a_view_maps_is_never_rewritten(make_store):
+    """A loaded disk value is a private mapping of its file: while it lives, that file is pinned
+    and no save takes it; once the view is gone, the next save may."""
+    store = make_store(ram_budget=MiB)
+    store.put("k", b"", [pattern(2 * MiB, 0)])
+    fd = _only_file(store)
+    try:
+        held = store.get("k")[1]
+        for i in range(1, 6):  # files take turns around the pinned one
+            store.put("k", b"", [pattern(2 * MiB, i)])
+            assert bytes(held[0]) == pattern(2 * MiB, 0)
+            assert _file_of(store, fd) is not None and os.pread(fd, 64, 4096) == pattern(2 * MiB, 0)[:64]
+        del held
+        gc.collect()
+        for i in range(6, 9):
+            store.put("k", b"", [pattern(2 * MiB, i)])
+        assert os.pread(fd, 64, 4096) != pattern(2 * MiB, 0)[:64]  # reused once nothing mapped it
+        assert bytes(store.get("k")[1][0]) == pattern(2 * MiB, 8)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("child", BACKENDS)
+def test_a_file_another_process_maps_is_never_rewritten(store_mod, make_store, child):
+    """The pin of a view in another process (of either backend) protects its file; a SIGKILLed
+    holder's pin is reclaimed and the file becomes reusable."""
+    load_backend(child)
+    store = make_store(ram_budget=MiB)
+    store.put("big", b"", [pattern(2 * MiB, 0)])
+    fd = _only_file(store)
+    try:
+        proc = _park(child, store.run_id, "views", None)  # holds a view of "big"
+        for i in range(1, 6):
+            store.put("big", b"", [pattern(2 * MiB, i)])
+            assert _file_of(store, fd) is not None and os.pread(fd, 64, 4096) == pattern(2 * MiB, 0)[:64]
+        _kill(proc)
+        for i in range(6, 9):
+            store.put("big", b"", [pattern(2 * MiB, i)])
+        assert os.pread(fd, 64, 4096) != pattern(2 * MiB, 0)[:64]
+        assert store.stats()["pins"] == 0
+    finally:
+        os.close(fd)
 
 
 def test_too_large_for_both_tiers(make_store):
@@ -273,7 +357,7 @@ def _corrupt(store, offset: int, data: bytes) -> None:
 
 @pytest.mark.parametrize(
     "offset,data,message",
-    [(0, b"NOTASTOR", "not a discomfort store"), (8, struct.pack("<I", 2), "version"),
+    [(0, b"NOTASTOR", "not a discomfort store"), (8, struct.pack("<I", 3), "version"),
      (72, struct.pack("<I", 17), "table_capacity"), (96, struct.pack("<Q", 1 << 50), "obj_table_off")],
 )
 def test_attach_refuses_a_damaged_header(store_mod, make_store, offset, data, message):

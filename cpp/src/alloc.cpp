@@ -175,6 +175,83 @@ Mapping Store::create_disk_object(uint64_t file_id, uint64_t length) {
     }
 }
 
+void Store::retire_disk_file(uint64_t file_id, uint64_t length) {
+    RetiredFile* slots = header()->retired;
+    uint32_t k = 0;
+    while (k < kRetiredSlots && slots[k].file_id != 0) ++k;
+    if (k == kRetiredSlots) {  // full: the oldest goes
+        ::unlinkat(disk_fd_.get(), disk_name(slots[0].file_id).c_str(), 0);
+        std::memmove(&slots[0], &slots[1], sizeof(RetiredFile) * (kRetiredSlots - 1));
+        k = kRetiredSlots - 1;
+    }
+    slots[k] = RetiredFile{file_id, length};
+}
+
+bool Store::disk_file_pinned(uint64_t file_id) const {
+    for (uint32_t p = 0; p < kPinCapacity; ++p) {
+        const PinEntry* pin = pin_at(p);
+        if (__atomic_load_n(&pin->state, __ATOMIC_ACQUIRE) == 1 && pin->chunk == kDiskPinChunk &&
+            pin->offset == file_id)
+            return true;
+    }
+    return false;
+}
+
+bool Store::take_retired(uint64_t length, uint64_t file_id) {
+    RetiredFile* slots = header()->retired;
+    // The smallest that holds `length`, else the largest (it grows): fewest blocks to change.
+    int best = -1;
+    for (uint32_t k = 0; k < kRetiredSlots; ++k) {
+        const RetiredFile r = slots[k];
+        if (r.file_id == 0 || r.file_id >= header()->next_version || disk_file_pinned(r.file_id)) continue;
+        if (best < 0) {
+            best = int(k);
+            continue;
+        }
+        const RetiredFile b = slots[best];
+        const bool fits = r.length >= length, best_fits = b.length >= length;
+        if (fits != best_fits ? fits : (fits ? r.length < b.length : r.length > b.length)) best = int(k);
+    }
+    if (best < 0) return false;
+    const uint64_t old_id = slots[best].file_id;
+    std::memmove(&slots[best], &slots[best + 1], sizeof(RetiredFile) * (kRetiredSlots - 1 - best));
+    slots[kRetiredSlots - 1] = RetiredFile{0, 0};
+    return ::renameat(disk_fd_.get(), disk_name(old_id).c_str(), disk_fd_.get(), disk_name(file_id).c_str()) == 0;
+}
+
+void Store::forget_retired() noexcept {
+    RetiredFile* slots = header()->retired;
+    for (uint32_t k = 0; k < kRetiredSlots; ++k) {
+        if (slots[k].file_id != 0 && disk_fd_.valid())
+            ::unlinkat(disk_fd_.get(), disk_name(slots[k].file_id).c_str(), 0);
+        slots[k] = RetiredFile{0, 0};
+    }
+}
+
+Fd Store::open_reused_disk_file(uint64_t file_id, uint64_t length) {
+    const std::string path = disk_path(file_id);
+    Fd fd(openat_retry(disk_fd_.get(), disk_name(file_id), O_RDWR | O_NOFOLLOW | O_NONBLOCK));
+    if (!fd.valid()) {
+        if (run_ended()) throw finished_error();
+        throw_system("open " + path, errno);
+    }
+    std::string problem = private_file_problem(fd.get());
+    if (!problem.empty())
+        throw StoreError(ErrorCode::Access, "run " + quoted(run_id_) + ": retired disk file " + path + " is " + problem);
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0) throw_system("fstat " + path, errno);
+    if (uint64_t(st.st_size) > length && ::ftruncate(fd.get(), off_t(length)) != 0)
+        throw_system("truncate " + path, errno);
+    int rc = fallocate_file(fd.get(), length);
+    if (rc == ENOSPC || rc == EDQUOT)
+        throw StoreError(ErrorCode::DiskFull,
+                         "run " + quoted(run_id_) + ": disk tier " + *disk_dir_ + " is full (" +
+                             std::to_string(length) + " bytes needed): " + std::strerror(rc),
+                         rc);
+    if (rc != 0) throw_system("allocate " + path, rc);
+    return fd;
+}
+
 Fd Store::open_disk_object(uint64_t file_id, const std::string& key) const {
     const std::string path = disk_path(file_id), where = object_where(key);
     // O_NONBLOCK: a FIFO in its place must not hang us; it is refused below.

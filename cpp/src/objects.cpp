@@ -84,7 +84,7 @@ std::unique_ptr<Reservation> Store::reserve(const std::string& key, const void* 
 }
 
 std::unique_ptr<Reservation> Store::reserve_as(const std::string& key, const void* meta, uint64_t meta_len,
-                                               const std::vector<uint64_t>& sizes, Fd* disk_file) {
+                                               const std::vector<uint64_t>& sizes, DiskWrite* disk) {
     check_usable();
     check_key(key);
     ExtentPlan plan = plan_extent(meta_len, sizes);
@@ -113,6 +113,7 @@ std::unique_ptr<Reservation> Store::reserve_as(const std::string& key, const voi
         file_id = header()->next_version++;
         index = place ? insert(key, hash, kTierRam, file_id, place->first, place->second, length, replacing)
                       : insert(key, hash, kTierDisk, file_id, 0, 0, length, replacing);
+        if (!place && disk) disk->reused = take_retired(length, file_id);
     }
     auto region = std::make_shared<Region>();
     try {
@@ -120,11 +121,11 @@ std::unique_ptr<Reservation> Store::reserve_as(const std::string& key, const voi
             region->data = chunk_mapping->data() + place->second;
             region->size = length;
             region->owner = std::move(chunk_mapping);
-        } else if (disk_file) {
-            *disk_file = create_disk_file(file_id, length);
+        } else if (disk) {
+            disk->fd = disk->reused ? open_reused_disk_file(file_id, length) : create_disk_file(file_id, length);
             std::vector<uint8_t> head(plan.meta_off + meta_len);
             write_extent_head(head.data(), plan, meta, meta_len);
-            pwrite_all(disk_file->get(), head.data(), head.size(), 0, disk_path(file_id));
+            pwrite_all(disk->fd.get(), head.data(), head.size(), 0, disk_path(file_id));
         } else {
             auto mapping = std::make_shared<Mapping>(create_disk_object(file_id, length));
             region->data = mapping->data();
@@ -231,13 +232,28 @@ uint64_t Store::put(const std::string& key, const void* meta, uint64_t meta_len,
             if (auto version = put_small(key, meta, meta_len, buffers, plan)) return *version;
         }
     }
-    Fd disk_file;
-    std::unique_ptr<Reservation> res = reserve_as(key, meta, meta_len, sizes, &disk_file);
-    if (disk_file.valid()) {  // the disk tier: pwrite, no mapping (an abort unlinks the file)
-        for (size_t i = 0; i < buffers.size(); ++i)
-            if (buffers[i].size)
-                pwrite_all(disk_file.get(), buffers[i].data, buffers[i].size, res->buffers()[i].offset,
-                           object_where(key));
+    DiskWrite disk;
+    std::unique_ptr<Reservation> res = reserve_as(key, meta, meta_len, sizes, &disk);
+    if (disk.fd.valid()) {  // the disk tier: pwrite, no mapping (an abort unlinks the file)
+        const std::string where = object_where(key);
+        // A reused file holds its last object's bytes: zero the padding (the head wrote its own).
+        static const std::vector<uint8_t> zeros(kPage, 0);
+        auto zero = [&](uint64_t from, uint64_t to) {
+            for (; disk.reused && from < to; from += std::min<uint64_t>(kPage, to - from))
+                pwrite_all(disk.fd.get(), zeros.data(), std::min<uint64_t>(kPage, to - from), from, where);
+        };
+        uint64_t end = 0;
+        {
+            ExtentPlan plan = plan_extent(meta_len, sizes);
+            end = plan.meta_off + meta_len;
+            for (size_t i = 0; i < buffers.size(); ++i) {
+                zero(end, plan.buffers[i].offset);
+                if (buffers[i].size)
+                    pwrite_all(disk.fd.get(), buffers[i].data, buffers[i].size, plan.buffers[i].offset, where);
+                end = plan.buffers[i].offset + plan.buffers[i].length;
+            }
+            zero(end, plan.length);
+        }
         return res->seal();
     }
     uint8_t* base = res->region()->data;
@@ -271,8 +287,10 @@ Object Store::get(const std::string& key) {
             map_fd = open_chunk(uint32_t(e.chunk)).fd;
             pin = pin_locked({e.chunk, e.offset, e.length}, key);
         } else {
-            // Opened under the lock: an overwrite may unlink it right after.
+            // Opened under the lock: an overwrite may unlink it right after. A mapped one is
+            // pinned: its file may be reused for a later save once no view maps it.
             disk_fd = open_disk_object(e.file_id, key);
+            if (e.length >= kSmallObjectBytes) pin = pin_locked({kDiskPinChunk, e.file_id, e.length}, key);
         }
     }
     out.version = e.version;
@@ -289,7 +307,7 @@ Object Store::get(const std::string& key) {
             out.region = heap_region(e.length);
             pread_all(disk_fd.get(), out.region->data, e.length, 0, object_where(key));
         } else {
-            out.region = mapped_region(Mapping(disk_fd.get(), e.length, MAP_PRIVATE, 0), PinRef());
+            out.region = mapped_region(Mapping(disk_fd.get(), e.length, MAP_PRIVATE, 0), std::move(pin));
             out.zero_copy = true;
         }
     }

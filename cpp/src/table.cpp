@@ -125,9 +125,15 @@ uint32_t Store::purge_tombstones() {
 
 void Store::tombstone(uint32_t i) {
     const ObjEntry* e = entry_at(i);
-    // The entry goes regardless; a file we cannot unlink goes with the disk directory.
-    if (e->tier == kTierDisk && disk_fd_.valid() && e->file_id != 0)
-        ::unlinkat(disk_fd_.get(), disk_name(e->file_id).c_str(), 0);
+    // The entry goes regardless; a file we cannot unlink goes with the disk directory. A sealed
+    // object's file is kept for the next disk save when it is large enough to be mapped (small
+    // ones are read with pread outside the lock, so their files are never rewritten).
+    if (e->tier == kTierDisk && disk_fd_.valid() && e->file_id != 0) {
+        if (entry_state(i) == kSealed && e->length >= kSmallObjectBytes)
+            retire_disk_file(e->file_id, e->length);
+        else
+            ::unlinkat(disk_fd_.get(), disk_name(e->file_id).c_str(), 0);
+    }
     set_entry_state(i, kTombstone);
     // Tombstones followed by an EMPTY entry end no probe path: they can become EMPTY.
     if (entry_state(next_index(i)) != kEmpty) return;
@@ -204,12 +210,17 @@ void Store::repair() {
         PinEntry pin;
         std::memcpy(&pin, pin_at(p), sizeof pin);
         if (pin.state == 0) continue;
+        if (pin.chunk == kDiskPinChunk) {  // a disk object's file: offset is its file_id
+            if (pin.state != 1 || pin.slot >= kSlotCapacity) set_pin_state(p, 0);
+            continue;
+        }
         uint64_t size = chunk_size(pin.chunk);
         if (pin.state != 1 || pin.slot >= kSlotCapacity || pin.offset > size || pin.length > size - pin.offset)
             set_pin_state(p, 0);
     }
     for (uint32_t i = 0; i < kSlotCapacity; ++i)
         if (slot_at(i)->state > 1) __atomic_store_n(&slot_at(i)->state, 0u, __ATOMIC_RELEASE);
+    forget_retired();  // their slots may be half-written: their files go
     // A counter behind the values already handed out would hand them out twice.
     Header* h = header();
     if (h->next_version <= highest) h->next_version = highest + 1;

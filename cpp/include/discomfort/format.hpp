@@ -1,4 +1,4 @@
-// The shared-memory segment format, version 1 (docs/FORMAT.md is the contract).
+// The shared-memory segment format, version 2 (docs/FORMAT.md is the contract).
 // Every struct here is laid out exactly as in the segment: little-endian, naturally aligned.
 #pragma once
 
@@ -9,7 +9,7 @@ namespace discomfort {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the segment format is little-endian");
 
-constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kFormatVersion = 2;
 constexpr char kMagic[8] = {'D', 'C', 'F', 'S', 'T', 'O', 'R', 'E'};
 constexpr uint32_t kObjectMagic = 0x4F464344;  // "DCFO"
 
@@ -19,6 +19,10 @@ constexpr uint64_t kMinChunk = 64ull << 20;
 constexpr uint32_t kMaxBuffers = 65536;
 constexpr uint32_t kMaxKeyBytes = 255;
 constexpr uint32_t kMaxDiskDirBytes = 1023;
+// A pin on a DISK object: chunk = kDiskPinChunk, offset = the object's file_id.
+constexpr uint64_t kDiskPinChunk = ~uint64_t(0);
+// Retired disk files (an overwritten or deleted object's file, kept for the next disk save).
+constexpr uint32_t kRetiredSlots = 4;
 
 constexpr uint32_t kHeaderSize = 4096;
 constexpr uint32_t kMaxChunks = 64;
@@ -41,6 +45,11 @@ constexpr uint64_t kSlotLockBase = kMetaLockByte + 4096;
 
 enum EntryState : uint32_t { kEmpty = 0, kReserved = 1, kSealed = 2, kTombstone = 3 };
 enum TierCode : uint32_t { kTierRam = 0, kTierDisk = 1 };
+
+struct RetiredFile {
+    uint64_t file_id;
+    uint64_t length;
+};
 
 struct Header {
     char magic[8];
@@ -68,7 +77,8 @@ struct Header {
     uint64_t created_ns;
     uint8_t zero1[64];
     char disk_dir[1024];
-    uint8_t zero2[4096 - 1280];
+    RetiredFile retired[kRetiredSlots];  // file_id 0: an empty slot
+    uint8_t zero2[4096 - 1280 - 16 * kRetiredSlots];
 };
 static_assert(sizeof(Header) == kHeaderSize, "header size");
 static_assert(offsetof(Header, flags) == 24 && offsetof(Header, epoch) == 32, "header layout");
@@ -76,6 +86,7 @@ static_assert(offsetof(Header, creator_uid) == 56 && offsetof(Header, max_chunks
 static_assert(offsetof(Header, chunk_table_off) == 80 && offsetof(Header, pin_table_off) == 104, "header layout");
 static_assert(offsetof(Header, run_id) == 112 && offsetof(Header, disk_dir_len) == 176, "header layout");
 static_assert(offsetof(Header, created_ns) == 184 && offsetof(Header, disk_dir) == 256, "header layout");
+static_assert(offsetof(Header, retired) == 1280, "header layout");
 
 struct ChunkEntry {
     uint32_t state;  // 0 absent, 1 present

@@ -267,6 +267,15 @@ private:
     // a mapping faults every page (~11x a memcpy at 12 MiB), pwrite does not (~2x).
     Mapping create_disk_object(uint64_t file_id, uint64_t length);
     Fd create_disk_file(uint64_t file_id, uint64_t length);
+    // Retired files (alloc.cpp). Under the lock, inside an update: keep a sealed object's file
+    // for reuse (the oldest retired one goes when the slots are full); take the best retired
+    // file no pin maps and rename it to `file_id`'s name (false: none); forget them all (repair).
+    void retire_disk_file(uint64_t file_id, uint64_t length);
+    bool take_retired(uint64_t length, uint64_t file_id);
+    void forget_retired() noexcept;
+    bool disk_file_pinned(uint64_t file_id) const;
+    // A retired file taken for `file_id`: opened and checked like a new one, sized to `length`.
+    Fd open_reused_disk_file(uint64_t file_id, uint64_t length);
     // The object's file opened O_NOFOLLOW in the run directory and checked by fstat (ours, a
     // regular file, 0600): StoreAccessError naming the key and the file otherwise.
     Fd open_disk_object(uint64_t file_id, const std::string& key) const;
@@ -283,10 +292,15 @@ private:
     // reservations (objects.cpp)
     ObjEntry own_reserved(uint32_t index, uint64_t file_id) const;
     uint64_t seal_reserved(uint32_t index, uint64_t file_id, const std::string& key);
-    // reserve(); with `disk_file`, an object that goes to the disk tier gets an empty region
-    // and its file's descriptor there instead of a mapping (put writes it with pwrite).
+    // reserve(); with `disk`, an object that goes to the disk tier gets an empty region and its
+    // file's descriptor there instead of a mapping (put writes it with pwrite), in a retired
+    // file when one is free (`reused`: its padding must be zeroed, it may hold old bytes).
+    struct DiskWrite {
+        Fd fd;
+        bool reused = false;
+    };
     std::unique_ptr<Reservation> reserve_as(const std::string& key, const void* meta, uint64_t meta_len,
-                                            const std::vector<uint64_t>& sizes, Fd* disk_file);
+                                            const std::vector<uint64_t>& sizes, DiskWrite* disk);
     uint64_t seal_locked(uint32_t index, const std::string& key, uint64_t hash);
     std::optional<uint64_t> put_small(const std::string& key, const void* meta, uint64_t meta_len,
                                       const std::vector<Source>& buffers, const ExtentPlan& plan);

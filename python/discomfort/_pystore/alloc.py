@@ -155,6 +155,53 @@ class AllocStore(TableStore):
                 pass
             raise
 
+    def _take_retired(self, length: int, file_id: int) -> bool:
+        """Under the lock, inside an update: the retired file no pin maps that fits ``length`` best
+        (the smallest that holds it, else the largest), renamed to ``file_id``'s name."""
+        slots = [r for r in self._retired() if r[0]]
+        usable = [r for r in slots if r[0] < self._c.hget("next_version") and not self._disk_file_pinned(r[0])]
+        if not usable:
+            return False
+        fits = [r for r in usable if r[1] >= length]
+        best = min(fits, key=lambda r: r[1]) if fits else max(usable, key=lambda r: r[1])
+        slots.remove(best)
+        self._set_retired(slots)
+        dir_fd = self._c.disk_fd
+        try:
+            os.rename(object_file_name(best[0]), object_file_name(file_id), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError:
+            return False
+        return True
+
+    def _open_reused_disk_file(self, file_id: int, length: int) -> int:
+        """A retired file taken for ``file_id``: opened and checked like a new one, sized to ``length``."""
+        path = self._disk_path(file_id)
+        try:
+            fd = os.open(object_file_name(file_id), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._c.disk_fd)
+        except OSError:
+            self._raise_if_finished()
+            raise
+        try:
+            problem = private_file_problem(fd)
+            if problem:
+                raise StoreAccessError(f"run {self._run_id!r}: retired disk file {path} is {problem}")
+            if os.fstat(fd).st_size > length:
+                os.ftruncate(fd, length)
+            try:
+                fallocate(fd, 0, length)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(
+                        f"run {self._run_id!r}: disk tier {self._disk_dir} is full "
+                        f"({length} bytes needed): {exc.strerror}"
+                    ) from None
+                raise
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
     def _create_disk_object(self, file_id: int, length: int) -> mmap.mmap:
         fd = self._create_disk_file(file_id, length)
         try:

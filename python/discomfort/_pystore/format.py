@@ -9,7 +9,7 @@ import struct
 
 from .._types import Tier
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SMALL_OBJECT_BYTES = 65536  # extents below this come back as copies, not mappings
 
 MAGIC = b"DCFSTORE"
@@ -74,6 +74,10 @@ EXPECTED = {
 ENTRY_STRUCT = struct.Struct("<IIIIQQQQQQ256s")  # an object table entry, key included
 ENTRY_HEAD = struct.Struct("<IIIIQQQQQQ")  # the same without the key
 PIN_STRUCT = struct.Struct("<IIQQQ")
+DISK_PIN_CHUNK = (1 << 64) - 1  # a pin on a DISK object: chunk = this, offset = its file_id
+RETIRED_OFF = 1280  # in the header: retired disk files, kept for the next disk save
+RETIRED_SLOTS = 4
+RETIRED_STRUCT = struct.Struct("<QQ")  # file_id (0: empty), length
 CHUNK_STRUCT = struct.Struct("<IIQ")
 SLOT_STRUCT = struct.Struct("<IIQ")
 EXT_HEAD = struct.Struct("<IIQQQ")

@@ -15,7 +15,8 @@ from .._types import LoadInfo, ObjectInfo, StoreStats
 from ..errors import CorruptedStoreError, StoreClosedError, StoreFullError, UnknownKeyError
 from .alloc import AllocStore
 from .format import (
-    BUFDESC, DISK, ENTRY, EXT_HEAD, FLAG_FINISHED, MAX_CHUNKS, OBJ_MAGIC, OBJ_OFF, PIN_OFF, PIN_STRUCT, RAM,
+    BUFDESC, DISK, DISK_PIN_CHUNK, ENTRY, EXT_HEAD, FLAG_FINISHED, MAX_CHUNKS, OBJ_MAGIC, OBJ_OFF, PIN_OFF,
+    PIN_STRUCT, RAM,
     RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES,
 )
 from .layout import fnv1a64, layout, parse_directory, parse_extent
@@ -112,9 +113,11 @@ class ObjectStore(AllocStore):
     def reserve(self, key: str, meta: bytes, sizes: Sequence[int]) -> Reservation:
         return self._reserve(key, meta, sizes, False)[0]
 
-    def _reserve(self, key: str, meta: bytes, sizes: Sequence[int], disk_file: bool) -> tuple[Reservation, int]:
+    def _reserve(self, key: str, meta: bytes, sizes: Sequence[int],
+                 disk_file: bool) -> tuple[Reservation, int, bool]:
         """reserve(); with ``disk_file``, an object that goes to the disk tier gets no buffers and
-        its file's descriptor instead of a mapping (put writes it with pwrite; -1 otherwise)."""
+        its file's descriptor instead of a mapping (put writes it with pwrite; -1 otherwise), in a
+        retired file when one is free (then True: it may hold old bytes, its padding is zeroed)."""
         raw = check_key(key)
         meta = bytes(meta)
         sizes = [int(n) for n in sizes]
@@ -144,6 +147,7 @@ class ObjectStore(AllocStore):
                 tier = RAM if place is not None else DISK
                 chunk, off = place if place is not None else (0, 0)
                 index = self._insert(raw, (tier, c.slot, file_id, chunk, off, length), key, replacing)
+                reused = tier == DISK and disk_file and self._take_retired(length, file_id)
             finally:
                 c.end()
         fd = -1
@@ -152,7 +156,7 @@ class ObjectStore(AllocStore):
             if tier == RAM:
                 region = memoryview(self._chunk_map(chunk))[off : off + length]
             elif disk_file:
-                fd = self._create_disk_file(file_id, length)
+                fd = self._open_reused_disk_file(file_id, length) if reused else self._create_disk_file(file_id, length)
                 region = memoryview(bytearray(meta_off + len(meta)))
             else:
                 mapping = self._create_disk_object(file_id, length)
@@ -178,7 +182,7 @@ class ObjectStore(AllocStore):
                 pass  # closed meanwhile: its release tombstoned the entry
             raise
         killpoint("after_reserve")
-        return Reservation(self, key, index, file_id, tier, buffers, mapping), fd
+        return Reservation(self, key, index, file_id, tier, buffers, mapping), fd, bool(reused)
 
     def _own_reserved(self, index: int, file_id: int) -> tuple:
         e = self._valid(index)
@@ -261,13 +265,19 @@ class ObjectStore(AllocStore):
                 version = self._put_small(key, raw, meta, views, sizes, plan)
                 if version is not None:
                     return version
-        res, fd = self._reserve(key, meta, sizes, True)
+        res, fd, reused = self._reserve(key, meta, sizes, True)
         try:
             if fd >= 0:  # the disk tier: pwrite, no mapping (an abort unlinks the file)
-                _meta_off, offsets, _length = layout(len(bytes(meta)), sizes)
+                meta_off, offsets, length = layout(len(bytes(meta)), sizes)
                 where = f"run {self._run_id!r}, object {key!r}"
+                end = meta_off + len(bytes(meta))
                 for o, src in zip(offsets, views):
+                    if reused and o > end:  # a reused file holds old bytes: zero the padding
+                        pwrite_all(fd, bytes(o - end), end, where)
                     pwrite_all(fd, src, o, where)
+                    end = o + src.nbytes
+                if reused and length > end:
+                    pwrite_all(fd, bytes(length - end), end, where)
             else:
                 for dst, src in zip(res.buffers, views):
                     dst[:] = src
@@ -303,6 +313,13 @@ class ObjectStore(AllocStore):
                 fd = self._chunk_fd(chunk)
             else:
                 fd = self._open_disk_object(file_id, key)
+                if length >= SMALL_OBJECT_BYTES:  # mapped: pinned, its file may be reused once unmapped
+                    extent = (DISK_PIN_CHUNK, file_id, length)
+                    try:
+                        c.pin_locked(extent, self._run_id, key)
+                    except BaseException:
+                        os.close(fd)
+                        raise
         if tier == DISK:
             try:
                 if os.fstat(fd).st_size < length:
@@ -311,8 +328,13 @@ class ObjectStore(AllocStore):
                     data = _aligned_copy(os.pread(fd, length, 0))
                     return self._views(data, length, where, version, tier, False)
                 mm = mmap.mmap(fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                if length >= SMALL_OBJECT_BYTES:
+                    c.release_pin(extent)
+                raise
             finally:
                 os.close(fd)
+            weakref.finalize(mm, c.release_pin, extent)
             return self._views(mm, length, where, version, tier, True)
         try:
             mm, data = map_private(fd, off, length)

@@ -11,8 +11,9 @@ from .._names import object_file_name
 from ..errors import StoreFullError
 from .control import StoreBase
 from .format import (
-    DISK, EMPTY, ENTRY, ENTRY_HEAD, ENTRY_STRUCT, MAX_CHUNKS, OBJ_OFF, PIN_CAP, PIN_OFF, PIN_STRUCT, RESERVED,
-    SEALED, SLOT_CAP, SLOT_LOCK_BASE, TABLE_CAP, TOMBSTONE,
+    DISK, DISK_PIN_CHUNK, EMPTY, ENTRY, ENTRY_HEAD, ENTRY_STRUCT, MAX_CHUNKS, OBJ_OFF, PIN_CAP, PIN_OFF, PIN_STRUCT,
+    RESERVED, RETIRED_OFF, RETIRED_SLOTS, RETIRED_STRUCT, SEALED, SLOT_CAP, SLOT_LOCK_BASE, SMALL_OBJECT_BYTES,
+    TABLE_CAP, TOMBSTONE,
 )
 from .layout import fnv1a64
 from .lock import lock_held
@@ -128,13 +129,15 @@ class TableStore(StoreBase):
         return freed
 
     def _tombstone(self, index: int) -> None:
-        """Retire an entry; unlink its disk file. Keeps every probe path intact."""
+        """Retire an entry; unlink its disk file, or keep a sealed object's mapped-size file for the
+        next disk save (small ones are read with pread outside the lock: never rewritten). Keeps
+        every probe path intact."""
         e = self._entry(index)
         if e[1] == DISK and self._c.disk_fd >= 0 and e[6]:
-            try:
-                os.unlink(object_file_name(e[6]), dir_fd=self._c.disk_fd)
-            except OSError:
-                pass  # the entry goes regardless; the file goes with the disk directory
+            if e[0] == SEALED and e[9] >= SMALL_OBJECT_BYTES:
+                self._retire_disk_file(e[6], e[9])
+            else:
+                self._unlink_disk_file(e[6])
         self._set_state(index, TOMBSTONE)
         states = self._c.states
         if states[(index + 1) % TABLE_CAP] == EMPTY:
@@ -142,6 +145,42 @@ class TableStore(StoreBase):
             while states[i] == TOMBSTONE:
                 self._set_state(i, EMPTY)
                 i = (i - 1) % TABLE_CAP
+
+    def _unlink_disk_file(self, file_id: int) -> None:
+        try:
+            os.unlink(object_file_name(file_id), dir_fd=self._c.disk_fd)
+        except OSError:
+            pass  # the entry goes regardless; the file goes with the disk directory
+
+    # ---- retired disk files (under the lock, inside an update) ----------------------------------
+    def _retired(self) -> list[tuple[int, int]]:
+        return [RETIRED_STRUCT.unpack_from(self._c.mm, RETIRED_OFF + 16 * k) for k in range(RETIRED_SLOTS)]
+
+    def _set_retired(self, slots: list[tuple[int, int]]) -> None:
+        slots = (slots + [(0, 0)] * RETIRED_SLOTS)[:RETIRED_SLOTS]
+        for k, (file_id, length) in enumerate(slots):
+            RETIRED_STRUCT.pack_into(self._c.mm, RETIRED_OFF + 16 * k, file_id, length)
+
+    def _retire_disk_file(self, file_id: int, length: int) -> None:
+        """Keep a file for the next disk save; the oldest retired one goes when the slots are full."""
+        slots = [r for r in self._retired() if r[0]]
+        if len(slots) == RETIRED_SLOTS:
+            self._unlink_disk_file(slots.pop(0)[0])
+        self._set_retired(slots + [(file_id, length)])
+
+    def _forget_retired(self) -> None:
+        for file_id, _ in self._retired():
+            if file_id and self._c.disk_fd >= 0:
+                self._unlink_disk_file(file_id)
+        self._set_retired([])
+
+    def _disk_file_pinned(self, file_id: int) -> bool:
+        c = self._c
+        for p in self._nonempty(PIN_OFF, PIN_CAP, 32):
+            state, _, chunk, off, _ = PIN_STRUCT.unpack_from(c.mm, PIN_OFF + p * 32)
+            if state == 1 and chunk == DISK_PIN_CHUNK and off == file_id:
+                return True
+        return False
 
     # ---- liveness -------------------------------------------------------------------------------
     def _slot_alive(self, i: int) -> bool:
@@ -197,7 +236,12 @@ class TableStore(StoreBase):
             if c.pin_states[p] == 0:
                 continue
             state, slot, chunk, off, length = PIN_STRUCT.unpack_from(c.mm, PIN_OFF + p * 32)
+            if chunk == DISK_PIN_CHUNK:  # a disk object's file: off is its file_id
+                if state != 1 or slot >= SLOT_CAP:
+                    c.set_pin_state(p, 0)
+                continue
             size = self._chunk_size(chunk) if chunk < MAX_CHUNKS else 0
             if state != 1 or slot >= SLOT_CAP or off + length > size:
                 c.set_pin_state(p, 0)
+        self._forget_retired()  # their slots may be half-written: their files go
         c.end()
