@@ -140,6 +140,16 @@ std::string Store::disk_name(uint64_t file_id) const {
     return name;
 }
 
+void Store::allocate_disk_file(int fd, uint64_t length, const std::string& path) const {
+    int rc = fallocate_file(fd, length);
+    if (rc == ENOSPC || rc == EDQUOT)
+        throw StoreError(ErrorCode::DiskFull,
+                         "run " + quoted(run_id_) + ": disk tier " + *disk_dir_ + " is full (" +
+                             std::to_string(length) + " bytes needed): " + std::strerror(rc),
+                         rc);
+    if (rc != 0) throw_system("allocate " + path, rc);
+}
+
 Fd Store::create_disk_file(uint64_t file_id, uint64_t length) {
     const std::string path = disk_path(file_id), name = disk_name(file_id);
     Fd fd(openat_retry(disk_fd_.get(), name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0600));
@@ -151,13 +161,7 @@ Fd Store::create_disk_file(uint64_t file_id, uint64_t length) {
         std::string problem = private_file_problem(fd.get());
         if (!problem.empty())
             throw StoreError(ErrorCode::Access, "run " + quoted(run_id_) + ": new disk file " + path + " is " + problem);
-        int rc = fallocate_file(fd.get(), length);
-        if (rc == ENOSPC || rc == EDQUOT)
-            throw StoreError(ErrorCode::DiskFull,
-                             "run " + quoted(run_id_) + ": disk tier " + *disk_dir_ + " is full (" +
-                                 std::to_string(length) + " bytes needed): " + std::strerror(rc),
-                             rc);
-        if (rc != 0) throw_system("allocate " + path, rc);
+        allocate_disk_file(fd.get(), length, path);
         return fd;
     } catch (...) {
         ::unlinkat(disk_fd_.get(), name.c_str(), 0);
@@ -242,13 +246,7 @@ Fd Store::open_reused_disk_file(uint64_t file_id, uint64_t length) {
     if (::fstat(fd.get(), &st) != 0) throw_system("fstat " + path, errno);
     if (uint64_t(st.st_size) > length && ::ftruncate(fd.get(), off_t(length)) != 0)
         throw_system("truncate " + path, errno);
-    int rc = fallocate_file(fd.get(), length);
-    if (rc == ENOSPC || rc == EDQUOT)
-        throw StoreError(ErrorCode::DiskFull,
-                         "run " + quoted(run_id_) + ": disk tier " + *disk_dir_ + " is full (" +
-                             std::to_string(length) + " bytes needed): " + std::strerror(rc),
-                         rc);
-    if (rc != 0) throw_system("allocate " + path, rc);
+    allocate_disk_file(fd.get(), length, path);
     return fd;
 }
 

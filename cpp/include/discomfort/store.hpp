@@ -267,6 +267,8 @@ private:
     // a mapping faults every page (~11x a memcpy at 12 MiB), pwrite does not (~2x).
     Mapping create_disk_object(uint64_t file_id, uint64_t length);
     Fd create_disk_file(uint64_t file_id, uint64_t length);
+    // posix_fallocate of an object file: DiskFullError on ENOSPC/EDQUOT, OSError otherwise.
+    void allocate_disk_file(int fd, uint64_t length, const std::string& path) const;
     // Retired files (alloc.cpp). Under the lock, inside an update: keep a sealed object's file
     // for reuse (the oldest retired one goes when the slots are full); take the best retired
     // file no pin maps and rename it to `file_id`'s name (false: none); forget them all (repair).

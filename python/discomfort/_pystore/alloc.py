@@ -122,6 +122,18 @@ class AllocStore(TableStore):
         return mm
 
     # ---- the disk tier ------------------------------------------------------------------------
+    def _allocate_disk_file(self, fd: int, length: int) -> None:
+        """posix_fallocate of an object file: DiskFullError when the disk tier is full."""
+        try:
+            fallocate(fd, 0, length)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(
+                    f"run {self._run_id!r}: disk tier {self._disk_dir} is full "
+                    f"({length} bytes needed): {exc.strerror}"
+                ) from None
+            raise
+
     def _create_disk_file(self, file_id: int, length: int) -> int:
         """A new object file with its space reserved (DiskFullError otherwise); the caller closes
         it. Writing a new file through a mapping faults every page (~11x a memcpy at 12 MiB);
@@ -137,15 +149,7 @@ class AllocStore(TableStore):
             problem = private_file_problem(fd)
             if problem:
                 raise StoreAccessError(f"run {self._run_id!r}: new disk file {path} is {problem}")
-            try:
-                fallocate(fd, 0, length)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFullError(
-                        f"run {self._run_id!r}: disk tier {self._disk_dir} is full "
-                        f"({length} bytes needed): {exc.strerror}"
-                    ) from None
-                raise
+            self._allocate_disk_file(fd, length)
             return fd
         except BaseException:
             os.close(fd)
@@ -188,15 +192,7 @@ class AllocStore(TableStore):
                 raise StoreAccessError(f"run {self._run_id!r}: retired disk file {path} is {problem}")
             if os.fstat(fd).st_size > length:
                 os.ftruncate(fd, length)
-            try:
-                fallocate(fd, 0, length)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFullError(
-                        f"run {self._run_id!r}: disk tier {self._disk_dir} is full "
-                        f"({length} bytes needed): {exc.strerror}"
-                    ) from None
-                raise
+            self._allocate_disk_file(fd, length)
             return fd
         except BaseException:
             os.close(fd)
