@@ -28,8 +28,9 @@ def test_bench_quick_writes_a_table_and_json(tmp_path):
     rows = json.loads(out_json.read_text())
     methods = {r["method"] for r in rows}
     assert {"memcpy (reference)", "save [ram]", "load [ram]", "save+load [ram]"} <= methods
-    loads = [r for r in rows if r["method"] == "load [ram]"]
-    assert loads and all(r["zero_copy"] for r in loads)
+    loads = {r["size"]: r for r in rows if r["method"] == "load [ram]"}
+    assert not loads["64 KiB"]["zero_copy"]  # a latent is copied: cheaper than a mapping
+    assert loads["256 KiB"]["zero_copy"]
     ref = {r["size"]: r["median_ms"] for r in rows if r["method"].startswith("memcpy")}
     for r in rows:
         assert abs(r["ratio"] - r["median_ms"] / ref[r["size"]]) < 0.01 * r["ratio"] + 1e-3

@@ -118,6 +118,7 @@ def pattern(n: int, seed: int = 0) -> bytes:
 def test_module_constants():
     assert core.FORMAT_VERSION == 2
     assert core.SMALL_OBJECT_BYTES == 65536
+    assert core.COPY_LOAD_BYTES == pystore.COPY_LOAD_BYTES == 128 << 10  # both backends copy the same loads
     assert isinstance(core.__version__, str) and core.__version__
 
 
@@ -143,7 +144,7 @@ def test_round_trip_sizes(store, size):
     meta, views, info = store.get("k")
     assert meta == b"meta:" + str(size).encode()
     assert len(views) == 1 and views[0] == data
-    assert info == {"version": version, "tier": "ram", "zero_copy": store.info("k")["size"] >= 65536}
+    assert info == {"version": version, "tier": "ram", "zero_copy": store.info("k")["size"] >= core.COPY_LOAD_BYTES}
     assert views[0].format == "B" and not views[0].readonly
 
 

@@ -18,6 +18,7 @@ PYBIND11_MODULE(_core, m) {
     m.attr("BACKEND") = bindings::kBackend;  // which backend this module is; _pystore's says "python"
     m.attr("FORMAT_VERSION") = kFormatVersion;
     m.attr("SMALL_OBJECT_BYTES") = kSmallObjectBytes;
+    m.attr("COPY_LOAD_BYTES") = kCopyLoadBytes;
 
     bindings::register_errors(m);  // first: discomfort.errors is looked up once, here
     bindings::register_pool(m);

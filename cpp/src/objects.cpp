@@ -278,7 +278,7 @@ Object Store::get(const std::string& key) {
         auto index = find_sealed(key);
         if (!index) throw unknown_key(key, run_id_);
         e = valid_entry(*index);
-        if (e.tier == kTierRam && e.length < kSmallObjectBytes) {
+        if (e.tier == kTierRam && e.length < kCopyLoadBytes) {
             // Small: copied under the lock, as the extent may be reused once we let go.
             std::shared_ptr<Mapping> m = chunk_map(uint32_t(e.chunk));
             out.region = heap_region(e.length);

@@ -9,7 +9,8 @@ from ._types import LoadInfo, ObjectInfo, PoolInfo, StoreStats
 __version__: str  # the package version (pyproject.toml), set at build time
 BACKEND: Literal["native"]  # which backend this module is; _pystore.BACKEND is "python"
 FORMAT_VERSION: int
-SMALL_OBJECT_BYTES: int  # extents below this come back as copies, not mappings
+SMALL_OBJECT_BYTES: int  # buffers from here are page-aligned; disk extents below come back as copies
+COPY_LOAD_BYTES: int  # RAM extents below this come back as copies made under the lock, not mappings
 
 # This process's pool of chunks given back by finished runs (docs/FORMAT.md, "Chunk pool").
 def pool_info() -> PoolInfo: ...

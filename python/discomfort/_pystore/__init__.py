@@ -8,7 +8,7 @@ fork, store).
 
 from __future__ import annotations
 
-from .format import FORMAT_VERSION, SMALL_OBJECT_BYTES
+from .format import COPY_LOAD_BYTES, FORMAT_VERSION, SMALL_OBJECT_BYTES
 from .objects import Reservation
 from .pool import pool_info, release_pool, set_pool_limit
 from .store import Store
@@ -19,5 +19,5 @@ BACKEND = "python"
 # The public classes are this package's, whichever file defines them.
 Store.__module__ = Reservation.__module__ = __name__
 
-__all__ = ["BACKEND", "FORMAT_VERSION", "SMALL_OBJECT_BYTES", "Reservation", "Store", "pool_info",
+__all__ = ["BACKEND", "COPY_LOAD_BYTES", "FORMAT_VERSION", "SMALL_OBJECT_BYTES", "Reservation", "Store", "pool_info",
            "release_pool", "set_pool_limit"]

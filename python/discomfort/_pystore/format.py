@@ -10,7 +10,8 @@ import struct
 from .._types import Tier
 
 FORMAT_VERSION = 2
-SMALL_OBJECT_BYTES = 65536  # extents below this come back as copies, not mappings
+SMALL_OBJECT_BYTES = 65536  # buffers from here are page-aligned; disk extents below come back as copies
+COPY_LOAD_BYTES = 128 << 10  # RAM extents below this come back as copies made under the lock (format.hpp)
 
 MAGIC = b"DCFSTORE"
 OBJ_MAGIC = 0x4F464344

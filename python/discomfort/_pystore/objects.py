@@ -17,7 +17,7 @@ from .alloc import AllocStore
 from .format import (
     BUFDESC, DISK, DISK_PIN_CHUNK, ENTRY, EXT_HEAD, FLAG_FINISHED, MAX_CHUNKS, OBJ_MAGIC, OBJ_OFF, PIN_OFF,
     PIN_STRUCT, RAM,
-    RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES,
+    COPY_LOAD_BYTES, PAGE, RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES,
 )
 from .layout import fnv1a64, layout, parse_directory, parse_extent
 from .sys import killpoint, killpoints_armed, map_private, pwrite_all
@@ -27,10 +27,10 @@ FUSED_PUT_BYTES = 1 << 20
 
 
 def _aligned_copy(src: Any) -> memoryview:
-    """A private copy of a small extent whose start is 64-byte aligned, like the store's."""
+    """A private copy of a small extent whose start is page-aligned, like the store's."""
     n = len(src)
-    raw = bytearray(n + 64)
-    pad = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % 64
+    raw = bytearray(n + PAGE)
+    pad = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % PAGE
     view = memoryview(raw)[pad : pad + n]
     view[:] = src
     return view
@@ -304,7 +304,7 @@ class ObjectStore(AllocStore):
         with self._locked():
             e, where = self._sealed_entry(raw, key)
             tier, version, file_id, chunk, off, length = e[1], e[5], e[6], e[7], e[8], e[9]
-            if tier == RAM and length < SMALL_OBJECT_BYTES:
+            if tier == RAM and length < COPY_LOAD_BYTES:
                 data = _aligned_copy(memoryview(self._chunk_map(chunk))[off : off + length])
                 return self._views(data, length, where, version, tier, False)
             if tier == RAM:
