@@ -53,7 +53,7 @@ def test_installed_native_wheel_loads_its_core():
     if not shipped:
         pytest.skip("this installation is pure Python")
     out = run_python("import discomfort, discomfort._core as c; print(discomfort.backend, c.FORMAT_VERSION)")
-    assert out.stdout.split() == ["native", "1"], out.stderr
+    assert out.stdout.split() == ["native", "2"], out.stderr
     out = run_python("import discomfort; print(discomfort.backend)", DISCOMFORT_REQUIRE_NATIVE="1")
     assert out.stdout.strip() == "native", out.stderr
 
