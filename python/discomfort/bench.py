@@ -275,7 +275,7 @@ def run(sizes: tuple[str, ...], backends: list[str], rounds: int, disk_tier: boo
                 add(f"{method} [ram]", backend, ms, zc)
             step(f"{size}: {backend} handoff to another process")
         if http:
-            for method, (ms, zc) in bench_http(tensor, max(3, r // 2)).items():
+            for method, (ms, zc) in bench_http(tensor, max(5, r // 2)).items():
                 add(method, "-", ms, zc)
             step(f"{size}: HTTP to a server process")
         if legacy:
