@@ -67,6 +67,11 @@ def measure(backend: str) -> dict[str, float]:
         out["save_1MiB_x_memcpy"] = bench.median_ms_after(lambda: held.__setitem__(slice(None), [ctx.load("one")]),
                                                           lambda: ctx.save("one", one), 50) \
             / bench.memcpy_ms(MiB, 50)
+    with tempfile.TemporaryDirectory() as tmp, WorkflowContext(backend=backend, ram_budget=0, disk_dir=tmp) as disk:
+        disk.save("big", big)
+        out["disk_save_192MiB_x_memcpy"] = bench.median_ms_after(
+            lambda: held.__setitem__(slice(None), [disk.load("big")]), lambda: disk.save("big", big), 5) / ref_big
+        held.clear()
     if backend == "native" and bench.http_available():  # the transport is the same for both backends
         for name, ms in bench.bench_http(big, 5).items():
             out[f"{name.replace(' ', '_')}_192MiB_gbps"] = 192 * MiB / (ms[0] / 1e3) / 1e9
