@@ -15,9 +15,8 @@ from .._types import LoadInfo, ObjectInfo, StoreStats
 from ..errors import CorruptedStoreError, StoreClosedError, StoreFullError, UnknownKeyError
 from .alloc import AllocStore
 from .format import (
-    BUFDESC, DISK, DISK_PIN_CHUNK, ENTRY, EXT_HEAD, FLAG_FINISHED, MAX_CHUNKS, OBJ_MAGIC, OBJ_OFF, PIN_OFF,
-    PIN_STRUCT, RAM,
-    COPY_LOAD_BYTES, PAGE, RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES,
+    BUFDESC, COPY_LOAD_BYTES, DISK, DISK_PIN_CHUNK, ENTRY, EXT_HEAD, FLAG_FINISHED, MAX_CHUNKS, OBJ_MAGIC,
+    OBJ_OFF, PAGE, PIN_OFF, PIN_STRUCT, RAM, RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES,
 )
 from .layout import fnv1a64, layout, parse_directory, parse_extent
 from .sys import killpoint, killpoints_armed, map_private, pwrite_all
