@@ -25,6 +25,10 @@ from .sys import current_pid
 UsedExtents = dict[int, dict[tuple[int, int], int]]  # chunk -> {(offset, length): count}
 
 
+#: Header fields with their compiled structs (a put reads or writes about twenty).
+_HEADER = {name: (off, struct.Struct(fmt)) for name, (off, fmt) in H.items()}
+
+
 class Control(Pins):
     """What outlives a closed handle while its views are alive: the fd, its locks and pins."""
 
@@ -53,10 +57,17 @@ class Control(Pins):
         self.nonempty = 0  # object entries whose state is not EMPTY
         self.live = 0  # object entries RESERVED or SEALED
         self.used: UsedExtents = {}
+        # While this handle holds the lock no other process updates the tables, and our own
+        # updates keep cache_epoch in step (end()): one epoch check per hold is enough.
+        self.holding = False
+        self.epoch_checked = False
 
     def cache_fresh(self) -> bool:
-        if self.cache_epoch is not None and self.cache_epoch != self.hget("epoch"):
-            self.cache_epoch = None
+        if self.cache_epoch is not None and not self.epoch_checked:
+            if self.cache_epoch != self.hget("epoch"):
+                self.cache_epoch = None
+            else:
+                self.epoch_checked = self.holding
         return self.cache_epoch is not None
 
     def _note_extent(self, chunk: int, off: int, length: int, add: bool) -> None:
@@ -99,12 +110,12 @@ class Control(Pins):
 
     # header fields
     def hget(self, name: str) -> int:
-        off, fmt = H[name]
-        return struct.unpack_from(fmt, self.mm, off)[0]
+        off, st = _HEADER[name]
+        return st.unpack_from(self.mm, off)[0]
 
     def hset(self, name: str, value: int) -> None:
-        off, fmt = H[name]
-        struct.pack_into(fmt, self.mm, off, value)
+        off, st = _HEADER[name]
+        st.pack_into(self.mm, off, value)
 
     # locking and the update protocol (dirty flag, epoch)
     def lock(self) -> None:
@@ -114,11 +125,13 @@ class Control(Pins):
         except BaseException:
             self.mutex.release()
             raise
+        self.holding, self.epoch_checked = True, False
 
     def unlock(self) -> None:
         try:
             self.drain()
         finally:
+            self.holding = self.epoch_checked = False
             try:
                 unlock(self, LOCK_BYTE)
             finally:
