@@ -126,6 +126,8 @@ std::unique_ptr<Reservation> Store::reserve_as(const std::string& key, const voi
             std::vector<uint8_t> head(plan.meta_off + meta_len);
             write_extent_head(head.data(), plan, meta, meta_len);
             pwrite_all(disk->fd.get(), head.data(), head.size(), 0, disk_path(file_id));
+            disk->head_end = head.size();
+            disk->length = length;
         } else {
             auto mapping = std::make_shared<Mapping>(create_disk_object(file_id, length));
             region->data = mapping->data();
@@ -242,18 +244,14 @@ uint64_t Store::put(const std::string& key, const void* meta, uint64_t meta_len,
             for (; disk.reused && from < to; from += std::min<uint64_t>(kPage, to - from))
                 pwrite_all(disk.fd.get(), zeros.data(), std::min<uint64_t>(kPage, to - from), from, where);
         };
-        uint64_t end = 0;
-        {
-            ExtentPlan plan = plan_extent(meta_len, sizes);
-            end = plan.meta_off + meta_len;
-            for (size_t i = 0; i < buffers.size(); ++i) {
-                zero(end, plan.buffers[i].offset);
-                if (buffers[i].size)
-                    pwrite_all(disk.fd.get(), buffers[i].data, buffers[i].size, plan.buffers[i].offset, where);
-                end = plan.buffers[i].offset + plan.buffers[i].length;
-            }
-            zero(end, plan.length);
+        uint64_t end = disk.head_end;
+        for (size_t i = 0; i < buffers.size(); ++i) {
+            const Span& span = res->buffers()[i];
+            zero(end, span.offset);
+            if (buffers[i].size) pwrite_all(disk.fd.get(), buffers[i].data, buffers[i].size, span.offset, where);
+            end = span.offset + span.length;
         }
+        zero(end, disk.length);
         return res->seal();
     }
     uint8_t* base = res->region()->data;

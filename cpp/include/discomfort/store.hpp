@@ -300,6 +300,8 @@ private:
     struct DiskWrite {
         Fd fd;
         bool reused = false;
+        uint64_t head_end = 0;  // where the header and meta (written by reserve_as) end
+        uint64_t length = 0;    // the extent's
     };
     std::unique_ptr<Reservation> reserve_as(const std::string& key, const void* meta, uint64_t meta_len,
                                             const std::vector<uint64_t>& sizes, DiskWrite* disk);

@@ -8,7 +8,7 @@ import mmap
 import os
 import struct
 import weakref
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from .._names import check_key, object_file_name
 from .._types import LoadInfo, ObjectInfo, StoreStats
@@ -23,6 +23,16 @@ from .sys import killpoint, killpoints_armed, map_private, pwrite_all
 
 #: RAM puts up to this size reserve, copy and seal under one hold of the lock (_put_small).
 FUSED_PUT_BYTES = 1 << 20
+
+
+class _DiskWrite(NamedTuple):
+    """A disk-tier object that put writes with pwrite (the twin of Store::DiskWrite)."""
+
+    fd: int
+    reused: bool  # a retired file: it may hold old bytes, its padding is zeroed
+    head_end: int  # where the header and meta (already written) end
+    offsets: list[int]
+    length: int
 
 
 def _aligned_copy(src: Any) -> memoryview:
@@ -113,10 +123,10 @@ class ObjectStore(AllocStore):
         return self._reserve(key, meta, sizes, False)[0]
 
     def _reserve(self, key: str, meta: bytes, sizes: Sequence[int],
-                 disk_file: bool) -> tuple[Reservation, int, bool]:
+                 disk_file: bool) -> tuple[Reservation, _DiskWrite | None]:
         """reserve(); with ``disk_file``, an object that goes to the disk tier gets no buffers and
-        its file's descriptor instead of a mapping (put writes it with pwrite; -1 otherwise), in a
-        retired file when one is free (then True: it may hold old bytes, its padding is zeroed)."""
+        its file's descriptor instead of a mapping (put writes it with pwrite), in a retired file
+        when one is free."""
         raw = check_key(key)
         meta = bytes(meta)
         sizes = [int(n) for n in sizes]
@@ -181,7 +191,8 @@ class ObjectStore(AllocStore):
                 pass  # closed meanwhile: its release tombstoned the entry
             raise
         killpoint("after_reserve")
-        return Reservation(self, key, index, file_id, tier, buffers, mapping), fd, bool(reused)
+        disk = _DiskWrite(fd, bool(reused), meta_off + len(meta), offsets, length) if fd >= 0 else None
+        return Reservation(self, key, index, file_id, tier, buffers, mapping), disk
 
     def _own_reserved(self, index: int, file_id: int) -> tuple:
         e = self._valid(index)
@@ -264,19 +275,18 @@ class ObjectStore(AllocStore):
                 version = self._put_small(key, raw, meta, views, sizes, plan)
                 if version is not None:
                     return version
-        res, fd, reused = self._reserve(key, meta, sizes, True)
+        res, disk = self._reserve(key, meta, sizes, True)
         try:
-            if fd >= 0:  # the disk tier: pwrite, no mapping (an abort unlinks the file)
-                meta_off, offsets, length = layout(len(bytes(meta)), sizes)
+            if disk is not None:  # the disk tier: pwrite, no mapping (an abort unlinks the file)
                 where = f"run {self._run_id!r}, object {key!r}"
-                end = meta_off + len(bytes(meta))
-                for o, src in zip(offsets, views):
-                    if reused and o > end:  # a reused file holds old bytes: zero the padding
-                        pwrite_all(fd, bytes(o - end), end, where)
-                    pwrite_all(fd, src, o, where)
+                end = disk.head_end
+                for o, src in zip(disk.offsets, views):
+                    if disk.reused and o > end:  # a reused file holds old bytes: zero the padding
+                        pwrite_all(disk.fd, bytes(o - end), end, where)
+                    pwrite_all(disk.fd, src, o, where)
                     end = o + src.nbytes
-                if reused and length > end:
-                    pwrite_all(fd, bytes(length - end), end, where)
+                if disk.reused and disk.length > end:
+                    pwrite_all(disk.fd, bytes(disk.length - end), end, where)
             else:
                 for dst, src in zip(res.buffers, views):
                     dst[:] = src
@@ -284,8 +294,8 @@ class ObjectStore(AllocStore):
             res.abort()
             raise
         finally:
-            if fd >= 0:
-                os.close(fd)
+            if disk is not None:
+                os.close(disk.fd)
         return res.seal()
 
     # ---- reads -------------------------------------------------------------------------------------
