@@ -307,6 +307,21 @@ def test_a_value_whose_saver_died_is_lost_with_a_clear_error(cluster):
 
 
 @needs_ray
+def test_a_run_being_shut_down_cannot_be_attached(cluster):
+    """Between the owner's clear and Ray's kill the directory is still named: attaching refuses."""
+    from discomfort.distributed import RayContext
+
+    ctx = RayContext()
+    ctx.save("x", 1)
+    assert ray.get(ctx._actor.clear.remote()) == 1  # the first half of shutdown()
+    with pytest.raises(UnknownRunError, match="has finished"):
+        RayContext.attach(ctx.run_id)
+    ctx.shutdown()
+    with pytest.raises(UnknownRunError):
+        RayContext.attach(ctx.run_id)
+
+
+@needs_ray
 def test_shutdown_frees_everything_the_run_put_into_ray(cluster, probe):
     import torch
 

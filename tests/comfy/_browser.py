@@ -14,6 +14,12 @@ import pytest
 
 CHROMIUM = os.environ.get("DISCOMFORT_CHROMIUM", "/usr/bin/chromium")
 
+try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+except ImportError:  # require_browser() says how to install it
+    class PlaywrightTimeout(Exception):  # type: ignore[no-redef]
+        """Never raised: Playwright is missing and the browser tests fail before using it."""
+
 
 def artifacts_dir() -> Path:
     """Where screenshots and summaries are kept: ``$DISCOMFORT_ARTIFACTS``, else /tmp/discomfort-artifacts."""

@@ -141,12 +141,17 @@ class RayContext(RunBase):
         if not isinstance(run_id, str) or not run_id.startswith(RAY_RUN_PREFIX):
             raise UnknownRunError(f"{run_id!r} is not a Ray run id (those start with {RAY_RUN_PREFIX!r})")
         _ray.ensure_connected(address)
+        gone = UnknownRunError(
+            f"no Ray run {run_id!r} in the cluster at {_ray.gcs_address()}: it has finished, or never existed"
+        )
         try:
             actor = ray.get_actor(_ray.ACTOR_PREFIX + run_id, namespace=_ray.NAMESPACE)
-        except ValueError as exc:
-            raise UnknownRunError(
-                f"no Ray run {run_id!r} in the cluster at {_ray.gcs_address()}: it has finished, or never existed"
-            ) from exc
+            # A directory its owner has just cleared may still be named while Ray kills it.
+            finished = ray.get(actor.ping.remote())["finished"]
+        except (ValueError, RayActorError) as exc:
+            raise gone from exc
+        if finished:
+            raise gone
         return cls(run_id, copy=copy, _actor=actor)
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -166,6 +171,7 @@ class RayContext(RunBase):
             except RayActorError:
                 pass
             ray.kill(self._actor, no_restart=True)
+            _wait_unnamed(self.actor_name)
 
     def _forget(self) -> None:
         with _runs_lock:
@@ -326,6 +332,20 @@ def _rebuild_tensor_view(buf: Any, dtype: Any, shape: tuple, requires_grad: bool
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return codecs._rebuild_tensor(buf, dtype, shape, requires_grad, device)
+
+
+def _wait_unnamed(name: str, timeout: float = 10.0) -> None:
+    """Return once Ray no longer resolves ``name``: ``ray.kill`` only asks for the kill, so
+    without this a ``get_context`` just after ``shutdown()`` could still find the directory."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=_ray.NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 class _ViewUnpickler(pickle.Unpickler):
