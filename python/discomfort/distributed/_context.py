@@ -147,10 +147,10 @@ class RayContext(RunBase):
         try:
             actor = ray.get_actor(_ray.ACTOR_PREFIX + run_id, namespace=_ray.NAMESPACE)
             # A directory its owner has just cleared may still be named while Ray kills it.
-            finished = ray.get(actor.ping.remote())["finished"]
+            state: Any = ray.get(actor.ping.remote())
         except (ValueError, RayActorError) as exc:
             raise gone from exc
-        if finished:
+        if state["finished"]:
             raise gone
         return cls(run_id, copy=copy, _actor=actor)
 
