@@ -20,10 +20,7 @@ from .table import TableStore
 class AllocStore(TableStore):
     def _first_fit(self, length: int) -> tuple[int, int] | None:
         used = self._tables()
-        for k, state in enumerate(self._c.chunk_states.tolist()):
-            if state != 1:
-                continue
-            size = self._chunk_size(k)
+        for k, size in self._c.chunks:
             pos = 0
             for off, n in sorted(used.get(k, ())):
                 if off - pos >= length:
@@ -37,6 +34,7 @@ class AllocStore(TableStore):
         """Record chunk k (its file exists and holds `size` bytes); the state last."""
         CHUNK_STRUCT.pack_into(self._c.mm, CHUNK_OFF + k * 32, 0, 0, size)
         struct.pack_into("<I", self._c.mm, CHUNK_OFF + k * 32, 1)
+        self._c.cache_epoch = None  # the table cache lists the chunks: rescan
 
     def _grow(self, length: int) -> int | None:
         """Create a new chunk that holds `length` bytes, or None when RAM may not grow."""

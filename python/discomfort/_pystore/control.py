@@ -25,8 +25,13 @@ from .sys import current_pid
 UsedExtents = dict[int, dict[tuple[int, int], int]]  # chunk -> {(offset, length): count}
 
 
-#: Header fields with their compiled structs (a put reads or writes about twenty).
+#: Header fields with their compiled structs.
 _HEADER = {name: (off, struct.Struct(fmt)) for name, (off, fmt) in H.items()}
+# The fields every operation touches (lock, update, version), read without the name lookup.
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_DIRTY, _EPOCH, _NEXT_VERSION, _FLAGS = H["dirty"][0], H["epoch"][0], H["next_version"][0], H["flags"][0]
+_STATE = struct.Struct("<I")  # an entry's state, its first field (and its tier, at offset 4)
+_EXTENT = struct.Struct("<QQQ")  # an entry's chunk, offset and length, at its offset 40
 
 
 class Control(Pins):
@@ -50,13 +55,15 @@ class Control(Pins):
         self.states = mv[OBJ_OFF : OBJ_OFF + TABLE_CAP * ENTRY].cast("I")[0 :: ENTRY // 4]
         self.pin_states = mv[PIN_OFF : PIN_OFF + PIN_CAP * 32].cast("I")[0 :: 8]
         self.chunk_states = mv[CHUNK_OFF : CHUNK_OFF + MAX_CHUNKS * 32].cast("I")[0 :: 8]
-        # What this handle knows of the tables, valid while the header's epoch equals
-        # cache_epoch (None: rescan): every update, by any process, bumps the epoch, and our
-        # own updates keep the cache in step. Spares each reservation a scan of both tables.
+        # What this handle knows of the tables (and of the chunk table), valid while the
+        # header's epoch equals cache_epoch (None: rescan): every update, by any process, bumps
+        # the epoch, and our own updates keep the cache in step (a chunk installed: a rescan).
+        # Spares each reservation a scan of the tables.
         self.cache_epoch: int | None = None
         self.nonempty = 0  # object entries whose state is not EMPTY
         self.live = 0  # object entries RESERVED or SEALED
         self.used: UsedExtents = {}
+        self.chunks: list[tuple[int, int]] = []  # (index, size) of the installed chunks
         # While this handle holds the lock no other process updates the tables, and our own
         # updates keep cache_epoch in step (end()): one epoch check per hold is enough.
         self.holding = False
@@ -64,7 +71,7 @@ class Control(Pins):
 
     def cache_fresh(self) -> bool:
         if self.cache_epoch is not None and not self.epoch_checked:
-            if self.cache_epoch != self.hget("epoch"):
+            if self.cache_epoch != _U64.unpack_from(self.mm, _EPOCH)[0]:
                 self.cache_epoch = None
             else:
                 self.epoch_checked = self.holding
@@ -83,16 +90,16 @@ class Control(Pins):
     def set_entry_state(self, index: int, state: int) -> None:
         """Write an entry's state (its other fields first: "state last")."""
         off = OBJ_OFF + index * ENTRY
-        if self.cache_fresh():
+        if self.cache_epoch is not None and (self.epoch_checked or self.cache_fresh()):
             before = self.states[index]
             if (before == EMPTY) != (state == EMPTY):
                 self.nonempty += 1 if before == EMPTY else -1
-            if (before in (RESERVED, SEALED)) != (state in (RESERVED, SEALED)):
-                self.live += 1 if state in (RESERVED, SEALED) else -1
-                e = ENTRY_HEAD.unpack_from(self.mm, off)
-                if e[1] == RAM:
-                    self._note_extent(e[7], e[8], e[9], state in (RESERVED, SEALED))
-        struct.pack_into("<I", self.mm, off, state)
+            live = state == RESERVED or state == SEALED
+            if (before == RESERVED or before == SEALED) != live:
+                self.live += 1 if live else -1
+                if _STATE.unpack_from(self.mm, off + 4)[0] == RAM:  # its tier
+                    self._note_extent(*_EXTENT.unpack_from(self.mm, off + 40), live)
+        _STATE.pack_into(self.mm, off, state)
 
     def set_pin_state(self, index: int, state: int) -> None:
         off = PIN_OFF + index * 32
@@ -139,15 +146,28 @@ class Control(Pins):
         if self.closing and not self.pins and not self.released:
             self.release()
 
+    def dirty(self) -> bool:
+        return _U32.unpack_from(self.mm, _DIRTY)[0] != 0
+
+    def finished(self) -> bool:
+        return _U32.unpack_from(self.mm, _FLAGS)[0] & FLAG_FINISHED != 0
+
     def begin(self) -> None:
-        self.hset("dirty", 1)
+        _U32.pack_into(self.mm, _DIRTY, 1)
 
     def end(self) -> None:
-        epoch = self.hget("epoch")
+        mm = self.mm
+        epoch = _U64.unpack_from(mm, _EPOCH)[0]
         # A cache that followed this update stays valid for the epoch it ends with.
         self.cache_epoch = epoch + 1 if self.cache_epoch == epoch else None
-        self.hset("epoch", epoch + 1)
-        self.hset("dirty", 0)
+        _U64.pack_into(mm, _EPOCH, epoch + 1)
+        _U32.pack_into(mm, _DIRTY, 0)
+
+    def take_version(self) -> int:
+        """The next version (object versions and disk file ids share the counter); inside an update."""
+        version = _U64.unpack_from(self.mm, _NEXT_VERSION)[0]
+        _U64.pack_into(self.mm, _NEXT_VERSION, version + 1)
+        return version
 
     def abort_own(self, index: int, file_id: int, name: str | None) -> None:
         """Retire one of this handle's reservations (inside an update); `name`: its disk file."""
@@ -246,12 +266,12 @@ class StoreBase:
         return Locked(self, running)
 
     def _repair_if_dirty(self) -> None:
-        if self._c.hget("dirty"):
+        if self._c.dirty():
             self._repair()
 
     def _raise_if_finished(self) -> None:
         """RunFinishedError when the owner has ended the run (its files go right after the flag)."""
-        if not self._c.released and self._c.hget("flags") & FLAG_FINISHED:
+        if not self._c.released and self._c.finished():
             raise RunFinishedError(f"run {self._run_id!r} has finished: its owner ended it")
 
     # ---- table access -------------------------------------------------------------------------
@@ -306,7 +326,7 @@ class StoreBase:
     def _tables(self) -> UsedExtents:
         """The used RAM extents per chunk (entries and pins), from the cache or a rescan."""
         c = self._c
-        if c.cache_fresh():
+        if c.cache_epoch is not None and (c.epoch_checked or c.cache_fresh()):
             return c.used
         c.cache_epoch = None
         used: UsedExtents = {}
@@ -325,5 +345,7 @@ class StoreBase:
             if state == 1 and chunk < MAX_CHUNKS:
                 extents = used.setdefault(chunk, {})
                 extents[(off, length)] = extents.get((off, length), 0) + 1
+        c.chunks = [(k, self._chunk_size(k)) for k in self._nonempty(CHUNK_OFF, MAX_CHUNKS, 32)
+                    if c.chunk_states[k] == 1]
         c.used, c.nonempty, c.live, c.cache_epoch = used, len(nonempty), live, c.hget("epoch")
         return used

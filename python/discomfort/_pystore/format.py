@@ -1,4 +1,4 @@
-"""The shared-memory segment format, version 1 (docs/FORMAT.md is the contract); the twin of
+"""The shared-memory segment format, version 2 (docs/FORMAT.md is the contract); the twin of
 cpp/include/discomfort/format.hpp. Offsets, sizes, states and the struct layouts of the
 control segment's tables."""
 

@@ -25,14 +25,15 @@ def fnv1a64(data: bytes) -> int:
 
 def layout(meta_len: int, sizes: Sequence[int]) -> tuple[int, list[int], int]:
     """Offsets of the meta and of each buffer inside an extent, and the extent's length."""
-    meta_off = align(32 + 16 * len(sizes), 64)
+    meta_off = (32 + 16 * len(sizes) + 63) // 64 * 64
     pos = meta_off + meta_len
     offsets = []
-    for n in sizes:
-        pos = align(pos, PAGE if n >= SMALL_OBJECT_BYTES else 64)
+    for n in sizes:  # align() written out: this runs on every put
+        a = PAGE if n >= SMALL_OBJECT_BYTES else 64
+        pos = (pos + a - 1) // a * a
         offsets.append(pos)
         pos += n
-    return meta_off, offsets, align(pos, PAGE)
+    return meta_off, offsets, (pos + PAGE - 1) // PAGE * PAGE
 
 
 def parse_directory(view: Any, length: int, where: str) -> tuple[int, int, list[tuple[int, int]]]:

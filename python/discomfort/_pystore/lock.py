@@ -48,10 +48,18 @@ def _ofd(fd: int, cmd: int, ltype: int, start: int) -> int:
     return _FLOCK.unpack(res)[0]
 
 
+# The metadata lock is taken and given back twice per operation: its struct flock, packed once.
+_META_WRLCK = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, LOCK_BYTE, 1, 0) if MODE == "shm" else b""
+_META_UNLCK = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, LOCK_BYTE, 1, 0) if MODE == "shm" else b""
+
+
 def _ofd_lock_wait(c: Control, start: int) -> None:
     while True:
         try:
-            _ofd(c.fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, start)
+            if start == LOCK_BYTE:
+                fcntl.fcntl(c.fd, fcntl.F_OFD_SETLKW, _META_WRLCK)
+            else:
+                _ofd(c.fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, start)
             return
         except InterruptedError:
             continue
@@ -70,7 +78,10 @@ def _ofd_try(c: Control, start: int) -> bool:
 
 
 def _ofd_unlock(c: Control, start: int) -> None:
-    _ofd(c.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, start)
+    if start == LOCK_BYTE:
+        fcntl.fcntl(c.fd, fcntl.F_OFD_SETLK, _META_UNLCK)
+    else:
+        _ofd(c.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, start)
 
 
 def _ofd_held(c: Control, start: int) -> bool:

@@ -23,6 +23,7 @@ from .sys import killpoint, killpoints_armed, map_private, pwrite_all
 
 #: RAM puts up to this size reserve, copy and seal under one hold of the lock (_put_small).
 FUSED_PUT_BYTES = 1 << 20
+_VERSION = struct.Struct("<Q")  # an entry's version, at its offset 24
 
 
 class _DiskWrite(NamedTuple):
@@ -151,8 +152,7 @@ class ObjectStore(AllocStore):
                         f"run {self._run_id!r}: object {key!r} of {length} bytes does not fit the RAM budget "
                         f"and the run has no disk tier"
                     )
-                file_id = c.hget("next_version")
-                c.hset("next_version", file_id + 1)
+                file_id = c.take_version()
                 tier = RAM if place is not None else DISK
                 chunk, off = place if place is not None else (0, 0)
                 index = self._insert(raw, (tier, c.slot, file_id, chunk, off, length), key, replacing)
@@ -205,18 +205,20 @@ class ObjectStore(AllocStore):
             e = self._own_reserved(index, file_id)
             return self._seal_locked(index, bytes(e[10][: e[3]]))
 
-    def _seal_locked(self, index: int, raw: bytes) -> int:
-        """Under the lock: the reserved entry becomes the key's visible version."""
+    def _seal_locked(self, index: int, raw: bytes, sealed: list[int] | None = None) -> int:
+        """Under the lock: the reserved entry becomes the key's visible version (`sealed`: the
+        key's SEALED entries when the caller's _probe_put found them)."""
         c = self._c
+        if sealed is None:
+            sealed = [i for i in self._probe_path(raw, fnv1a64(raw)) if c.states[i] == SEALED]
         c.begin()
         try:
-            for i in self._probe_path(raw, fnv1a64(raw)):
-                if i != index and c.states[i] == SEALED:
+            for i in sealed:
+                if i != index:
                     self._tombstone(i)
-            version = c.hget("next_version")
-            c.hset("next_version", version + 1)
-            struct.pack_into("<Q", c.mm, OBJ_OFF + index * ENTRY + 24, version)
-            self._set_state(index, SEALED)
+            version = c.take_version()
+            _VERSION.pack_into(c.mm, OBJ_OFF + index * ENTRY + 24, version)
+            c.set_entry_state(index, SEALED)
         finally:
             c.end()
         return version
@@ -241,14 +243,13 @@ class ObjectStore(AllocStore):
                 place = self._first_fit(length)
             if place is None:
                 return None
-            replacing = self._find_sealed(raw) >= 0
+            sealed, free = self._probe_put(raw, fnv1a64(raw))  # one walk: what _insert and the seal need
             chunk, off = place
             region = memoryview(self._chunk_map(chunk))[off : off + length]
             c.begin()
             try:
-                file_id = c.hget("next_version")
-                c.hset("next_version", file_id + 1)
-                index = self._insert(raw, (RAM, c.slot, file_id, chunk, off, length), key, replacing)
+                file_id = c.take_version()
+                index = self._insert(raw, (RAM, c.slot, file_id, chunk, off, length), key, bool(sealed), free)
             finally:
                 c.end()
             EXT_HEAD.pack_into(region, 0, OBJ_MAGIC, len(sizes), meta_off, len(meta), 0)
@@ -257,7 +258,7 @@ class ObjectStore(AllocStore):
             region[meta_off : meta_off + len(meta)] = meta
             for o, n, src in zip(offsets, sizes, views):
                 region[o : o + n] = src
-            return self._seal_locked(index, raw)
+            return self._seal_locked(index, raw, sealed)
 
     def put(self, key: str, meta: bytes, buffers: Sequence[Any]) -> int:
         views = []

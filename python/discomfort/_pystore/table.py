@@ -18,6 +18,7 @@ from .format import (
 from .layout import fnv1a64
 from .lock import lock_held
 
+_KEY_LEN_HASH = struct.Struct("<IQ")  # an entry's key_len and hash, from its offset 12
 
 class TableStore(StoreBase):
     def _probe_path(self, raw: bytes, h: int) -> Iterator[int]:
@@ -36,6 +37,31 @@ class TableStore(StoreBase):
                     if self._c.mm[koff : koff + key_len] == raw:
                         yield i
 
+    def _probe_put(self, raw: bytes, h: int) -> tuple[list[int], int]:
+        """One walk of the key's probe path for a put: its SEALED entries with this key, and the
+        first EMPTY or TOMBSTONE entry (where _insert puts it; -1 when none). What _probe_path,
+        _find_sealed and _first_free find, in one pass: nothing of the key lies past an EMPTY."""
+        c = self._c
+        states, mm, n = c.states, c.mm, len(raw)
+        sealed: list[int] = []
+        free = -1
+        i = start = h % TABLE_CAP
+        while True:
+            s = states[i]
+            if s == EMPTY:
+                return sealed, i if free < 0 else free
+            if s == TOMBSTONE:
+                if free < 0:
+                    free = i
+            elif s == SEALED:
+                off = OBJ_OFF + i * ENTRY
+                key_len, eh = _KEY_LEN_HASH.unpack_from(mm, off + 12)
+                if eh == h and key_len == n and mm[off + 64 : off + 64 + n] == raw:
+                    sealed.append(i)
+            i = (i + 1) % TABLE_CAP
+            if i == start:
+                return sealed, free
+
     def _find_sealed(self, raw: bytes) -> int:
         for i in self._probe_path(raw, fnv1a64(raw)):
             if self._c.states[i] == SEALED:
@@ -52,36 +78,38 @@ class TableStore(StoreBase):
                 return i
         return -1
 
-    def _insert(self, raw: bytes, fields: tuple, key: str, replacing: bool) -> int:
-        """Take the first EMPTY or TOMBSTONE entry on the key's probe path (state written last).
+    def _insert(self, raw: bytes, fields: tuple, key: str, replacing: bool, free: int | None = None) -> int:
+        """Take the first EMPTY or TOMBSTONE entry on the key's probe path (state written last;
+        `free`: that entry when the caller's _probe_put found it).
 
         New keys: at most 3/4 of the table live. An overwrite (`replacing`: the key has a SEALED
         entry, which its seal retires) may go past that. Any insertion leaves one EMPTY entry,
         which ends every probe; tombstones that no probe needs are made EMPTY first when it comes
         to that."""
-        states = self._c.states
+        c = self._c
+        states = c.states
         h = fnv1a64(raw)
         self._tables()
-        if not replacing and self._c.live + 1 > TABLE_CAP * 3 // 4:
+        if not replacing and c.live + 1 > TABLE_CAP * 3 // 4:
             raise StoreFullError(f"run {self._run_id!r}: object table full ({TABLE_CAP * 3 // 4} keys at most); "
                                  f"cannot add key {key!r}")
 
         def fits(i: int) -> bool:
             # Reusing a TOMBSTONE leaves the count of non-EMPTY entries as it is.
-            self._tables()
-            return i >= 0 and self._c.nonempty + (states[i] == EMPTY) <= TABLE_CAP - 1
+            return i >= 0 and c.nonempty + (states[i] == EMPTY) <= TABLE_CAP - 1
 
-        i = self._first_free(h)
+        i = self._first_free(h) if free is None else free
         if not fits(i) and self._purge_tombstones():
+            self._tables()
             i = self._first_free(h)
         if not fits(i):
             raise StoreFullError(
-                f"run {self._run_id!r}: object table full ({self._c.nonempty} of {TABLE_CAP} entries in use); "
+                f"run {self._run_id!r}: object table full ({c.nonempty} of {TABLE_CAP} entries in use); "
                 f"cannot add key {key!r}")
         tier, owner, file_id, chunk, off, length = fields
-        ENTRY_STRUCT.pack_into(self._c.mm, OBJ_OFF + i * ENTRY, states[i], tier, owner, len(raw), h,
+        ENTRY_STRUCT.pack_into(c.mm, OBJ_OFF + i * ENTRY, states[i], tier, owner, len(raw), h,
                                0, file_id, chunk, off, length, raw)
-        self._set_state(i, RESERVED)
+        c.set_entry_state(i, RESERVED)
         return i
 
     def _purge_tombstones(self) -> int:
@@ -132,18 +160,19 @@ class TableStore(StoreBase):
         """Retire an entry; unlink its disk file, or keep a sealed object's mapped-size file for the
         next disk save (small ones are read with pread outside the lock: never rewritten). Keeps
         every probe path intact."""
-        e = self._entry(index)
+        e = ENTRY_HEAD.unpack_from(self._c.mm, OBJ_OFF + index * ENTRY)
         if e[1] == DISK and self._c.disk_fd >= 0 and e[6]:
             if e[0] == SEALED and e[9] >= SMALL_OBJECT_BYTES:
                 self._retire_disk_file(e[6], e[9])
             else:
                 self._unlink_disk_file(e[6])
-        self._set_state(index, TOMBSTONE)
-        states = self._c.states
+        c = self._c
+        c.set_entry_state(index, TOMBSTONE)
+        states = c.states
         if states[(index + 1) % TABLE_CAP] == EMPTY:
             i = index
             while states[i] == TOMBSTONE:
-                self._set_state(i, EMPTY)
+                c.set_entry_state(i, EMPTY)
                 i = (i - 1) % TABLE_CAP
 
     def _unlink_disk_file(self, file_id: int) -> None:
