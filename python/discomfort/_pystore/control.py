@@ -98,7 +98,8 @@ class Control(Pins):
             if (before == RESERVED or before == SEALED) != live:
                 self.live += 1 if live else -1
                 if _STATE.unpack_from(self.mm, off + 4)[0] == RAM:  # its tier
-                    self._note_extent(*_EXTENT.unpack_from(self.mm, off + 40), live)
+                    chunk, eoff, length = _EXTENT.unpack_from(self.mm, off + 40)
+                    self._note_extent(chunk, eoff, length, live)
         _STATE.pack_into(self.mm, off, state)
 
     def set_pin_state(self, index: int, state: int) -> None:
