@@ -137,7 +137,8 @@ class Control(Pins):
 
     def unlock(self) -> None:
         try:
-            self.drain()
+            if self.pending:
+                self.drain()
         finally:
             self.holding = self.epoch_checked = False
             try:

@@ -54,15 +54,11 @@ _META_UNLCK = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, LOCK_BYTE, 1, 0) if MODE =
 
 
 def _ofd_lock_wait(c: Control, start: int) -> None:
-    while True:
-        try:
-            if start == LOCK_BYTE:
-                fcntl.fcntl(c.fd, fcntl.F_OFD_SETLKW, _META_WRLCK)
-            else:
-                _ofd(c.fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, start)
-            return
-        except InterruptedError:
-            continue
+    # fcntl() retries by itself when a signal interrupts the wait (PEP 475).
+    if start == LOCK_BYTE:
+        fcntl.fcntl(c.fd, fcntl.F_OFD_SETLKW, _META_WRLCK)
+    else:
+        _ofd(c.fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, start)
 
 
 def _ofd_try(c: Control, start: int) -> bool:
@@ -155,12 +151,13 @@ class Locked:
         self._running = running
 
     def __enter__(self) -> None:
-        c = self._store._c
+        store = self._store
+        c = store._c
         c.lock()
         try:
-            self._store._repair_if_dirty()
+            store._repair_if_dirty()
             if self._running:
-                self._store._raise_if_finished()
+                store._raise_if_finished()
         except BaseException:
             c.unlock()
             raise

@@ -80,7 +80,7 @@ class TableStore(StoreBase):
 
     def _insert(self, raw: bytes, fields: tuple, key: str, replacing: bool, free: int | None = None) -> int:
         """Take the first EMPTY or TOMBSTONE entry on the key's probe path (state written last;
-        `free`: that entry when the caller's _probe_put found it).
+        `free`: that entry when the caller's _probe_put found it, -1 for none).
 
         New keys: at most 3/4 of the table live. An overwrite (`replacing`: the key has a SEALED
         entry, which its seal retires) may go past that. Any insertion leaves one EMPTY entry,
@@ -94,15 +94,13 @@ class TableStore(StoreBase):
             raise StoreFullError(f"run {self._run_id!r}: object table full ({TABLE_CAP * 3 // 4} keys at most); "
                                  f"cannot add key {key!r}")
 
-        def fits(i: int) -> bool:
-            # Reusing a TOMBSTONE leaves the count of non-EMPTY entries as it is.
-            return i >= 0 and c.nonempty + (states[i] == EMPTY) <= TABLE_CAP - 1
-
+        # The entry must leave one EMPTY entry in the table (reusing a TOMBSTONE leaves the count
+        # of non-EMPTY entries as it is).
         i = self._first_free(h) if free is None else free
-        if not fits(i) and self._purge_tombstones():
+        if (i < 0 or c.nonempty + (states[i] == EMPTY) > TABLE_CAP - 1) and self._purge_tombstones():
             self._tables()
             i = self._first_free(h)
-        if not fits(i):
+        if i < 0 or c.nonempty + (states[i] == EMPTY) > TABLE_CAP - 1:
             raise StoreFullError(
                 f"run {self._run_id!r}: object table full ({c.nonempty} of {TABLE_CAP} entries in use); "
                 f"cannot add key {key!r}")
