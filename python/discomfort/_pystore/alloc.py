@@ -38,14 +38,15 @@ class AllocStore(TableStore):
 
     def _grow(self, length: int) -> int | None:
         """Create a new chunk that holds `length` bytes, or None when RAM may not grow."""
-        sizes = [self._chunk_size(k) for k in range(MAX_CHUNKS)]
-        free = [i for i, s in enumerate(sizes) if s == 0]
-        if not free:
-            return None
-        have = sum(sizes)
+        # Read in C where most of the 64 entries are unused: the disk tier asks on every put.
+        sizes = {k: self._chunk_size(k) for k in self._nonempty(CHUNK_OFF, MAX_CHUNKS, 32)}
+        have = sum(sizes.values())
         room = max(0, self._c.hget("ram_budget") - have)
         size = min(room, max(length, MIN_CHUNK, have)) // PAGE * PAGE
         if size < length:
+            return None
+        free = [k for k in range(MAX_CHUNKS) if not sizes.get(k)]
+        if not free:
             return None
         memory_checked = False
         # A chunk's name is known to every local user (the run id shows in /dev/shm): a name that
@@ -161,7 +162,10 @@ class AllocStore(TableStore):
         """Under the lock, inside an update: the retired file no pin maps that fits ``length`` best
         (the smallest that holds it, else the largest), renamed to ``file_id``'s name."""
         slots = [r for r in self._retired() if r[0]]
-        usable = [r for r in slots if r[0] < self._c.hget("next_version") and not self._disk_file_pinned(r[0])]
+        if not slots:
+            return False
+        newest, pinned = self._c.hget("next_version"), self._pinned_disk_files()
+        usable = [r for r in slots if r[0] < newest and r[0] not in pinned]
         if not usable:
             return False
         fits = [r for r in usable if r[1] >= length]

@@ -14,7 +14,7 @@ from .._names import chunk_name, object_file_name
 from ..errors import CorruptedStoreError, RunFinishedError, StoreClosedError
 from .format import (
     CHUNK_OFF, CHUNK_STRUCT, DISK, EMPTY, ENTRY, ENTRY_HEAD, ENTRY_STRUCT, FLAG_FINISHED, H, LOCK_BYTE,
-    MAX_CHUNKS, NONZERO, OBJ_OFF, PAGE, PIN_CAP, PIN_OFF, PIN_STRUCT, RAM, RESERVED, SEALED, SLOT_CAP,
+    MAX_CHUNKS, NONZERO_TO_1, OBJ_OFF, PAGE, PIN_CAP, PIN_OFF, PIN_STRUCT, RAM, RESERVED, SEALED, SLOT_CAP,
     SLOT_LOCK_BASE, SLOT_OFF, TABLE_CAP, TOMBSTONE,
 )
 from .layout import fnv1a64
@@ -322,8 +322,13 @@ class StoreBase:
 
         States are small little-endian u32s, so their first byte alone tells empty from used.
         """
-        firsts = self._c.mm[offset : offset + count * stride : stride]
-        return [m.start() for m in NONZERO.finditer(firsts)]
+        firsts = self._c.mm[offset : offset + count * stride : stride].translate(NONZERO_TO_1)
+        used = []
+        i = firsts.find(1)
+        while i >= 0:  # memchr from one used entry to the next (a regex took ~3 ns per entry)
+            used.append(i)
+            i = firsts.find(1, i + 1)
+        return used
 
     def _tables(self) -> UsedExtents:
         """The used RAM extents per chunk (entries and pins), from the cache or a rescan."""

@@ -12,7 +12,7 @@ from ..errors import StoreFullError
 from .control import StoreBase
 from .format import (
     DISK, DISK_PIN_CHUNK, EMPTY, ENTRY, ENTRY_HEAD, ENTRY_STRUCT, MAX_CHUNKS, OBJ_OFF, PIN_CAP, PIN_OFF, PIN_STRUCT,
-    RESERVED, RETIRED_OFF, RETIRED_SLOTS, RETIRED_STRUCT, SEALED, SLOT_CAP, SLOT_LOCK_BASE, SMALL_OBJECT_BYTES,
+    RESERVED, RETIRED_OFF, RETIRED_SLOTS, RETIRED_STRUCT, SEALED, SLOT_CAP, SLOT_LOCK_BASE, SLOT_OFF, SMALL_OBJECT_BYTES,
     TABLE_CAP, TOMBSTONE,
 )
 from .layout import fnv1a64
@@ -201,13 +201,15 @@ class TableStore(StoreBase):
                 self._unlink_disk_file(file_id)
         self._set_retired([])
 
-    def _disk_file_pinned(self, file_id: int) -> bool:
+    def _pinned_disk_files(self) -> set[int]:
+        """The file ids of the disk objects some view maps (one pass over the pin table)."""
         c = self._c
+        pinned = set()
         for p in self._nonempty(PIN_OFF, PIN_CAP, 32):
             state, _, chunk, off, _ = PIN_STRUCT.unpack_from(c.mm, PIN_OFF + p * 32)
-            if state == 1 and chunk == DISK_PIN_CHUNK and off == file_id:
-                return True
-        return False
+            if state == 1 and chunk == DISK_PIN_CHUNK:
+                pinned.add(off)
+        return pinned
 
     # ---- liveness -------------------------------------------------------------------------------
     def _slot_alive(self, i: int) -> bool:
@@ -228,12 +230,13 @@ class TableStore(StoreBase):
         return count
 
     def _reclaim_dead(self) -> int:
-        dead = [i for i in range(SLOT_CAP) if self._c.slot_used(i) and not self._slot_alive(i)]
+        c = self._c  # the slot table read in C: most of its entries are unused
+        dead = [i for i in self._nonempty(SLOT_OFF, SLOT_CAP, 32) if c.slot_used(i) and not self._slot_alive(i)]
         if not dead:
             return 0
-        self._c.begin()
+        c.begin()
         count = sum(self._reclaim_slot(i) for i in dead)
-        self._c.end()
+        c.end()
         return count
 
     def _repair(self) -> None:
