@@ -6,10 +6,7 @@ Run: pytest benchmarks/test_bench_http.py --benchmark-only. GB/s = bytes / media
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ import torch
 pytest.importorskip("aiohttp")
 pytest.importorskip("requests")
 
-from discomfort.remote import RemoteContext  # noqa: E402
+from discomfort.remote import RemoteContext, standalone  # noqa: E402
 
 ROUNDS = {"1MiB": 30, "12MiB": 15, "192MiB": 5, "512MiB": 3}
 
@@ -26,16 +23,8 @@ ROUNDS = {"1MiB": 30, "12MiB": 15, "192MiB": 5, "512MiB": 3}
 @pytest.fixture(scope="module")
 def remote():
     secret = secrets.token_urlsafe(24)
-    proc = subprocess.Popen([sys.executable, "-m", "discomfort.remote.standalone"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "DISCOMFORT_SERVER_SECRET": secret})
-    try:
-        port = int(proc.stdout.readline())
-        with RemoteContext(f"http://127.0.0.1:{port}", secret=secret, ram_budget="2G") as rc:
-            yield rc
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
+    with standalone.start(secret) as (url, _), RemoteContext(url, secret=secret, ram_budget="2G") as rc:
+        yield rc
 
 
 def _run(benchmark, fn, size):

@@ -8,15 +8,13 @@ import json
 import os
 import random
 import socket
-import subprocess
-import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("aiohttp")
 
-from discomfort.remote import RemoteContext  # noqa: E402
+from discomfort.remote import RemoteContext, standalone  # noqa: E402
 from discomfort.remote.framing import frame_header  # noqa: E402
 
 from _helpers import leftovers, status_kib  # noqa: E402
@@ -29,17 +27,11 @@ MiB = 1 << 20
 def server(tmp_path_factory):
     """(url, pid, log path) of a run server in a process of its own; bodies that stall 2 s are dropped."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOMFORT_REMOTE_")}
-    env.update(DISCOMFORT_SERVER_SECRET=SECRET, DISCOMFORT_REMOTE_STALL="2")
+    env.update(DISCOMFORT_REMOTE_STALL="2")
     log = tmp_path_factory.mktemp("run_server") / "stderr.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "discomfort.remote.standalone"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-    try:
-        port = int(proc.stdout.readline())
-        yield f"http://127.0.0.1:{port}", proc.pid, log
-    finally:
-        proc.stdin.close()
-        assert proc.wait(timeout=60) == 0
+    with open(log, "w") as err, standalone.start(SECRET, env=env, stderr=err) as (url, proc):
+        yield url, proc.pid, log
+    assert proc.returncode == 0
 
 
 def _reset_peak(pid: int | str) -> int:

@@ -197,33 +197,16 @@ def http_available() -> bool:
 
 def bench_http(tensor: Any, rounds: int) -> dict[str, tuple[float, bool]]:
     """save and load over HTTP, to a run server in a process of its own, over loopback."""
-    import os
     import secrets
-    import subprocess
-    import sys
 
-    from .remote import RemoteContext
+    from .remote import RemoteContext, standalone
 
     secret = secrets.token_urlsafe(24)
-    env = {**os.environ, "DISCOMFORT_SERVER_SECRET": secret}
-    proc = subprocess.Popen([sys.executable, "-m", "discomfort.remote.standalone"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        port = int(proc.stdout.readline() or 0)
-        if not port:
-            raise RuntimeError("the run server for the HTTP rows did not start")
-        nbytes = tensor.numel() * tensor.element_size()
-        with RemoteContext(f"http://127.0.0.1:{port}", secret=secret, ram_budget=2 * nbytes + 64 * MiB) as rc:
-            return {"http save": (median_ms(lambda: rc.save("image", tensor), rounds), False),
-                    "http load": (median_ms(lambda: rc.load("image"), rounds), False)}
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    nbytes = tensor.numel() * tensor.element_size()
+    with standalone.start(secret, timeout=30) as (url, _), \
+            RemoteContext(url, secret=secret, ram_budget=2 * nbytes + 64 * MiB) as rc:
+        return {"http save": (median_ms(lambda: rc.save("image", tensor), rounds), False),
+                "http load": (median_ms(lambda: rc.load("image"), rounds), False)}
 
 
 def _lies_in(addr: int, prefix: str) -> bool:

@@ -5,21 +5,50 @@ benchmark rows, and for trying a client against a server.
 
 Prints the port it listens on, then serves until its standard input closes. The routes and their
 rules are the node pack's (:mod:`.server`); outside ComfyUI no client may create runs without the
-server secret (``DISCOMFORT_SERVER_SECRET``).
+server secret (``DISCOMFORT_SERVER_SECRET``). ``start()`` runs one in a process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import subprocess
 import sys
+from typing import IO, Iterator, Mapping
 
-from aiohttp import web
+from .framing import SECRET_ENV
 
-from .server import add_routes, run_server
+
+@contextlib.contextmanager
+def start(secret: str, env: Mapping[str, str] | None = None, stderr: IO | None = None,
+          timeout: float = 60) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A run server in a process of its own on a free loopback port, for the block: (its URL,
+    the process). Leaving the block closes its standard input and waits for it to end."""
+    env = {**(os.environ if env is None else env), SECRET_ENV: secret}
+    proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, env=env)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        port = int(proc.stdout.readline() or 0)
+        if not port:
+            raise RuntimeError(f"the run server (python -m {__name__}) did not start: see its stderr")
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def serve(host: str, port: int) -> None:
+    from aiohttp import web
+
+    from .server import add_routes, run_server
+
     routes = web.RouteTableDef()
     add_routes(routes)
     app = web.Application()
