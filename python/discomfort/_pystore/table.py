@@ -20,6 +20,7 @@ from .lock import lock_held
 
 _KEY_LEN_HASH = struct.Struct("<IQ")  # an entry's key_len and hash, from its offset 12
 
+
 class TableStore(StoreBase):
     def _probe_path(self, raw: bytes, h: int) -> Iterator[int]:
         """Indices of live entries on the key's probe path with this key."""
