@@ -150,27 +150,35 @@ void Store::allocate_disk_file(int fd, uint64_t length, const std::string& path)
     if (rc != 0) throw_system("allocate " + path, rc);
 }
 
-Fd Store::create_disk_file(uint64_t file_id, uint64_t length) {
+Fd Store::open_disk_file(uint64_t file_id, uint64_t length, bool reused) {
     const std::string path = disk_path(file_id), name = disk_name(file_id);
-    Fd fd(openat_retry(disk_fd_.get(), name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0600));
+    Fd fd(reused ? openat_retry(disk_fd_.get(), name, O_RDWR | O_NOFOLLOW | O_NONBLOCK)
+                 : openat_retry(disk_fd_.get(), name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0600));
     if (!fd.valid()) {
         if (run_ended()) throw finished_error();
-        throw_system("create " + path, errno);
+        throw_system((reused ? "open " : "create ") + path, errno);
     }
     try {
         std::string problem = private_file_problem(fd.get());
         if (!problem.empty())
-            throw StoreError(ErrorCode::Access, "run " + quoted(run_id_) + ": new disk file " + path + " is " + problem);
+            throw StoreError(ErrorCode::Access, "run " + quoted(run_id_) + (reused ? ": retired" : ": new") +
+                                                    " disk file " + path + " is " + problem);
+        if (reused) {
+            struct stat st;
+            if (::fstat(fd.get(), &st) != 0) throw_system("fstat " + path, errno);
+            if (uint64_t(st.st_size) > length && ::ftruncate(fd.get(), off_t(length)) != 0)
+                throw_system("truncate " + path, errno);
+        }
         allocate_disk_file(fd.get(), length, path);
         return fd;
     } catch (...) {
-        ::unlinkat(disk_fd_.get(), name.c_str(), 0);
+        if (!reused) ::unlinkat(disk_fd_.get(), name.c_str(), 0);  // a retired file keeps its new name
         throw;
     }
 }
 
 Mapping Store::create_disk_object(uint64_t file_id, uint64_t length) {
-    Fd fd = create_disk_file(file_id, length);
+    Fd fd = open_disk_file(file_id, length, false);
     try {
         return Mapping(fd.get(), length, MAP_SHARED, 0);
     } catch (...) {
@@ -230,24 +238,6 @@ void Store::forget_retired() noexcept {
             ::unlinkat(disk_fd_.get(), disk_name(slots[k].file_id).c_str(), 0);
         slots[k] = RetiredFile{0, 0};
     }
-}
-
-Fd Store::open_reused_disk_file(uint64_t file_id, uint64_t length) {
-    const std::string path = disk_path(file_id);
-    Fd fd(openat_retry(disk_fd_.get(), disk_name(file_id), O_RDWR | O_NOFOLLOW | O_NONBLOCK));
-    if (!fd.valid()) {
-        if (run_ended()) throw finished_error();
-        throw_system("open " + path, errno);
-    }
-    std::string problem = private_file_problem(fd.get());
-    if (!problem.empty())
-        throw StoreError(ErrorCode::Access, "run " + quoted(run_id_) + ": retired disk file " + path + " is " + problem);
-    struct stat st;
-    if (::fstat(fd.get(), &st) != 0) throw_system("fstat " + path, errno);
-    if (uint64_t(st.st_size) > length && ::ftruncate(fd.get(), off_t(length)) != 0)
-        throw_system("truncate " + path, errno);
-    allocate_disk_file(fd.get(), length, path);
-    return fd;
 }
 
 Fd Store::open_disk_object(uint64_t file_id, const std::string& key) const {

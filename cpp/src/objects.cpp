@@ -122,7 +122,7 @@ std::unique_ptr<Reservation> Store::reserve_as(const std::string& key, const voi
             region->size = length;
             region->owner = std::move(chunk_mapping);
         } else if (disk) {
-            disk->fd = disk->reused ? open_reused_disk_file(file_id, length) : create_disk_file(file_id, length);
+            disk->fd = open_disk_file(file_id, length, disk->reused);
             std::vector<uint8_t> head(plan.meta_off + meta_len);
             write_extent_head(head.data(), plan, meta, meta_len);
             pwrite_all(disk->fd.get(), head.data(), head.size(), 0, disk_path(file_id));

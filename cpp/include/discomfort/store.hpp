@@ -262,11 +262,13 @@ private:
     void install_chunk(uint32_t k, std::shared_ptr<Fd> fd, std::shared_ptr<Mapping> map, uint64_t size);
     Chunk& open_chunk(uint32_t k);
     std::shared_ptr<Mapping> chunk_map(uint32_t k);
-    // A new object file, space reserved (DiskFullError otherwise): mapped shared for a
-    // reservation's writer, or (`create_disk_file`) left for pwrite: writing a new file through
-    // a mapping faults every page (~11x a memcpy at 12 MiB), pwrite does not (~2x).
+    // A new object file, space reserved (DiskFullError otherwise), mapped shared for a
+    // reservation's writer. Put writes with pwrite instead, into `open_disk_file`: a new file
+    // (removed again when it fails its check) or, `reused`, a retired file taken for `file_id`,
+    // opened and checked the same way and cut to `length`. Writing a new file through a mapping
+    // faults every page (~11x a memcpy at 12 MiB), pwrite does not (~2x).
     Mapping create_disk_object(uint64_t file_id, uint64_t length);
-    Fd create_disk_file(uint64_t file_id, uint64_t length);
+    Fd open_disk_file(uint64_t file_id, uint64_t length, bool reused);
     // posix_fallocate of an object file: DiskFullError on ENOSPC/EDQUOT, OSError otherwise.
     void allocate_disk_file(int fd, uint64_t length, const std::string& path) const;
     // Retired files (alloc.cpp). Under the lock, inside an update: keep a sealed object's file
@@ -276,8 +278,6 @@ private:
     bool take_retired(uint64_t length, uint64_t file_id);
     void forget_retired() noexcept;
     bool disk_file_pinned(uint64_t file_id) const;
-    // A retired file taken for `file_id`: opened and checked like a new one, sized to `length`.
-    Fd open_reused_disk_file(uint64_t file_id, uint64_t length);
     // The object's file opened O_NOFOLLOW in the run directory and checked by fstat (ours, a
     // regular file, 0600): StoreAccessError naming the key and the file otherwise.
     Fd open_disk_object(uint64_t file_id, const std::string& key) const;

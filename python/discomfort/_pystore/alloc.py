@@ -133,29 +133,35 @@ class AllocStore(TableStore):
                 ) from None
             raise
 
-    def _create_disk_file(self, file_id: int, length: int) -> int:
-        """A new object file with its space reserved (DiskFullError otherwise); the caller closes
-        it. Writing a new file through a mapping faults every page (~11x a memcpy at 12 MiB);
-        pwrite does not (~2x), so put writes it that way and only reservations map it."""
+    def _open_disk_file(self, file_id: int, length: int, reused: bool) -> int:
+        """An object file for put to pwrite into, space reserved (DiskFullError otherwise); the
+        caller closes it. A new file (removed again when it fails its check) or, ``reused``, a
+        retired file taken for ``file_id``, checked the same way and cut to ``length``. Writing a
+        new file through a mapping faults every page (~11x a memcpy at 12 MiB); pwrite does not
+        (~2x), so put writes it that way and only reservations map it."""
         path, name, dir_fd = self._disk_path(file_id), object_file_name(file_id), self._c.disk_fd
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NONBLOCK if reused else os.O_CREAT | os.O_EXCL)
         try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
         except OSError:
             self._raise_if_finished()
             raise
         try:
             problem = private_file_problem(fd)
             if problem:
-                raise StoreAccessError(f"run {self._run_id!r}: new disk file {path} is {problem}")
+                raise StoreAccessError(f"run {self._run_id!r}: {'retired' if reused else 'new'} disk file {path} "
+                                       f"is {problem}")
+            if reused and os.fstat(fd).st_size > length:
+                os.ftruncate(fd, length)
             self._allocate_disk_file(fd, length)
             return fd
         except BaseException:
             os.close(fd)
-            try:
-                os.unlink(name, dir_fd=dir_fd)
-            except OSError:
-                pass
+            if not reused:  # a retired file stays, under its new name
+                try:
+                    os.unlink(name, dir_fd=dir_fd)
+                except OSError:
+                    pass
             raise
 
     def _take_retired(self, length: int, file_id: int) -> bool:
@@ -179,29 +185,8 @@ class AllocStore(TableStore):
             return False
         return True
 
-    def _open_reused_disk_file(self, file_id: int, length: int) -> int:
-        """A retired file taken for ``file_id``: opened and checked like a new one, sized to ``length``."""
-        path = self._disk_path(file_id)
-        try:
-            fd = os.open(object_file_name(file_id), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=self._c.disk_fd)
-        except OSError:
-            self._raise_if_finished()
-            raise
-        try:
-            problem = private_file_problem(fd)
-            if problem:
-                raise StoreAccessError(f"run {self._run_id!r}: retired disk file {path} is {problem}")
-            if os.fstat(fd).st_size > length:
-                os.ftruncate(fd, length)
-            self._allocate_disk_file(fd, length)
-            return fd
-        except BaseException:
-            os.close(fd)
-            raise
-
     def _create_disk_object(self, file_id: int, length: int) -> mmap.mmap:
-        fd = self._create_disk_file(file_id, length)
+        fd = self._open_disk_file(file_id, length, False)
         try:
             return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:

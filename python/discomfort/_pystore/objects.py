@@ -165,7 +165,7 @@ class ObjectStore(AllocStore):
             if tier == RAM:
                 region = memoryview(self._chunk_map(chunk))[off : off + length]
             elif disk_file:
-                fd = self._open_reused_disk_file(file_id, length) if reused else self._create_disk_file(file_id, length)
+                fd = self._open_disk_file(file_id, length, reused)
                 region = memoryview(bytearray(meta_off + len(meta)))
             else:
                 mapping = self._create_disk_object(file_id, length)
