@@ -33,7 +33,6 @@ import os
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -42,22 +41,14 @@ from .. import codecs, datacodec, errors, sysinfo
 from ..context import WorkflowContext
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, frame_header, frame_length,
                       parse_fixed, parse_sizes)
+from .limits import Arrival, HTTPRefusal, ServerLimits, Upload, Uploads, extent_bytes, uncancel
 
-__all__ = ["ServedContext", "RunServer", "ServerLimits", "run_server", "add_routes", "SECRET_ENV",
+__all__ = ["ServedContext", "RunServer", "ServerLimits", "HTTPRefusal", "run_server", "add_routes", "SECRET_ENV",
            "error_response", "read_json_object"]
 
 log = logging.getLogger("discomfort")
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-class HTTPRefusal(errors.DiscomfortError):
-    """A refusal with its own status (401, 403, 411, 413, 429, 503)."""
-
-    def __init__(self, status: int, message: str, kind: type[errors.DiscomfortError]):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
 
 
 #: Exception class -> HTTP status, first match wins. Anything else is a 500 (and a server bug).
@@ -71,39 +62,6 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (ValueError, 400),
     (TypeError, 400),
 ]
-
-
-def _env_size(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return sysinfo.parse_size(raw) if raw else default
-
-
-@dataclass
-class ServerLimits:
-    """What one server grants its HTTP clients; each has an environment variable."""
-
-    max_runs: int = 32  # DISCOMFORT_REMOTE_MAX_RUNS
-    max_runs_per_client: int = 8  # DISCOMFORT_REMOTE_MAX_RUNS_PER_CLIENT (by address)
-    max_budget: int = 0  # DISCOMFORT_REMOTE_MAX_BUDGET; 0: this machine's default RAM budget
-    max_value: int = 8 << 30  # DISCOMFORT_REMOTE_MAX_VALUE: bytes of one frame
-    max_run_bytes: int = 16 << 30  # DISCOMFORT_REMOTE_MAX_RUN_BYTES: bytes a run holds, both tiers
-    idle_seconds: float = 900.0  # DISCOMFORT_REMOTE_RUN_TTL: a run nobody used for this long ends
-    stall_seconds: float = 60.0  # DISCOMFORT_REMOTE_STALL: a body that sends nothing this long is a 408
-    codec: datacodec.Limits = field(default_factory=datacodec.Limits)
-
-    @classmethod
-    def from_env(cls) -> "ServerLimits":
-        lim = cls(
-            max_runs=int(os.environ.get("DISCOMFORT_REMOTE_MAX_RUNS", 32)),
-            max_runs_per_client=int(os.environ.get("DISCOMFORT_REMOTE_MAX_RUNS_PER_CLIENT", 8)),
-            max_budget=_env_size("DISCOMFORT_REMOTE_MAX_BUDGET", 0),
-            max_value=_env_size("DISCOMFORT_REMOTE_MAX_VALUE", 8 << 30),
-            max_run_bytes=_env_size("DISCOMFORT_REMOTE_MAX_RUN_BYTES", 16 << 30),
-            idle_seconds=float(os.environ.get("DISCOMFORT_REMOTE_RUN_TTL", 900)),
-            stall_seconds=float(os.environ.get("DISCOMFORT_REMOTE_STALL", 60)),
-        )
-        lim.codec = datacodec.Limits(max_bytes=lim.max_value)
-        return lim
 
 
 class ServedContext(WorkflowContext):
@@ -195,77 +153,6 @@ async def read_json_object(request: Any, limit: int, what: str) -> dict:
     return body
 
 
-class _Body:
-    """A request body read chunk by chunk as aiohttp received it: one copy, into the destination.
-
-    ``readchunk`` hands over the parser's own chunks (``read(n)`` would join them first: one more
-    copy of every byte). A body that sends nothing for ``stall`` seconds is a 408; one timer per
-    request checks that, not a ``wait_for`` task per chunk.
-    """
-
-    def __init__(self, content: Any, stall: float) -> None:
-        self._content = content
-        self._rest = memoryview(b"")
-        self._stall = stall
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self._last = self._loop.time()
-        self.stalled = False
-        self._timer = self._loop.call_later(stall, self._check)
-
-    def _check(self) -> None:
-        idle = self._loop.time() - self._last
-        if idle < self._stall:
-            self._timer = self._loop.call_later(self._stall - idle, self._check)
-        elif self._task is not None:
-            self.stalled = True
-            self._task.cancel()
-
-    def close(self) -> None:
-        self._timer.cancel()
-
-    async def _chunk(self, what: str) -> memoryview:
-        if self._rest.nbytes:
-            chunk, self._rest = self._rest, memoryview(b"")
-            return chunk
-        while True:
-            try:
-                data, _ = await self._content.readchunk()
-            except ConnectionError:  # the client closed its end: nobody reads an answer now
-                raise ValueError(f"the connection closed inside the {what}") from None
-            self._last = self._loop.time()
-            if data:
-                return memoryview(data)
-            if self._content.at_eof():
-                raise ValueError(f"the body ended inside the {what}")
-
-    async def fill(self, dst: memoryview, what: str) -> None:
-        """Fill ``dst`` from the body."""
-        pos, n = 0, dst.nbytes
-        while pos < n:
-            try:
-                chunk = await self._chunk(what)
-            except ValueError:
-                raise ValueError(f"the body ended inside the {what} ({pos} of {n} bytes)") from None
-            take = min(chunk.nbytes, n - pos)
-            dst[pos : pos + take] = chunk[:take]
-            if take < chunk.nbytes:
-                self._rest = chunk[take:]
-            pos += take
-
-    async def exactly(self, n: int, what: str) -> bytes:
-        buf = bytearray(n)
-        await self.fill(memoryview(buf), what)
-        return bytes(buf)
-
-
-def _uncancel() -> None:
-    """Take back the cancellation a stalled body's timer made (Python 3.11+ counts them)."""
-    task = asyncio.current_task()
-    if task is not None and hasattr(task, "uncancel"):
-        task.uncancel()
-
-
 # ------------------------------------------------------------------------------------ server
 
 
@@ -279,6 +166,7 @@ class RunServer:
         if self.secret is not None and len(self.secret) < 16:
             raise ValueError(f"{SECRET_ENV} must be at least 16 characters")
         self._timer: asyncio.TimerHandle | None = None
+        self.uploads = Uploads(self.limits)
 
     def explain(self) -> str:
         """One line for the server log: who may create runs."""
@@ -298,10 +186,17 @@ class RunServer:
         for rid, ctx in list(self.runs.items()):
             if ctx.closed:
                 self.runs.pop(rid, None)
-            elif now - ctx.last_used > self.limits.idle_seconds and not ctx.prompt_digests():
-                self.runs.pop(rid, None)
+            elif (now - ctx.last_used > self.limits.idle_seconds and not ctx.prompt_digests()
+                  and not self.uploads.of_run(rid)):  # a value arriving is a use
                 log.warning("discomfort: run %s unused for %.0fs: ended", rid, now - ctx.last_used)
-                ctx.shutdown()
+                self._end(rid)
+
+    def _end(self, run_id: str) -> None:
+        """End a run: its PUTs in flight stop (404) and give their bytes back, then its store goes."""
+        ctx = self.runs.pop(run_id, None)
+        if ctx is not None:
+            self.uploads.stop_run(run_id, errors.UnknownRunError(f"run {run_id!r} ended while this value arrived"))
+            ctx.shutdown()
 
     def _schedule_expiry(self) -> None:
         if self._timer is None and self.runs:
@@ -380,18 +275,18 @@ class RunServer:
 
     async def stats(self, request: Any) -> Any:
         try:
-            return web.json_response(self._authorize(request).stats())
+            ctx = self._authorize(request)
+            return web.json_response({**ctx.stats(), **self.uploads.summary(ctx.run_id)})
         except Exception as exc:  # noqa: BLE001
             return self._error(exc, request.match_info["run_id"])
 
     async def end(self, request: Any) -> Any:
         run_id = request.match_info["run_id"]
         try:
-            ctx = self._authorize(request)
+            self._authorize(request)
         except Exception as exc:  # noqa: BLE001
             return self._error(exc, run_id)
-        self.runs.pop(run_id, None)
-        ctx.shutdown()
+        self._end(run_id)
         return web.json_response({"run_id": run_id, "ended": True})
 
     async def keys(self, request: Any) -> Any:
@@ -453,32 +348,37 @@ class RunServer:
             if length > lim.max_value:
                 raise HTTPRefusal(413, f"a value of {length} bytes is over this server's limit of "
                                        f"{lim.max_value} (DISCOMFORT_REMOTE_MAX_VALUE)", errors.RemoteLimitError)
-            body = _Body(request.content, lim.stall_seconds)
+            body = Arrival(request.content, lim)
             try:
-                version = await self._receive(ctx, key, body, length)
+                up = self.uploads.open(ctx, key, body)  # counted from here until answered
+                try:
+                    version = await self._receive(ctx, up, length)
+                finally:
+                    self.uploads.close(up)
             except asyncio.CancelledError:
-                if not body.stalled:
+                if body.refusal is None:
                     raise
-                _uncancel()
-                raise HTTPRefusal(408, f"the body sent nothing for {lim.stall_seconds:.0f} s",
-                                  errors.RemoteLimitError) from None
+                uncancel()
+                raise body.refusal from None
             finally:
                 body.close()
         except Exception as exc:  # noqa: BLE001
             return self._error(exc, run_id, key)
         return web.json_response({"run_id": run_id, "unique_id": key, "version": version})
 
-    async def _receive(self, ctx: ServedContext, key: str, body: _Body, length: int) -> int:
-        """Read a frame from ``body`` into a reservation of the store; its version once sealed."""
-        lim = self.limits
+    async def _receive(self, ctx: ServedContext, up: Upload, length: int) -> int:
+        """Read a frame into a reservation of the store; its version once sealed. Its bytes are
+        charged to the run and its client (:class:`.limits.Uploads`) before any is reserved."""
+        lim, body = self.limits, up.arrival
         nbuf, meta_len = parse_fixed(await body.exactly(HEAD.size, "frame header"), lim.codec)
         sizes = parse_sizes(await body.exactly(SIZE.size * nbuf, "buffer table"), nbuf, lim.codec)
         if length != frame_length(meta_len, sizes):
             raise ValueError(f"Content-Length {length} but the frame is {frame_length(meta_len, sizes)} bytes")
         meta = await body.exactly(meta_len, "metadata")
         datacodec.check(meta, sizes, lim.codec)  # before a byte of the buffers is reserved
-        self._check_room(ctx, key, sum(sizes))
-        res = ctx.reserve_data(key, meta, sizes)
+        mine = [c for c in self.runs.values() if c.client == ctx.client and not c.closed]
+        self.uploads.charge(up, ctx, extent_bytes(meta_len + 1, sizes), mine)  # + the store's type tag
+        res = ctx.reserve_data(up.key, meta, sizes)
         try:
             for i, dst in enumerate(res.buffers):
                 await body.fill(dst, f"buffer {i}")
@@ -487,18 +387,6 @@ class RunServer:
         except BaseException:
             res.abort()
             raise
-
-    def _check_room(self, ctx: ServedContext, key: str, nbytes: int) -> None:
-        stats = ctx.stats()
-        held = stats["bytes_ram"] + stats["bytes_disk"]
-        try:
-            held -= ctx.info(key)["nbytes"]
-        except errors.UnknownKeyError:
-            pass
-        if held + nbytes > self.limits.max_run_bytes:
-            raise HTTPRefusal(413, f"the run would hold {held + nbytes} bytes, over this server's limit of "
-                                   f"{self.limits.max_run_bytes} per run (DISCOMFORT_REMOTE_MAX_RUN_BYTES)",
-                              errors.RemoteLimitError)
 
     async def get(self, request: Any) -> Any:
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
@@ -535,9 +423,8 @@ class RunServer:
         return resp
 
     def shutdown_all(self) -> None:
-        for rid, ctx in list(self.runs.items()):
-            self.runs.pop(rid, None)
-            ctx.shutdown()
+        for rid in list(self.runs):
+            self._end(rid)
 
 
 _server: RunServer | None = None
