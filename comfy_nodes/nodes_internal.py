@@ -1,6 +1,6 @@
 """DiscomfortDataLoader: what run_sequential puts in place of an INPUT port."""
 
-from discomfort.nodes.support import ANY, get_handler
+from discomfort.nodes.support import ANY, get_handler, load_value
 
 
 def _describe(exc, run_id, unique_id):
@@ -8,7 +8,11 @@ def _describe(exc, run_id, unique_id):
 
 
 class DiscomfortDataLoader:
-    """Loads the value stored under ``unique_id`` in the run ``run_id`` (zero-copy when it can).
+    """Loads the value stored under ``unique_id`` in the run ``run_id``.
+
+    In a server attached to the run, a copy (read with pread, ``WorkflowContext.load_guarded``):
+    the server outlives runs, and a chunk another process truncated must fail the prompt, not
+    kill the server with SIGBUS. In the run's own process (in-process executor), zero-copy.
 
     Its fingerprint (IS_CHANGED) is the stored object's version, which is store-wide and never
     repeated: ComfyUI's cache reruns it exactly when the value changed. A missing run or key is
@@ -48,10 +52,10 @@ class DiscomfortDataLoader:
 
         try:
             handler = get_handler(run_id, prompt)
-            return (handler.load(unique_id),)
+            return (load_value(handler, unique_id),)
         except errors.UnknownKeyError as exc:
             raise errors.UnknownKeyError(_describe(exc, run_id, unique_id)) from exc
-        except errors.UnknownRunError as exc:
+        except (errors.UnknownRunError, errors.CorruptedStoreError) as exc:  # a truncated chunk among them
             raise type(exc)(_describe(exc, run_id, unique_id)) from exc
 
 

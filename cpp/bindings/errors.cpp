@@ -18,7 +18,7 @@ namespace py = pybind11;
 namespace {
 
 // Every ErrorCode raised as a class of discomfort.errors, by its name there.
-constexpr std::array<std::pair<ErrorCode, const char*>, 11> kErrorClasses{{
+constexpr std::array<std::pair<ErrorCode, const char*>, 12> kErrorClasses{{
     {ErrorCode::UnknownKey, "UnknownKeyError"},
     {ErrorCode::UnknownRun, "UnknownRunError"},
     {ErrorCode::RunFinished, "RunFinishedError"},
@@ -30,6 +30,7 @@ constexpr std::array<std::pair<ErrorCode, const char*>, 11> kErrorClasses{{
     {ErrorCode::Access, "StoreAccessError"},
     {ErrorCode::UnsafeDirectory, "UnsafeDirectoryError"},
     {ErrorCode::Closed, "StoreClosedError"},
+    {ErrorCode::Truncated, "TruncatedStoreError"},
 }};
 
 constexpr size_t kCodes = size_t(ErrorCode::System) + 1;

@@ -175,6 +175,14 @@ void register_store(py::module_& m) {
                 return py::make_tuple(py::bytes(obj.meta), views_of(obj.region, obj.buffers), load_info_dict(obj));
             },
             py::arg("key"))
+        .def(
+            "get_guarded",
+            [](Store& s, py::handle key) {
+                std::string k = key_arg(key);
+                Object obj = without_gil([&] { return s.get_guarded(k); });
+                return py::make_tuple(py::bytes(obj.meta), views_of(obj.region, obj.buffers), load_info_dict(obj));
+            },
+            py::arg("key"))
         .def("contains", contains, py::arg("key"))
         .def("__contains__", contains)
         .def(

@@ -119,9 +119,11 @@ Store::Chunk& Store::open_chunk(uint32_t k) {
     }
     struct stat st;
     if (::fstat(fd.get(), &st) != 0) throw_system("fstat " + path, errno);
-    if (uint64_t(st.st_size) < size || st.st_uid != ::geteuid())
-        throw StoreError(ErrorCode::Corrupted,
-                         "run " + quoted(run_id_) + ": chunk " + std::to_string(k) + " truncated or not ours");
+    if (st.st_uid != ::geteuid())
+        throw StoreError(ErrorCode::Corrupted, "run " + quoted(run_id_) + ": chunk " + std::to_string(k) + " not ours");
+    if (uint64_t(st.st_size) < size)
+        throw StoreError(ErrorCode::Truncated, "run " + quoted(run_id_) + ": chunk " + std::to_string(k) +
+                                                   " truncated (another process cut it)");
     c.fd = std::make_shared<Fd>(std::move(fd));
     c.map.reset();
     c.size = size;

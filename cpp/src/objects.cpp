@@ -316,6 +316,78 @@ Object Store::get(const std::string& key) {
     return out;
 }
 
+void Store::check_control_size() const {
+    struct stat st;
+    if (::fstat(ctl_fd_.get(), &st) != 0) throw_system("fstat of the control segment of run " + quoted(run_id_), errno);
+    if (uint64_t(st.st_size) < kTotalSize)
+        throw StoreError(ErrorCode::Truncated, "run " + quoted(run_id_) + ": control segment truncated to " +
+                                                   std::to_string(st.st_size) + " bytes (another process cut it)");
+}
+
+void Store::read_object(int fd, void* dst, uint64_t length, uint64_t offset, const std::string& key) const {
+    auto* p = static_cast<uint8_t*>(dst);
+    while (length > 0) {
+        ssize_t n = ::pread(fd, p, length, static_cast<off_t>(offset));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) throw_system("read of " + object_where(key), errno);
+        if (n == 0) {
+            if (run_ended()) throw finished_error();
+            throw StoreError(ErrorCode::Truncated, object_where(key) + ": its file ends at byte " +
+                                                       std::to_string(offset) +
+                                                       ", inside the object (another process truncated it)");
+        }
+        p += n;
+        length -= uint64_t(n);
+        offset += uint64_t(n);
+    }
+}
+
+Object Store::get_guarded(const std::string& key) {
+    check_usable();
+    check_key(key);
+    check_control_size();
+    Object out;
+    ObjEntry e;
+    PinRef pin;  // held while the bytes are read outside the lock, dropped at return
+    std::shared_ptr<Fd> chunk_fd;
+    Fd disk_fd;
+    bool done = false;
+    {
+        Guard guard(*this);
+        check_running();
+        auto index = find_sealed(key);
+        if (!index) throw unknown_key(key, run_id_);
+        e = valid_entry(*index);
+        out.region = heap_region(e.length);
+        if (e.tier == kTierRam) {
+            chunk_fd = open_chunk(uint32_t(e.chunk)).fd;
+            if (e.length < kCopyLoadBytes) {  // small: read under the lock, like get()
+                read_object(chunk_fd->get(), out.region->data, e.length, e.offset, key);
+                done = true;
+            } else {
+                pin = pin_locked({e.chunk, e.offset, e.length}, key);
+            }
+        } else {
+            disk_fd = open_disk_object(e.file_id, key);
+            if (e.length >= kSmallObjectBytes) pin = pin_locked({kDiskPinChunk, e.file_id, e.length}, key);
+        }
+    }
+    if (!done) {
+        if (chunk_fd) {
+            read_object(chunk_fd->get(), out.region->data, e.length, e.offset, key);
+        } else {
+            read_object(disk_fd.get(), out.region->data, e.length, 0, key);
+        }
+    }
+    out.version = e.version;
+    out.tier = e.tier == kTierRam ? Tier::Ram : Tier::Disk;
+    ExtentDir dir = parse_extent(out.region->data, out.region->size, e.length,
+                                 std::function<std::string()>([&] { return object_where(key); }));
+    out.meta.assign(reinterpret_cast<const char*>(out.region->data + dir.meta_off), dir.meta_len);
+    out.buffers = std::move(dir.buffers);
+    return out;
+}
+
 bool Store::contains(const std::string& key) {
     check_usable();
     check_key(key);
@@ -359,6 +431,7 @@ std::vector<std::string> Store::keys() {
 ObjectInfo Store::info(const std::string& key) {
     check_usable();
     check_key(key);
+    check_control_size();
     const std::string where = object_where(key);
     ObjEntry e;
     std::vector<uint8_t> head;
@@ -372,18 +445,16 @@ ObjectInfo Store::info(const std::string& key) {
         auto dir_bytes = [&](uint32_t nbuf) {
             return std::min<uint64_t>(e.length, 32 + 16 * uint64_t(std::min(nbuf, kMaxBuffers)));
         };
-        if (e.tier == kTierRam) {
-            const uint8_t* src = chunk_map(uint32_t(e.chunk))->data() + e.offset;
-            ExtentHead h;
-            std::memcpy(&h, src, sizeof h);
-            head.assign(src, src + dir_bytes(h.nbuf));
-        } else {
-            Fd fd = open_disk_object(e.file_id, key);
-            ExtentHead h;
-            pread_all(fd.get(), &h, sizeof h, 0, where);
-            head.resize(dir_bytes(h.nbuf));
-            pread_all(fd.get(), head.data(), head.size(), 0, where);
-        }
+        // Read with pread, never through a mapping: a file another process truncated is an
+        // error here, not a SIGBUS (ComfyUI's IS_CHANGED asks this in a long-lived server).
+        Fd disk;
+        int fd = e.tier == kTierRam ? open_chunk(uint32_t(e.chunk)).fd->get()
+                                    : (disk = open_disk_object(e.file_id, key)).get();
+        const uint64_t base = e.tier == kTierRam ? e.offset : 0;
+        ExtentHead h;
+        read_object(fd, &h, sizeof h, base, key);
+        head.resize(dir_bytes(h.nbuf));
+        read_object(fd, head.data(), head.size(), base, key);
     }
     ExtentDir dir = parse_extent(head.data(), head.size(), e.length, where);
     ObjectInfo info;

@@ -143,18 +143,33 @@ class WorkflowContext(RunBase):
         REFERENCES.drop(self.run_id, unique_id)
         return store.reserve(unique_id, _TAG_DATA + meta, sizes)
 
-    def load_encoded(self, unique_id: str) -> tuple[str, bytes, list[memoryview], dict[str, Any]]:
+    def load_encoded(self, unique_id: str, *, guarded: bool = False) -> tuple[str, bytes, list[memoryview],
+                                                                              dict[str, Any]]:
         """("val", "data" or "ref", meta, buffers, info) of a stored value, without decoding it.
 
         "val": a pickle this user's processes wrote; "data": a datacodec description; "ref": a
-        JSON marker naming the type and the process that owns the object.
+        JSON marker naming the type and the process that owns the object. ``guarded``: the
+        buffers are a copy read as in :meth:`load_guarded`.
         """
-        meta, views, info = self._check().get(unique_id)
+        store = self._check()
+        meta, views, info = store.get_guarded(unique_id) if guarded else store.get(unique_id)
         return _KINDS.get(bytes(meta[:1]), "val"), meta[1:], views, info
 
     def load(self, unique_id: str) -> Any:
         """The value saved under `unique_id`: CPU tensors and arrays are zero-copy views."""
         meta, views, _info = self._check().get(unique_id)
+        return self._decode(unique_id, meta, views)
+
+    def load_guarded(self, unique_id: str) -> Any:
+        """`load` for long-lived processes that other processes' files must not crash (the
+        ComfyUI server's nodes): the value's bytes are copied out of the store with pread into
+        memory the value owns, so a chunk or disk file that another process of the user
+        truncated is a TruncatedStoreError naming the key, never a SIGBUS. Costs one copy.
+        """
+        meta, views, _info = self._check().get_guarded(unique_id)
+        return self._decode(unique_id, meta, views)
+
+    def _decode(self, unique_id: str, meta: bytes, views: list[memoryview]) -> Any:
         tag = meta[:1]
         if tag == _TAG_VALUE:  # the common case first
             return codecs.decode(meta[1:], views)
@@ -193,8 +208,8 @@ class WorkflowContext(RunBase):
 
     def prompt_digests(self) -> frozenset[str]:
         """The digests of the prompts allowed to use the run now."""
-        try:
-            meta, _views, _info = self._check().get(_PROMPTS_KEY)
+        try:  # guarded: the ComfyUI server's nodes check this before every load and save
+            meta, _views, _info = self._check().get_guarded(_PROMPTS_KEY)
         except UnknownKeyError:
             return frozenset()
         return frozenset(json.loads(bytes(meta[1:])))

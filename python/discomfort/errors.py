@@ -17,6 +17,7 @@ __all__ = [
     "StoreFullError",
     "DiskFullError",
     "CorruptedStoreError",
+    "TruncatedStoreError",
     "StoreAccessError",
     "UnsafeDirectoryError",
     "StoreClosedError",
@@ -82,6 +83,12 @@ class DiskFullError(DiscomfortError, OSError):
 
 class CorruptedStoreError(DiscomfortError):
     """A segment that is not ours, of another format version, truncated or damaged."""
+
+
+class TruncatedStoreError(CorruptedStoreError):
+    """A run's file (a RAM chunk, a disk object, the control segment) is shorter than the store
+    says: another process of the user cut it. Guarded loads (`Store.get_guarded`, the ComfyUI
+    nodes' loads) raise it instead of dying of SIGBUS."""
 
 
 class StoreAccessError(DiscomfortError, PermissionError):

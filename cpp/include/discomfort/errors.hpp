@@ -19,6 +19,7 @@ enum class ErrorCode {
     Access,           // StoreAccessError
     UnsafeDirectory,  // UnsafeDirectoryError (a StoreAccessError)
     Closed,           // StoreClosedError
+    Truncated,        // TruncatedStoreError (a CorruptedStoreError)
     InvalidArgument,  // ValueError
     System,           // OSError carrying errno
 };

@@ -164,6 +164,11 @@ public:
                                          const std::vector<uint64_t>& sizes);
     uint64_t put(const std::string& key, const void* meta, uint64_t meta_len, const std::vector<Source>& buffers);
     Object get(const std::string& key);
+    // get() for long-lived holders (the ComfyUI server's nodes): the extent is read with pread
+    // into fresh memory, never through a mapping of a chunk or object file, so a file another
+    // process truncated is TruncatedStoreError (RunFinishedError once the run ended), not a
+    // SIGBUS. The control segment's size is checked by fstat before its pages are touched.
+    Object get_guarded(const std::string& key);
     bool contains(const std::string& key);
     bool remove(const std::string& key);
     std::vector<std::string> keys();
@@ -205,6 +210,10 @@ private:
     // After the metadata lock is taken: RunFinishedError once the owner has ended the run.
     void check_running() const;
     bool run_ended() const;
+    // fstat of the control segment: TruncatedStoreError when it is shorter than its tables.
+    void check_control_size() const;
+    // pread of all `length` bytes: TruncatedStoreError naming the object when the file ends first.
+    void read_object(int fd, void* dst, uint64_t length, uint64_t offset, const std::string& key) const;
     StoreError finished_error() const;
     bool forked() const;
     void release_locked() noexcept;

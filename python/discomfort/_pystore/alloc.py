@@ -9,7 +9,7 @@ import os
 import struct
 
 from .._names import object_file_name
-from ..errors import CorruptedStoreError, DiskFullError, StoreAccessError
+from ..errors import CorruptedStoreError, DiskFullError, StoreAccessError, TruncatedStoreError
 from . import pool
 from .format import CHUNK_OFF, CHUNK_STRUCT, MAX_CHUNKS, MIN_CHUNK, PAGE
 from .memprobe import memory_allows
@@ -106,9 +106,12 @@ class AllocStore(TableStore):
                 self._raise_if_finished()  # the owner removed it
                 raise CorruptedStoreError(f"run {self._run_id!r}: chunk {k} is missing") from None
             st = os.fstat(fd)
-            if st.st_size < size or st.st_uid != os.geteuid():
+            if st.st_uid != os.geteuid():
                 os.close(fd)
-                raise CorruptedStoreError(f"run {self._run_id!r}: chunk {k} truncated or not ours")
+                raise CorruptedStoreError(f"run {self._run_id!r}: chunk {k} not ours")
+            if st.st_size < size:
+                os.close(fd)
+                raise TruncatedStoreError(f"run {self._run_id!r}: chunk {k} truncated (another process cut it)")
             self._chunk_fds[k] = fd
         return fd
 

@@ -12,11 +12,13 @@ from typing import Any, NamedTuple, Sequence
 
 from .._names import check_key, object_file_name
 from .._types import LoadInfo, ObjectInfo, StoreStats
-from ..errors import CorruptedStoreError, StoreClosedError, StoreFullError, UnknownKeyError
+from ..errors import (
+    CorruptedStoreError, StoreClosedError, StoreFullError, TruncatedStoreError, UnknownKeyError,
+)
 from .alloc import AllocStore
 from .format import (
     BUFDESC, COPY_LOAD_BYTES, DISK, DISK_PIN_CHUNK, ENTRY, EXT_HEAD, FLAG_FINISHED, MAX_CHUNKS, OBJ_MAGIC,
-    OBJ_OFF, PAGE, PIN_OFF, PIN_STRUCT, RAM, RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES,
+    OBJ_OFF, PAGE, PIN_OFF, PIN_STRUCT, RAM, RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES, TOTAL,
 )
 from .layout import fnv1a64, layout, parse_directory, parse_extent
 from .sys import killpoint, killpoints_armed, map_private, pwrite_all
@@ -44,6 +46,15 @@ def _aligned_copy(src: Any) -> memoryview:
     view = memoryview(raw)[pad : pad + n]
     view[:] = src
     return view
+
+
+def _fresh_buffer(n: int) -> memoryview:
+    """Page-aligned private memory for a guarded load: anonymous pages (no memset) when large."""
+    if n < SMALL_OBJECT_BYTES:
+        raw = bytearray(n + PAGE)
+        pad = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % PAGE
+        return memoryview(raw)[pad : pad + n]
+    return memoryview(mmap.mmap(-1, n, mmap.MAP_PRIVATE))
 
 
 class Reservation:
@@ -354,6 +365,72 @@ class ObjectStore(AllocStore):
         weakref.finalize(mm, c.release_pin, extent)
         return self._views(data, length, where, version, tier, True)
 
+    def _check_control_size(self) -> None:
+        """fstat of the control segment: TruncatedStoreError when it is shorter than its tables."""
+        size = os.fstat(self._c.fd).st_size
+        if size < TOTAL:
+            raise TruncatedStoreError(
+                f"run {self._run_id!r}: control segment truncated to {size} bytes (another process cut it)")
+
+    def _read_object(self, fd: int, dst: memoryview, offset: int, where: str) -> None:
+        """pread of all of ``dst``: TruncatedStoreError naming the object when the file ends first."""
+        done = 0
+        while done < len(dst):
+            n = os.preadv(fd, [dst[done:]], offset + done)
+            if n == 0:
+                self._raise_if_finished()
+                raise TruncatedStoreError(f"{where}: its file ends at byte {offset + done}, inside the object "
+                                          "(another process truncated it)")
+            done += n
+
+    def get_guarded(self, key: str) -> tuple[bytes, list[memoryview], LoadInfo]:
+        """get() read with pread into fresh memory, never through a mapping of a chunk or object
+        file: a file another process truncated is TruncatedStoreError, not a SIGBUS (the twin of
+        Store::get_guarded)."""
+        raw = check_key(key)
+        c = self._c
+        locked = self._locked()  # StoreClosedError before the descriptor is used
+        self._check_control_size()
+        extent = None
+        with locked:
+            e, where = self._sealed_entry(raw, key)
+            tier, version, file_id, chunk, off, length = e[1], e[5], e[6], e[7], e[8], e[9]
+            data = _fresh_buffer(length)
+            if tier == RAM:
+                fd = self._chunk_fd(chunk)
+                if length < COPY_LOAD_BYTES:  # small: read under the lock, like get()
+                    self._read_object(fd, data, off, where)
+                    return self._views(data, length, where, version, tier, False)
+                extent = (chunk, off, length)
+                c.pin_locked(extent, self._run_id, key)
+            else:
+                fd = self._open_disk_object(file_id, key)
+                off = 0
+                if length >= SMALL_OBJECT_BYTES:  # its file may be reused once retired: pinned while read
+                    try:
+                        extent = (DISK_PIN_CHUNK, file_id, length)
+                        c.pin_locked(extent, self._run_id, key)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+        try:
+            self._read_object(fd, data, off, where)
+        finally:
+            if tier == DISK:
+                os.close(fd)
+            if extent is not None:
+                c.release_pin(extent)
+        return self._views(data, length, where, version, tier, False)
+
+    def _read_directory(self, fd: int, base: int, length: int, where: str) -> tuple[int, list[tuple[int, int]]]:
+        """(meta_len, buffers) of the extent at ``base``, read with pread (never a mapping)."""
+        head = _fresh_buffer(min(length, 32))
+        self._read_object(fd, head, base, where)
+        nbuf = EXT_HEAD.unpack_from(head, 0)[1] if len(head) == 32 else 0
+        dir_view = _fresh_buffer(min(length, 32 + 16 * min(nbuf, 65536)))
+        self._read_object(fd, dir_view, base, where)
+        return parse_directory(dir_view, length, where)[1:]
+
     @staticmethod
     def _views(data: Any, length: int, where: str, version: int, tier: int,
                zero_copy: bool) -> tuple[bytes, list[memoryview], LoadInfo]:
@@ -392,17 +469,21 @@ class ObjectStore(AllocStore):
 
     def info(self, key: str) -> ObjectInfo:
         raw = check_key(key)
-        with self._locked():
+        locked = self._locked()
+        self._check_control_size()
+        with locked:
             e, where = self._sealed_entry(raw, key)
             tier, version, file_id, chunk, off, length = e[1], e[5], e[6], e[7], e[8], e[9]
+            # Read with pread, never through a mapping: a file another process truncated is an
+            # error here, not a SIGBUS (ComfyUI's IS_CHANGED asks this in a long-lived server).
             if tier == RAM:
-                meta_len, bufs = parse_directory(memoryview(self._chunk_map(chunk))[off : off + length], length, where)[1:]
+                meta_len, bufs = self._read_directory(self._chunk_fd(chunk), off, length, where)
             else:
-                with open(self._open_disk_object(file_id, key), "rb") as fh:
-                    if os.fstat(fh.fileno()).st_size < length:
-                        raise CorruptedStoreError(f"{where}: disk file truncated")
-                    with mmap.mmap(fh.fileno(), length, mmap.MAP_PRIVATE, mmap.PROT_READ) as mm:
-                        meta_len, bufs = parse_directory(mm, length, where)[1:]
+                fd = self._open_disk_object(file_id, key)
+                try:
+                    meta_len, bufs = self._read_directory(fd, 0, length, where)
+                finally:
+                    os.close(fd)
         return ObjectInfo(
             key=key, tier=TIER_NAMES[tier], version=version, size=length, nbuf=len(bufs),
             nbytes=sum(n for _, n in bufs), meta_len=meta_len, chunk=chunk if tier == RAM else None, offset=off,

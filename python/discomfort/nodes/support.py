@@ -12,7 +12,8 @@ from typing import Any
 from ..context import get_context
 from ..workflow_format import LOADER_CLASS, PORT_CLASS, port_mode_in_prompt
 
-__all__ = ["AnyType", "ANY", "port_mode", "get_handler", "always_changed_token", "PORT_CLASS", "LOADER_CLASS"]
+__all__ = ["AnyType", "ANY", "port_mode", "get_handler", "load_value", "always_changed_token", "PORT_CLASS",
+           "LOADER_CLASS"]
 
 
 class AnyType(str):
@@ -54,6 +55,18 @@ def get_handler(run_id: str, prompt: Any = None):
     ctx = get_context(run_id)
     ctx.check_prompt(prompt)
     return ctx
+
+
+def load_value(ctx: Any, unique_id: str) -> Any:
+    """A node's load. From a run in shared memory that this process attached to (a ComfyUI
+    server serving an orchestrator's runs), a guarded copy (``load_guarded``): a chunk another
+    process truncated fails this prompt with TruncatedStoreError instead of killing the server
+    with SIGBUS. The run's own process (an in-process executor) and other run kinds load as
+    usual, zero-copy."""
+    guarded = getattr(ctx, "load_guarded", None)
+    if guarded is None or ctx.owner:
+        return ctx.load(unique_id)
+    return guarded(unique_id)
 
 
 def always_changed_token() -> str:
