@@ -6,13 +6,14 @@
 Inputs, by the file's extension: .png/.jpg/.jpeg/.webp -> IMAGE tensor [1,H,W,3] float32 in 0..1
 (RGB; alpha dropped), .npy -> tensor, .pt -> torch.load(weights_only=True), .safetensors ->
 its single tensor or a dict (a dict written by this command comes back whole, with its .json
-part), .txt -> str, .json -> the JSON value.
+part), .txt -> str, .json -> the JSON value (always data: JSON shaped like a recipe is not one).
 
 Outputs, one or more files per unique_id in DIR: IMAGE-like tensors ([B,H,W,C], C in 1/3/4,
 float) -> {key}_{i:03d}.png per batch item, MASK-like ([B,H,W], float) -> grayscale PNGs,
 other tensors and arrays -> .npy (.pt for dtypes numpy lacks, such as bfloat16), dicts holding
 tensors (LATENT) -> .safetensors plus .json for the other entries, str -> .txt, plain JSON data
--> .json, anything else -> .pkl (cloudpickle).
+-> .json, a reference's recipe -> its JSON (.json; ``Recipe.from_json`` reads it back in Python),
+anything else -> .pkl (cloudpickle).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .cli_common import check_output_path, read_json_file
+from .recipes import Recipe
 
 __all__ = ["add_run_parser", "run_command", "load_input", "parse_input_spec", "write_output",
            "write_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
@@ -246,6 +248,8 @@ def write_output(key: str, value: Any, out_dir: os.PathLike | str, stem: str | N
         return _write_tensor(stem, value, out)
     if np is not None and isinstance(value, np.ndarray) and not value.dtype.hasobject:
         return _write_npy(stem, value, out)
+    if isinstance(value, Recipe):
+        value = value.to_json()
     if isinstance(value, str):
         p = out / f"{stem}.txt"
         p.write_text(value, encoding="utf-8")

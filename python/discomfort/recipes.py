@@ -8,8 +8,12 @@ and the node types it was made for. Stitched into the consuming prompt in place 
 it makes the consuming server build the object itself (its ComfyUI cache makes the second time
 cheap).
 
-A :class:`Recipe` is plain JSON (``to_json`` / ``from_json``): it can be returned by
-``run_sequential(..., outputs=[key])``, kept, and passed back as an input of a later call.
+A recipe is code for the server that stitches it, so data never becomes one: only a
+:class:`Recipe` object is a recipe (a mapping with a ``"discomfort_recipe"`` key is a plain
+value). :func:`extract` makes trusted ones, from this process's own workflows; every other one
+(built by hand, :meth:`Recipe.from_json`, another server's) is checked by :func:`check_recipe`
+before it is stitched: known, local, file-free node types only, matching definitions, no cycles.
+Every recipe is bounded: nodes after nesting, nesting depth.
 """
 
 from __future__ import annotations
@@ -20,14 +24,27 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import WorkflowError
+from .errors import RunCancelled, WorkflowError
 from .workflow_format import INPUT, LOADER_CLASS, PORT_CLASS, PORT_DATA_INPUT, is_link, port_mode_in_prompt
 
-__all__ = ["Recipe", "RecipeError", "extract", "stitch_recipe", "MAX_NODES"]
+__all__ = ["Recipe", "RecipeError", "extract", "stitch_recipe", "check_recipe", "MAX_NODES", "MAX_STITCHED",
+           "MAX_DEPTH"]
 
 FORMAT = 1
-MAX_NODES = 256  # nodes in a recipe, nested ones included
+MAX_NODES = 256  # nodes in a recipe, nested ones counted once
 MAX_JSON = 256 << 10  # bytes of a recipe's JSON
+MAX_STITCHED = 1024  # nodes a recipe adds to a prompt once stitched (a nested recipe counts each time it is used)
+MAX_DEPTH = 16  # recipes inside recipes
+
+# Node types an untrusted recipe may not use, beyond what /object_info says of them: readers of a
+# file named by a value (input/, output/, temp/, user/), and the run loader (it names a run id).
+DENIED_TYPES = frozenset({
+    "LoadImage", "LoadImageMask", "LoadImageOutput", "LoadLatent", "LoadAudio", "LoadVideo", "Load3D",
+    "Load3DAnimation", "WebcamCapture", "LoadImageSetFromFolderNode", "LoadImageTextSetFromFolderNode",
+    "LoadImageDataSetFromFolder", "LoadImageTextDataSetFromFolder", "LoadTrainingDataset", LOADER_CLASS,
+})
+_FILE_FLAGS = ("image_upload", "audio_upload", "video_upload", "file_upload", "upload", "image_folder", "remote")
+_FILE_INPUT_TYPES = frozenset({"WEBCAM", "LOAD_3D"})
 
 
 class RecipeError(WorkflowError):
@@ -41,7 +58,7 @@ class Recipe:
     ``inputs``: for each port the part reads, ``{"key": k}`` (a value the run holds) or
     ``{"recipe": Recipe}`` (another reference, built the same way). ``types``: a digest of the
     ``/object_info`` of the node types it uses, so a server that defines them differently is
-    refused instead of building something else.
+    refused instead of building something else. ``trusted`` is set by :func:`extract` only.
     """
 
     key: str
@@ -49,6 +66,7 @@ class Recipe:
     output: list
     inputs: dict[str, dict] = field(default_factory=dict)
     types: str = ""
+    trusted: bool = field(default=False, init=False, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         inputs = {k: ({"recipe": v["recipe"].to_json()} if "recipe" in v else dict(v)) for k, v in self.inputs.items()}
@@ -56,23 +74,43 @@ class Recipe:
                 "output": list(self.output), "inputs": inputs, "types": self.types}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Recipe":
+    def from_json(cls, data: Mapping[str, Any], _depth: int = 0) -> "Recipe":
+        """The explicit way to make JSON a recipe; the result is untrusted (checked before use)."""
         if not isinstance(data, Mapping) or data.get("discomfort_recipe") != FORMAT:
             raise RecipeError(f"not a discomfort recipe (format {FORMAT}): {str(data)[:80]}")
-        inputs = {}
+        if _depth > MAX_DEPTH:
+            raise RecipeError(f"recipes nested over {MAX_DEPTH} deep")
+        key, nodes, output = data.get("key"), data.get("nodes"), data.get("output")
+        if not isinstance(key, str) or not isinstance(nodes, Mapping) or not isinstance(data.get("types", ""), str) \
+                or not is_link(output) or not isinstance(data.get("inputs") or {}, Mapping):
+            raise RecipeError(f"a malformed recipe (key, nodes, output, inputs, types): {str(data)[:80]}")
+        inputs: dict[str, dict] = {}
         for k, v in dict(data.get("inputs") or {}).items():
-            inputs[k] = {"recipe": cls.from_json(v["recipe"])} if "recipe" in v else {"key": str(v["key"])}
-        recipe = cls(str(data["key"]), copy.deepcopy(dict(data["nodes"])), list(data["output"]), inputs,
-                     str(data.get("types", "")))
-        _check_size(recipe)
+            if isinstance(v, Mapping) and isinstance(v.get("recipe"), Mapping):
+                inputs[str(k)] = {"recipe": cls.from_json(v["recipe"], _depth + 1)}
+            elif isinstance(v, Mapping) and isinstance(v.get("key"), str):
+                inputs[str(k)] = {"key": v["key"]}
+            else:
+                raise RecipeError(f"the recipe of {key!r}: input {k!r} is neither {{'key': K}} nor {{'recipe': R}}")
+        for nid, entry in nodes.items():
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("class_type"), str) \
+                    or not isinstance(entry.get("inputs", {}), Mapping):
+                raise RecipeError(f"the recipe of {key!r}: node {nid} is not {{'class_type': str, 'inputs': {{}}}}")
+        assert output is not None  # is_link above
+        recipe = cls(key, {str(n): copy.deepcopy(dict(e)) for n, e in nodes.items()}, [str(output[0]), output[1]],
+                     inputs, data.get("types", ""))
+        if _depth == 0:
+            _check_size(recipe)
         return recipe
 
     @staticmethod
     def is_recipe(value: Any) -> bool:
-        return isinstance(value, Recipe) or (isinstance(value, Mapping) and "discomfort_recipe" in value)
+        """Only a Recipe object is one: a mapping shaped like one is data."""
+        return isinstance(value, Recipe)
 
     def node_count(self) -> int:
-        return len(self.nodes) + sum(v["recipe"].node_count() for v in self.inputs.values() if "recipe" in v)
+        """Nodes of this recipe and of the recipes it holds, each distinct one counted once."""
+        return sum(len(r.nodes) for r in _walk(self)[0].values())
 
 
 def types_digest(class_types: set[str], object_info: Mapping | None) -> str:
@@ -122,15 +160,45 @@ def extract(prompt: Mapping[str, Any], port_node: str, key: str, object_info: Ma
                 todo.append(str(value[0]))
     types = {str(e.get("class_type")) for e in nodes.values()} - {PORT_CLASS}
     recipe = Recipe(key, nodes, [str(source[0]), source[1]], inputs, types_digest(types, object_info))
-    _check_size(recipe)
+    recipe.trusted = True
     for uid, where in inputs.items():
-        if "recipe" in where and _reads(where["recipe"], key):
+        if "recipe" in where and key in _walk(where["recipe"])[1]:
             raise RecipeError(f"the recipe of {key!r} needs {uid!r}, whose recipe needs {key!r}: a cycle")
+    _check_size(recipe)
     return recipe
 
 
-def _reads(recipe: Recipe, key: str) -> bool:
-    return key in recipe.inputs or any(_reads(v["recipe"], key) for v in recipe.inputs.values() if "recipe" in v)
+def _walk(recipe: Recipe) -> tuple[dict[int, Recipe], frozenset[str]]:
+    """Every distinct recipe inside ``recipe`` (itself included), and the keys they build or read;
+    bounded: refuses nesting over :data:`MAX_DEPTH` and a recipe that needs itself (holds itself,
+    or builds or reads its own key further in). Each distinct recipe is looked at once."""
+    seen: dict[int, Recipe] = {}
+    below: dict[int, tuple[frozenset[str], int]] = {}  # keys built or read, height
+
+    def visit(r: Any, depth: int, path: frozenset[int], parent: str) -> tuple[frozenset[str], int]:
+        if not isinstance(r, Recipe):
+            raise RecipeError(f"an input of the recipe of {parent!r} holds a {type(r).__name__}, not a Recipe")
+        if id(r) in path:
+            raise RecipeError(f"the recipe of {r.key!r} holds itself: a cycle")
+        if id(r) not in below:
+            if depth > MAX_DEPTH:
+                raise RecipeError(f"the recipe of {recipe.key!r} nests recipes over {MAX_DEPTH} deep")
+            keys, height = set(r.inputs), 0
+            for where in r.inputs.values():
+                if isinstance(where, Mapping) and "recipe" in where:
+                    inner, h = visit(where["recipe"], depth + 1, path | {id(r)}, r.key)
+                    keys |= inner
+                    height = max(height, h + 1)
+            if r.key in keys:
+                raise RecipeError(f"the recipe of {r.key!r} needs {r.key!r} itself, through its inputs: a cycle")
+            seen[id(r)] = r
+            below[id(r)] = (frozenset(keys | {r.key}), height)
+        if depth + below[id(r)][1] > MAX_DEPTH:
+            raise RecipeError(f"the recipe of {recipe.key!r} nests recipes over {MAX_DEPTH} deep")
+        return below[id(r)]
+
+    keys, _ = visit(recipe, 0, frozenset(), recipe.key)
+    return seen, keys
 
 
 def _check_size(recipe: Recipe) -> None:
@@ -142,33 +210,176 @@ def _check_size(recipe: Recipe) -> None:
         raise RecipeError(f"the recipe of {recipe.key!r} is {size} bytes of JSON (at most {MAX_JSON})")
 
 
+def _through(recipe: Recipe, nid: str) -> bool:
+    """A port the value only passes through: left out when stitched, linked across."""
+    entry = recipe.nodes[nid]
+    return entry.get("class_type") == PORT_CLASS and is_link((entry.get("inputs") or {}).get(PORT_DATA_INPUT))
+
+
+def _stitched_size(recipe: Recipe, sizes: dict[int, int]) -> int:
+    """Nodes ``recipe`` adds once stitched: its kept nodes, each nested recipe once per loader it
+    replaces. Refuses over :data:`MAX_STITCHED` as soon as the count passes it."""
+    if id(recipe) in sizes:
+        return sizes[id(recipe)]
+    total = 0
+    for nid, entry in recipe.nodes.items():
+        if _through(recipe, nid):
+            continue
+        total += 1
+        if entry.get("class_type") == PORT_CLASS:
+            where = recipe.inputs.get(str((entry.get("inputs") or {}).get("unique_id")), {})
+            if "recipe" in where:  # the loader is replaced by the nested recipe's nodes
+                total += _stitched_size(where["recipe"], sizes) - 1
+        if total > MAX_STITCHED:
+            raise RecipeError(f"the recipe of {recipe.key!r} makes over {MAX_STITCHED} nodes once its nested "
+                              "recipes are stitched in")
+    sizes[id(recipe)] = total
+    return total
+
+
+def check_recipe(recipe: Recipe, object_info: Mapping | None = None, *, nodes: bool = True) -> int:
+    """Check ``recipe`` and every recipe inside it before it is stitched for a server whose
+    ``/object_info`` is ``object_info``; returns the nodes it adds.
+
+    Every recipe: bounded nesting, no recipe needing itself, at most :data:`MAX_STITCHED` nodes
+    once stitched, and its types digest, when it has one, must match. An untrusted one (not made
+    by :func:`extract` here) must also have a digest, use only node types the server defines that
+    are not output, API or file-reading nodes, link only inside itself, without cycles.
+    ``nodes=False``: the bounds only (no server at hand yet).
+    """
+    recipes, _ = _walk(recipe)
+    size = _stitched_size(recipe, {})
+    for r in recipes.values() if nodes else ():
+        _check_one(r, object_info)
+    return size
+
+
+def _check_one(recipe: Recipe, object_info: Mapping | None) -> None:
+    types = {str(e.get("class_type")) for e in recipe.nodes.values()} - {PORT_CLASS}
+    if not recipe.trusted:
+        if object_info is None:
+            raise RecipeError(f"the recipe of {recipe.key!r} comes from outside this process and cannot be checked "
+                              "without the server's /object_info")
+        if not recipe.types:
+            raise RecipeError(f"the recipe of {recipe.key!r} has no types digest: a recipe from outside this "
+                              "process must say which node definitions it was made for")
+        _check_nodes(recipe, object_info)
+    if object_info is not None and recipe.types and types_digest(types, object_info) != recipe.types:
+        raise RecipeError(f"the recipe of {recipe.key!r} was made for other definitions of "
+                          f"{', '.join(sorted(t for t in types if t))} than this ComfyUI has")
+
+
+def _check_nodes(recipe: Recipe, object_info: Mapping) -> None:
+    """The node-by-node checks of an untrusted recipe (see :func:`check_recipe`)."""
+    key = recipe.key
+    if not is_link(recipe.output) or str(recipe.output[0]) not in recipe.nodes:
+        raise RecipeError(f"the recipe of {key!r}: its output {recipe.output!r} is not one of its nodes")
+    for nid, entry in recipe.nodes.items():
+        cls = entry.get("class_type")
+        inputs = entry.get("inputs") or {}
+        if not isinstance(cls, str) or not isinstance(inputs, Mapping):
+            raise RecipeError(f"the recipe of {key!r}: node {nid} is not {{'class_type': str, 'inputs': {{}}}}")
+        for name, value in inputs.items():
+            if is_link(value) and str(value[0]) not in recipe.nodes:
+                raise RecipeError(f"the recipe of {key!r}: node {nid} ({cls}) input {name!r} links to node "
+                                  f"{value[0]}, which is not in the recipe")
+        if cls == PORT_CLASS:
+            uid = inputs.get("unique_id")
+            if not _through(recipe, nid) and (not isinstance(uid, str) or uid not in recipe.inputs):
+                raise RecipeError(f"the recipe of {key!r}: port node {nid} reads {uid!r}, which is not one of "
+                                  "the recipe's inputs")
+            continue
+        why = _refused_type(cls, object_info.get(cls))
+        if why:
+            raise RecipeError(f"the recipe of {key!r}: node {nid} ({cls}) {why}; a recipe from outside this process "
+                              "may not use it")
+    _check_acyclic(recipe)
+
+
+def _refused_type(cls: str, info: Any) -> str:
+    """Why an untrusted recipe may not use node type ``cls`` ("" when it may)."""
+    if not isinstance(info, Mapping):
+        return "is not a node type of this ComfyUI"
+    if info.get("output_node"):
+        return "is an output node"
+    if info.get("api_node") or str(info.get("python_module") or "").startswith("comfy_api_nodes"):
+        return "is an API node (it reaches the network)"
+    if cls in DENIED_TYPES or cls.startswith("Load"):
+        return "reads a file named by a value"
+    spec = info.get("input") or {}
+    for section in ("required", "optional"):
+        for name, what in (spec.get(section) or {}).items() if isinstance(spec, Mapping) else ():
+            if not isinstance(what, (list, tuple)) or not what:
+                continue
+            options = what[1] if len(what) > 1 and isinstance(what[1], Mapping) else {}
+            if (isinstance(what[0], str) and what[0] in _FILE_INPUT_TYPES) or any(options.get(f) for f in _FILE_FLAGS):
+                return f"reads a file named by its input {name!r}"
+    return ""
+
+
+def _check_acyclic(recipe: Recipe) -> None:
+    """Refuse a cycle among the recipe's links (two ports linked to each other, any loop)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in recipe.nodes:
+        if start in state:
+            continue
+        stack = [(start, iter(_links(recipe, start)))]
+        state[start] = 1
+        while stack:
+            nid, children = stack[-1]
+            nxt = next(children, None)
+            if nxt is None:
+                state[nid] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                raise RecipeError(f"the recipe of {recipe.key!r} links node {nid} back to node {nxt}: a cycle")
+            elif nxt not in state:
+                state[nxt] = 1
+                stack.append((nxt, iter(_links(recipe, nxt))))
+
+
+def _links(recipe: Recipe, nid: str) -> list[str]:
+    return [str(v[0]) for v in (recipe.nodes[nid].get("inputs") or {}).values() if is_link(v)]
+
+
+def _cancelled(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    return bool(cancel()) if callable(cancel) else bool(getattr(cancel, "cancelled", False))
+
+
 def stitch_recipe(prompt: dict[str, Any], loader_node: str, recipe: Recipe, run_id: str,
-                  object_info: Mapping | None = None) -> dict[str, Any]:
+                  object_info: Mapping | None = None, *, cancel: Any = None) -> dict[str, Any]:
     """``prompt`` (as sent: loaders in place of INPUT ports) with the loader ``loader_node``
     replaced by ``recipe``'s nodes, renamed ``"<loader>.<n>"`` so no id collides.
 
     Ports inside the recipe become loaders of the run (value inputs) or, recursively, recipes;
-    every consumer of the loader is linked to the recipe's output instead.
+    every consumer of the loader is linked to the recipe's output instead. The recipe is checked
+    first (:func:`check_recipe`). ``cancel``: a CancelToken or a callable, looked at between
+    steps: when it says so, :class:`~discomfort.errors.RunCancelled` is raised.
     """
-    if object_info is not None and recipe.types:
-        types = {str(e.get("class_type")) for e in recipe.nodes.values()} - {PORT_CLASS}
-        if types_digest(types, object_info) != recipe.types:
-            raise RecipeError(f"the recipe of {recipe.key!r} was made for other definitions of "
-                              f"{', '.join(sorted(t for t in types if t))} than this ComfyUI has")
+    check_recipe(recipe, object_info)
+    return _stitch(prompt, loader_node, recipe, run_id, cancel)
+
+
+def _stitch(prompt: dict[str, Any], loader_node: str, recipe: Recipe, run_id: str, cancel: Any) -> dict[str, Any]:
+    if _cancelled(cancel):
+        raise RunCancelled("cancelled while stitching a recipe")
     out = dict(prompt)
     del out[loader_node]
-
-    def through(nid: str) -> bool:  # a port the value only passes through: left out, linked across
-        entry = recipe.nodes[nid]
-        return entry.get("class_type") == PORT_CLASS and is_link((entry.get("inputs") or {}).get(PORT_DATA_INPUT))
-
-    kept = sorted(nid for nid in recipe.nodes if not through(nid))
+    kept = sorted(nid for nid in recipe.nodes if not _through(recipe, nid))
     rename = {nid: f"{loader_node}.{n}" for n, nid in enumerate(kept, 1)}
 
     def relink(link: list) -> list:
         nid, slot = str(link[0]), link[1]
-        while through(nid):
+        for _ in range(len(recipe.nodes) + 1):  # a chain of pass-through ports is at most every node
+            if nid not in recipe.nodes or not _through(recipe, nid):
+                break
             nid, slot = str(recipe.nodes[nid]["inputs"][PORT_DATA_INPUT][0]), recipe.nodes[nid]["inputs"][PORT_DATA_INPUT][1]
+        else:
+            raise RecipeError(f"the recipe of {recipe.key!r}: its ports link to each other in a cycle")
+        if nid not in rename:
+            raise RecipeError(f"the recipe of {recipe.key!r} links to node {nid}, which is not in it")
         return [rename[nid], slot]
 
     for nid in kept:
@@ -191,5 +402,5 @@ def stitch_recipe(prompt: dict[str, Any], loader_node: str, recipe: Recipe, run_
         entry = out[nid]
         uid = entry["inputs"].get("unique_id") if entry.get("class_type") == LOADER_CLASS else None
         if uid is not None and "recipe" in recipe.inputs.get(uid, {}):
-            out = stitch_recipe(out, nid, recipe.inputs[uid]["recipe"], run_id, object_info)
+            out = _stitch(out, nid, recipe.inputs[uid]["recipe"], run_id, cancel)
     return out

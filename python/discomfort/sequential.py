@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, UnknownKeyError, WorkflowError
-from .recipes import Recipe, RecipeError, extract, stitch_recipe
+from .recipes import Recipe, RecipeError, check_recipe, extract, stitch_recipe
 from .run_control import (
     CancelToken,
     ProgressEvent,
@@ -73,6 +73,7 @@ class Run:
         self._recipes: dict[str, Recipe] = {}  # keys given as recipes: built where they are read
         self._writers: dict[str, tuple[str, dict, str]] = {}  # key -> (executor, prompt, port node) that wrote it
         self._infos: dict[str, Mapping | None] = {}  # executor -> its /object_info
+        self._executors: dict[str, Any] = {_where(self.executor): self.executor}  # where -> an executor there
         if self.transport == "http":
             from .remote import RemoteContext
 
@@ -89,17 +90,26 @@ class Run:
         return self.context.run_id
 
     def save(self, unique_id: str, value: Any, pass_by: str = "auto") -> int | None:
-        """Store a value; a :class:`~discomfort.recipes.Recipe` (or its JSON) is kept here instead,
-        and built by whichever executor reads the key."""
-        if Recipe.is_recipe(value):
-            self._recipes[unique_id] = value if isinstance(value, Recipe) else Recipe.from_json(value)
-            self._writers.pop(unique_id, None)
-            if unique_id in self.context:
-                self.context.delete(unique_id)
+        """Store a value. A :class:`~discomfort.recipes.Recipe` object goes to :meth:`save_recipe`;
+        anything else is data, a mapping shaped like a recipe's JSON included."""
+        if isinstance(value, Recipe):
+            self.save_recipe(unique_id, value)
             return None
         self._recipes.pop(unique_id, None)
         self._writers.pop(unique_id, None)
         return self.context.save(unique_id, value, pass_by)
+
+    def save_recipe(self, unique_id: str, recipe: Recipe) -> None:
+        """Keep ``recipe`` as ``unique_id``'s value: built by whichever executor reads the key, after
+        it is checked against that server (:func:`~discomfort.recipes.check_recipe`)."""
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"save_recipe({unique_id!r}, ...) takes a Recipe (Recipe.from_json(data) makes one "
+                            f"from JSON), not a {type(recipe).__name__}")
+        check_recipe(recipe, nodes=False)  # the bounds now; the nodes against the server that builds it
+        self._recipes[unique_id] = recipe
+        self._writers.pop(unique_id, None)
+        if unique_id in self.context:
+            self.context.delete(unique_id)
 
     def load(self, unique_id: str) -> Any:
         return self.context.load(unique_id)
@@ -110,8 +120,8 @@ class Run:
             return self._recipes[unique_id]
         if unique_id not in self._writers:
             raise RecipeError(f"{unique_id!r} was not written by a workflow of this run: no recipe for it")
-        executor, prompt, node = self._writers[unique_id]
-        return extract(prompt, node, unique_id, self._object_info(executor), self._recipes)
+        where, prompt, node = self._writers[unique_id]
+        return extract(prompt, node, unique_id, self._object_info(self._executors[where]), self._recipes)
 
     def _object_info(self, executor: Any) -> Mapping | None:
         key = _where(executor)
@@ -144,6 +154,7 @@ class Run:
         """
         iterations = check_bounds(iterations, until)
         executor = self.executor if executor is None else resolve_executor(executor)
+        self._executors.setdefault(_where(executor), executor)
         if _where(executor) != _where(self.executor) and self.transport == "http":
             raise ValueError("this run lives inside its ComfyUI server (HTTP transport): its workflows run there only")
         plan = _plan(workflows, inputs, iterations, until, self, outputs, release_unused)
@@ -161,7 +172,7 @@ class Run:
             iteration = 0
             while iterations is None or iteration < iterations:
                 for k, prompt in enumerate(sent):
-                    prompt = self._with_recipes(prompt, plan, k, executor)
+                    prompt = self._with_recipes(prompt, plan, k, executor, cancel)
                     _run_workflow(ctx, executor, plan, state, iteration, k, prompt, timeout, options, cancel,
                                   self._recipes)
                     for uid in plan.writes[k]:  # where each written value lives, and its recipe's source
@@ -184,9 +195,9 @@ class Run:
         finally:
             state.close()
 
-    def _with_recipes(self, prompt: dict, plan: "_Plan", k: int, executor: Any) -> dict:
+    def _with_recipes(self, prompt: dict, plan: "_Plan", k: int, executor: Any, cancel: CancelToken | None) -> dict:
         """``prompt`` with a recipe in place of each loader whose key is a reference that does not
-        live in ``executor``'s process (or was given as a recipe)."""
+        live in ``executor``'s process (or was given as a recipe), each checked for that server."""
         for uid in plan.reads[k]:
             recipe = self._recipes.get(uid)
             if recipe is None and uid in self._writers and self._writers[uid][0] != _where(executor) \
@@ -195,7 +206,7 @@ class Run:
             if recipe is None:
                 continue
             for node in plan.port_keys[k][uid].input_node_ids:
-                prompt = stitch_recipe(prompt, node, recipe, self.run_id, self._object_info(executor))
+                prompt = stitch_recipe(prompt, node, recipe, self.run_id, self._object_info(executor), cancel=cancel)
         return prompt
 
     def _is_reference(self, uid: str) -> bool:

@@ -7,6 +7,7 @@ object already lives.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -77,8 +78,10 @@ def test_outputs_give_the_recipe_and_it_travels_over_http(two_servers):
         out = run_sequential(LOAD, executor=a, transport="http", outputs=["model"], timeout=120)
         recipe = out["model"]
         assert isinstance(recipe, Recipe) and recipe.key == "model"
-        again = Recipe.from_json(recipe.to_json())  # as a script would keep it, as JSON
-        first = _report(run_sequential(USE, {"model": again}, executor=b, transport="http", timeout=120)["report"])
-        second = _report(run_sequential(USE, {"model": again.to_json()}, executor=b, transport="http",
-                                        timeout=120)["report"])
+        assert recipe.trusted and len(recipe.types) == 64  # extracted here, for A's node definitions
+        first = _report(run_sequential(USE, {"model": recipe}, executor=b, transport="http", timeout=120)["report"])
+        kept = json.dumps(recipe.to_json())  # as a script would keep it, as JSON: read back explicitly
+        again = Recipe.from_json(json.loads(kept))
+        assert not again.trusted  # checked against B before it is stitched, and accepted
+        second = _report(run_sequential(USE, {"model": again}, executor=b, transport="http", timeout=120)["report"])
     assert first == second  # built once on B; the second call got it from B's cache

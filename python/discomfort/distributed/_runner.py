@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, WorkflowError
-from ..recipes import extract, stitch_recipe
+from ..recipes import Recipe, extract, stitch_recipe
 from ..sequential import Result
 from ..run_control import CancelToken, Until, check_bounds, cut_error, progress_bar, until_holds
 from ..workflow_format import is_ui_format
@@ -170,6 +170,10 @@ class RayRun:
         return self.context.run_id
 
     def save(self, unique_id: str, value: Any, pass_by: str = "auto") -> int:
+        """Store a value (a mapping shaped like a recipe's JSON is data too)."""
+        if isinstance(value, Recipe):
+            raise TypeError(f"{unique_id!r}: a Recipe is not a value of a Ray run (recipes given as inputs are "
+                            "built by run_sequential and Run only)")
         self._writers.pop(unique_id, None)
         return self.context.save(unique_id, value, pass_by)  # type: ignore[arg-type]
 
@@ -240,7 +244,7 @@ class RayRun:
                     if missing:
                         raise missing_inputs_error(k, missing, ctx.run_id)
                     server = choose(iteration, k, step)
-                    prompt = self._with_recipes(prompt, server, reads[k], port_keys[k])
+                    prompt = self._with_recipes(prompt, server, reads[k], port_keys[k], cancel)
                     t0 = time.monotonic()
                     where[2] = True
                     attempts = _run_one(self.pool, ctx, server, k, iteration, prompt, keys, outs, have, timeout,
@@ -276,8 +280,10 @@ class RayRun:
             if bar is not None:
                 bar.close()
 
-    def _with_recipes(self, prompt: dict, server: int, reads: list[str], ports: Mapping) -> dict:
-        """``prompt`` with a recipe in place of each loader whose key is a reference another server saved."""
+    def _with_recipes(self, prompt: dict, server: int, reads: list[str], ports: Mapping,
+                      cancel: CancelToken | None = None) -> dict:
+        """``prompt`` with a recipe in place of each loader whose key is a reference another server
+        saved (extracted here from this run's own workflows: trusted, bounded)."""
         for uid in reads:
             wrote = self._writers.get(uid)
             if wrote is None or wrote[0] == server or self.context.info(uid).get("kind") != "ref":
@@ -285,7 +291,7 @@ class RayRun:
             info = self._object_info()
             recipe = extract(wrote[1], wrote[2], uid, info)
             for node in ports[uid].input_node_ids:
-                prompt = stitch_recipe(prompt, node, recipe, self.run_id, info)
+                prompt = stitch_recipe(prompt, node, recipe, self.run_id, info, cancel=cancel)
         return prompt
 
     def _report(self, progress: Any, bar: Any, iteration: int, k: int, step: int, total: int | None, server: int,
