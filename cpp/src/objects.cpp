@@ -37,6 +37,20 @@ std::shared_ptr<Region> heap_region(uint64_t length) {
     return region;
 }
 
+// Memory a guarded load reads into. Large: anonymous pages with huge pages asked for, since a
+// pread into fresh 4 KiB pages takes a fault per page (12 MiB: ~4.7 ms here, 1.8 ms in 2 MiB pages).
+std::shared_ptr<Region> fresh_region(uint64_t length) {
+    constexpr uint64_t kHugePage = 2u << 20;
+    if (length < kHugePage) return heap_region(length);
+    auto owner = std::make_shared<Mapping>(-1, length, MAP_PRIVATE | MAP_ANONYMOUS, 0);
+    ::madvise(owner->data(), length, MADV_HUGEPAGE);  // a hint: ignored where THP is off
+    auto region = std::make_shared<Region>();
+    region->data = owner->data();
+    region->size = owner->size();
+    region->owner = std::move(owner);
+    return region;
+}
+
 std::shared_ptr<Region> mapped_region(Mapping mapping, PinRef pin) {
     auto region = std::make_shared<Region>();
     region->pin = std::move(pin);
@@ -358,7 +372,7 @@ Object Store::get_guarded(const std::string& key) {
         auto index = find_sealed(key);
         if (!index) throw unknown_key(key, run_id_);
         e = valid_entry(*index);
-        out.region = heap_region(e.length);
+        out.region = fresh_region(e.length);
         if (e.tier == kTierRam) {
             chunk_fd = open_chunk(uint32_t(e.chunk)).fd;
             if (e.length < kCopyLoadBytes) {  // small: read under the lock, like get()
