@@ -21,8 +21,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import RunCancelled, WorkflowError
 from .workflow_format import INPUT, LOADER_CLASS, PORT_CLASS, PORT_DATA_INPUT, is_link, port_mode_in_prompt
@@ -272,6 +274,7 @@ def _check_one(recipe: Recipe, object_info: Mapping | None) -> None:
 def _check_nodes(recipe: Recipe, object_info: Mapping) -> None:
     """The node-by-node checks of an untrusted recipe (see :func:`check_recipe`)."""
     key = recipe.key
+    verdicts: dict[str, str] = {}  # class type -> why refused ("": allowed), looked up once each
     if not is_link(recipe.output) or str(recipe.output[0]) not in recipe.nodes:
         raise RecipeError(f"the recipe of {key!r}: its output {recipe.output!r} is not one of its nodes")
     for nid, entry in recipe.nodes.items():
@@ -289,7 +292,7 @@ def _check_nodes(recipe: Recipe, object_info: Mapping) -> None:
                 raise RecipeError(f"the recipe of {key!r}: port node {nid} reads {uid!r}, which is not one of "
                                   "the recipe's inputs")
             continue
-        why = _refused_type(cls, object_info.get(cls))
+        why = verdicts[cls] if cls in verdicts else verdicts.setdefault(cls, _refused_type(cls, object_info.get(cls)))
         if why:
             raise RecipeError(f"the recipe of {key!r}: node {nid} ({cls}) {why}; a recipe from outside this process "
                               "may not use it")
@@ -304,7 +307,7 @@ def _refused_type(cls: str, info: Any) -> str:
         return "is an output node"
     if info.get("api_node") or str(info.get("python_module") or "").startswith("comfy_api_nodes"):
         return "is an API node (it reaches the network)"
-    if cls in DENIED_TYPES or cls.startswith("Load"):
+    if cls in DENIED_TYPES or re.match(r"Load[A-Z0-9_]", cls):  # ComfyUI names file readers Load*, models *Loader
         return "reads a file named by a value"
     spec = info.get("input") or {}
     for section in ("required", "optional"):
@@ -375,7 +378,8 @@ def _stitch(prompt: dict[str, Any], loader_node: str, recipe: Recipe, run_id: st
         for _ in range(len(recipe.nodes) + 1):  # a chain of pass-through ports is at most every node
             if nid not in recipe.nodes or not _through(recipe, nid):
                 break
-            nid, slot = str(recipe.nodes[nid]["inputs"][PORT_DATA_INPUT][0]), recipe.nodes[nid]["inputs"][PORT_DATA_INPUT][1]
+            link = recipe.nodes[nid]["inputs"][PORT_DATA_INPUT]
+            nid, slot = str(link[0]), link[1]
         else:
             raise RecipeError(f"the recipe of {recipe.key!r}: its ports link to each other in a cycle")
         if nid not in rename:
