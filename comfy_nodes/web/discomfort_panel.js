@@ -1,11 +1,16 @@
 // The Discomfort panel: a sidebar tab of the ComfyUI editor that runs saved workflows in sequence
 // and in loops on this server (routes /discomfort/panel/..., see discomfort.nodes.panel).
 // Plain JS, no build step: the frontend imports this file from /extensions/<pack>/.
+// A run belongs to its token (returned when it starts, kept in this tab's sessionStorage): the
+// panel reads, follows (long poll of /runs/{id}/events) and cancels a run with it. Each progress
+// event is also dispatched on window as a "discomfort.progress" CustomEvent.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TAB_ID = "discomfort-panel";
 const EVENT = "discomfort.progress";
+const TOKEN_HEADER = "X-Discomfort-Panel-Token";
+const TOKENS_KEY = "discomfort.panel.tokens"; // sessionStorage: [[run_id, token], ...], newest last
 
 // What the panel shows; it outlives the tab's DOM (the sidebar unmounts closed tabs).
 const state = {
@@ -42,12 +47,13 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
-async function call(method, path, body) {
-  const options = { method };
+async function call(method, path, body, token) {
+  const options = { method, headers: {} };
   if (body !== undefined) {
-    options.headers = { "Content-Type": "application/json" };
+    options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
   }
+  if (token) options.headers[TOKEN_HEADER] = token;
   const resp = await api.fetchApi(path, options);
   let data;
   try {
@@ -68,8 +74,55 @@ function toast(severity, summary, detail, life = 4000) {
   app.extensionManager?.toast?.add({ severity, summary, detail, life });
 }
 
-function clientId() {
-  return api.clientId || api.initialClientId || sessionStorage.getItem("clientId");
+function tokens() {
+  try {
+    const t = JSON.parse(sessionStorage.getItem(TOKENS_KEY) || "[]");
+    return Array.isArray(t) ? t : [];
+  } catch {
+    return [];
+  }
+}
+
+function keepToken(runId, token) {
+  const t = tokens().filter(([id]) => id !== runId);
+  t.push([runId, token]);
+  sessionStorage.setItem(TOKENS_KEY, JSON.stringify(t.slice(-16)));
+}
+
+function tokenOf(runId) {
+  return (tokens().find(([id]) => id === runId) || [])[1];
+}
+
+// Follow a run's events until it has finished (one loop per run; a lost connection is retried).
+const following = new Set();
+async function follow(runId) {
+  const token = tokenOf(runId);
+  if (!token || following.has(runId)) return;
+  following.add(runId);
+  let after = 0;
+  let failures = 0;
+  try {
+    while (true) {
+      let r;
+      try {
+        r = await call("GET", `/discomfort/panel/runs/${runId}/events?after=${after}`, undefined, token);
+        failures = 0;
+      } catch (e) {
+        if (e.status === 404 || e.status === 403 || ++failures > 20) return;
+        await new Promise((ok) => setTimeout(ok, Math.min(5000, 250 * 2 ** failures)));
+        continue;
+      }
+      for (const d of r.events) {
+        onEvent(d);
+        window.dispatchEvent(new CustomEvent(EVENT, { detail: d }));
+      }
+      after = r.next;
+      if (r.events.some((d) => d.kind === "finished")) return;
+      if (r.state !== "running" && !r.events.length) return;
+    }
+  } finally {
+    following.delete(runId);
+  }
 }
 
 function viewURL(o) {
@@ -100,8 +153,12 @@ async function refresh() {
     state.workflows = w.workflows;
     state.files = f.files;
     state.loadError = null;
-    const runs = await call("GET", `/discomfort/panel/runs?client_id=${encodeURIComponent(clientId() || "none")}`).catch(() => null);
-    if (runs && runs.runs.length && !state.run) state.run = runs.runs[runs.runs.length - 1];
+    const mine = tokens().map(([, t]) => t).join(",");
+    const runs = mine ? await call("GET", "/discomfort/panel/runs", undefined, mine).catch(() => null) : null;
+    if (runs && runs.runs.length && !state.run) {
+      state.run = runs.runs[runs.runs.length - 1];
+      if (running()) follow(state.run.run_id);
+    }
   } catch (e) {
     state.loadError = e.message;
   }
@@ -145,11 +202,12 @@ async function start() {
   render();
   try {
     const r = await call("POST", "/discomfort/panel/runs", {
-      client_id: clientId(), workflows: state.sequence, iterations: Number(state.iterations),
-      until: state.until || null, inputs,
+      workflows: state.sequence, iterations: Number(state.iterations), until: state.until || null, inputs,
     });
-    // The websocket may have been faster (start, progress, even finished): keep what it said.
-    if (!state.run || state.run.run_id !== r.run_id) state.run = r;
+    keepToken(r.run_id, r.token);
+    delete r.token;
+    state.run = r;
+    follow(r.run_id);
     toast("info", "Discomfort", `Run ${r.run_id.slice(0, 8)} started`, 2500);
   } catch (e) {
     toast("error", "Discomfort: cannot start", e.message, 8000);
@@ -168,7 +226,7 @@ async function cancel() {
   });
   if (!ok || !running()) return;
   try {
-    await call("POST", `/discomfort/panel/runs/${state.run.run_id}/cancel`, { client_id: clientId() });
+    await call("POST", `/discomfort/panel/runs/${state.run.run_id}/cancel`, {}, tokenOf(state.run.run_id));
   } catch (e) {
     toast("error", "Discomfort: cannot cancel", e.message, 8000);
   }
@@ -178,8 +236,7 @@ function showError() {
   app.extensionManager.dialog.confirm({ title: "Discomfort run failed", message: state.run?.error || "", type: "info" });
 }
 
-function onEvent(ev) {
-  const d = ev.detail || {};
+function onEvent(d) {
   if (d.kind === "start") {
     state.run = { ...(state.run || {}), ...d, state: "running", outputs: [] };
     render();
@@ -356,7 +413,6 @@ app.registerExtension({
   name: "discomfort.panel",
   setup() {
     document.head.append(h("style", { id: "discomfort-panel-css" }, CSS));
-    api.addEventListener(EVENT, onEvent);
     app.extensionManager.registerSidebarTab({
       id: TAB_ID,
       icon: "pi pi-sync",

@@ -2,8 +2,9 @@
 
 One ComfyUI 0.3.75 server with the node pack and the test pack; the test writes saved workflows
 (UI format) into its user folder and an image into its input folder. The routes are exercised
-over HTTP and ComfyUI's websocket; the panel in headless Chromium through its real frontend
-(1.32.9). Screenshots of the panel go to ``$DISCOMFORT_ARTIFACTS`` (default
+over HTTP (progress by long-polling the run's event route with its token); the panel in headless
+Chromium through its real frontend (1.32.9), and a second browser context that must neither see
+nor cancel the first one's runs. Screenshots of the panel go to ``$DISCOMFORT_ARTIFACTS`` (default
 ``/tmp/discomfort-artifacts``). Browser tests need Debian's chromium and playwright (see
 ``test_frontend_parity.py``); ``DISCOMFORT_SKIP_BROWSER=1`` skips them.
 """
@@ -120,30 +121,22 @@ def expected_values(iterations: int) -> dict[str, int]:
     return {"image": to8(v), "inverted": to8(inverted)}
 
 
-class Events:
-    """ComfyUI's websocket for one client id: the panel's ``discomfort.progress`` events."""
+TOKEN = "X-Discomfort-Panel-Token"
 
-    def __init__(self, url: str, client_id: str) -> None:
-        import websocket
 
-        self.ws = websocket.create_connection(url.replace("http://", "ws://") + f"/ws?clientId={client_id}",
-                                              timeout=120)
-        self.seen: list[dict] = []
-
-    def until_finished(self, run_id: str) -> list[dict]:
-        while True:
-            msg = self.ws.recv()
-            if not isinstance(msg, str):
-                continue
-            event = json.loads(msg)
-            data = event.get("data") or {}
-            if event.get("type") == "discomfort.progress" and data.get("run_id") == run_id:
-                self.seen.append(data)
-                if data["kind"] == "finished":
-                    return self.seen
-
-    def close(self) -> None:
-        self.ws.close()
+def until_finished(http, run_id: str, token: str) -> list[dict]:
+    """The run's progress events, read from its event route (long poll) until "finished"."""
+    seen: list[dict] = []
+    after = 0
+    while not seen or seen[-1]["kind"] != "finished":
+        resp = http("GET", f"/discomfort/panel/runs/{run_id}/events", params={"after": after},
+                    headers={TOKEN: token})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["dropped"] == 0, body
+        seen += body["events"]
+        after = body["next"]
+    return seen
 
 
 def shm_files(run_id: str) -> list[str]:
@@ -179,7 +172,9 @@ def panel(comfy_path, tmp_path_factory):
     secret = tmp_path_factory.mktemp("outside") / "secret.json"
     secret.write_text(json.dumps(invert_workflow()))
     (workflows / "escape.json").symlink_to(secret)  # a symlink out of the folder
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180) as srv:
+    env = {**os.environ, "DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS": "1"}
+    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180,
+                       env=env) as srv:
         yield srv
 
 
@@ -207,9 +202,9 @@ def assert_error(resp, status: int, kind: str | None = None, says: str | None = 
     return body
 
 
-def start_body(client: str, workflows=("invert", "blend"), iterations=3, **extra) -> dict:
-    return {"client_id": client, "workflows": list(workflows), "iterations": iterations,
-            "inputs": {"image": {"file": "start.png"}}, **extra}
+def start_body(workflows=("invert", "blend"), iterations=3, **extra) -> dict:
+    return {"workflows": list(workflows), "iterations": iterations, "inputs": {"image": {"file": "start.png"}},
+            **extra}
 
 
 # ------------------------------------------------------------------------------------ routes
@@ -238,7 +233,7 @@ def test_listing_routes(http):
 def test_bad_workflow_names(http, name, status):
     """Names outside the workflows folder (.., absolute, symlinks out) are 400; missing ones 404."""
     assert_error(http("GET", "/discomfort/panel/ports", params={"workflow": name}), status)
-    body = start_body("c-names", workflows=[name])
+    body = start_body(workflows=[name])
     assert_error(http("POST", "/discomfort/panel/runs", json=body), status)
 
 
@@ -248,7 +243,6 @@ def test_bad_workflow_names(http, name, status):
     ({"iterations": True}, 400, "positive"),
     ({"workflows": ["invert"] * 17}, 413, "at most 16"),
     ({"workflows": []}, 400, "non-empty"),
-    ({"client_id": "../x"}, 400, "client_id"),
     ({"inputs": {"image": {"file": "../user/default/workflows/invert.json"}}}, 400, "file"),
     ({"inputs": {"image": {"file": "/etc/hostname"}}}, 400, "file"),
     ({"inputs": {"image": {"file": "nope.png"}}}, 404, "no such file"),
@@ -259,32 +253,28 @@ def test_bad_workflow_names(http, name, status):
 ])
 def test_start_refusals(http, change, status, says):
     """Every refusal is a 4xx JSON {"error", "type"} before any run starts."""
-    body = {**start_body("c-refusals"), **change}
+    body = {**start_body(), **change}
     assert_error(http("POST", "/discomfort/panel/runs", json=body), status, says=says)
-    assert http("GET", "/discomfort/panel/runs", params={"client_id": "c-refusals"}).json()["runs"] == []
 
 
 def test_malformed_bodies(http):
     assert_error(http("POST", "/discomfort/panel/runs", data=b"[1, 2]"), 400, "ValueError")
     assert_error(http("POST", "/discomfort/panel/runs", data=b"{nope"), 400, "ValueError")
     assert_error(http("POST", "/discomfort/panel/runs", data=b"x" * (65 << 10)), 413, "RemoteLimitError")
-    assert_error(http("GET", "/discomfort/panel/runs"), 400, says="client_id")
-    assert_error(http("GET", "/discomfort/panel/runs/" + "ab" * 16, params={"client_id": "nobody"}), 404)
+    assert http("GET", "/discomfort/panel/runs").json() == {"runs": []}  # no token, no runs
+    assert_error(http("GET", "/discomfort/panel/runs/" + "ab" * 16, headers={TOKEN: "x" * 43}), 404)
+    assert_error(http("GET", "/discomfort/panel/runs/" + "ab" * 16 + "/events", params={"after": "-1"}), 404)
 
 
 def test_run_through_the_routes(panel, http):
-    """A then B, 3 iterations: progress over the websocket, outputs in ComfyUI's output folder."""
-    client = "c-run-" + uuid.uuid4().hex[:8]
-    events = Events(panel.url, client)
-    try:
-        resp = http("POST", "/discomfort/panel/runs", json=start_body(client))
-        assert resp.status_code == 202, resp.text
-        run_id = resp.json()["run_id"]
-        seen = events.until_finished(run_id)
-    finally:
-        events.close()
+    """A then B, 3 iterations: progress from the run's event route, outputs in ComfyUI's output folder."""
+    resp = http("POST", "/discomfort/panel/runs", json=start_body())
+    assert resp.status_code == 202, resp.text
+    run_id, token = resp.json()["run_id"], resp.json()["token"]
+    assert len(token) >= 43  # 256 random bits
+    seen = until_finished(http, run_id, token)
     kinds = [e["kind"] for e in seen]
-    assert kinds.count("workflow_start") == 6 and kinds.count("workflow_done") == 6
+    assert kinds.count("workflow_start") == 6 and kinds.count("workflow_done") == 6, seen[-1].get("error")
     assert [(e["iteration"], e["workflow"], e["name"]) for e in seen if e["kind"] == "workflow_start"] == [
         (i, k, n) for i in range(3) for k, n in enumerate(["invert.json", "blend.json"])]
     steps = [(e["value"], e["max"]) for e in seen if e["kind"] == "step"]
@@ -302,36 +292,38 @@ def test_run_through_the_routes(panel, http):
     view = http("GET", "/view", params={"filename": out["image"]["filename"], "subfolder": out["image"]["subfolder"],
                                         "type": "output"})
     assert view.status_code == 200 and view.content[:8] == b"\x89PNG\r\n\x1a\n"
-    listed = http("GET", "/discomfort/panel/runs", params={"client_id": client}).json()["runs"]
+    listed = http("GET", "/discomfort/panel/runs", headers={TOKEN: f"{'y' * 43},{token}"}).json()["runs"]
     assert [r["run_id"] for r in listed] == [run_id] and listed[0]["state"] == "finished"
-    assert http("GET", f"/discomfort/panel/runs/{run_id}", params={"client_id": client}).json()["outputs"] == final["outputs"]
-    assert_error(http("GET", f"/discomfort/panel/runs/{run_id}", params={"client_id": "someone-else"}), 404)
+    assert "token" not in listed[0]
+    assert http("GET", f"/discomfort/panel/runs/{run_id}", headers={TOKEN: token}).json()["outputs"] == final["outputs"]
+    assert_error(http("GET", f"/discomfort/panel/runs/{run_id}"), 404)
+    assert_error(http("GET", f"/discomfort/panel/runs/{run_id}", headers={TOKEN: token[:-1] + ("B" if token[-1] == "A" else "A")}), 404)
+    assert_error(http("GET", f"/discomfort/panel/runs/{run_id}/events", headers={TOKEN: "y" * 43}), 404)
     assert shm_files(run_id) == []
 
 
 def test_second_run_and_cancel(panel, http, tmp_path):
-    """While a run is held inside a workflow: a second one from the client is 409, another client
-    cannot cancel it, its client can; the queue is then empty and the run's memory gone."""
+    """While a run is held inside a workflow: a second one from the same address is 429 (this
+    server allows one per address), a request without its token cannot cancel it, its token can;
+    the queue is then empty and the run's memory gone."""
     fifo = Fifo(tmp_path / "started")
     workflows = Path(panel.work_dir) / "user" / "default" / "workflows"
     (workflows / "hold_routes.json").write_text(json.dumps(hold_workflow(fifo.path, str(tmp_path / "never"))))
-    client = "c-cancel-" + uuid.uuid4().hex[:8]
-    events = Events(panel.url, client)
     try:
-        resp = http("POST", "/discomfort/panel/runs", json=start_body(client, ["hold_routes"]))
+        resp = http("POST", "/discomfort/panel/runs", json=start_body(["hold_routes"], client_id="spoofed-1"))
         assert resp.status_code == 202, resp.text
-        run_id = resp.json()["run_id"]
+        run_id, token = resp.json()["run_id"], resp.json()["token"]
         assert fifo.wait(), "the gate node never started"
         assert shm_files(run_id), "the running run has no shared memory?"
-        assert_error(http("POST", "/discomfort/panel/runs", json=start_body(client)), 409, "RemoteLimitError")
-        listed = http("GET", "/discomfort/panel/runs", params={"client_id": client}).json()["runs"]
+        second = start_body(client_id="spoofed-2")  # another client id is no other slot
+        assert_error(http("POST", "/discomfort/panel/runs", json=second), 429, "RemoteLimitError", "this address")
+        listed = http("GET", "/discomfort/panel/runs", headers={TOKEN: token}).json()["runs"]
         assert [(r["run_id"], r["state"]) for r in listed] == [(run_id, "running")]
-        assert_error(http("POST", f"/discomfort/panel/runs/{run_id}/cancel", json={"client_id": "other"}), 404)
-        resp = http("POST", f"/discomfort/panel/runs/{run_id}/cancel", json={"client_id": client})
+        assert_error(http("POST", f"/discomfort/panel/runs/{run_id}/cancel", json={"client_id": "spoofed-1"}), 404)
+        resp = http("POST", f"/discomfort/panel/runs/{run_id}/cancel", headers={TOKEN: token})
         assert resp.status_code == 200 and resp.json()["cancelling"] is True
-        final = events.until_finished(run_id)[-1]
+        final = until_finished(http, run_id, token)[-1]
     finally:
-        events.close()
         fifo.close()
     assert final["state"] == "cancelled" and final["error_type"] == "RunCancelled", final
     assert final["error"].startswith("cancelled inside workflow 1/1 (hold_routes.json) of iteration 1/3"), final
@@ -352,10 +344,22 @@ def page(panel):
         browser = launch(pw)
         pg = open_editor(browser, panel.url, "window.app && window.app.graph && window.comfyAPI.api.api.clientId")
         close_templates(pg)
-        pg.evaluate("""() => { window.__dcf = [];
-            window.comfyAPI.api.api.addEventListener('discomfort.progress', e => window.__dcf.push(e.detail)); }""")
+        listen(pg)
         yield pg
         browser.close()
+
+
+def listen(pg) -> None:
+    """Collect the panel's progress events of this page (and any that ComfyUI's socket would bring)."""
+    pg.evaluate("""() => { window.__dcf = [];
+        window.addEventListener('discomfort.progress', e => window.__dcf.push(e.detail));
+        window.comfyAPI.api.api.addEventListener('discomfort.progress', e => window.__dcf.push(e.detail)); }""")
+
+
+def fetch_status(pg, method: str, route: str) -> int:
+    """The status a page's own fetch (with its cookies, no token) gets."""
+    return pg.evaluate("""async ([m, r]) => (await fetch(r, {method: m, headers: {'Content-Type': 'application/json'},
+        body: m === 'POST' ? '{}' : undefined})).status""", [method, route])
 
 
 def finished_event(pg, run_id: str) -> dict:
@@ -420,6 +424,21 @@ def test_panel_in_the_editor(panel, page, tmp_path):
         assert run2 != run_id and shm_files(run2)
         pg.wait_for_function("() => document.querySelector('[data-dcf=node]').textContent.includes('Gate')")
         pg.screenshot(path=str(art / "panel_during.png"))
+        token = pg.evaluate("() => sessionStorage.getItem('discomfort.panel.tokens')")
+        assert run2 in token  # the page keeps its runs' tokens in its own tab
+
+        # Another browser context on the same server: no token, so no run to see, follow or cancel.
+        other = open_editor(pg.context.browser, panel.url, "window.app && window.app.graph")
+        close_templates(other)
+        listen(other)
+        other.locator(".discomfort-panel-tab-button").click()
+        other.wait_for_selector("[data-dcf=status][data-state=idle]")
+        assert other.evaluate("async () => (await (await fetch('/discomfort/panel/runs')).json()).runs") == []
+        assert fetch_status(other, "POST", f"/discomfort/panel/runs/{run2}/cancel") == 404
+        assert fetch_status(other, "GET", f"/discomfort/panel/runs/{run2}/events?after=0") == 404
+        assert fetch_status(other, "GET", f"/discomfort/panel/runs/{run2}") == 404
+        other.screenshot(path=str(art / "panel_other_context.png"))
+        assert pg.get_attribute("[data-dcf=status]", "data-state") == "running"  # not cancelled by it
         pg.click("[data-dcf=cancel]")
         pg.get_by_role("button", name="Confirm").click()
         seen2 = finished_event(pg, run2)
@@ -428,6 +447,9 @@ def test_panel_in_the_editor(panel, page, tmp_path):
     pg.wait_for_selector("[data-dcf=status][data-state=cancelled]")
     pg.screenshot(path=str(art / "panel_cancelled.png"))
     assert seen2[-1]["state"] == "cancelled", seen2[-1]
+    assert other.evaluate("() => window.__dcf") == []  # the other context received none of its events
+    assert other.get_attribute("[data-dcf=status]", "data-state") == "idle"
+    other.context.close()
     import requests
 
     queue = requests.get(panel.url + "/queue", timeout=30).json()

@@ -1,52 +1,52 @@
 """The editor panel's routes: loops of saved workflows, run by the ComfyUI server itself.
 
-=====================================================  ===========================================
-``GET  /discomfort/panel/workflows``                   the user's saved workflows (``workflows/``)
-``GET  /discomfort/panel/ports?workflow=NAME``         a saved workflow's ports
-``GET  /discomfort/panel/inputs``                      files of ComfyUI's input folder
-``POST /discomfort/panel/runs``                        start a run (202 ``{"run_id", ...}``)
-``GET  /discomfort/panel/runs?client_id=ID``           that client's runs (running and recent)
-``GET  /discomfort/panel/runs/{run_id}?client_id=ID``  one run: state, progress, outputs, error
-``POST /discomfort/panel/runs/{run_id}/cancel``        ``{"client_id"}``: cancel it
-=====================================================  ===========================================
+==================================================  ==============================================
+``GET  /discomfort/panel/workflows``                the user's saved workflows (``workflows/``)
+``GET  /discomfort/panel/ports?workflow=NAME``      a saved workflow's ports
+``GET  /discomfort/panel/inputs``                   files of ComfyUI's input folder
+``POST /discomfort/panel/runs``                     start a run (202 ``{"run_id", "token", ...}``)
+``GET  /discomfort/panel/runs``                     the runs whose tokens the request presents
+``GET  /discomfort/panel/runs/{run_id}``            one run: state, progress, outputs, error
+``GET  /discomfort/panel/runs/{run_id}/events``     ``?after=N``: its progress events (long poll)
+``POST /discomfort/panel/runs/{run_id}/cancel``     cancel it
+==================================================  ==============================================
 
 A run is a :class:`discomfort.Run` on a background thread of the server process, whose executor
 is this same server (``ComfyServer(<its own URL>)``, values in shared memory): each workflow is
-queued with ``/prompt`` like the editor's own, and shows in ComfyUI's queue. One run at a time per
-client (the frontend's ``clientId``); progress goes to that client's websocket as
-``discomfort.progress`` events (``kind``: start, workflow_start, node, step, workflow_done,
-finished); results land in ``<output>/discomfort/<run_id>/`` (served by ComfyUI's ``/view``).
+queued with ``/prompt`` like the editor's own, and shows in ComfyUI's queue. Starting a run
+returns its token (header ``X-Discomfort-Panel-Token``, see :mod:`.panel_runs`): reading,
+cancelling and following it need that token. Progress events (``kind``: start, workflow_start,
+node, step, workflow_done, finished) are read from the run's own event route, not ComfyUI's
+websocket; results land in ``<output>/discomfort/<run_id>/`` (served by ComfyUI's ``/view``).
 
-Like ComfyUI's ``/prompt``, these routes have no token: they run the user's own saved workflows on
-their own server. Every name is checked (:func:`.panel_io.safe_file`), values are data only (no
-pickles), requests have limits (:class:`.panel_io.PanelLimits`), and errors are JSON
-``{"error", "type"}`` with a 4xx status.
+Starting a run needs no token, like ComfyUI's ``/prompt``: it runs the user's own saved workflows
+on their own server. Every name is checked (:func:`.panel_io.safe_file`), values are data only (no
+pickles), inputs are sized from their headers before any is decoded, requests have limits
+(:class:`.panel_io.PanelLimits`), and errors are JSON ``{"error", "type"}`` with a 4xx status.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import errors
 from aiohttp import web
 
 from ..remote.server import HTTPRefusal, error_response, read_json_object
-from .panel_io import INPUT_EXTENSIONS, PanelLimits, list_files, load_input, safe_file, save_outputs, typed_value
+from .panel_io import (INPUT_EXTENSIONS, PanelLimits, input_bytes, list_files, load_input, read_json, safe_file,
+                       save_outputs, typed_value)
+from .panel_runs import TOKEN_HEADER, PanelRun, RunBook, new_token
 
 __all__ = ["PanelServer", "panel_server", "add_panel_routes", "own_url"]
 
 log = logging.getLogger("discomfort")
 
-EVENT = "discomfort.progress"
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _RUN_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 #: Exception class -> HTTP status, first match wins.
@@ -54,7 +54,9 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (FileNotFoundError, 404),
     (errors.UnknownRunError, 404),
     (errors.ComfyConnectionError, 502),
+    (errors.RemoteLimitError, 413),
     (errors.DiscomfortError, 400),
+    (RecursionError, 400),
     (ValueError, 400),
     (TypeError, 400),
     (KeyError, 400),
@@ -90,39 +92,13 @@ def _prompt_server() -> Any:
     return getattr(getattr(server, "PromptServer", None), "instance", None)
 
 
-@dataclass
-class PanelRun:
-    """One run started from the panel."""
-
-    run_id: str
-    client_id: str
-    workflows: list[str]
-    iterations: int
-    until: str | None
-    state: str = "running"  # running, finished, cancelled, failed
-    progress: dict = field(default_factory=dict)
-    outputs: list = field(default_factory=list)
-    error: str | None = None
-    error_type: str | None = None
-    started: float = field(default_factory=time.time)
-    ended: float | None = None
-    cancel: Any = None
-    thread: Any = None
-
-    def summary(self) -> dict:
-        return {"run_id": self.run_id, "state": self.state, "workflows": self.workflows,
-                "iterations": self.iterations, "until": self.until, "progress": self.progress,
-                "outputs": self.outputs, "error": self.error, "error_type": self.error_type,
-                "started": self.started, "ended": self.ended}
-
-
 class PanelServer:
     """The panel's runs in this server process, and the route handlers."""
 
     def __init__(self, limits: PanelLimits | None = None) -> None:
-        self.limits = limits or PanelLimits.from_env()
-        self.runs: dict[str, PanelRun] = {}
-        self._starting: set[str] = set()  # clients whose run is being prepared
+        self.limits = lim = limits or PanelLimits.from_env()
+        self.book = RunBook(lim.max_runs, lim.max_runs_per_address, lim.kept_runs, lim.cancel_grace)
+        self.runs = self.book.runs
         self._info: tuple[float, dict] | None = None
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -135,10 +111,15 @@ class PanelServer:
         return await read_json_object(request, self.limits.max_body, "a panel request's body")
 
     @staticmethod
-    def _client(value: Any) -> str:
-        if not isinstance(value, str) or not _CLIENT_ID.match(value):
-            raise ValueError("client_id must be the frontend's clientId (1-128 of A-Z a-z 0-9 _ . : -)")
-        return value
+    def _address(request: Any) -> str:
+        """The client's address (the TCP peer's: a client id can be made up, an address cannot)."""
+        return str(request.remote or "unknown")
+
+    def _find(self, request: Any) -> PanelRun:
+        run_id = request.match_info["run_id"]
+        if not _RUN_ID.match(run_id):
+            raise errors.UnknownRunError(f"no panel run {run_id!r}")
+        return self.book.find(run_id, request.headers.get(TOKEN_HEADER))
 
     def _workflows_dir(self, request: Any) -> str:
         import folder_paths  # type: ignore[import-not-found]
@@ -179,10 +160,7 @@ class PanelServer:
             raise HTTPRefusal(413, f"workflow {name!r} is {size} bytes, over {self.limits.max_workflow_file}",
                               errors.RemoteLimitError)
         with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except ValueError as exc:
-                raise ValueError(f"workflow {name!r} is not valid JSON ({exc})") from None
+            data = read_json(f.read(), f"workflow {name!r}", self.limits)
         if not (is_ui_format(data) or is_api_format(data)):
             raise ValueError(f"workflow {name!r} is neither a UI nor an API workflow")
         info = self._object_info()
@@ -192,11 +170,6 @@ class PanelServer:
         except errors.DiscomfortError as exc:
             raise type(exc)(f"workflow {name!r}: {exc}") from None
         return prompt, ports
-
-    def _send(self, client_id: str, data: dict) -> None:
-        instance = _prompt_server()
-        if instance is not None:
-            instance.send_sync(EVENT, data, client_id)
 
     # -- handlers --------------------------------------------------------------------------------
 
@@ -229,9 +202,9 @@ class PanelServer:
              "writes": p.writes} for uid, p in ports.items()]})
 
     async def start(self, request: Any) -> Any:
+        address = self._address(request)
         try:
             body = await self._body(request)
-            client = self._client(body.get("client_id"))
             names = body.get("workflows")
             lim = self.limits
             if not isinstance(names, list) or not names:
@@ -252,58 +225,49 @@ class PanelServer:
             if not isinstance(bindings, dict) or len(bindings) > lim.max_inputs:
                 raise ValueError(f"inputs must be an object of at most {lim.max_inputs} keys")
             paths = [self._workflow_path(request, n) for n in names]
-            self._check_room(client)
+            self.book.check_room(address)
         except Exception as exc:  # noqa: BLE001
             return self._error(exc)
-        self._starting.add(client)  # holds the client's slot while its run is prepared
+        self.book.starting[address] += 1  # holds the slot while the run is prepared
         try:
             plan = await asyncio.to_thread(self._prepare, paths, bindings, until)
             run = await asyncio.to_thread(self._open_run)
-            entry = PanelRun(run.run_id, client, [n for n, _ in paths], iterations, until)
-            self.runs[entry.run_id] = entry
-            self._forget_old()
+            try:
+                await asyncio.to_thread(self._load_inputs, run, plan)
+            except BaseException:
+                await asyncio.to_thread(run.close)
+                raise
+            entry = PanelRun(run.run_id, new_token(), address, [n for n, _ in paths], iterations, until,
+                             loop=asyncio.get_running_loop())
+            self.book.add(entry)
         except Exception as exc:  # noqa: BLE001
             return self._error(exc)
         finally:
-            self._starting.discard(client)
+            self.book.starting[address] -= 1
+            if self.book.starting[address] <= 0:
+                del self.book.starting[address]
         from ..run_control import CancelToken
 
         entry.cancel = CancelToken()
         entry.thread = threading.Thread(target=self._work, args=(entry, run, plan), daemon=True,
                                         name=f"discomfort-panel-{entry.run_id[:8]}")
-        self._send(client, {"kind": "start", "run_id": entry.run_id, "workflows": entry.workflows,
-                            "iterations": iterations, "until": until})
+        entry.publish({"kind": "start", "run_id": entry.run_id, "workflows": entry.workflows,
+                       "iterations": iterations, "until": until})
         entry.thread.start()
-        log.info("discomfort: panel run %s started for client %s: %s x%d", entry.run_id, client,
+        log.info("discomfort: panel run %s started from %s: %s x%d", entry.run_id, address,
                  ", ".join(entry.workflows), iterations)
-        return web.json_response(entry.summary(), status=202)
-
-    def _check_room(self, client: str) -> None:
-        """Refuse a second run of one client (409), or one over the server's limit (429). Handlers
-        run on the event loop's thread: no lock needed between this check and the registration."""
-        running = [r for r in self.runs.values() if r.state == "running"]
-        mine = [r.run_id for r in running if r.client_id == client] + (["starting"] if client in self._starting else [])
-        if mine:
-            raise HTTPRefusal(409, f"this client already has a run going ({mine[0]}): cancel it or "
-                                   "wait for it to finish", errors.RemoteLimitError)
-        if len(running) + len(self._starting) >= self.limits.max_runs:
-            raise HTTPRefusal(429, f"{len(running)} panel runs are going on this server, its limit "
-                                   "(DISCOMFORT_PANEL_MAX_RUNS)", errors.RemoteLimitError)
-
-    def _forget_old(self) -> None:
-        done = sorted((r for r in self.runs.values() if r.state != "running"), key=lambda r: r.ended or 0)
-        for r in done[: max(0, len(done) - self.limits.kept_runs)]:
-            self.runs.pop(r.run_id, None)
+        return web.json_response({**entry.summary(), "token": entry.token}, status=202)
 
     def _prepare(self, paths: list[tuple[str, str]], bindings: dict, until: str | None) -> dict:
-        """Convert the workflows, check the keys, load the inputs (all before the run starts)."""
+        """Convert the workflows, check the keys and size the inputs from their headers (nothing
+        is decoded yet: :meth:`_load_inputs` does, one at a time, into the run's store)."""
         import folder_paths  # type: ignore[import-not-found]
 
         prompts: list[dict] = []
         types: dict[str, Any] = {}
         titles: list[dict[str, str]] = []
         reads_first: list[str] = []
-        written: set[str] = set()
+        written: list[str] = []
         for name, path in paths:
             prompt, ports = self._read_workflow(path, name)
             prompts.append(prompt)
@@ -315,7 +279,7 @@ class PanelServer:
                 types.setdefault(uid, port.type)
                 if port.writes:
                     types[uid] = port.type
-            written |= {uid for uid, p in ports.items() if p.writes}
+            written += [uid for uid, p in ports.items() if p.writes and uid not in written]
         if until is not None and until not in written:
             raise ValueError(f"until={until!r}: no output port of these workflows writes that key")
         unknown = sorted(set(bindings) - set(types))
@@ -325,17 +289,35 @@ class PanelServer:
         if missing:
             raise ValueError(f"bind {', '.join(map(repr, missing))}: read before any workflow writes "
                              f"{'it' if len(missing) == 1 else 'them'} (a file of the input folder or a value)")
+        files: list[tuple[str, str, str]] = []
         values: dict[str, Any] = {}
+        total = 0
         for uid, bind in bindings.items():
             if not isinstance(bind, dict) or len(bind) != 1 or not ({"file"} >= set(bind) or {"value"} >= set(bind)):
                 raise ValueError(f"input {uid!r}: give {{\"file\": NAME}} (in the input folder) or {{\"value\": V}}")
             if "file" in bind:
                 path = safe_file(folder_paths.get_input_directory(), bind["file"], f"input {uid!r}: file",
                                  self.limits, INPUT_EXTENSIONS)
-                values[uid] = load_input(path, types.get(uid, "*"), self.limits)
+                total += input_bytes(path, types.get(uid, "*"), self.limits)
+                files.append((uid, path, types.get(uid, "*")))
             else:
                 values[uid] = typed_value(bind["value"], types.get(uid, "*"), uid, self.limits)
-        return {"prompts": prompts, "types": types, "titles": titles, "inputs": values, "until": until}
+            if total > self.limits.max_run_input_bytes:
+                raise errors.RemoteLimitError(
+                    f"the inputs of this run take {total} bytes decoded (up to input {uid!r}), over the limit "
+                    f"of {self.limits.max_run_input_bytes} (DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES)")
+        return {"prompts": prompts, "types": types, "titles": titles, "files": files, "values": values,
+                "written": written, "until": until}
+
+    def _load_inputs(self, run: Any, plan: dict) -> None:
+        """Decode the input files one at a time, each saved into the run's store and dropped before
+        the next (the run holds one decoded input at a time, besides its store)."""
+        for uid, value in plan.pop("values").items():
+            run.save(uid, value)
+        for uid, path, port_type in plan["files"]:
+            value = load_input(path, port_type, self.limits)
+            run.save(uid, value)
+            del value
 
     def _open_run(self) -> Any:
         from ..comfy import ComfyServer
@@ -345,7 +327,7 @@ class PanelServer:
         return Run(executor, transport="shm", object_info=self._info[1] if self._info else None)
 
     def _work(self, entry: PanelRun, run: Any, plan: dict) -> None:
-        """The background thread of one run: execute, save the outputs, say how it ended."""
+        """The background thread of one run: execute, save the outputs one at a time, say how it ended."""
         import folder_paths  # type: ignore[import-not-found]
 
         def on_progress(ev: Any) -> None:
@@ -356,15 +338,26 @@ class PanelServer:
             if ev.node is not None:
                 data["node_title"] = plan["titles"][ev.workflow].get(str(ev.node), "")
             entry.progress = data
-            self._send(entry.client_id, data)
+            entry.publish(data)
+
+        def written() -> Any:
+            for uid in plan["written"]:
+                try:
+                    value = run.load(uid)
+                except errors.ReferenceUnavailableError:
+                    continue  # an object of this process's (a model): no file form
+                except KeyError:
+                    continue
+                yield uid, value
+                del value
 
         try:
             with run:
-                result = run.execute(plan["prompts"], plan["inputs"], entry.iterations, until=plan["until"],
+                result = run.execute(plan["prompts"], None, entry.iterations, until=plan["until"], outputs=[],
                                      cancel=entry.cancel, progress=False, on_progress=on_progress, timeout=None)
                 subfolder = f"discomfort/{entry.run_id}"
                 out_dir = os.path.join(folder_paths.get_output_directory(), "discomfort", entry.run_id)
-                entry.outputs = save_outputs(dict(result), plan["types"], out_dir, subfolder, self.limits)
+                entry.outputs = save_outputs(written(), plan["types"], out_dir, subfolder, self.limits)
                 entry.progress = {**entry.progress, "iterations_run": result.iterations, "stopped": result.stopped}
             entry.state = "finished"
         except errors.RunCancelled as exc:
@@ -378,40 +371,48 @@ class PanelServer:
             except Exception:  # noqa: BLE001
                 pass
             entry.ended = time.time()
-            self._send(entry.client_id, {"kind": "finished", **entry.summary()})
+            entry.publish({"kind": "finished", **entry.summary()})
 
     async def list_runs(self, request: Any) -> Any:
-        try:
-            client = self._client(request.query.get("client_id"))
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc)
-        runs = sorted((r for r in self.runs.values() if r.client_id == client), key=lambda r: r.started)
-        return web.json_response({"runs": [r.summary() for r in runs]})
-
-    def _find(self, run_id: str, client: str) -> PanelRun:
-        entry = self.runs.get(run_id) if _RUN_ID.match(run_id) else None
-        if entry is None or entry.client_id != client:
-            raise errors.UnknownRunError(f"no panel run {run_id!r} for this client")
-        return entry
+        tokens = request.headers.get(TOKEN_HEADER, "").replace(" ", "").split(",")
+        return web.json_response({"runs": [r.summary() for r in self.book.owned(tokens)]})
 
     async def get_run(self, request: Any) -> Any:
-        run_id = request.match_info["run_id"]
         try:
-            entry = self._find(run_id, self._client(request.query.get("client_id")))
+            entry = self._find(request)
         except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id)
+            return self._error(exc, request.match_info["run_id"])
         return web.json_response(entry.summary())
 
-    async def cancel(self, request: Any) -> Any:
-        run_id = request.match_info["run_id"]
+    async def events(self, request: Any) -> Any:
+        """Long poll: the run's events numbered after ``after``, waiting up to ``wait`` seconds
+        (default 25, at most 30) for one; ``dropped`` counts those no longer kept."""
         try:
-            body = await self._body(request)
-            entry = self._find(run_id, self._client(body.get("client_id")))
+            entry = self._find(request)
+            after, wait = request.query.get("after", "0"), request.query.get("wait", "25")
+            if not after.isdigit() or len(after) > 12:
+                raise ValueError(f"after must be an event number (0 or more), not {after[:20]!r}")
+            try:
+                seconds = min(30.0, max(0.0, float(wait)))
+            except ValueError:
+                raise ValueError(f"wait must be a number of seconds, not {wait[:20]!r}") from None
         except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id)
+            return self._error(exc, request.match_info["run_id"])
+        got, last, dropped = await entry.wait_after(int(after), seconds)
+        return web.json_response({"run_id": entry.run_id, "events": got, "next": last, "dropped": dropped,
+                                  "state": entry.state})
+
+    async def cancel(self, request: Any) -> Any:
+        try:
+            entry = self._find(request)
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, request.match_info["run_id"])
         if entry.state == "running":
+            if entry.cancel_asked is None:
+                entry.cancel_asked = time.monotonic()
             entry.cancel.cancel("cancelled from the editor panel")
-        return web.json_response({"run_id": run_id, "state": entry.state, "cancelling": entry.state == "running"})
+        return web.json_response({"run_id": entry.run_id, "state": entry.state,
+                                  "cancelling": entry.state == "running"})
 
 
 def _where_cut(exc: Any, entry: PanelRun) -> str:
@@ -444,4 +445,5 @@ def add_panel_routes(routes: Any) -> None:
     routes.post(base + "/runs")(srv.start)
     routes.get(base + "/runs")(srv.list_runs)
     routes.get(base + "/runs/{run_id}")(srv.get_run)
+    routes.get(base + "/runs/{run_id}/events")(srv.events)
     routes.post(base + "/runs/{run_id}/cancel")(srv.cancel)

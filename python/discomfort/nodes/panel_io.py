@@ -17,13 +17,14 @@ from typing import Any, Iterable
 
 from .. import errors
 
-__all__ = ["PanelLimits", "InvalidName", "safe_file", "list_files", "load_input", "typed_value",
-           "save_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
+__all__ = ["PanelLimits", "InvalidName", "safe_file", "list_files", "load_input", "input_bytes", "read_json",
+           "json_depth", "typed_value", "save_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".npy", ".json", ".txt")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 class InvalidName(errors.DiscomfortError):
@@ -37,6 +38,11 @@ class PanelLimits:
     max_workflows: int = 16  # DISCOMFORT_PANEL_MAX_WORKFLOWS: workflows in one run
     max_iterations: int = 1000  # DISCOMFORT_PANEL_MAX_ITERATIONS
     max_runs: int = 4  # DISCOMFORT_PANEL_MAX_RUNS: runs going at once, all clients together
+    max_runs_per_address: int = 2  # DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS: runs going from one client address
+    cancel_grace: float = 30.0  # DISCOMFORT_PANEL_CANCEL_GRACE: seconds a cancelled run may hold its slot
+    max_run_input_bytes: int = 1 << 30  # DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES: decoded inputs of one run
+    max_json_file: int = 16 << 20  # bytes of a .json input
+    max_json_depth: int = 64  # nesting of a .json input or a saved workflow
     max_body: int = 64 << 10  # bytes of a request's JSON body
     max_name: int = 255  # characters of a file name (with its folders)
     max_inputs: int = 64  # bound inputs of one run
@@ -54,12 +60,16 @@ class PanelLimits:
         for attr, env in (("max_workflows", "DISCOMFORT_PANEL_MAX_WORKFLOWS"),
                           ("max_iterations", "DISCOMFORT_PANEL_MAX_ITERATIONS"),
                           ("max_runs", "DISCOMFORT_PANEL_MAX_RUNS"),
-                          ("max_input_file", "DISCOMFORT_PANEL_MAX_INPUT_FILE")):
+                          ("max_runs_per_address", "DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS"),
+                          ("cancel_grace", "DISCOMFORT_PANEL_CANCEL_GRACE"),
+                          ("max_input_file", "DISCOMFORT_PANEL_MAX_INPUT_FILE"),
+                          ("max_run_input_bytes", "DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES")):
             raw = os.environ.get(env)
             if raw:
                 from ..sysinfo import parse_size
 
-                setattr(lim, attr, int(parse_size(raw)) if attr == "max_input_file" else int(raw))
+                kind = type(getattr(lim, attr))
+                setattr(lim, attr, int(parse_size(raw)) if attr.endswith(("_file", "_bytes")) else kind(raw))
         return lim
 
 
@@ -117,14 +127,78 @@ def list_files(root: str | os.PathLike, extensions: Iterable[str], limits: Panel
 # ------------------------------------------------------------------------------------- inputs
 
 
+def json_depth(text: str) -> int:
+    """How deep ``text``'s arrays and objects nest, counted without recursion (strings skipped)."""
+    import numpy as np
+
+    raw = np.frombuffer(_JSON_STRING.sub('""', text).encode("utf-8", "replace"), np.uint8)
+    step = (raw == ord("[")).astype(np.int32) + (raw == ord("{"))
+    step -= (raw == ord("]")).astype(np.int32) + (raw == ord("}"))
+    return int(np.cumsum(step, dtype=np.int32).max(initial=0))
+
+
+def read_json(text: str, what: str, limits: PanelLimits) -> Any:
+    """``text`` as JSON, refused (400) when it nests deeper than ``limits.max_json_depth`` (checked
+    before parsing: Python's parser recurses) or is not JSON."""
+    depth = json_depth(text)
+    if depth > limits.max_json_depth:
+        raise errors.DiscomfortError(f"{what} nests {depth} levels deep, over the limit of {limits.max_json_depth}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise errors.DiscomfortError(f"{what} is not valid JSON ({exc})") from None
+
+
+def _check_size(path: str, limits: PanelLimits) -> int:
+    size = os.path.getsize(path)
+    cap = limits.max_json_file if path.lower().endswith(".json") else limits.max_input_file
+    if size > cap:
+        raise errors.RemoteLimitError(f"{os.path.basename(path)} is {size} bytes, over the limit of {cap}"
+                                      + ("" if path.lower().endswith(".json") else " (DISCOMFORT_PANEL_MAX_INPUT_FILE)"))
+    return size
+
+
+def input_bytes(path: str, port_type: str, limits: PanelLimits) -> int:
+    """The bytes ``path`` takes once decoded for a port of ``port_type``, read from its header
+    (nothing is decoded): float32 pixels of an image, an array's data, 8 per byte of JSON."""
+    size = _check_size(path, limits)
+    lower = path.lower()
+    name = os.path.basename(path)
+    if lower.endswith(IMAGE_EXTENSIONS):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise errors.DiscomfortError(f"{name}: not an image Pillow can read ({exc})") from None
+        if w * h > limits.max_pixels:
+            raise errors.RemoteLimitError(f"{name} has {w}x{h} pixels, over the limit of {limits.max_pixels}")
+        return w * h * (1 if port_type == "MASK" else 3) * 4
+    if lower.endswith(".npy"):
+        import numpy as np
+
+        with open(path, "rb") as f:
+            try:
+                fmt = np.lib.format
+                version = fmt.read_magic(f)
+                reader = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+                if reader is None:
+                    raise ValueError(f".npy format version {version} is not read here (1.0 and 2.0 are)")
+                shape, _, dtype = reader(f)
+            except (ValueError, OSError) as exc:
+                raise errors.DiscomfortError(f"{name}: not a plain .npy array ({exc})") from None
+        if dtype.hasobject:
+            raise errors.DiscomfortError(f"{name}: an array of Python objects is not data")
+        return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return size * 8 if lower.endswith(".json") else size
+
+
 def load_input(path: str, port_type: str, limits: PanelLimits) -> Any:
     """The value of an input file for a port of ``port_type``: an image as IMAGE ``[1,H,W,3]``
     (or MASK ``[1,H,W]``: its alpha channel if it has one, else its luminance), ``.npy`` as a
     tensor (no pickles), ``.json`` as its value, ``.txt`` as a string."""
-    size = os.path.getsize(path)
-    if size > limits.max_input_file:
-        raise errors.DiscomfortError(f"{os.path.basename(path)} is {size} bytes, over the limit of "
-                                     f"{limits.max_input_file} (DISCOMFORT_PANEL_MAX_INPUT_FILE)")
+    _check_size(path, limits)
     lower = path.lower()
     if lower.endswith(IMAGE_EXTENSIONS):
         return _load_image(path, port_type, limits)
@@ -141,10 +215,7 @@ def load_input(path: str, port_type: str, limits: PanelLimits) -> Any:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if lower.endswith(".json"):
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise errors.DiscomfortError(f"{os.path.basename(path)}: not valid JSON ({exc})") from None
+        return read_json(text, os.path.basename(path), limits)
     return text
 
 
@@ -161,13 +232,15 @@ def _load_image(path: str, port_type: str, limits: PanelLimits) -> Any:
                                              f"over the limit of {limits.max_pixels}")
             img = ImageOps.exif_transpose(img)
             if port_type == "MASK":
-                if "A" in img.getbands():
-                    arr = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
-                else:
-                    arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-                return torch.from_numpy(arr.copy())[None]
-            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-            return torch.from_numpy(arr.copy())[None]
+                img = img.getchannel("A") if "A" in img.getbands() else img.convert("L")
+            else:
+                img = img.convert("RGB")
+            # uint8 pixels, then one float32 tensor divided in place: no float64, no extra copies
+            pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
+            del img
+            out = torch.empty(pixels.shape, dtype=torch.float32)
+            out.copy_(pixels).div_(255.0)
+            return out[None]
     except (OSError, Image.DecompressionBombError) as exc:
         raise errors.DiscomfortError(f"{os.path.basename(path)}: not an image Pillow can read ({exc})") from None
 
@@ -234,7 +307,12 @@ def _to_numpy(value: Any) -> Any:
     import numpy as np
 
     if hasattr(value, "detach") and hasattr(value, "cpu"):
-        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+        import torch
+
+        value = value.detach().cpu()
+        if value.dtype in (torch.float16, torch.bfloat16):
+            value = value.float()  # numpy has no bfloat16; float32 and float64 are saved as they are
+        return value.numpy()
     if isinstance(value, np.ndarray):
         return value
     return None
@@ -253,10 +331,26 @@ def _image_kind(arr: Any, port_type: str) -> str | None:
     return None
 
 
-def save_outputs(values: dict, types: dict, out_dir: str, subfolder: str, limits: PanelLimits) -> list[dict]:
+def _to_uint8(item: Any) -> Any:
+    """``clip(255 * item)`` as uint8, a band of rows at a time: float32 temporaries of a band only."""
+    import numpy as np
+
+    out = np.empty(item.shape, dtype=np.uint8)
+    band = max(1, (8 << 20) // max(1, item[0].nbytes if item.ndim > 1 else 1))
+    tmp = None
+    for r in range(0, item.shape[0], band):
+        src = np.asarray(item[r:r + band], dtype=np.float32)
+        tmp = np.multiply(src, np.float32(255.0), out=tmp if tmp is not None and tmp.shape == src.shape else None)
+        np.clip(tmp, 0, 255, out=tmp)
+        out[r:r + band] = tmp
+    return out
+
+
+def save_outputs(values: Any, types: dict, out_dir: str, subfolder: str, limits: PanelLimits) -> list[dict]:
     """Write a run's results into ``out_dir`` (in ComfyUI's output folder, ``subfolder`` of it):
     images and masks as PNG (one per batch item), other arrays as ``.npy``, strings as ``.txt``,
-    other JSON values as ``.json``. Returns what was written, and what could not be."""
+    other JSON values as ``.json``. ``values``: a dict, or ``(key, value)`` pairs loaded one at a
+    time (each dropped before the next). Returns what was written, and what could not be."""
     import numpy as np
     from PIL import Image
 
@@ -269,7 +363,7 @@ def save_outputs(values: dict, types: dict, out_dir: str, subfolder: str, limits
         listed.append({"key": key, "kind": kind, "filename": filename, "subfolder": subfolder,
                        "type": "output", **({"note": note} if note else {})})
 
-    for key, value in values.items():
+    for key, value in (values.items() if isinstance(values, dict) else values):
         port_type = types.get(key, "*")
         stem = _safe_stem(key, taken)
         if isinstance(value, dict) and "samples" in value and _to_numpy(value["samples"]) is not None:
@@ -283,7 +377,7 @@ def save_outputs(values: dict, types: dict, out_dir: str, subfolder: str, limits
             if kind is not None:
                 batch = arr if (kind == "image" and arr.ndim == 4) or (kind == "mask" and arr.ndim == 3) else arr[None]
                 for i, item in enumerate(batch[: max(1, limits.max_output_files - count)]):
-                    pixels = np.clip(255.0 * item, 0, 255).astype(np.uint8)
+                    pixels = _to_uint8(item)
                     if kind == "image" and pixels.shape[-1] == 1:
                         pixels = pixels[..., 0]
                     fn = f"{stem}.png" if len(batch) == 1 else f"{stem}_{i:05d}.png"

@@ -6,12 +6,16 @@
 * ``/discomfort/runs...``: runs owned by this server process, for orchestrators that cannot share
   memory with it (see :mod:`discomfort.remote.server`).
 * ``/discomfort/panel/...``: the editor panel's runner (see :mod:`discomfort.nodes.panel`).
+
+Every one of them first checks the request's ``Host`` and ``Origin`` (:mod:`discomfort.remote.origin`):
+a page of another site that rebinds its name to this machine gets a 403.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..remote.origin import guard_routes
 from ..remote.server import add_routes
 from ..sysinfo import host_info
 from .panel import add_panel_routes
@@ -38,6 +42,8 @@ def register(routes: Any = None) -> bool:
         return False
 
     from aiohttp import web
+
+    routes = guard_routes(routes)
 
     @routes.get("/discomfort/host_info")
     async def discomfort_host_info(request: Any) -> Any:

@@ -5,7 +5,8 @@ benchmark rows, and for trying a client against a server.
 
 Prints the port it listens on, then serves until its standard input closes. The routes and their
 rules are the node pack's (:mod:`.server`); outside ComfyUI no client may create runs without the
-server secret (``DISCOMFORT_SERVER_SECRET``). ``start()`` runs one in a process of its own.
+server secret (``DISCOMFORT_SERVER_SECRET``), and every route checks Host and Origin
+(:mod:`.origin`). ``start()`` runs one in a process of its own.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def start(secret: str, env: Mapping[str, str] | None = None, stderr: IO | None =
 async def serve(host: str, port: int) -> None:
     from aiohttp import web
 
+    from .origin import guard_routes
     from .server import add_routes, run_server
 
     routes = web.RouteTableDef()
-    add_routes(routes)
+    add_routes(guard_routes(routes))
     app = web.Application()
     app.add_routes(routes)
     runner = web.AppRunner(app)
