@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from discomfort import WorkflowContext
-from discomfort.errors import TruncatedStoreError
+
+from _helpers import load_backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,12 +37,18 @@ def _holder(backend: str, run_id: str, key: str, mode: str) -> None:
     store = _backend.load(backend).Store.attach(run_id)
     held = store.get("held")  # a live attachment with a mapping of the run's chunk
     early = store.get(key) if mode == "plain" else None  # a zero-copy view taken before the cut
+    if mode.endswith("save"):
+        store.put("earlier", b"e", [b"x" * 100])  # a save before the cut: the chunk is mapped
     print("ready", flush=True)
     sys.stdin.readline()
     try:
         if mode == "guarded":
             meta, views, info = store.get_guarded(key)
             print("loaded", info["zero_copy"], int(np.frombuffer(views[0], np.uint8).sum()), flush=True)
+        elif mode == "save":  # a port's save lands in the cut chunk
+            print("saved", store.put_guarded("new", b"n", [np.ones(1 << 20, np.uint8)]), flush=True)
+        elif mode == "plain save":
+            print("saved", store.put("new", b"n", [np.ones(1 << 20, np.uint8)]), flush=True)
         elif mode == "info":
             print("info", store.info(key)["size"], flush=True)
         elif mode == "context":  # a node's path: the prompt check, then the load
@@ -142,6 +149,39 @@ def test_context_load_guarded_and_prompt_check_survive_a_truncated_chunk(make_st
     assert lines[0].startswith("error TruncatedStoreError "), lines  # the prompt check
     assert lines[1].startswith("error TruncatedStoreError "), lines  # the load
     assert lines[2] == "alive"
+
+
+@pytest.mark.parametrize("mode", ["save", "plain save"])
+def test_guarded_save_into_a_truncated_chunk_is_an_error_not_sigbus(make_store, backend, mode):
+    """A port's save in the server: the new object's space is in the chunk that was cut."""
+    store = _run_with(make_store, "ram", 3 << 20)
+    proc = _start_holder(backend, store.run_id, "value", mode)
+    _truncate(_object_file(store, "value"))
+    lines, rc = _finish_holder(proc)
+    if mode == "plain save":  # why the guard exists: a write through the chunk's mapping
+        assert rc == -signal.SIGBUS, (rc, lines)
+        return
+    assert rc == 0, rc
+    assert lines[0].startswith("error TruncatedStoreError ") and "chunk 0 truncated" in lines[0], lines
+    assert "new" not in store.keys()  # the reservation was dropped
+
+
+@pytest.mark.parametrize("nbytes", [0, 100, 200 << 10, 3 << 20])
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_guarded_save_reads_back_like_a_save(make_store, backend, store_mod, tier, nbytes):
+    store = make_store(ram_budget=(64 << 20) if tier == "ram" else (8 << 10))
+    store.put("held", b"h", [b"x" * 100])
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, np.uint8)
+    v1 = store.put_guarded("value", b"meta", [data, b"tail"])
+    meta, views, info = store.get("value")
+    assert (bytes(meta), bytes(views[0]), bytes(views[1])) == (b"meta", data.tobytes(), b"tail")
+    assert info["tier"] == (tier if nbytes > 100 else info["tier"]) and info["version"] == v1
+    other = {"native": "python", "python": "native"}[backend]  # the other backend reads it the same
+    attached = load_backend(other).Store.attach(store.run_id)
+    try:
+        assert bytes(attached.get_guarded("value")[1][0]) == data.tobytes()
+    finally:
+        attached.close()
 
 
 def test_plain_zero_copy_view_of_a_truncated_chunk_dies_of_sigbus(make_store, backend):

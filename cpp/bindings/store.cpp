@@ -58,6 +58,20 @@ struct PyReservation {
     }
 };
 
+// put / put_guarded: the buffers are held (their buffer protocol) while the GIL is released.
+uint64_t put_with(Store& s, py::handle key, py::handle meta, py::iterable buffers, bool guarded) {
+    std::string k = key_arg(key);
+    HeldBuffer m(meta, false);
+    std::vector<std::unique_ptr<HeldBuffer>> held;  // released with the GIL held
+    std::vector<Store::Source> sources;
+    for (py::handle b : buffers) {
+        held.push_back(std::make_unique<HeldBuffer>(b, true));
+        sources.push_back({held.back()->data(), held.back()->size()});
+    }
+    py::gil_scoped_release nogil;
+    return guarded ? s.put_guarded(k, m.data(), m.size(), sources) : s.put(k, m.data(), m.size(), sources);
+}
+
 }  // namespace
 
 void register_store(py::module_& m) {
@@ -153,18 +167,13 @@ void register_store(py::module_& m) {
             },
             py::arg("key"), py::arg("meta"), py::arg("sizes"))
         .def(
-            "put",
-            [](Store& s, py::handle key, py::handle meta, py::iterable buffers) {
-                std::string k = key_arg(key);
-                HeldBuffer m(meta, false);
-                std::vector<std::unique_ptr<HeldBuffer>> held;  // released with the GIL held
-                std::vector<Store::Source> sources;
-                for (py::handle b : buffers) {
-                    held.push_back(std::make_unique<HeldBuffer>(b, true));
-                    sources.push_back({held.back()->data(), held.back()->size()});
-                }
-                py::gil_scoped_release nogil;
-                return s.put(k, m.data(), m.size(), sources);
+            "put", [](Store& s, py::handle key, py::handle meta, py::iterable buffers) {
+                return put_with(s, key, meta, buffers, false);
+            },
+            py::arg("key"), py::arg("meta"), py::arg("buffers"))
+        .def(
+            "put_guarded", [](Store& s, py::handle key, py::handle meta, py::iterable buffers) {
+                return put_with(s, key, meta, buffers, true);
             },
             py::arg("key"), py::arg("meta"), py::arg("buffers"))
         .def(

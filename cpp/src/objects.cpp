@@ -98,7 +98,7 @@ std::unique_ptr<Reservation> Store::reserve(const std::string& key, const void* 
 }
 
 std::unique_ptr<Reservation> Store::reserve_as(const std::string& key, const void* meta, uint64_t meta_len,
-                                               const std::vector<uint64_t>& sizes, DiskWrite* disk) {
+                                               const std::vector<uint64_t>& sizes, DiskWrite* disk, bool guarded) {
     check_usable();
     check_key(key);
     ExtentPlan plan = plan_extent(meta_len, sizes);
@@ -123,7 +123,11 @@ std::unique_ptr<Reservation> Store::reserve_as(const std::string& key, const voi
             throw StoreError(ErrorCode::StoreFull, "run " + quoted(run_id_) + ": object " + quoted(key) + " of " +
                                                        std::to_string(length) +
                                                        " bytes does not fit the RAM budget and the run has no disk tier");
-        if (place) chunk_mapping = chunk_map(place->first);
+        if (place && guarded) {
+            disk->chunk = open_chunk(place->first).fd;
+        } else if (place) {
+            chunk_mapping = chunk_map(place->first);
+        }
         file_id = header()->next_version++;
         index = place ? insert(key, hash, kTierRam, file_id, place->first, place->second, length, replacing)
                       : insert(key, hash, kTierDisk, file_id, 0, 0, length, replacing);
@@ -131,7 +135,20 @@ std::unique_ptr<Reservation> Store::reserve_as(const std::string& key, const voi
     }
     auto region = std::make_shared<Region>();
     try {
-        if (place) {
+        if (place && guarded) {
+            struct stat st;
+            if (::fstat(disk->chunk->get(), &st) != 0) throw_system("fstat of " + chunk_path(place->first), errno);
+            if (uint64_t(st.st_size) < place->second + length)
+                throw StoreError(ErrorCode::Truncated, "run " + quoted(run_id_) + ": chunk " +
+                                                           std::to_string(place->first) +
+                                                           " truncated (another process cut it)");
+            disk->base = place->second;
+            std::vector<uint8_t> head(plan.meta_off + meta_len);
+            write_extent_head(head.data(), plan, meta, meta_len);
+            pwrite_all(disk->chunk->get(), head.data(), head.size(), disk->base, object_where(key));
+            disk->head_end = head.size();
+            disk->length = length;
+        } else if (place) {
             region->data = chunk_mapping->data() + place->second;
             region->size = length;
             region->owner = std::move(chunk_mapping);
@@ -237,10 +254,22 @@ std::optional<uint64_t> Store::put_small(const std::string& key, const void* met
 }
 
 uint64_t Store::put(const std::string& key, const void* meta, uint64_t meta_len, const std::vector<Source>& buffers) {
+    return put_as(key, meta, meta_len, buffers, false);
+}
+
+uint64_t Store::put_guarded(const std::string& key, const void* meta, uint64_t meta_len,
+                            const std::vector<Source>& buffers) {
+    check_usable();
+    check_control_size();
+    return put_as(key, meta, meta_len, buffers, true);
+}
+
+uint64_t Store::put_as(const std::string& key, const void* meta, uint64_t meta_len, const std::vector<Source>& buffers,
+                       bool guarded) {
     std::vector<uint64_t> sizes;
     sizes.reserve(buffers.size());
     for (const Source& b : buffers) sizes.push_back(b.size);
-    if (!killpoints_armed()) {
+    if (!guarded && !killpoints_armed()) {
         check_usable();
         check_key(key);
         ExtentPlan plan = plan_extent(meta_len, sizes);
@@ -249,8 +278,8 @@ uint64_t Store::put(const std::string& key, const void* meta, uint64_t meta_len,
         }
     }
     DiskWrite disk;
-    std::unique_ptr<Reservation> res = reserve_as(key, meta, meta_len, sizes, &disk);
-    if (disk.fd.valid()) {  // the disk tier: pwrite, no mapping (an abort unlinks the file)
+    std::unique_ptr<Reservation> res = reserve_as(key, meta, meta_len, sizes, &disk, guarded);
+    if (disk.target() >= 0) {  // the disk tier or a guarded put: pwrite, no mapping (an abort unlinks the file)
         const std::string where = object_where(key);
         // A reused file holds its last object's bytes: zero the padding (the head wrote its own).
         static const std::vector<uint8_t> zeros(kPage, 0);
@@ -262,7 +291,8 @@ uint64_t Store::put(const std::string& key, const void* meta, uint64_t meta_len,
         for (size_t i = 0; i < buffers.size(); ++i) {
             const Span& span = res->buffers()[i];
             zero(end, span.offset);
-            if (buffers[i].size) pwrite_all(disk.fd.get(), buffers[i].data, buffers[i].size, span.offset, where);
+            if (buffers[i].size)
+                pwrite_all(disk.target(), buffers[i].data, buffers[i].size, disk.base + span.offset, where);
             end = span.offset + span.length;
         }
         zero(end, disk.length);

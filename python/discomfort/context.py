@@ -119,18 +119,28 @@ class WorkflowContext(RunBase):
     # ---- data -------------------------------------------------------------------------------------
     def save(self, unique_id: str, data: Any, pass_by: PassBy = "auto") -> int:
         """Store `data` under `unique_id`; returns its version (store-wide, never repeated)."""
+        return self._save(unique_id, data, pass_by, False)
+
+    def save_guarded(self, unique_id: str, data: Any, pass_by: PassBy = "auto") -> int:
+        """`save` for long-lived processes (the ComfyUI server's ports): written with pwrite, never
+        through a mapping of a chunk, so a chunk another process truncated is a
+        TruncatedStoreError, never a SIGBUS."""
+        return self._save(unique_id, data, pass_by, True)
+
+    def _save(self, unique_id: str, data: Any, pass_by: PassBy, guarded: bool) -> int:
         store = self._check()
+        put = store.put_guarded if guarded else store.put
         # A bare tensor or an atom is a value whatever `pass_by` says but "ref": the fast encoder
         # spares them classification and cloudpickle.
         encoded = codecs.encode_fast(data) if pass_by == "auto" or pass_by == "val" else None
         if encoded is None:
             encoded = codecs.encode_or_ref(data, pass_by, f"{unique_id!r} in run {self.run_id!r}")
         if encoded is not None:
-            version = store.put(unique_id, _TAG_VALUE + encoded[0], encoded[1])
+            version = put(unique_id, _TAG_VALUE + encoded[0], encoded[1])
             REFERENCES.drop(self.run_id, unique_id)
             return version
         marker = REFERENCES.keep(self.run_id, unique_id, data)
-        return store.put(unique_id, _TAG_REF + json.dumps(marker).encode(), [])
+        return put(unique_id, _TAG_REF + json.dumps(marker).encode(), [])
 
     def reserve_data(self, unique_id: str, meta: bytes, sizes: list[int]) -> Any:
         """Room for a value in the data-only encoding (:mod:`discomfort.datacodec`).

@@ -163,6 +163,11 @@ public:
     std::unique_ptr<Reservation> reserve(const std::string& key, const void* meta, uint64_t meta_len,
                                          const std::vector<uint64_t>& sizes);
     uint64_t put(const std::string& key, const void* meta, uint64_t meta_len, const std::vector<Source>& buffers);
+    // put() for long-lived holders: a RAM object is written with pwrite to its chunk's file,
+    // never through a mapping, after an fstat check (TruncatedStoreError when another process
+    // cut the chunk), so a truncation is never a SIGBUS here.
+    uint64_t put_guarded(const std::string& key, const void* meta, uint64_t meta_len,
+                         const std::vector<Source>& buffers);
     Object get(const std::string& key);
     // get() for long-lived holders (the ComfyUI server's nodes): the extent is read with pread
     // into fresh memory, never through a mapping of a chunk or object file, so a file another
@@ -308,12 +313,19 @@ private:
     // file when one is free (`reused`: its padding must be zeroed, it may hold old bytes).
     struct DiskWrite {
         Fd fd;
+        std::shared_ptr<Fd> chunk;  // `guarded` RAM objects: the chunk's file, written at `base`
+        uint64_t base = 0;
+        int target() const { return chunk ? chunk->get() : fd.get(); }
         bool reused = false;
         uint64_t head_end = 0;  // where the header and meta (written by reserve_as) end
         uint64_t length = 0;    // the extent's
     };
+    // `guarded` (with `disk`): a RAM object gets its chunk's descriptor there too, not a mapping.
     std::unique_ptr<Reservation> reserve_as(const std::string& key, const void* meta, uint64_t meta_len,
-                                            const std::vector<uint64_t>& sizes, DiskWrite* disk);
+                                            const std::vector<uint64_t>& sizes, DiskWrite* disk,
+                                            bool guarded = false);
+    uint64_t put_as(const std::string& key, const void* meta, uint64_t meta_len, const std::vector<Source>& buffers,
+                    bool guarded);
     uint64_t seal_locked(uint32_t index, const std::string& key, uint64_t hash);
     std::optional<uint64_t> put_small(const std::string& key, const void* meta, uint64_t meta_len,
                                       const std::vector<Source>& buffers, const ExtentPlan& plan);

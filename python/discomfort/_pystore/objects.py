@@ -37,6 +37,8 @@ class _DiskWrite(NamedTuple):
     head_end: int  # where the header and meta (already written) end
     offsets: list[int]
     length: int
+    base: int = 0  # a guarded put's RAM object: its offset in the chunk
+    owned: bool = True  # False: the chunk's descriptor, which the store keeps
 
 
 def _aligned_copy(src: Any) -> memoryview:
@@ -141,10 +143,10 @@ class ObjectStore(AllocStore):
         return self._reserve(key, meta, sizes, False)[0]
 
     def _reserve(self, key: str, meta: bytes, sizes: Sequence[int],
-                 disk_file: bool) -> tuple[Reservation, _DiskWrite | None]:
+                 disk_file: bool, guarded: bool = False) -> tuple[Reservation, _DiskWrite | None]:
         """reserve(); with ``disk_file``, an object that goes to the disk tier gets no buffers and
         its file's descriptor instead of a mapping (put writes it with pwrite), in a retired file
-        when one is free."""
+        when one is free; ``guarded``: a RAM object too, its chunk's descriptor."""
         raw = check_key(key)
         meta = bytes(meta)
         sizes = [int(n) for n in sizes]
@@ -176,10 +178,15 @@ class ObjectStore(AllocStore):
                 reused = tier == DISK and disk_file and self._take_retired(length, file_id)
             finally:
                 c.end()
-        fd = -1
+        fd, owned = -1, True
         try:
             mapping = None
-            if tier == RAM:
+            if tier == RAM and guarded:
+                fd, owned = self._chunk_fd(chunk), False
+                if os.fstat(fd).st_size < off + length:
+                    raise TruncatedStoreError(f"run {self._run_id!r}: chunk {chunk} truncated (another process cut it)")
+                region = memoryview(bytearray(meta_off + len(meta)))
+            elif tier == RAM:
                 region = memoryview(self._chunk_map(chunk))[off : off + length]
             elif disk_file:
                 fd = self._open_disk_file(file_id, length, reused)
@@ -192,12 +199,15 @@ class ObjectStore(AllocStore):
                 BUFDESC.pack_into(region, 32 + 16 * i, o, n)
             region[meta_off : meta_off + len(meta)] = meta
             if fd >= 0:
-                pwrite_all(fd, region, 0, self._disk_path(file_id))
+                if tier == RAM:
+                    pwrite_all(fd, region, off, f"run {self._run_id!r}, object {key!r}")
+                else:
+                    pwrite_all(fd, region, 0, self._disk_path(file_id))
                 buffers = []
             else:
                 buffers = [region[o : o + n] for o, n in zip(offsets, sizes)]
         except BaseException:
-            if fd >= 0:
+            if fd >= 0 and owned:
                 os.close(fd)
             try:
                 with self._locked(running=False):
@@ -208,7 +218,8 @@ class ObjectStore(AllocStore):
                 pass  # closed meanwhile: its release tombstoned the entry
             raise
         killpoint("after_reserve")
-        disk = _DiskWrite(fd, bool(reused), meta_off + len(meta), offsets, length) if fd >= 0 else None
+        disk = _DiskWrite(fd, bool(reused), meta_off + len(meta), offsets, length, off if tier == RAM else 0,
+                          owned) if fd >= 0 else None
         return Reservation(self, key, index, file_id, tier, buffers, mapping), disk
 
     def _own_reserved(self, index: int, file_id: int) -> tuple:
@@ -278,6 +289,16 @@ class ObjectStore(AllocStore):
             return self._seal_locked(index, raw, sealed)
 
     def put(self, key: str, meta: bytes, buffers: Sequence[Any]) -> int:
+        return self._put(key, meta, buffers, False)
+
+    def put_guarded(self, key: str, meta: bytes, buffers: Sequence[Any]) -> int:
+        """put() written with pwrite, never through a mapping of a chunk, after an fstat check: a
+        chunk another process truncated is TruncatedStoreError, never a SIGBUS."""
+        self._locked()  # only its checks: StoreClosedError before the descriptor is used
+        self._check_control_size()
+        return self._put(key, meta, buffers, True)
+
+    def _put(self, key: str, meta: bytes, buffers: Sequence[Any], guarded: bool) -> int:
         views = []
         for b in buffers:
             v = memoryview(b)
@@ -285,7 +306,7 @@ class ObjectStore(AllocStore):
                 raise ValueError("put() needs C-contiguous buffers")
             views.append(v if v.ndim == 1 and v.format == "B" else v.cast("B"))
         sizes = [v.nbytes for v in views]
-        if not killpoints_armed() and len(sizes) <= 65536:
+        if not guarded and not killpoints_armed() and len(sizes) <= 65536:
             raw = check_key(key)
             meta = bytes(meta)
             plan = layout(len(meta), sizes)
@@ -293,15 +314,15 @@ class ObjectStore(AllocStore):
                 version = self._put_small(key, raw, meta, views, sizes, plan)
                 if version is not None:
                     return version
-        res, disk = self._reserve(key, meta, sizes, True)
+        res, disk = self._reserve(key, meta, sizes, True, guarded)
         try:
-            if disk is not None:  # the disk tier: pwrite, no mapping (an abort unlinks the file)
+            if disk is not None:  # the disk tier or a guarded put: pwrite, no mapping (an abort unlinks the file)
                 where = f"run {self._run_id!r}, object {key!r}"
                 end = disk.head_end
                 for o, src in zip(disk.offsets, views):
                     if disk.reused and o > end:  # a reused file holds old bytes: zero the padding
                         pwrite_all(disk.fd, bytes(o - end), end, where)
-                    pwrite_all(disk.fd, src, o, where)
+                    pwrite_all(disk.fd, src, disk.base + o, where)
                     end = o + src.nbytes
                 if disk.reused and disk.length > end:
                     pwrite_all(disk.fd, bytes(disk.length - end), end, where)
@@ -312,7 +333,7 @@ class ObjectStore(AllocStore):
             res.abort()
             raise
         finally:
-            if disk is not None:
+            if disk is not None and disk.owned:
                 os.close(disk.fd)
         return res.seal()
 

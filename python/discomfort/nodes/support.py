@@ -12,8 +12,8 @@ from typing import Any
 from ..context import get_context
 from ..workflow_format import LOADER_CLASS, PORT_CLASS, port_mode_in_prompt
 
-__all__ = ["AnyType", "ANY", "port_mode", "get_handler", "load_value", "always_changed_token", "PORT_CLASS",
-           "LOADER_CLASS"]
+__all__ = ["AnyType", "ANY", "port_mode", "get_handler", "load_value", "save_value", "always_changed_token",
+           "PORT_CLASS", "LOADER_CLASS"]
 
 
 class AnyType(str):
@@ -67,6 +67,15 @@ def load_value(ctx: Any, unique_id: str) -> Any:
     if guarded is None or ctx.owner:
         return ctx.load(unique_id)
     return guarded(unique_id)
+
+
+def save_value(ctx: Any, unique_id: str, data: Any) -> int:
+    """A port's save: guarded (``save_guarded``, pwrite instead of a mapping) on the same runs as
+    :func:`load_value`, for the same reason."""
+    guarded = getattr(ctx, "save_guarded", None)
+    if guarded is None or ctx.owner:
+        return ctx.save(unique_id, data)
+    return guarded(unique_id, data)
 
 
 def always_changed_token() -> str:
