@@ -50,7 +50,7 @@ class ServerLimits:
     max_uploads_per_client: int = 8  # DISCOMFORT_REMOTE_MAX_UPLOADS_PER_CLIENT
     idle_seconds: float = 900.0  # DISCOMFORT_REMOTE_RUN_TTL: a run nobody used for this long ends
     stall_seconds: float = 60.0  # DISCOMFORT_REMOTE_STALL: a body that sends nothing this long is a 408
-    min_rate: int = 64 << 10  # DISCOMFORT_REMOTE_MIN_RATE: bytes/s a body averages after the grace
+    min_rate: int = 64 << 10  # DISCOMFORT_REMOTE_MIN_RATE: bytes/s a body averages after the grace; 0: none
     rate_grace: float = 30.0  # DISCOMFORT_REMOTE_RATE_GRACE: seconds before the rate counts
     codec: datacodec.Limits = field(default_factory=datacodec.Limits)
 
@@ -262,7 +262,10 @@ class Uploads:
                 raise HTTPRefusal(413, f"the run would hold {held + extra} bytes ({held} stored, {extra} more "
                                        f"arriving with this value), over this server's limit of {lim.max_run_bytes} "
                                        "per run (DISCOMFORT_REMOTE_MAX_RUN_BYTES)", errors.RemoteLimitError)
-            total = sum(sum(self.run_total(c)) for c in client_runs if c is not ctx) + held + extra
+            others = [c for c in client_runs if c is not ctx]
+            if (len(others) + 1) * lim.max_run_bytes <= lim.max_client_bytes:
+                return  # runs that each stay under their limit cannot pass the client's: no sum needed
+            total = sum(sum(self.run_total(c)) for c in others) + held + extra
             if total > lim.max_client_bytes:
                 raise HTTPRefusal(413, f"the runs of {ctx.client} would hold {total} bytes, over this server's "
                                        f"limit of {lim.max_client_bytes} per client "

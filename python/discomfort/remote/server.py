@@ -2,7 +2,7 @@
 
 ======================================================  ==========================================
 ``POST   /discomfort/runs``                             create a run: ``{"run_id", "token", ...}``
-``GET    /discomfort/runs/{run_id}``                    its stats
+``GET    /discomfort/runs/{run_id}``                    its stats, and its PUTs arriving now
 ``DELETE /discomfort/runs/{run_id}``                    end it (removes its memory and files)
 ``GET    /discomfort/runs/{run_id}/values``             ``{"keys": [...]}``
 ``PUT    /discomfort/runs/{run_id}/values/{unique_id}`` store a value (a frame)
@@ -19,7 +19,8 @@ that listens on loopback only. The creator gets the run's token (256 random bits
 ``X-Discomfort-Token``), which every other route of the run requires; the run id that travels
 in prompts is not enough. Values are frames of the data-only :mod:`discomfort.datacodec`, never
 pickles, in both directions. Errors are JSON ``{"error", "type", "run_id", "unique_id"}`` with
-the status of :data:`STATUS`.
+the status of :data:`STATUS`. What a server grants its clients, and how PUTs are counted while
+they arrive, is :mod:`.limits`.
 """
 
 from __future__ import annotations
