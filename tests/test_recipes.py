@@ -163,12 +163,13 @@ def test_an_untrusted_recipe_is_checked_node_by_node():
         ({"1": {"class_type": "SaveImage", "inputs": {}}}, ["1", 0], r"node 1 \(SaveImage\) is an output node"),
         ({"1": {"class_type": "LoadImage", "inputs": {"image": "secret.png"}}}, ["1", 0],
          r"node 1 \(LoadImage\) reads a file named by a value"),
-        ({"1": {"class_type": "Fetch", "inputs": {"file": "x.mp4"}}}, ["1", 0], r"reads a file named by its input 'file'"),
+        ({"1": {"class_type": "Fetch", "inputs": {"file": "x.mp4"}}}, ["1", 0],
+         r"reads a file named by its input 'file'"),
         ({"1": {"class_type": "Dalle", "inputs": {"prompt": "x"}}}, ["1", 0], r"node 1 \(Dalle\) is an API node"),
         ({"1": {"class_type": "Helper", "inputs": {}}}, ["1", 0], r"node 1 \(Helper\) is an API node"),
         ({"1": {"class_type": "Nope", "inputs": {}}}, ["1", 0], r"node 1 \(Nope\) is not a node type"),
         ({"1": {"class_type": "DiscomfortDataLoader", "inputs": {"run_id": "other"}}}, ["1", 0],
-         r"node 1 \(DiscomfortDataLoader\) reads a file"),
+         r"node 1 \(DiscomfortDataLoader\) reads a value of the run its inputs name"),
         ({"1": {"class_type": "Patch", "inputs": {"model": ["9", 0], "strength": 1.0}}}, ["1", 0],
          "links to node 9, which is not in the recipe"),
         ({"1": port("secret"), "2": {"class_type": "Patch", "inputs": {"model": ["1", 0], "strength": 1.0}}},
@@ -242,3 +243,13 @@ def test_malformed_recipe_json_is_a_recipe_error():
                 {"discomfort_recipe": 1, "key": "k", "nodes": {}, "output": ["1", 0], "inputs": {"a": 5}}]:
         with pytest.raises(RecipeError):
             Recipe.from_json(bad)
+
+
+def test_the_cli_writes_a_recipe_as_json_and_reads_json_back_as_data(tmp_path):
+    from discomfort.cli_run import load_input, write_output
+
+    r = extract(PRODUCER, "4", "model", INFO)
+    [path] = write_output("model", r, tmp_path)
+    assert path.name == "model.json"
+    back = load_input(path)
+    assert back == r.to_json() and not isinstance(back, Recipe)  # --input model=model.json is a dict

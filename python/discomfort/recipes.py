@@ -307,6 +307,8 @@ def _refused_type(cls: str, info: Any) -> str:
         return "is an output node"
     if info.get("api_node") or str(info.get("python_module") or "").startswith("comfy_api_nodes"):
         return "is an API node (it reaches the network)"
+    if cls == LOADER_CLASS:
+        return "reads a value of the run its inputs name"
     if cls in DENIED_TYPES or re.match(r"Load[A-Z0-9_]", cls):  # ComfyUI names file readers Load*, models *Loader
         return "reads a file named by a value"
     spec = info.get("input") or {}

@@ -199,3 +199,33 @@ def test_model_loaders_from_another_server_are_accepted(info):
         ["CheckpointLoaderSimple", "DiscomfortTestModelReport", "LoraLoader"]
     lora = next(k for k, e in out.items() if e["class_type"] == "LoraLoader")
     assert out["8"]["inputs"]["model"] == [lora, 0]
+
+
+def test_a_recipe_shaped_json_bound_in_the_panel_is_data(server, info):
+    """(a) The reported attack: a .json uploaded through ComfyUI's /upload/image, bound to a port in
+    the panel, used to run its SaveImage. Now the run passes it through as a value."""
+    import requests
+
+    workflows = Path(server.work_dir) / "user" / "default" / "workflows"
+    workflows.mkdir(parents=True, exist_ok=True)
+    (workflows / "recipe_pass.json").write_text(json.dumps(PASS))
+    evil = _recipe_json("x", SAVER, ["1", 0], info)
+    with requests.Session() as http:
+        up = http.post(server.url + "/upload/image", timeout=60,
+                       files={"image": ("evil_recipe.json", json.dumps(evil).encode(), "application/json")})
+        assert up.status_code == 200, up.text
+        before = _files(server)
+        resp = http.post(server.url + "/discomfort/panel/runs", timeout=60, json={
+            "workflows": ["recipe_pass"], "iterations": 1, "inputs": {"x": {"file": up.json()["name"]}}})
+        assert resp.status_code == 202, resp.text
+        run_id, token = resp.json()["run_id"], resp.json()["token"]
+        events, after = [], 0
+        while not events or events[-1]["kind"] != "finished":  # the run's event route, long-polled
+            body = http.get(f"{server.url}/discomfort/panel/runs/{run_id}/events", params={"after": after},
+                            headers={"X-Discomfort-Panel-Token": token}, timeout=60).json()
+            events, after = events + body["events"], body["next"]
+    final = events[-1]
+    assert final["state"] == "finished", final
+    written = [p for p in _files(server) if p not in before]
+    assert [p.name for p in written] == [o["filename"] for o in final["outputs"] if o["key"] == "y"]
+    assert json.loads(written[0].read_text()) == evil  # the dict came back as the value it was
