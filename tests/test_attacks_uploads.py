@@ -21,7 +21,7 @@ pytest.importorskip("aiohttp")
 
 from discomfort import datacodec, errors  # noqa: E402
 from discomfort.remote import RemoteContext, standalone  # noqa: E402
-from discomfort.remote.framing import frame_header  # noqa: E402
+from discomfort.remote.framing import FRAME_VERSION, HEAD, MAGIC, frame_header  # noqa: E402
 
 SECRET = "a secret of more than sixteen characters"
 MiB = 1 << 20
@@ -234,6 +234,20 @@ def test_deletes_overwrites_and_failures_racing_puts_stay_within_the_run(server)
         assert _held(stats) == stored and stats["in_flight_bytes"] == 0 and rc.keys() == ["k"]
         assert _held(stats) <= RUN_BYTES
         rc.save("j", np.zeros(MiB, dtype=bool))  # what does fit still goes in
+
+
+def test_announced_metadata_counts_before_it_is_read(server):
+    """A frame of 2 MiB of metadata and no buffers, on a run holding 2.5 MiB: 413 as soon as its
+    header is read, without waiting for (or holding in memory) the metadata it announced."""
+    url, _log = server
+    with RemoteContext(url, secret=SECRET) as rc:
+        rc.save("k", np.zeros(5 * MiB // 2, dtype=bool))
+        head = HEAD.pack(MAGIC, FRAME_VERSION, 0, 0, 2 * MiB)
+        put = RawPut(url, rc, "m", len(head) + 2 * MiB)
+        put.send(head)
+        (done,) = _answers([put], 1)
+        assert done.answer is not None and done.answer[0] == 413, done.answer
+        assert rc.stats()["in_flight_bytes"] == 0 and rc.keys() == ["k"]
 
 
 def test_a_client_cannot_spread_its_bytes_over_runs(server):

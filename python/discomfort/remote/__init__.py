@@ -7,8 +7,9 @@ and values travel as binary HTTP bodies through the node pack's routes.
 
 One module per concern: :mod:`.framing` (the frame and the headers), :mod:`discomfort.datacodec`
 (the data-only encoding: no pickle crosses HTTP in either direction), :mod:`.client`
-(:class:`RemoteContext`), :mod:`.server` (the routes, who may call them, and their limits),
-:mod:`.standalone` (those routes on a plain aiohttp server, without ComfyUI).
+(:class:`RemoteContext`), :mod:`.server` (the routes and who may call them), :mod:`.limits`
+(what a server grants its clients, PUTs counted while they arrive), :mod:`.standalone` (those
+routes on a plain aiohttp server, without ComfyUI).
 """
 
 from typing import Any

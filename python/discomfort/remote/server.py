@@ -375,10 +375,11 @@ class RunServer:
         sizes = parse_sizes(await body.exactly(SIZE.size * nbuf, "buffer table"), nbuf, lim.codec)
         if length != frame_length(meta_len, sizes):
             raise ValueError(f"Content-Length {length} but the frame is {frame_length(meta_len, sizes)} bytes")
-        meta = await body.exactly(meta_len, "metadata")
-        datacodec.check(meta, sizes, lim.codec)  # before a byte of the buffers is reserved
         mine = [c for c in self.runs.values() if c.client == ctx.client and not c.closed]
-        self.uploads.charge(up, ctx, extent_bytes(meta_len + 1, sizes), mine)  # + the store's type tag
+        # Charged before the metadata is read into memory (+1: the store's type tag) ...
+        self.uploads.charge(up, ctx, extent_bytes(meta_len + 1, sizes), mine)
+        meta = await body.exactly(meta_len, "metadata")
+        datacodec.check(meta, sizes, lim.codec)  # ... and checked before a byte is reserved
         res = ctx.reserve_data(up.key, meta, sizes)
         try:
             for i, dst in enumerate(res.buffers):
