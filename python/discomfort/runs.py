@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import logging
 import os
 import secrets
+import struct
 import threading
 from typing import Any, Callable, Iterator, Literal, Protocol, runtime_checkable
 
@@ -178,35 +178,77 @@ if hasattr(os, "register_at_fork"):  # not on Windows
 
 
 def prompt_digest(prompt: Any) -> str:
-    """SHA-256 of what an API prompt does (each node's class and inputs, canonical JSON).
+    """SHA-256 of what an API prompt does: each node's ``class_type`` and ``inputs``, exactly.
 
-    Other fields are left out: ComfyUI adds its own (``is_changed``) while it runs a prompt. Values
-    are compared as ComfyUI's validation leaves them: it casts each widget value in place to its
-    input's type (``1`` -> ``1.0`` for a FLOAT, ``5`` -> ``"5"`` for a STRING) and unwraps
-    ``{"__value__": ...}``, so a number, a bool and a string that such casts make equal digest alike.
+    Type-preserving: a link ``["1", 0]``, the literal ``["1", "0"]``, ``1``, ``1.0``, ``"1"`` and
+    ``true`` all differ, as a list and a tuple do, so two prompts that ComfyUI runs differently
+    never share a digest. Nodes digest what ComfyUI hands them (its validation has cast widget
+    values and unwrapped ``{"__value__": ...}``); an orchestrator registers that same form
+    (:func:`discomfort.prompt_forms.prompt_as_run`). Other node fields are left out: ComfyUI adds
+    its own (``is_changed``) while it runs a prompt. Raises TypeError on a value JSON cannot hold
+    (a prompt from ``/prompt`` never has one).
     """
     if not isinstance(prompt, dict):
         raise TypeError(f"a prompt is an API-format dict, not {type(prompt).__name__}")
-    what = {str(k): [n.get("class_type"), _canonical(n.get("inputs"))] if isinstance(n, dict) else n
+    what = {k: {f: n[f] for f in ("class_type", "inputs") if f in n} if isinstance(n, dict) else n
             for k, n in prompt.items()}
-    text = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    h = hashlib.sha256()
+    _feed(h.update, what)
+    return h.hexdigest()
 
 
-def _canonical(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"__value__"}:
-            return _canonical(value["__value__"])
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    return value if value is None else str(value)
+class _Mark:
+    """The encoder's own stack entries: a dict key already encoded, or a container's end."""
+
+    __slots__ = ("raw", "closes")
+
+    def __init__(self, raw: bytes = b"", closes: int | None = None) -> None:
+        self.raw, self.closes = raw, closes
+
+
+def _feed(update: Callable[[bytes], Any], value: Any) -> None:
+    """A prefix-free, type-tagged encoding of ``value``, fed to ``update``, without recursion."""
+    stack: list[Any] = [value]
+    open_ids: set[int] = set()
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is str:
+            b = v.encode("utf-8", "surrogatepass")
+            update(b"s%d:" % len(b) + b)
+        elif t is _Mark:
+            update(v.raw)
+            open_ids.discard(v.closes)  # type: ignore[arg-type]
+        elif t is int:
+            update(b"i%x;" % v)  # hex: no limit on digits
+        elif t is float:
+            update(b"f" + struct.pack(">d", v))
+        elif t is bool:
+            update(b"T" if v else b"F")
+        elif v is None:
+            update(b"N")
+        elif t in (list, tuple, dict):
+            if id(v) in open_ids:
+                raise ValueError("a prompt cannot contain itself")
+            open_ids.add(id(v))
+            stack.append(_Mark(closes=id(v)))
+            if t is dict:
+                items = sorted(((_encoded(k), x) for k, x in v.items()), key=lambda kx: kx[0])
+                update(b"D%d{" % len(items))
+                for kb, x in reversed(items):
+                    stack += [x, _Mark(kb)]
+            else:
+                update((b"L%d[" if t is list else b"U%d[") % len(v))
+                stack.extend(reversed(v))
+        else:
+            raise TypeError(f"a prompt holds JSON values only (dict, list, str, int, float, bool, None), "
+                            f"not {t.__module__}.{t.__qualname__}")
+
+
+def _encoded(key: Any) -> bytes:
+    parts: list[bytes] = []
+    _feed(parts.append, key)
+    return b"".join(parts)
 
 
 # Run-id prefix -> "module:function" (imported on first use) or a callable, giving the context.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, UnknownKeyError, WorkflowError
+from .prompt_forms import prompt_as_run
 from .recipes import Recipe, RecipeError, check_recipe, extract, stitch_recipe
 from .run_control import (
     CancelToken,
@@ -428,7 +429,7 @@ def _run_workflow(ctx: Any, executor: Any, plan: _Plan, state: "_RunState", iter
     before = {uid: _version(ctx, uid) for uid in plan.writes[k]}
     state.emit("workflow_start")
     state.inside = True
-    digest = ctx.allow_prompt(prompt)
+    digest = ctx.allow_prompt(prompt_as_run(prompt, executor))  # the form its nodes get (issue 23)
     try:
         executor.execute(prompt, timeout=timeout, **options)
     finally:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, WorkflowError
+from ..prompt_forms import prompt_as_run
 from ..recipes import Recipe, extract, stitch_recipe
 from ..sequential import Result
 from ..run_control import CancelToken, Until, check_bounds, cut_error, progress_bar, until_holds
@@ -317,7 +318,7 @@ def _run_one(pool: RayComfyPool, ctx: RayContext, server: int, k: int, iteration
     while True:
         attempts += 1
         try:
-            digest = ctx.allow_prompt(prompt)
+            digest = ctx.allow_prompt(prompt_as_run(prompt, pool))  # the form its nodes get (issue 23)
             try:
                 pool.execute(server, prompt, timeout, cancel)
             finally:
