@@ -46,6 +46,17 @@ def two_images_workflow() -> dict:
     return g.json()
 
 
+def invert_workflow() -> dict:
+    """image -> ImageInvert -> inverted."""
+    g = UIGraph()
+    src = g.port("image")
+    inv = g.node("ImageInvert", [], [("image", "IMAGE")], [("IMAGE", "IMAGE")])
+    out = g.port("inverted")
+    g.link(src, 0, inv, 0)
+    g.link(inv, 0, out, 0)
+    return g.json()
+
+
 def pass_workflow() -> dict:
     """cfg -> cfg_out: one input of any type."""
     g = UIGraph()
@@ -66,11 +77,13 @@ def folders(server):
     inputs.mkdir(exist_ok=True)
     (workflows / "atk_two.json").write_text(json.dumps(two_images_workflow()))
     (workflows / "atk_pass.json").write_text(json.dumps(pass_workflow()))
+    (workflows / "atk_invert.json").write_text(json.dumps(invert_workflow()))
     (workflows / "atk_hold.json").write_text(json.dumps(hold_workflow("", str(work / "never"))))
     deep = "[" * 200_000 + "]" * 200_000
     (workflows / "atk_deep.json").write_text('{"nodes": ' + deep + ', "links": []}')
     (inputs / "deep.json").write_text(deep)
     Image.new("RGB", (8000, 8000)).save(inputs / "big.png", optimize=True)  # 8000x8000 in ~0.06 MB
+    Image.new("RGB", (4000, 4000), (51, 51, 51)).save(inputs / "large.png")  # 192 MB as float32
     Image.fromarray(np.full((8, 8, 3), 51, np.uint8)).save(inputs / "start.png")
     return work
 
@@ -194,3 +207,22 @@ def test_inputs_cannot_amplify_memory_or_recurse(server, folders):
     error(requests.get(f"{server.url}/discomfort/panel/ports", params={"workflow": "atk_deep"}, timeout=T), 400,
           "nests 200001 levels")
     assert server.process.poll() is None
+
+
+def test_ended_run_leaves_no_values_in_comfyui_cache(server, folders):
+    """ComfyUI keeps its last prompt's outputs until the next prompt: once a panel run has ended,
+    those of its own prompts (a 4000x4000 image: 192 MB each as float32) are released."""
+    def one(image: str) -> dict:
+        body = {"workflows": ["atk_invert"], "inputs": {"image": {"file": image}}}
+        resp = requests.post(f"{server.url}/discomfort/panel/runs", json=body, timeout=T)
+        assert resp.status_code == 202, resp.text
+        return follow(server.url, resp.json()["run_id"], resp.json()["token"])
+
+    assert one("start.png")["state"] == "finished"  # the same path, small
+    anon0 = status_kib(server.process.pid, "RssAnon")
+    final = one("large.png")
+    assert final["state"] == "finished" and [o["kind"] for o in final["outputs"]] == ["image"], final
+    # Private memory: the store's shared-memory pool keeps its segments mapped for the next runs
+    # (RssShmem), by design and within its own limit.
+    grown = status_kib(server.process.pid, "RssAnon") - anon0
+    assert grown < 96 * 1024, f"the server holds {grown} KiB more after the run ended"

@@ -41,6 +41,7 @@ from aiohttp import web
 from ..remote.server import HTTPRefusal, error_response, read_json_object
 from .panel_io import (INPUT_EXTENSIONS, PanelLimits, input_bytes, list_files, load_input, read_json, safe_file,
                        save_outputs, typed_value)
+from .panel_cache import release_run_outputs
 from .panel_runs import TOKEN_HEADER, PanelRun, RunBook, new_token
 
 __all__ = ["PanelServer", "panel_server", "add_panel_routes", "own_url"]
@@ -370,6 +371,11 @@ class PanelServer:
                 run.executor.close()
             except Exception:  # noqa: BLE001
                 pass
+            try:
+                release_run_outputs(entry.run_id)  # what ComfyUI's cache holds of its last prompt
+            except Exception as exc:  # noqa: BLE001 - memory held until the next prompt, not an error
+                log.warning("discomfort: panel run %s: its cached outputs stay until the next prompt (%s)",
+                            entry.run_id, exc)
             entry.ended = time.time()
             entry.publish({"kind": "finished", **entry.summary()})
 
