@@ -69,21 +69,25 @@ def test_values_json_cannot_hold_are_refused_with_their_type():
         prompt_digest([])
     loop: list = []
     loop.append(loop)
-    with pytest.raises(ValueError, match="contain itself"):
+    with pytest.raises(ValueError, match="containing itself"):
         prompt_digest(_one(loop))
     shared = [1, 2]  # the same list twice is no loop
     assert prompt_digest({"1": {"inputs": {"a": shared, "b": shared}}}) == \
         prompt_digest({"1": {"inputs": {"a": [1, 2], "b": [1, 2]}}})
 
 
-def test_deep_values_need_no_recursion():
+def test_deep_values_digest_and_too_deep_ones_are_refused():
     deep: list = []
     cur = deep
-    for _ in range(50_000):
+    for _ in range(200):
         cur.append([])
         cur = cur[0]
-    assert len(prompt_digest(_one(deep))) == 64
     assert prompt_digest(_one(deep)) != prompt_digest(_one([]))
+    for _ in range(100_000):  # ComfyUI's own JSON parser refuses this before a node could see it
+        cur.append([])
+        cur = cur[0]
+    with pytest.raises(ValueError, match="too deeply"):
+        prompt_digest(_one(deep))
 
 
 # ---- ComfyUI's validation, modelled ----------------------------------------------------------------

@@ -192,63 +192,55 @@ def prompt_digest(prompt: Any) -> str:
         raise TypeError(f"a prompt is an API-format dict, not {type(prompt).__name__}")
     what = {k: {f: n[f] for f in ("class_type", "inputs") if f in n} if isinstance(n, dict) else n
             for k, n in prompt.items()}
-    h = hashlib.sha256()
-    _feed(h.update, what)
-    return h.hexdigest()
+    out: list[bytes] = []
+    try:
+        _encode(what, out)
+    except RecursionError:
+        raise ValueError("a prompt nested too deeply, or containing itself, has no digest") from None
+    return hashlib.sha256(b"".join(out)).hexdigest()
 
 
-class _Mark:
-    """The encoder's own stack entries: a dict key already encoded, or a container's end."""
+def _encode(v: Any, out: list[bytes]) -> None:
+    """A prefix-free, type-tagged encoding of ``v``: equal bytes only for equal values of equal types."""
+    t = type(v)
+    if t is str:
+        out.append(_str(v))
+    elif t is int:
+        out.append(b"i%x;" % v)  # hex: no limit on digits
+    elif t is list or t is tuple:
+        out.append((b"L%d[" if t is list else b"U%d[") % len(v))
+        for x in v:
+            _encode(x, out)
+    elif t is dict:
+        items = sorted([(_str(k) if type(k) is str else _encoded(k), x) for k, x in v.items()], key=_first)
+        out.append(b"D%d{" % len(items))
+        for k, x in items:
+            out.append(k)
+            _encode(x, out)
+    elif t is float:
+        out.append(b"f" + struct.pack(">d", v))
+    elif t is bool:
+        out.append(b"T" if v else b"F")
+    elif v is None:
+        out.append(b"N")
+    else:
+        raise TypeError(f"a prompt holds JSON values only (dict, list, str, int, float, bool, None), "
+                        f"not {t.__module__}.{t.__qualname__}")
 
-    __slots__ = ("raw", "closes")
 
-    def __init__(self, raw: bytes = b"", closes: int | None = None) -> None:
-        self.raw, self.closes = raw, closes
+def _str(s: str) -> bytes:
+    b = s.encode("utf-8", "surrogatepass")
+    return b"s%d:" % len(b) + b
 
 
-def _feed(update: Callable[[bytes], Any], value: Any) -> None:
-    """A prefix-free, type-tagged encoding of ``value``, fed to ``update``, without recursion."""
-    stack: list[Any] = [value]
-    open_ids: set[int] = set()
-    while stack:
-        v = stack.pop()
-        t = type(v)
-        if t is str:
-            b = v.encode("utf-8", "surrogatepass")
-            update(b"s%d:" % len(b) + b)
-        elif t is _Mark:
-            update(v.raw)
-            open_ids.discard(v.closes)  # type: ignore[arg-type]
-        elif t is int:
-            update(b"i%x;" % v)  # hex: no limit on digits
-        elif t is float:
-            update(b"f" + struct.pack(">d", v))
-        elif t is bool:
-            update(b"T" if v else b"F")
-        elif v is None:
-            update(b"N")
-        elif t in (list, tuple, dict):
-            if id(v) in open_ids:
-                raise ValueError("a prompt cannot contain itself")
-            open_ids.add(id(v))
-            stack.append(_Mark(closes=id(v)))
-            if t is dict:
-                items = sorted(((_encoded(k), x) for k, x in v.items()), key=lambda kx: kx[0])
-                update(b"D%d{" % len(items))
-                for kb, x in reversed(items):
-                    stack += [x, _Mark(kb)]
-            else:
-                update((b"L%d[" if t is list else b"U%d[") % len(v))
-                stack.extend(reversed(v))
-        else:
-            raise TypeError(f"a prompt holds JSON values only (dict, list, str, int, float, bool, None), "
-                            f"not {t.__module__}.{t.__qualname__}")
+def _first(pair: tuple[bytes, Any]) -> bytes:
+    return pair[0]
 
 
 def _encoded(key: Any) -> bytes:
-    parts: list[bytes] = []
-    _feed(parts.append, key)
-    return b"".join(parts)
+    out: list[bytes] = []
+    _encode(key, out)
+    return b"".join(out)
 
 
 # Run-id prefix -> "module:function" (imported on first use) or a callable, giving the context.
