@@ -103,10 +103,15 @@ def test_long_poll_wakes_on_publish():
         waiter = asyncio.ensure_future(r.wait_after(0, 60))
         await asyncio.sleep(0)  # let it start waiting
         await asyncio.to_thread(r.publish, {"kind": "start"})
-        return await waiter
+        first = await waiter
+        r.publish({"kind": "finished"})
+        # once "finished" is out, a poll past it answers at once (the bound only turns a hang into a failure)
+        after_end = await asyncio.wait_for(r.wait_after(2, 3600), 60)
+        return first, after_end
 
-    got, last, dropped = asyncio.run(main())
+    (got, last, dropped), after_end = asyncio.run(main())
     assert [e["kind"] for e in got] == ["start"] and last == 1 and dropped == 0
+    assert after_end == ([], 2, 0)
 
 
 def test_input_sizes_from_headers(tmp_path):

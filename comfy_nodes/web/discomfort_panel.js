@@ -117,8 +117,7 @@ async function follow(runId) {
         window.dispatchEvent(new CustomEvent(EVENT, { detail: d }));
       }
       after = r.next;
-      if (r.events.some((d) => d.kind === "finished")) return;
-      if (r.state !== "running" && !r.events.length) return;
+      if (r.done) return;
     }
   } finally {
     following.delete(runId);

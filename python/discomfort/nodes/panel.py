@@ -392,7 +392,8 @@ class PanelServer:
 
     async def events(self, request: Any) -> Any:
         """Long poll: the run's events numbered after ``after``, waiting up to ``wait`` seconds
-        (default 25, at most 30) for one; ``dropped`` counts those no longer kept."""
+        (default 25, at most 30) for one; ``dropped`` counts those no longer kept, ``done`` says
+        the "finished" event is out (no more will come)."""
         try:
             entry = self._find(request)
             after, wait = request.query.get("after", "0"), request.query.get("wait", "25")
@@ -406,7 +407,7 @@ class PanelServer:
             return self._error(exc, request.match_info["run_id"])
         got, last, dropped = await entry.wait_after(int(after), seconds)
         return web.json_response({"run_id": entry.run_id, "events": got, "next": last, "dropped": dropped,
-                                  "state": entry.state})
+                                  "state": entry.state, "done": entry.done})
 
     async def cancel(self, request: Any) -> Any:
         try:

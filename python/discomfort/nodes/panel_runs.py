@@ -58,6 +58,7 @@ class PanelRun:
     loop: Any = None  # the server's event loop, woken when an event is published
     events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=EVENTS_KEPT))
     seq: int = 0
+    done: bool = False  # its "finished" event is published
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _changed: Any = None
 
@@ -75,6 +76,7 @@ class PanelRun:
         with self._lock:
             self.seq += 1
             self.events.append((self.seq, data))
+            self.done = self.done or data.get("kind") == "finished"
         if self.loop is not None:
             try:
                 self.loop.call_soon_threadsafe(self._wake)
@@ -94,9 +96,10 @@ class PanelRun:
             return got, self.seq, max(0, first - n - 1)
 
     async def wait_after(self, n: int, timeout: float) -> tuple[list[dict], int, int]:
-        """:meth:`after`, waiting up to ``timeout`` seconds for one (on the server's loop)."""
+        """:meth:`after`, waiting up to ``timeout`` seconds for one (on the server's loop); at once
+        when the run's "finished" event is out."""
         got = self.after(n)
-        if got[0] or self.state != "running" and self.ended is not None:
+        if got[0] or self.done:
             return got
         if self._changed is None:
             self._changed = asyncio.Event()
