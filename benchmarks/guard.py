@@ -53,6 +53,10 @@ def measure(backend: str) -> dict[str, float]:
         ref_big = bench.memcpy_ms(192 * MiB, 5)
         out["save_192MiB_x_memcpy"] = median_ms(save_big, 5) / ref_big
         out["load_192MiB_ms"] = median_ms(lambda: ctx.load("big"), 15)
+        # What a ComfyUI server's nodes pay on an attached run (pread into fresh memory, so a
+        # truncated chunk is an error, not a SIGBUS), against a copy into fresh memory (clone).
+        out["guarded_load_192MiB_x_fresh_copy"] = median_ms(lambda: ctx.load_guarded("big"), 5) \
+            / median_ms(lambda: big.clone(), 5)
         ctx.save("mid", mid)
         out["load_12MiB_ms"] = median_ms(lambda: ctx.load("mid"), 15)
         out["load_size_ratio_192_to_12"] = out["load_192MiB_ms"] / out["load_12MiB_ms"]
