@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from discomfort import errors
-from discomfort.nodes.panel_io import PanelLimits, _to_uint8, input_bytes, json_depth, load_input, read_json
+from discomfort.nodes.panel_io import (PanelLimits, _to_uint8, check_subgraphs, input_bytes, json_depth, load_input,
+                                       read_json)
 from discomfort.nodes.panel_runs import EVENTS_KEPT, PanelRun, RunBook
 from discomfort.remote.origin import refusal
 from discomfort.remote.server import HTTPRefusal
@@ -165,3 +166,22 @@ def test_outputs_converted_without_float64():
         tracemalloc.stop()
     assert np.array_equal(out, np.clip(255 * item, 0, 255).astype(np.uint8))
     assert peak < out.nbytes + (10 << 20), peak  # the result and one 8 MiB band (float64: 100 MB)
+
+
+def nested(levels: int, per_level: int = 1) -> dict:
+    """A UI workflow whose subgraph sg0 holds ``per_level`` instances of sg1, which holds sg2..."""
+    defs = [{"id": f"sg{i}", "nodes": [{"id": k + 1, "type": f"sg{i + 1}"} for k in range(per_level)]}
+            for i in range(levels)]
+    return {"nodes": [{"id": 1, "type": "sg0"}], "links": [], "definitions": {"subgraphs": defs}}
+
+
+def test_subgraph_nesting_counted_without_recursion():
+    lim = PanelLimits()
+    check_subgraphs(nested(5, 2), "w", lim)  # 2^5 instances: fine
+    with pytest.raises(errors.DiscomfortError, match="nest 5000 levels"):
+        check_subgraphs(nested(5000), "w", lim)  # a chain deeper than Python's recursion limit
+    with pytest.raises(errors.DiscomfortError, match="expand to"):
+        check_subgraphs(nested(30, 2), "w", lim)  # 2^30 nodes from 30 small definitions
+    loop = nested(3)
+    loop["definitions"]["subgraphs"][-1]["nodes"] = [{"id": 1, "type": "sg0"}]  # a cycle: the conversion names it
+    check_subgraphs(loop, "w", lim)

@@ -81,6 +81,10 @@ def folders(server):
     (workflows / "atk_hold.json").write_text(json.dumps(hold_workflow("", str(work / "never"))))
     deep = "[" * 200_000 + "]" * 200_000
     (workflows / "atk_deep.json").write_text('{"nodes": ' + deep + ', "links": []}')
+    chain = [{"id": f"sg{i}", "nodes": [{"id": 1, "type": f"sg{i + 1}", "inputs": [], "outputs": []}], "links": []}
+             for i in range(5000)]  # subgraphs in subgraphs: shallow JSON, deep conversion
+    (workflows / "atk_nested.json").write_text(json.dumps({
+        "nodes": [{"id": 1, "type": "sg0"}], "links": [], "version": 0.4, "definitions": {"subgraphs": chain}}))
     (inputs / "deep.json").write_text(deep)
     Image.new("RGB", (8000, 8000)).save(inputs / "big.png", optimize=True)  # 8000x8000 in ~0.06 MB
     Image.new("RGB", (4000, 4000), (51, 51, 51)).save(inputs / "large.png")  # 192 MB as float32
@@ -195,7 +199,7 @@ def test_made_up_client_ids_take_no_more_slots(server, folders):
 def test_inputs_cannot_amplify_memory_or_recurse(server, folders):
     """Two inputs bound to one 0.06 MB PNG of 8000x8000 (1.5 GB as float32): 413 before anything
     is decoded, the server's memory unchanged; a JSON input and a saved workflow nested 200000
-    deep: 400, not a RecursionError."""
+    deep, and a saved workflow of 5000 subgraphs each inside the next: 400, not a RecursionError."""
     rss0 = status_kib(server.process.pid, "VmRSS")
     assert (folders / "input" / "big.png").stat().st_size < 200_000
     body = {"workflows": ["atk_two"], "inputs": {"a": {"file": "big.png"}, "b": {"file": "big.png"}}}
@@ -206,6 +210,8 @@ def test_inputs_cannot_amplify_memory_or_recurse(server, folders):
     error(requests.post(f"{server.url}/discomfort/panel/runs", json=body, timeout=T), 400, "nests 200000 levels")
     error(requests.get(f"{server.url}/discomfort/panel/ports", params={"workflow": "atk_deep"}, timeout=T), 400,
           "nests 200001 levels")
+    error(requests.get(f"{server.url}/discomfort/panel/ports", params={"workflow": "atk_nested"}, timeout=T), 400,
+          "subgraphs nest 5000 levels")
     assert server.process.poll() is None
 
 

@@ -39,7 +39,7 @@ from .. import errors
 from aiohttp import web
 
 from ..remote.server import HTTPRefusal, error_response, read_json_object
-from .panel_io import (INPUT_EXTENSIONS, PanelLimits, input_bytes, list_files, load_input, read_json, safe_file,
+from .panel_io import (INPUT_EXTENSIONS, PanelLimits, check_subgraphs, input_bytes, list_files, load_input, read_json, safe_file,
                        save_outputs, typed_value)
 from .panel_cache import release_run_outputs
 from .panel_runs import TOKEN_HEADER, PanelRun, RunBook, new_token
@@ -162,6 +162,7 @@ class PanelServer:
                               errors.RemoteLimitError)
         with open(path, encoding="utf-8") as f:
             data = read_json(f.read(), f"workflow {name!r}", self.limits)
+        check_subgraphs(data, f"workflow {name!r}", self.limits)
         if not (is_ui_format(data) or is_api_format(data)):
             raise ValueError(f"workflow {name!r} is neither a UI nor an API workflow")
         info = self._object_info()

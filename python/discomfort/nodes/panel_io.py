@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from .. import errors
 
 __all__ = ["PanelLimits", "InvalidName", "safe_file", "list_files", "load_input", "input_bytes", "read_json",
-           "json_depth", "typed_value", "save_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
+           "json_depth", "check_subgraphs", "typed_value", "save_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".npy", ".json", ".txt")
@@ -43,6 +43,8 @@ class PanelLimits:
     max_run_input_bytes: int = 1 << 30  # DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES: decoded inputs of one run
     max_json_file: int = 16 << 20  # bytes of a .json input
     max_json_depth: int = 64  # nesting of a .json input or a saved workflow
+    max_subgraph_depth: int = 32  # subgraphs inside subgraphs in a saved workflow
+    max_expanded_nodes: int = 20000  # nodes of a saved workflow once its subgraphs are expanded
     max_body: int = 64 << 10  # bytes of a request's JSON body
     max_name: int = 255  # characters of a file name (with its folders)
     max_inputs: int = 64  # bound inputs of one run
@@ -147,6 +149,44 @@ def read_json(text: str, what: str, limits: PanelLimits) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise errors.DiscomfortError(f"{what} is not valid JSON ({exc})") from None
+
+
+def check_subgraphs(workflow: Any, what: str, limits: PanelLimits) -> None:
+    """Refuse (400) a UI workflow whose subgraphs nest deeper than ``limits.max_subgraph_depth``
+    or expand to more than ``limits.max_expanded_nodes`` nodes (two instances per level double
+    them), counted without recursion before the conversion expands them."""
+    if not isinstance(workflow, dict):
+        return
+    raw = (workflow.get("definitions") or {}).get("subgraphs") if isinstance(workflow.get("definitions"), dict) else None
+    defs = {sg["id"]: sg for sg in raw or () if isinstance(sg, dict) and "id" in sg and isinstance(sg["id"], str)}
+
+    def inner(graph: Any) -> list[str]:
+        nodes = graph.get("nodes") if isinstance(graph, dict) else None
+        return [n["type"] for n in nodes or () if isinstance(n, dict) and n.get("type") in defs]
+
+    sizes: dict[str, tuple[int, int]] = {}  # id -> (expanded nodes, depth)
+    for start in defs:  # an iterative depth-first walk; a cycle is left to the conversion to name
+        stack, seen = [start], {start}
+        while stack:
+            sid = stack[-1]
+            todo = [c for c in inner(defs[sid]) if c not in sizes and c not in seen]
+            if todo:
+                seen.update(todo)
+                stack.extend(todo)
+                continue
+            stack.pop()
+            subs = [sizes.get(c, (0, 0)) for c in inner(defs[sid])]
+            nodes = len((defs[sid].get("nodes") or ())) + sum(n for n, _ in subs)
+            sizes[sid] = (min(nodes, 1 << 62), 1 + max((d for _, d in subs), default=0))
+    subs = [sizes[c] for c in inner(workflow)]
+    total = len(workflow.get("nodes") or ()) + sum(n for n, _ in subs)
+    depth = max((d for _, d in subs), default=0)
+    if depth > limits.max_subgraph_depth:
+        raise errors.DiscomfortError(f"{what}: subgraphs nest {depth} levels deep, over the limit of "
+                                     f"{limits.max_subgraph_depth}")
+    if total > limits.max_expanded_nodes:
+        raise errors.DiscomfortError(f"{what}: its subgraphs expand to {total} nodes, over the limit of "
+                                     f"{limits.max_expanded_nodes}")
 
 
 def _check_size(path: str, limits: PanelLimits) -> int:
