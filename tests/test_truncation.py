@@ -184,6 +184,32 @@ def test_guarded_save_reads_back_like_a_save(make_store, backend, store_mod, tie
         attached.close()
 
 
+def test_nodes_guard_attached_runs_and_runs_that_ask(backend):
+    """The node side's choice: a server's attachment copies; the run's own process (an
+    in-process executor) keeps zero-copy unless its context sets ``guard_nodes``."""
+    from discomfort.nodes.support import load_value, save_value
+
+    with WorkflowContext(backend=backend) as owner:
+        attached = WorkflowContext.attach(owner.run_id, backend=backend)
+        try:
+            used = []
+            for ctx in (owner, attached):
+                ctx.load_guarded = lambda uid, ctx=ctx: used.append(("load", ctx)) or 1  # type: ignore[method-assign]
+                ctx.save_guarded = lambda uid, v, ctx=ctx: used.append(("save", ctx)) or 1  # type: ignore[method-assign]
+            owner.save("x", np.arange(4))
+            assert np.array_equal(load_value(owner, "x"), np.arange(4))
+            save_value(owner, "y", 1)
+            assert used == []
+            load_value(attached, "x")
+            save_value(attached, "y", 1)
+            assert used == [("load", attached), ("save", attached)]
+            owner.guard_nodes = True  # type: ignore[attr-defined]
+            load_value(owner, "x")
+            assert used[-1] == ("load", owner)
+        finally:
+            attached.close()
+
+
 def test_plain_zero_copy_view_of_a_truncated_chunk_dies_of_sigbus(make_store, backend):
     """Why the guard exists: the same read through a zero-copy view kills the holder."""
     store = _run_with(make_store, "ram", 3 << 20)

@@ -57,25 +57,31 @@ def get_handler(run_id: str, prompt: Any = None):
     return ctx
 
 
+def _guard(ctx: Any) -> bool:
+    """Whether nodes copy a run's bytes instead of mapping them: for runs this process attached
+    to (a ComfyUI server serving an orchestrator), or whose context asks (``guard_nodes = True``,
+    e.g. a server's own long-lived runs); not for a run of the process itself (an in-process
+    executor), which keeps zero-copy."""
+    return bool(getattr(ctx, "guard_nodes", False)) or not ctx.owner
+
+
 def load_value(ctx: Any, unique_id: str) -> Any:
-    """A node's load. From a run in shared memory that this process attached to (a ComfyUI
-    server serving an orchestrator's runs), a guarded copy (``load_guarded``): a chunk another
-    process truncated fails this prompt with TruncatedStoreError instead of killing the server
-    with SIGBUS. The run's own process (an in-process executor) and other run kinds load as
-    usual, zero-copy."""
+    """A node's load: guarded (``load_guarded``, a pread copy) where :func:`_guard` says, so a
+    chunk another process truncated fails this prompt with TruncatedStoreError instead of
+    killing the server with SIGBUS. Other runs and run kinds load as usual, zero-copy."""
     guarded = getattr(ctx, "load_guarded", None)
-    if guarded is None or ctx.owner:
-        return ctx.load(unique_id)
-    return guarded(unique_id)
+    if guarded is not None and _guard(ctx):
+        return guarded(unique_id)
+    return ctx.load(unique_id)
 
 
 def save_value(ctx: Any, unique_id: str, data: Any) -> int:
     """A port's save: guarded (``save_guarded``, pwrite instead of a mapping) on the same runs as
     :func:`load_value`, for the same reason."""
     guarded = getattr(ctx, "save_guarded", None)
-    if guarded is None or ctx.owner:
-        return ctx.save(unique_id, data)
-    return guarded(unique_id, data)
+    if guarded is not None and _guard(ctx):
+        return guarded(unique_id, data)
+    return ctx.save(unique_id, data)
 
 
 def always_changed_token() -> str:
