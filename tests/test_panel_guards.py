@@ -53,6 +53,9 @@ def test_allowed_hosts_from_the_environment(monkeypatch):
     monkeypatch.setenv("DISCOMFORT_ALLOWED_HOSTS", " Studio.LAN , render-box ")
     assert refusal("render-box:8188", None) is None and refusal("studio.lan", None) is None
     assert refusal("other-box:8188", None) is not None
+    monkeypatch.setenv("DISCOMFORT_ALLOWED_ORIGINS", "https://tools.studio.lan/, *")
+    assert refusal("127.0.0.1:8188", "https://tools.studio.lan") is None
+    assert refusal("127.0.0.1:8188", "https://evil.example") is not None  # "*" allows nothing
 
 
 def run(book: RunBook, address: str, n: int) -> PanelRun:

@@ -5,7 +5,9 @@ pointing that name at the user's own machine; the request then carries ``Host: e
 So a route answers only a ``Host`` that is an IP literal (v4 or v6, with or without a port),
 ``localhost``, or a name allowed by ``DISCOMFORT_ALLOWED_HOSTS`` (comma-separated) or given to
 ComfyUI's ``--listen``; and when an ``Origin`` is present (``null`` included) it must name that
-same host and port. Anything else is a 403 ``{"error", "type": "ForbiddenHost"}``.
+same host and port, or be one allowed by ``DISCOMFORT_ALLOWED_ORIGINS`` (comma-separated) or
+ComfyUI's ``--enable-cors-header ORIGIN`` (not ``*``). Anything else is a 403
+``{"error", "type": "ForbiddenHost"}``.
 
 :func:`guard_routes` wraps a route table so that every handler added through it checks first.
 """
@@ -18,9 +20,11 @@ import os
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-__all__ = ["ALLOWED_HOSTS_ENV", "allowed_names", "refusal", "guard", "guard_routes"]
+__all__ = ["ALLOWED_HOSTS_ENV", "ALLOWED_ORIGINS_ENV", "allowed_names", "allowed_origins", "refusal", "guard",
+           "guard_routes"]
 
 ALLOWED_HOSTS_ENV = "DISCOMFORT_ALLOWED_HOSTS"
+ALLOWED_ORIGINS_ENV = "DISCOMFORT_ALLOWED_ORIGINS"
 _DEFAULT_PORT = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -37,6 +41,18 @@ def allowed_names() -> set[str]:
     except Exception:  # noqa: BLE001 - not inside ComfyUI
         pass
     return names
+
+
+def allowed_origins() -> set[str]:
+    """Origins (lower case, no trailing slash) allowed besides the server's own."""
+    raw = os.environ.get(ALLOWED_ORIGINS_ENV, "").split(",")
+    try:
+        from comfy.cli_args import args  # type: ignore[import-not-found]
+
+        raw.append(str(getattr(args, "enable_cors_header", "") or ""))
+    except Exception:  # noqa: BLE001 - not inside ComfyUI
+        pass
+    return {o.strip().lower().rstrip("/") for o in raw if o.strip() and o.strip() != "*"}
 
 
 def _split(hostport: str) -> tuple[str, int | None]:
@@ -83,6 +99,8 @@ def refusal(host_header: str | None, origin: str | None, scheme: str = "http",
         return (f"Host {host[:100]!r} is not an IP address, localhost or an allowed name: add it to "
                 f"{ALLOWED_HOSTS_ENV} (comma-separated) if this server is reached by that name")
     if origin is None:
+        return None
+    if origin.strip().lower().rstrip("/") in allowed_origins():
         return None
     if origin.strip().lower() == "null":
         return "Origin 'null' (a sandboxed or file page) may not call these routes"
