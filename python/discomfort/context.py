@@ -55,6 +55,11 @@ class WorkflowContext(RunBase):
     the registry, whatever happened inside.
     """
 
+    #: ComfyUI nodes read and write this run with pread/pwrite (``load_guarded``) even in its
+    #: owner's process: set by runs a server owns (HTTP and panel runs), so that a chunk another
+    #: process cut fails a prompt instead of killing the server with SIGBUS.
+    guard_nodes: bool = False
+
     def __init__(self, run_id: str | None = None, ram_budget: int | str | None = None,
                  disk_dir: str | os.PathLike | None = None, *, backend: str | None = None,
                  shm_dir: str = sysinfo.SHM_DIR, _store: Any = None):

@@ -326,7 +326,9 @@ class PanelServer:
         from ..sequential import Run
 
         executor = ComfyServer(own_url(), request_timeout=60)
-        return Run(executor, transport="shm", object_info=self._info[1] if self._info else None)
+        run = Run(executor, transport="shm", object_info=self._info[1] if self._info else None)
+        run.context.guard_nodes = True  # a chunk another process cut fails the run, not the server
+        return run
 
     def _work(self, entry: PanelRun, run: Any, plan: dict) -> None:
         """The background thread of one run: execute, save the outputs one at a time, say how it ended."""

@@ -59,6 +59,7 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (errors.ReferenceUnavailableError, 409),
     (errors.StoreFullError, 507),
     (errors.DiskFullError, 507),
+    (errors.CorruptedStoreError, 409),  # TruncatedStoreError too: another process cut the run's file
     (errors.DiscomfortError, 400),  # invalid keys, bad frames, refused values
     (ValueError, 400),
     (TypeError, 400),
@@ -66,7 +67,13 @@ STATUS: list[tuple[type[BaseException], int]] = [
 
 
 class ServedContext(WorkflowContext):
-    """A run created for an HTTP client and owned by the server process."""
+    """A run created for an HTTP client and owned by the server process.
+
+    Its nodes and its GET route read and write with ``pread``/``pwrite`` (``guard_nodes``): a
+    chunk another process cut must fail a request, not kill the server with SIGBUS.
+    """
+
+    guard_nodes = True
 
     def __init__(self, client: str, **kw: Any) -> None:
         super().__init__(**kw)
@@ -394,7 +401,7 @@ class RunServer:
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
         try:
             ctx = self._authorize(request)
-            kind, meta, views, info = ctx.load_encoded(key)
+            kind, meta, views, info = ctx.load_encoded(key, guarded=True)
             if kind == "ref":
                 marker = json.loads(meta)
                 raise errors.ReferenceUnavailableError(
