@@ -25,9 +25,10 @@ ALLOWED = {"localhost", "studio.lan"}
     ("127.0.0.1:8188", None), ("127.0.0.1", None), ("[::1]:8188", None), ("::1", None), ("localhost:8188", None),
     ("LOCALHOST.:8188", None), ("10.0.0.5:8188", "http://10.0.0.5:8188"), ("studio.lan:8188", "http://studio.lan:8188"),
     ("127.0.0.1", "http://127.0.0.1:80"), ("[::1]:8188", "http://[::1]:8188"), ("127.0.0.1:443", "https://127.0.0.1"),
+    ("studio.lan", "https://studio.lan"),  # behind a proxy that terminates TLS: the server sees http
 ])
 def test_hosts_answered(host, origin):
-    assert refusal(host, origin, "http", ALLOWED) is None
+    assert refusal(host, origin, ALLOWED) is None
 
 
 @pytest.mark.parametrize("host, origin, says", [
@@ -43,9 +44,10 @@ def test_hosts_answered(host, origin):
     ("127.0.0.1:8188", "https://127.0.0.1:8188.evil", "malformed"),
     ("127.0.0.1:8188", "file://", "malformed"),
     ("localhost:8188", "http://127.0.0.1:8188", "another site"),
+    ("studio.lan", "https://studio.lan:8443", "another site"),
 ])
 def test_hosts_refused(host, origin, says):
-    why = refusal(host, origin, "http", ALLOWED)
+    why = refusal(host, origin, ALLOWED)
     assert why is not None and says in why, why
 
 

@@ -85,8 +85,7 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-def refusal(host_header: str | None, origin: str | None, scheme: str = "http",
-            allowed: set[str] | None = None) -> str | None:
+def refusal(host_header: str | None, origin: str | None, allowed: set[str] | None = None) -> str | None:
     """Why a request with these ``Host`` and ``Origin`` headers is refused, or None when it is not."""
     if not host_header:
         return "a request needs a Host header"
@@ -112,8 +111,10 @@ def refusal(host_header: str | None, origin: str | None, scheme: str = "http",
     if not o_host or parts.scheme not in _DEFAULT_PORT:
         return f"Origin {origin[:100]!r} is malformed"
     o_port = o_port or _DEFAULT_PORT[parts.scheme]
-    port = port or _DEFAULT_PORT.get(scheme, 80)
-    if (o_host, o_port) != (host, port):
+    # A Host without a port is a default port, of either scheme: behind a proxy that terminates
+    # TLS the page is https while this server sees http.
+    ports = {port} if port is not None else {80, 443}
+    if o_host != host or o_port not in ports:
         return f"Origin {origin[:100]!r} is another site than this server ({host_header[:100]!r})"
     return None
 
@@ -123,7 +124,7 @@ def guard(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     @functools.wraps(handler)
     async def guarded(request: Any) -> Any:
-        why = refusal(request.headers.get("Host"), request.headers.get("Origin"), request.scheme)
+        why = refusal(request.headers.get("Host"), request.headers.get("Origin"))
         if why is not None:
             from aiohttp import web
 
