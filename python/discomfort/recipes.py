@@ -45,6 +45,9 @@ DENIED_TYPES = frozenset({
     "Load3DAnimation", "WebcamCapture", "LoadImageSetFromFolderNode", "LoadImageTextSetFromFolderNode",
     "LoadImageDataSetFromFolder", "LoadImageTextDataSetFromFolder", "LoadTrainingDataset", LOADER_CLASS,
 })
+# Nodes that run a pattern a value gives (Python's re holds the interpreter lock: a catastrophic
+# pattern freezes the whole server, its HTTP routes and the run's cancel included).
+UNBOUNDED_TYPES = frozenset({"RegexExtract", "RegexMatch", "RegexReplace"})
 _FILE_FLAGS = ("image_upload", "audio_upload", "video_upload", "file_upload", "upload", "image_folder", "remote")
 _FILE_INPUT_TYPES = frozenset({"WEBCAM", "LOAD_3D"})
 
@@ -99,7 +102,7 @@ class Recipe:
                     or not isinstance(entry.get("inputs", {}), Mapping):
                 raise RecipeError(f"the recipe of {key!r}: node {nid} is not {{'class_type': str, 'inputs': {{}}}}")
         assert output is not None  # is_link above
-        recipe = cls(key, {str(n): copy.deepcopy(dict(e)) for n, e in nodes.items()}, [str(output[0]), output[1]],
+        recipe = cls(key, {str(n): _node_entry(e) for n, e in nodes.items()}, [str(output[0]), output[1]],
                      inputs, data.get("types", ""))
         if _depth == 0:
             _check_size(recipe)
@@ -113,6 +116,16 @@ class Recipe:
     def node_count(self) -> int:
         """Nodes of this recipe and of the recipes it holds, each distinct one counted once."""
         return sum(len(r.nodes) for r in _walk(self)[0].values())
+
+
+def _node_entry(entry: Mapping[str, Any]) -> dict:
+    """A node of a recipe from JSON: its class, inputs and title only. Other fields are ComfyUI's
+    own (an ``is_changed`` given in a prompt replaces the node's IS_CHANGED in its cache key)."""
+    out: dict[str, Any] = {"class_type": entry["class_type"], "inputs": copy.deepcopy(dict(entry.get("inputs") or {}))}
+    title = (entry.get("_meta") or {}).get("title") if isinstance(entry.get("_meta"), Mapping) else None
+    if isinstance(title, str):
+        out["_meta"] = {"title": title[:200]}
+    return out
 
 
 def types_digest(class_types: set[str], object_info: Mapping | None) -> str:
@@ -286,6 +299,8 @@ def _check_nodes(recipe: Recipe, object_info: Mapping) -> None:
             if is_link(value) and str(value[0]) not in recipe.nodes:
                 raise RecipeError(f"the recipe of {key!r}: node {nid} ({cls}) input {name!r} links to node "
                                   f"{value[0]}, which is not in the recipe")
+            if is_link(value):
+                _check_slot(recipe, nid, name, value, object_info)
         if cls == PORT_CLASS:
             uid = inputs.get("unique_id")
             if not _through(recipe, nid) and (not isinstance(uid, str) or uid not in recipe.inputs):
@@ -296,7 +311,34 @@ def _check_nodes(recipe: Recipe, object_info: Mapping) -> None:
         if why:
             raise RecipeError(f"the recipe of {key!r}: node {nid} ({cls}) {why}; a recipe from outside this process "
                               "may not use it")
+        linked = sorted(n for n in _combo_inputs(object_info[cls]) if is_link(inputs.get(n)))
+        if linked:  # ComfyUI checks a combo against its list only when it is a literal
+            raise RecipeError(f"the recipe of {key!r}: node {nid} ({cls}) gets its choice {linked[0]!r} through a "
+                              "link; in a recipe from outside this process a choice must be a literal value "
+                              "(ComfyUI checks only those against its list)")
+    _check_slot(recipe, "output", "output", recipe.output, object_info)
     _check_acyclic(recipe)
+
+
+def _combo_inputs(info: Mapping) -> list[str]:
+    """The inputs of a node type that are choices from a list (COMBO)."""
+    spec = info.get("input") or {}
+    out = []
+    for section in ("required", "optional"):
+        for name, what in (spec.get(section) or {}).items() if isinstance(spec, Mapping) else ():
+            if isinstance(what, (list, tuple)) and what and (isinstance(what[0], (list, tuple)) or what[0] == "COMBO"):
+                out.append(name)
+    return out
+
+
+def _check_slot(recipe: Recipe, nid: str, name: str, link: Any, object_info: Mapping) -> None:
+    """A link of an untrusted recipe must name an output its source has (a port has one)."""
+    src = recipe.nodes.get(str(link[0])) or {}
+    cls = src.get("class_type")
+    outputs = 1 if cls == PORT_CLASS else len((object_info.get(cls) or {}).get("output") or ())
+    if not 0 <= link[1] < outputs:
+        raise RecipeError(f"the recipe of {recipe.key!r}: node {nid} input {name!r} links to output {link[1]} of "
+                          f"node {link[0]} ({cls}), which has {outputs}")
 
 
 def _refused_type(cls: str, info: Any) -> str:
@@ -311,6 +353,9 @@ def _refused_type(cls: str, info: Any) -> str:
         return "reads a value of the run its inputs name"
     if cls in DENIED_TYPES or re.match(r"Load[A-Z0-9_]", cls):  # ComfyUI names file readers Load*, models *Loader
         return "reads a file named by a value"
+    if cls in UNBOUNDED_TYPES:
+        return ("runs a regular expression a value gives, which can hold the server's interpreter (and its "
+                "HTTP routes) without end")
     spec = info.get("input") or {}
     for section in ("required", "optional"):
         for name, what in (spec.get(section) or {}).items() if isinstance(spec, Mapping) else ():

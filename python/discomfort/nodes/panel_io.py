@@ -230,7 +230,11 @@ def input_bytes(path: str, port_type: str, limits: PanelLimits) -> int:
                 raise errors.DiscomfortError(f"{name}: not a plain .npy array ({exc})") from None
         if dtype.hasobject:
             raise errors.DiscomfortError(f"{name}: an array of Python objects is not data")
-        return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if any(int(d) < 0 for d in shape):
+            raise errors.DiscomfortError(f"{name}: its header gives a negative dimension {tuple(shape)}")
+        # Python ints: an int64 product of a lying shape wraps (to 0 or below), and would take
+        # bytes off the run's budget
+        return math.prod(int(d) for d in shape) * dtype.itemsize
     return size * 8 if lower.endswith(".json") else size
 
 

@@ -70,7 +70,7 @@ def _split(hostport: str) -> tuple[str, int | None]:
     else:
         host, _, port = hostport.partition(":")
         port = port if _ else None
-    if port is not None and (not port.isdigit() or not 0 < int(port) < 65536):
+    if port is not None and (not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536):
         raise ValueError(f"bad port {port!r}")
     if not host:
         raise ValueError("empty host")
@@ -78,8 +78,9 @@ def _split(hostport: str) -> tuple[str, int | None]:
 
 
 def _is_ip(host: str) -> bool:
+    """An IP literal; a zone (``%eth0``) only on an IPv6 one."""
     try:
-        ipaddress.ip_address(host.split("%")[0])
+        ipaddress.ip_address(host.split("%")[0] if ":" in host else host)
         return True
     except ValueError:
         return False
@@ -124,7 +125,9 @@ def guard(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     @functools.wraps(handler)
     async def guarded(request: Any) -> Any:
-        why = refusal(request.headers.get("Host"), request.headers.get("Origin"))
+        origins = request.headers.getall("Origin", [])
+        why = ("a request carries one Origin header at most" if len(origins) > 1
+               else refusal(request.headers.get("Host"), origins[0] if origins else None))
         if why is not None:
             from aiohttp import web
 

@@ -1,0 +1,146 @@
+"""Attacks of the second security round that need no ComfyUI: a recipe from outside that steers a
+model loader or freezes the server, a .npy header that lies about its size to the panel's input
+budget, and odd Host and Origin headers on the standalone run server (a process of its own,
+reached on raw sockets)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from discomfort.nodes.panel_io import PanelLimits, input_bytes
+from discomfort.recipes import Recipe, RecipeError, check_recipe, types_digest
+from discomfort.remote.origin import refusal
+
+COMBO = [["sd15.safetensors", "sdxl.safetensors"], {}]
+INFO = {
+    "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": COMBO}}, "output": ["MODEL", "CLIP", "VAE"],
+                               "output_node": False},
+    "DiffusersLoader": {"input": {"required": {"model_path": [["a/model"], {}]}}, "output": ["MODEL", "CLIP", "VAE"],
+                        "output_node": False},
+    "ModelSamplingSD3": {"input": {"required": {"model": ["MODEL", {}], "shift": ["FLOAT", {}]}}, "output": ["MODEL"],
+                         "output_node": False},
+    "RegexReplace": {"input": {"required": {"string": ["STRING", {}], "regex_pattern": ["STRING", {}],
+                                            "replace": ["STRING", {}]}}, "output": ["STRING"], "output_node": False},
+    "Sampling": {"input": {"required": {"sampler_name": ["COMBO", {"options": ["euler"]}]}}, "output": ["SAMPLER"],
+                 "output_node": False},
+    "DiscomfortPort": {"input": {"required": {"unique_id": ["STRING", {}]}}, "output": ["*"], "output_node": True},
+}
+
+
+def from_outside(nodes: dict, output: list, inputs: dict | None = None) -> Recipe:
+    """A recipe as a hostile server returns it: JSON with the right types digest."""
+    types = {e["class_type"] for e in nodes.values()} - {"DiscomfortPort"}
+    return Recipe.from_json({"discomfort_recipe": 1, "key": "model", "nodes": nodes, "output": output,
+                             "inputs": inputs or {}, "types": types_digest(types, INFO)})
+
+
+# ---------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("cls,name", [("DiffusersLoader", "model_path"), ("CheckpointLoaderSimple", "ckpt_name"),
+                                      ("Sampling", "sampler_name")])
+def test_a_recipe_cannot_feed_a_run_value_into_a_choice(cls, name):
+    """A port's output is of any type, so ComfyUI accepts its link into a combo and never checks
+    the value against the list: a string the hostile server also returned ("../../..", an absolute
+    path) would reach DiffusersLoader's os.path.join. Refused: choices must be literals."""
+    recipe = from_outside({"1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "path"}},
+                           "2": {"class_type": cls, "inputs": {name: ["1", 0]}}}, ["2", 0],
+                          {"path": {"key": "path"}})
+    with pytest.raises(RecipeError, match=f"node 2 \\({cls}\\) gets its choice '{name}' through a link"):
+        check_recipe(recipe, INFO)
+    literal = from_outside({"2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+                            "3": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", 0], "shift": 3.0}}},
+                           ["3", 0])
+    assert check_recipe(literal, INFO) == 2  # the control: literal choices, as ComfyUI's editor sends them
+
+
+def test_a_recipe_cannot_run_a_regular_expression():
+    """re holds the interpreter lock: (a+)+$ on 40 a's freezes ComfyUI, routes and cancel included."""
+    recipe = from_outside({"1": {"class_type": "RegexReplace", "inputs": {
+        "string": "a" * 40 + "!", "regex_pattern": "(a+)+$", "replace": ""}}}, ["1", 0])
+    with pytest.raises(RecipeError, match=r"node 1 \(RegexReplace\) runs a regular expression"):
+        check_recipe(recipe, INFO)
+
+
+def test_a_recipe_keeps_only_class_inputs_and_title():
+    """An ``is_changed`` in a prompt's node replaces its IS_CHANGED in ComfyUI's cache key (a stale
+    cached output would be taken); other fields are not the recipe's to set."""
+    recipe = from_outside({"2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"},
+                                 "is_changed": [1], "_meta": {"title": "t" * 10_000, "x": 1}, "extra": {"a": 1}}},
+                          ["2", 0])
+    assert recipe.nodes["2"] == {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"},
+                                 "_meta": {"title": "t" * 200}}
+
+
+@pytest.mark.parametrize("slot", [3, -1, 1 << 70])
+def test_a_recipe_links_only_to_outputs_that_exist(slot):
+    """A negative slot is a Python index from the end in ComfyUI; one past the end fails its
+    validation with an IndexError: both refused naming the link."""
+    recipe = from_outside({"2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+                           "3": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", slot], "shift": 3.0}}},
+                          ["3", 0])
+    with pytest.raises(RecipeError, match=f"links to output {slot} of node 2 .* which has 3"):
+        check_recipe(recipe, INFO)
+    out = from_outside({"2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}}},
+                       ["2", slot])
+    with pytest.raises(RecipeError, match=f"links to output {slot} of node 2"):
+        check_recipe(out, INFO)
+
+
+# ------------------------------------------------------------------------------------ panel inputs
+
+
+def _npy(path, shape) -> None:
+    header = ("{'descr': '<f4', 'fortran_order': False, 'shape': %r, }" % (shape,)).ljust(118) + "\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(64))
+
+
+@pytest.mark.parametrize("shape", [(2 ** 61, 4, 3), (3, 2 ** 62 + 1), (2 ** 32, 2 ** 32)])
+def test_a_npy_header_cannot_wrap_the_input_budget(tmp_path, shape):
+    """An int64 product of these shapes wraps to 0 or below: summed into the run's decoded bytes it
+    took up to 2^65 off the budget, so 60 inputs bound to one 8000x8000 PNG (768 MB each) passed."""
+    _npy(tmp_path / "x.npy", shape)
+    got = input_bytes(str(tmp_path / "x.npy"), "*", PanelLimits())
+    assert got > PanelLimits().max_run_input_bytes and got == 4 * shape[0] * shape[1] * (shape[2:] or (1,))[0]
+
+
+def test_a_npy_header_cannot_give_a_negative_size(tmp_path):
+    _npy(tmp_path / "x.npy", (-4, 5))
+    with pytest.raises(Exception, match="negative dimension"):
+        input_bytes(str(tmp_path / "x.npy"), "*", PanelLimits())
+
+
+# ------------------------------------------------------------------------------------ Host, Origin
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:８１８８", "127.0.0.1:٨١", "127.0.0.1%evil.example",
+                                  "127.0.0.1%evil.example:80"])
+def test_odd_host_forms_are_refused(host):
+    """Non-ASCII digits in a port (int() reads them), a zone on an IPv4 address."""
+    assert refusal(host, None) is not None
+
+
+def test_two_origin_headers_are_refused_on_the_standalone_server():
+    """A good Origin first and a foreign one after: the first was the one looked at (a proxy may
+    keep the last). No browser sends two: refused."""
+    from discomfort.remote import standalone
+
+    with standalone.start("a secret of more than sixteen characters") as (url, _proc):
+        port = int(url.rsplit(":", 1)[1])
+        answers = []
+        for origins in ([f"http://127.0.0.1:{port}", "http://evil.example"], [f"http://127.0.0.1:{port}"]):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                lines = [f"GET /discomfort/runs/{'ab' * 16} HTTP/1.1", f"Host: 127.0.0.1:{port}",
+                         *[f"Origin: {o}" for o in origins], "Connection: close", "", ""]
+                s.sendall("\r\n".join(lines).encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            answers.append((int(head.split()[1]), json.loads(body)))
+    assert answers[0][0] == 403 and answers[0][1]["type"] == "ForbiddenHost", answers[0]
+    assert "one Origin header" in answers[0][1]["error"]
+    assert answers[1][0] == 401, answers[1]  # the control: one good Origin reaches the route (no token)
