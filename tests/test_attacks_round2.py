@@ -144,3 +144,29 @@ def test_two_origin_headers_are_refused_on_the_standalone_server():
     assert answers[0][0] == 403 and answers[0][1]["type"] == "ForbiddenHost", answers[0]
     assert "one Origin header" in answers[0][1]["error"]
     assert answers[1][0] == 401, answers[1]  # the control: one good Origin reaches the route (no token)
+
+
+# ------------------------------------------------------------------------------- client addresses
+
+
+class _Request:
+    def __init__(self, remote: str) -> None:
+        self.remote = remote
+
+
+def test_one_ipv6_client_takes_no_more_panel_slots_than_one_address():
+    """A client handed a /64 (any IPv6 machine) may source each request from another address of
+    it, and a dual-stack server sees an IPv4 client as ::ffff:a.b.c.d: each counts as one client."""
+    from discomfort.nodes.panel import PanelServer
+    from discomfort.nodes.panel_runs import PanelRun, RunBook
+    from discomfort.remote.limits import HTTPRefusal, client_address
+
+    book = RunBook(max_runs=16, per_address=2, kept=32, cancel_grace=30.0)
+    for n, remote in enumerate(["2001:db8:1:2::10", "2001:db8:1:2:ffff::99"]):
+        book.add(PanelRun(f"{n:032x}", f"t{n}", PanelServer._address(_Request(remote)), ["w"], 1, None))
+    with pytest.raises(HTTPRefusal, match="from this address are going"):
+        book.check_room(PanelServer._address(_Request("2001:db8:1:2:abcd::1")))
+    book.check_room(PanelServer._address(_Request("2001:db8:1:3::1")))  # another /64: another client
+    assert client_address("::ffff:192.0.2.7") == client_address("192.0.2.7") == "192.0.2.7"
+    assert client_address("2001:db8:1:2::10") == client_address("2001:db8:1:2:ffff::99") == "2001:db8:1:2::/64"
+    assert client_address("::1") == "::1"

@@ -38,6 +38,7 @@ from typing import Any
 from .. import errors
 from aiohttp import web
 
+from ..remote.limits import client_address
 from ..remote.server import HTTPRefusal, error_response, read_json_object
 from .panel_io import (INPUT_EXTENSIONS, PanelLimits, check_subgraphs, input_bytes, list_files, load_input, read_json, safe_file,
                        save_outputs, typed_value)
@@ -113,8 +114,9 @@ class PanelServer:
 
     @staticmethod
     def _address(request: Any) -> str:
-        """The client's address (the TCP peer's: a client id can be made up, an address cannot)."""
-        return str(request.remote or "unknown")
+        """The client's address (the TCP peer's: a client id can be made up, an address cannot;
+        an IPv6 client counts as its /64, see :func:`..remote.limits.client_address`)."""
+        return client_address(request.remote)
 
     def _find(self, request: Any) -> PanelRun:
         run_id = request.match_info["run_id"]

@@ -10,13 +10,14 @@ never pausing for the stall limit (408): a trickling body cannot hold its reserv
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .. import datacodec, errors, sysinfo
 
-__all__ = ["HTTPRefusal", "ServerLimits", "Arrival", "Upload", "Uploads", "extent_bytes", "uncancel"]
+__all__ = ["HTTPRefusal", "client_address", "ServerLimits", "Arrival", "Upload", "Uploads", "extent_bytes", "uncancel"]
 
 _PAGE = 4096
 _PAGE_ALIGNED = 65536  # buffers from this size start on a page in the store's extent
@@ -29,6 +30,23 @@ class HTTPRefusal(errors.DiscomfortError):
         super().__init__(message)
         self.status = status
         self.kind = kind
+
+
+def client_address(remote: str | None) -> str:
+    """The client a per-client limit counts: the TCP peer's address, an IPv4 one written as IPv4
+    when it arrives mapped into IPv6, and an IPv6 one as its /64 (one machine or one home is
+    handed a whole /64, and may use any address in it)."""
+    host = str(remote or "unknown")
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _env_size(name: str, default: int) -> int:

@@ -42,7 +42,7 @@ from .. import codecs, datacodec, errors, sysinfo
 from ..context import WorkflowContext
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, frame_header, frame_length,
                       parse_fixed, parse_sizes)
-from .limits import Arrival, HTTPRefusal, ServerLimits, Upload, Uploads, extent_bytes, uncancel
+from .limits import Arrival, HTTPRefusal, ServerLimits, Upload, Uploads, client_address, extent_bytes, uncancel
 
 __all__ = ["ServedContext", "RunServer", "ServerLimits", "HTTPRefusal", "run_server", "add_routes", "SECRET_ENV",
            "error_response", "read_json_object"]
@@ -263,7 +263,7 @@ class RunServer:
             self._may_create(request)
             body = await read_json_object(request, 4096, "the body of POST /discomfort/runs")
             self._expire()
-            client = request.remote or "?"
+            client = client_address(request.remote)
             if len(self.runs) >= self.limits.max_runs:
                 raise HTTPRefusal(503, f"this server holds {len(self.runs)} runs, its limit; try again once "
                                        "some have ended", errors.RemoteLimitError)
