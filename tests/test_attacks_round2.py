@@ -170,3 +170,19 @@ def test_one_ipv6_client_takes_no_more_panel_slots_than_one_address():
     assert client_address("::ffff:192.0.2.7") == client_address("192.0.2.7") == "192.0.2.7"
     assert client_address("2001:db8:1:2::10") == client_address("2001:db8:1:2:ffff::99") == "2001:db8:1:2::/64"
     assert client_address("::1") == "::1"
+
+
+def test_a_recipe_cannot_record_audio_from_a_file():
+    """RecordAudio (ComfyUI's audio nodes, where torchaudio is installed) reads the file its
+    AUDIO_RECORD value names with get_annotated_filepath: no list, no VALIDATE_INPUTS, so
+    "../../home/user/secret.wav" or "x.wav [output]" reached any audio file. Its name is not Load*."""
+    info = {**INFO, "RecordAudio": {"input": {"required": {"audio": ["AUDIO_RECORD", {}]}}, "output": ["AUDIO"],
+                                    "output_node": False},
+            "AudioRecorder": {"input": {"required": {"audio": ["AUDIO_RECORD", {}]}}, "output": ["AUDIO"],
+                              "output_node": False}}
+    for cls in ("RecordAudio", "AudioRecorder"):  # by name, and by its widget's type under another name
+        recipe = Recipe.from_json({"discomfort_recipe": 1, "key": "voice", "output": ["1", 0], "nodes": {
+            "1": {"class_type": cls, "inputs": {"audio": "../../../home/user/secret.wav"}}},
+            "types": types_digest({cls}, info)})
+        with pytest.raises(RecipeError, match=f"node 1 \\({cls}\\) reads a file named by"):
+            check_recipe(recipe, info)

@@ -43,13 +43,13 @@ MAX_DEPTH = 16  # recipes inside recipes
 DENIED_TYPES = frozenset({
     "LoadImage", "LoadImageMask", "LoadImageOutput", "LoadLatent", "LoadAudio", "LoadVideo", "Load3D",
     "Load3DAnimation", "WebcamCapture", "LoadImageSetFromFolderNode", "LoadImageTextSetFromFolderNode",
-    "LoadImageDataSetFromFolder", "LoadImageTextDataSetFromFolder", "LoadTrainingDataset", LOADER_CLASS,
+    "LoadImageDataSetFromFolder", "LoadImageTextDataSetFromFolder", "LoadTrainingDataset", "RecordAudio", LOADER_CLASS,
 })
 # Nodes that run a pattern a value gives (Python's re holds the interpreter lock: a catastrophic
 # pattern freezes the whole server, its HTTP routes and the run's cancel included).
 UNBOUNDED_TYPES = frozenset({"RegexExtract", "RegexMatch", "RegexReplace"})
 _FILE_FLAGS = ("image_upload", "audio_upload", "video_upload", "file_upload", "upload", "image_folder", "remote")
-_FILE_INPUT_TYPES = frozenset({"WEBCAM", "LOAD_3D"})
+_FILE_INPUT_TYPES = frozenset({"WEBCAM", "LOAD_3D", "AUDIO_RECORD"})  # widgets whose value names a file
 
 
 class RecipeError(WorkflowError):
