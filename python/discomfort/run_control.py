@@ -76,9 +76,13 @@ class ProgressEvent:
     """What ``on_progress`` gets.
 
     ``kind``: "workflow_start", "node" (ComfyUI started a node), "step" (a node reported progress,
-    e.g. sampler steps: ``value`` of ``max``) or "workflow_done" (``seconds`` it took).
-    ``iteration`` and ``workflow`` are 0-based; ``done`` counts workflows finished in this run,
-    out of ``total`` = iterations x workflows.
+    e.g. sampler steps: ``value`` of ``max``) or "workflow_done" (``seconds`` it took, and
+    ``attempts``: 2 or more when its server died and it ran again on a replacement).
+    ``iteration`` and ``workflow`` are 0-based; ``done`` counts workflows finished in this call,
+    out of ``total`` = iterations x workflows. ``server``: where it runs (a ``Run``: the server's
+    URL or "this process"; a ``RayRun``: the index of the pool's server, on Ray node ``node_id``).
+    Ray runs were given a ``WorkflowEvent`` per workflow: that name is this class, and its fields
+    ``index`` and ``step`` are ``workflow`` and ``done``.
     """
 
     kind: str
@@ -94,6 +98,19 @@ class ProgressEvent:
     value: int | None = None
     max: int | None = None
     seconds: float | None = None
+    attempts: int | None = None
+    server: Any = None
+    node_id: str | None = None
+
+    @property
+    def index(self) -> int:
+        """The workflow's index (``WorkflowEvent``'s name for ``workflow``)."""
+        return self.workflow
+
+    @property
+    def step(self) -> int:
+        """Workflows finished so far in this call (``WorkflowEvent``'s name for ``done``)."""
+        return self.done
 
 
 def progress_bar(show: bool | None, total: int | None, desc: str) -> Any:
