@@ -186,3 +186,90 @@ def test_a_recipe_cannot_record_audio_from_a_file():
             "types": types_digest({cls}, info)})
         with pytest.raises(RecipeError, match=f"node 1 \\({cls}\\) reads a file named by"):
             check_recipe(recipe, info)
+
+
+# ------------------------------------------------------------------------ run server: values out
+
+
+SECRET = "a secret of more than sixteen characters"
+
+
+@pytest.fixture(scope="module")
+def out_server(tmp_path_factory):
+    """(url, pid, log) of a standalone run server: 2 values sent at once per client, 2 s stall."""
+    import os
+
+    from discomfort.remote import standalone
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOMFORT_REMOTE_")}
+    env.update(DISCOMFORT_REMOTE_MAX_VALUE="16M", DISCOMFORT_REMOTE_MAX_RUN_BYTES="16M",
+               DISCOMFORT_REMOTE_MAX_CLIENT_BYTES="16M", DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT="2",
+               DISCOMFORT_REMOTE_STALL="2", DISCOMFORT_REMOTE_MIN_RATE="0")
+    log = tmp_path_factory.mktemp("out_server") / "stderr.log"
+    with standalone.start(SECRET, env=env, stderr=open(log, "w")) as (url, proc):
+        yield url, proc.pid, log
+    assert "unexpected error" not in log.read_text()
+
+
+def _held_get(url: str, run_id: str, token: str, key: str) -> tuple[socket.socket, bytes]:
+    """A GET whose answer is not read past its head (a 4 KiB receive buffer); a refusal's body is read."""
+    port = int(url.rsplit(":", 1)[1])
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"GET /discomfort/runs/{run_id}/values/{key} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+              f"X-Discomfort-Token: {token}\r\n\r\n".encode())
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += s.recv(1024)
+    head, _, body = got.partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n")[0]:
+        length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += s.recv(length - len(body))
+    return s, head + b"\r\n\r\n" + body
+
+
+def _until(check, what: str, seconds: float = 30.0) -> None:
+    """Wait for a condition another process makes true (a failure after ``seconds``, never a pass)."""
+    import time
+
+    end = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < end, f"gave up waiting: {what}"
+        time.sleep(0.05)
+
+
+def _rss_anon_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+
+def test_a_client_cannot_hold_copies_of_a_value_by_not_reading(out_server):
+    """Each GET is sent from a copy of the value (a guarded read), held until the client has read
+    it: 10 GETs of a 12 MiB value that read nothing held 10 copies, for ever (60 MiB against a
+    64 MiB limit: 31 -> 633 MiB). Now the third at once is 429, and a GET left unread for the
+    stall limit is cut, its copy dropped, its slot given back."""
+    import numpy as np
+
+    from discomfort.remote import RemoteContext
+
+    url, pid, log = out_server
+    with RemoteContext(url, secret=SECRET) as rc:
+        rc.save("v", np.ones(12 << 20, dtype=np.uint8))
+        rss0 = _rss_anon_mib(pid)
+        held = [_held_get(url, rc.run_id, rc._token, "v") for _ in range(4)]
+        statuses = [first.split(b" ", 2)[1] for _, first in held]
+        assert statuses == [b"200", b"200", b"429", b"429"], statuses
+        assert b"DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT" in held[2][1]
+        assert _rss_anon_mib(pid) - rss0 < 3 * 12, "more copies than GETs allowed"
+        _until(lambda: log.read_text().count("not read fast enough") == 2, "the unread GETs are cut")
+        for s, _ in held[:2]:  # unread: cut after the stall limit, before all was sent
+            got = 0
+            while chunk := s.recv(1 << 20):
+                got += len(chunk)
+            assert got < 12 << 20
+        for s, _ in held:
+            s.close()
+        assert np.count_nonzero(rc.load("v")) == 12 << 20  # the slots came back: a reader is served

@@ -66,6 +66,8 @@ class ServerLimits:
     max_client_bytes: int = 32 << 30  # DISCOMFORT_REMOTE_MAX_CLIENT_BYTES: all runs of one client
     max_uploads_per_run: int = 4  # DISCOMFORT_REMOTE_MAX_UPLOADS_PER_RUN: PUTs arriving at once
     max_uploads_per_client: int = 8  # DISCOMFORT_REMOTE_MAX_UPLOADS_PER_CLIENT
+    # GETs being sent at once by one client: each holds a copy of its value until it is sent
+    max_downloads_per_client: int = 4  # DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT
     idle_seconds: float = 900.0  # DISCOMFORT_REMOTE_RUN_TTL: a run nobody used for this long ends
     stall_seconds: float = 60.0  # DISCOMFORT_REMOTE_STALL: a body that sends nothing this long is a 408
     min_rate: int = 64 << 10  # DISCOMFORT_REMOTE_MIN_RATE: bytes/s a body averages after the grace; 0: none
@@ -84,6 +86,7 @@ class ServerLimits:
             max_client_bytes=_env_size("DISCOMFORT_REMOTE_MAX_CLIENT_BYTES", 32 << 30),
             max_uploads_per_run=int(env("DISCOMFORT_REMOTE_MAX_UPLOADS_PER_RUN", 4)),
             max_uploads_per_client=int(env("DISCOMFORT_REMOTE_MAX_UPLOADS_PER_CLIENT", 8)),
+            max_downloads_per_client=int(env("DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT", 4)),
             idle_seconds=float(env("DISCOMFORT_REMOTE_RUN_TTL", 900)),
             stall_seconds=float(env("DISCOMFORT_REMOTE_STALL", 60)),
             min_rate=_env_size("DISCOMFORT_REMOTE_MIN_RATE", 64 << 10),

@@ -26,6 +26,7 @@ they arrive, is :mod:`.limits`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import ipaddress
 import json
@@ -175,6 +176,7 @@ class RunServer:
             raise ValueError(f"{SECRET_ENV} must be at least 16 characters")
         self._timer: asyncio.TimerHandle | None = None
         self.uploads = Uploads(self.limits)
+        self.sending: collections.Counter = collections.Counter()  # client -> GETs being sent
 
     def explain(self) -> str:
         """One line for the server log: who may create runs."""
@@ -398,9 +400,29 @@ class RunServer:
             raise
 
     async def get(self, request: Any) -> Any:
+        """A value as a frame. The copy it is sent from is held until the client has read it, so a
+        client sends few at once (429 over ``max_downloads_per_client``) and must read them at the
+        rate a PUT must keep (``stall_seconds``, ``min_rate``), or the connection is cut."""
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
         try:
             ctx = self._authorize(request)
+            client, cap = ctx.client, self.limits.max_downloads_per_client
+            if self.sending[client] >= cap:
+                raise HTTPRefusal(429, f"{client} has {cap} values being sent, its limit "
+                                       "(DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT); read them first",
+                                  errors.RemoteLimitError)
+        except Exception as exc:  # noqa: BLE001
+            return self._error(exc, run_id, key)
+        self.sending[client] += 1
+        try:
+            return await self._send_value(request, ctx, run_id, key)
+        finally:
+            self.sending[client] -= 1
+            if self.sending[client] <= 0:
+                del self.sending[client]
+
+    async def _send_value(self, request: Any, ctx: ServedContext, run_id: str, key: str) -> Any:
+        try:
             kind, meta, views, info = ctx.load_encoded(key, guarded=True)
             if kind == "ref":
                 marker = json.loads(meta)
@@ -419,16 +441,29 @@ class RunServer:
         sizes = [v.nbytes for v in views]
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
                                            "X-Discomfort-Version": str(info.get("version"))})
-        resp.content_length = frame_length(len(meta), sizes)
-        await resp.prepare(request)
-        await resp.write(frame_header(len(meta), sizes) + bytes(meta))
+        resp.content_length = total = frame_length(len(meta), sizes)
+        lim, loop = self.limits, asyncio.get_running_loop()
+        due = loop.time() + lim.rate_grace + total / lim.min_rate if lim.min_rate > 0 else None
+
+        async def send(data: Any) -> None:
+            limit = lim.stall_seconds if due is None else min(lim.stall_seconds, due - loop.time())
+            await asyncio.wait_for(resp.write(data), max(0.0, limit))
+
         try:
+            await resp.prepare(request)
+            await send(frame_header(len(meta), sizes) + bytes(meta))
             for v in views:
                 for off in range(0, v.nbytes, CHUNK):
-                    await resp.write(v[off : off + CHUNK])
+                    await send(v[off : off + CHUNK])
+            await resp.write_eof()
+        except (asyncio.TimeoutError, ConnectionError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                log.warning("discomfort: run %s: %r not read fast enough by %s (DISCOMFORT_REMOTE_STALL, "
+                            "DISCOMFORT_REMOTE_MIN_RATE): connection closed", run_id, key, ctx.client)
+            if request.transport is not None:
+                request.transport.abort()
         finally:
-            del views  # unpin the store's pages once sent
-        await resp.write_eof()
+            del views  # unpin the store's pages, or drop the copy, once sent
         return resp
 
     def shutdown_all(self) -> None:
