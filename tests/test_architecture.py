@@ -128,3 +128,45 @@ def test_modules_stay_readable(module):
     if module in LONG_MODULES:
         return
     assert lines <= 650, f"{module} has {lines} lines (add it to LONG_MODULES with the reason, or split it)"
+
+
+#: The steps of the run loop (plan, stitch, let a prompt use the run, check inputs, until, a cut
+#: run's message, releases): called by the engine only.
+RUN_STEPS = {"plan_workflows", "port_io", "prepare_prompt", "missing_inputs_error", "prompt_as_run",
+             "allow_prompt", "revoke_prompt", "stitch_recipe", "extract", "until_holds", "cut_error",
+             "plan_releases", "check_recipe"}
+
+
+def _calls(module: str) -> set[str]:
+    tree = ast.parse(MODULES[module].read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            out.add(fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else "")
+    return out
+
+
+def test_the_run_loop_exists_once():
+    """Run and RayRun are thin over discomfort.engine: no second copy of the run steps in
+    sequential or distributed/ (a placement says where a workflow runs, nothing more)."""
+    thin = ["discomfort.sequential"] + [m for m in MODULES if m.startswith("discomfort.distributed")]
+    copies = {m: sorted(_calls(m) & RUN_STEPS) for m in thin}
+    assert not any(copies.values()), {m: c for m, c in copies.items() if c}
+    engine = _calls("discomfort.engine")
+    assert RUN_STEPS <= engine, RUN_STEPS - engine
+    assert "discomfort.engine" in _edges()["discomfort.distributed._runner"]
+    assert "discomfort.engine" in _edges()["discomfort.sequential"]
+    assert not {m for m in _edges()["discomfort.engine"] if m.startswith("discomfort.distributed")}
+    # the wording of a run's errors lives in one module
+    said = [m for m in MODULES if "did not save a value" in MODULES[m].read_text()]
+    assert said == ["discomfort.engine"], said
+
+
+def test_the_engine_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, discomfort.engine, discomfort.sequential; "
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -399,8 +399,9 @@ def test_run_on_two_servers_on_two_nodes_equals_one_machine(cluster, pool):
     baseline = _wait_usage_at_most(_store_usage(), timeout=0)
     events = []
     t0 = time.monotonic()
-    result = run_sequential_ray(workflows, _inputs(), iterations=3, servers=pool, timeout=120,
-                                progress=events.append, free_after=True)
+    with pytest.warns(DeprecationWarning, match="on_progress"):  # the older progress=callable still works
+        result = run_sequential_ray(workflows, _inputs(), iterations=3, servers=pool, timeout=120,
+                                    progress=events.append, free_after=True)
     TIMINGS["run_sequential_ray, 9 workflows (s)"] = time.monotonic() - t0
     assert [(e.iteration, e.index) for e in events] == [(i, k) for i in range(3) for k in range(3)]
     assert [e.node_id for e in events[:2]] == [pool.servers[0]["node_id"], pool.servers[1]["node_id"]]
@@ -441,8 +442,9 @@ def test_a_model_on_one_ray_server_reaches_the_other_by_recipe_until_a_condition
 
     events = []
     result = run_sequential_ray([load, use], iterations=10, until=third, servers=pool, timeout=120,
-                                progress=events.append)
-    assert [(e.iteration, e.index, e.server) for e in events] == [(i, k, k) for i in range(3) for k in range(2)]
+                                on_progress=events.append)
+    assert [(e.kind, e.iteration, e.workflow, e.server) for e in events] == \
+        [(kind, i, k, k) for i in range(3) for k in range(2) for kind in ("workflow_start", "workflow_done")]
     found = [re.fullmatch(r"name=ray-recipe serial=(\d+) constructed=(\d+) same=True", r) for r in reports]
     assert all(found), reports
     assert len({(m.group(1), m.group(2)) for m in found}) == 1  # one construction on server 1, reused
@@ -483,6 +485,60 @@ def test_a_ray_run_held_across_calls(cluster, pool):
         assert all(found) and len({m.groups() for m in found}) == 1, reports  # built once on server 1
         run_id = run.run_id
     assert run.context.closed and run_id.startswith("ray-")
+
+
+@needs_comfy
+@needs_ray
+@pytest.mark.comfy
+def test_a_ray_run_takes_the_options_of_run_and_says_what_run_says(cluster, pool):
+    """One loop: outputs=, release_unused= and on_progress= (ProgressEvent) on Ray as with Run on
+    one of the same servers; a missing input is refused in the same words; a Recipe given as an
+    input is built where it is read."""
+    import re
+
+    from discomfort.comfy import ComfyServer
+    from discomfort.distributed import RayRun, WorkflowEvent
+    from discomfort.errors import UnknownKeyError
+    from discomfort.run_control import ProgressEvent
+    from discomfort.sequential import Run
+
+    assert WorkflowEvent is ProgressEvent
+    workflows = [_wf("run_loop_invert.json"), _wf("run_latent_b.json")]
+    events: list = []
+    kept, said = {}, {}
+    with RayRun(pool) as ray_run, Run(ComfyServer(pool.servers[0]["url"])) as run:
+        for name, r in (("ray", ray_run), ("run", run)):
+            out = r.execute(workflows, _inputs(), iterations=2, timeout=120, outputs=["latent2"],
+                            release_unused=True, on_progress=events.append if name == "ray" else None)
+            kept[name] = (set(out), sorted(r.keys()), out["latent2"])
+        with pytest.raises(UnknownKeyError) as on_ray:
+            ray_run.execute(_wf("run_loop_invert.json"), timeout=120)  # "image" was released
+        with pytest.raises(UnknownKeyError) as on_run:
+            run.execute(_wf("run_loop_invert.json"), timeout=120)
+        said = {"ray": str(on_ray.value).replace(ray_run.run_id, "RUN"),
+                "run": str(on_run.value).replace(run.run_id, "RUN")}
+    assert kept["ray"][:2] == kept["run"][:2] == ({"latent2"}, ["latent2"])
+    _same_result({"latent2": kept["ray"][2]}, {"latent2": kept["run"][2]})
+    assert said["ray"] == said["run"] and "'image'" in said["ray"]
+    assert all(type(e) is ProgressEvent for e in events)
+    assert [(e.kind, e.iteration, e.workflow, e.server) for e in events] == \
+        [(kind, i, k, k) for i in range(2) for k in range(2) for kind in ("workflow_start", "workflow_done")]
+    assert [e.node_id for e in events[::2][:2]] == [s["node_id"] for s in pool.servers]
+    assert [e.done for e in events if e.kind == "workflow_done"] == [1, 2, 3, 4]
+
+    # A model's recipe from one run, given to another as a Recipe: built on the server that reads it.
+    load = {"1": {"class_type": "DiscomfortTestModelLoader", "inputs": {"name": "ray-given"}},
+            "2": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "model", "input_data": ["1", 0]}}}
+    use = {"1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "model"}},
+           "2": {"class_type": "DiscomfortTestModelReport", "inputs": {"model": ["1", 0]}},
+           "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "report", "input_data": ["2", 0]}}}
+    with RayRun(pool, assign=lambda it, k: 0) as first:
+        first.execute(load, timeout=120)
+        recipe = first.recipe("model")
+    with RayRun(pool, assign=lambda it, k: 1) as second:
+        out = second.execute(use, {"model": recipe}, timeout=120, outputs=["report", "model"])
+    assert re.fullmatch(r"name=ray-given serial=\d+ constructed=\d+ same=True", out["report"]), out
+    assert out["model"] is recipe  # a key given as a recipe comes back as that recipe
 
 
 @needs_comfy
@@ -554,18 +610,20 @@ def test_servers_killed_mid_run_are_replaced_and_their_workflow_retried(cluster,
     killed = {}
 
     def chaos(event):
-        if event.step == 1:  # server 0 has saved "image"; its ComfyUI process dies
+        if event.kind != "workflow_done":
+            return
+        if event.done == 1:  # server 0 has saved "image"; its ComfyUI process dies
             killed["comfy"] = pool.kill_server(0)
-        elif event.step == 2:  # server 1's actor dies (its ComfyUI process goes with it)
+        elif event.done == 2:  # server 1's actor dies (its ComfyUI process goes with it)
             ray.kill(pool.slots[1].actor)
 
     events = []
     t0 = time.monotonic()
     result = run_sequential_ray(workflows, {"image": _inputs()["image"]}, iterations=2, servers=pool, timeout=120,
-                                progress=lambda e: (events.append(e), chaos(e)))
+                                on_progress=lambda e: (events.append(e), chaos(e)))
     TIMINGS["run with two servers killed (s)"] = time.monotonic() - t0
     _same_result(result, expected)
-    assert [e.attempts for e in events] == [1, 1, 2, 2]
+    assert [e.attempts for e in events if e.kind == "workflow_done"] == [1, 1, 2, 2]
     new = pool.servers
     assert [s["replaced"] for s in new] == [1, 1]
     assert [s["node_id"] for s in new] == [s["node_id"] for s in old]  # replaced on the same nodes

@@ -11,7 +11,9 @@ API runs on a Ray cluster:
   cluster finds the run by its id. Ray run ids start with ``ray-``: ``discomfort.get_context``
   hands such ids to :func:`get_ray_context`.
 * :func:`run_sequential_ray` runs workflows on a :class:`RayComfyPool`: ComfyUI servers with the
-  node pack, one per node or GPU, each started by a Ray actor on its node.
+  node pack, one per node or GPU, each started by a Ray actor on its node. It and :class:`RayRun`
+  run :mod:`discomfort.engine`'s loop, the one ``Run`` runs; :class:`RayPlacement` only says
+  where each workflow runs (with retry and adoption).
 
 Ray is optional (``pip install "ray[default]"``); nothing here imports it until it is used.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "RayComfyPool",
     "run_sequential_ray",
     "RayRun",
+    "RayPlacement",
     "WorkflowEvent",
     "ValueLostError",
     "ServerDiedError",
@@ -45,6 +48,7 @@ _LAZY = {
     "ServerDiedError": "._pool",
     "run_sequential_ray": "._runner",
     "RayRun": "._runner",
+    "RayPlacement": "._runner",
     "WorkflowEvent": "._runner",
 }
 

@@ -1,49 +1,31 @@
-"""run_sequential_ray: run_sequential on a pool of ComfyUI servers in a Ray cluster."""
+"""run_sequential_ray: run_sequential on a pool of ComfyUI servers in a Ray cluster.
+
+The loop is :class:`~discomfort.engine.RunEngine`'s, the one ``Run`` uses; this module only
+says where each workflow runs (:class:`RayPlacement`: a server of the pool, replaced and the
+workflow run again when it dies, its outputs adopted so they outlive it).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+import warnings
+from typing import Any, Callable, Iterable, Mapping
 
-from ..errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, WorkflowError
-from ..prompt_forms import prompt_as_run
-from ..recipes import Recipe, extract, stitch_recipe
-from ..sequential import Result
-from ..run_control import CancelToken, Until, check_bounds, cut_error, progress_bar, until_holds
-from ..workflow_format import is_ui_format
-from ..workflow_tools import (
-    missing_inputs_error,
-    plan_workflows,
-    port_io,
-    prepare_prompt,
-    read_workflows,
-    workflow_names,
-)
+from ..engine import Result, RunEngine
+from ..errors import WorkflowError
+from ..run_control import CancelToken, ProgressEvent, Until, check_bounds
+from ..workflow_tools import read_workflows, workflow_names
 from . import _ray
 from ._context import RayContext
 from ._pool import RayComfyPool, ServerDiedError
 
-__all__ = ["run_sequential_ray", "RayRun", "WorkflowEvent"]
+__all__ = ["run_sequential_ray", "RayRun", "RayPlacement", "WorkflowEvent"]
 
 log = logging.getLogger("discomfort")
 
-
-@dataclass(frozen=True)
-class WorkflowEvent:
-    """What ``progress`` gets after each workflow ran."""
-
-    run_id: str
-    iteration: int  # 0-based
-    index: int  # the workflow's index in ``workflows``
-    step: int  # 1-based count of workflows run so far in this call
-    total: int | None  # iterations x workflows (None: a loop bounded only by until=)
-    server: int  # index of the pool's server that ran it
-    node_id: str  # the Ray node of that server
-    seconds: float  # running it, the retry and the server's replacement included
-    attempts: int  # 1, or 2 when its server died and it ran again on a replacement
+#: What Ray runs called their progress event: one event type now, :class:`ProgressEvent`.
+WorkflowEvent = ProgressEvent
 
 
 def _assigner(assign: Any, n: int) -> Callable[[int, int, int], int]:
@@ -56,6 +38,22 @@ def _assigner(assign: Any, n: int) -> Callable[[int, int, int], int]:
     raise ValueError(f"assign must be 'workflow', 'round_robin' or a callable(iteration, index), not {assign!r}")
 
 
+def _check_retries(retries: Any) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+
+
+def _progress_options(progress: Any, on_progress: Any) -> tuple[bool | None, Any]:
+    """``progress=callable`` (Ray runs' older form) as ``on_progress`` of the "workflow_done" events."""
+    if not callable(progress) or isinstance(progress, bool):
+        return progress, on_progress
+    warnings.warn("progress=callable is on_progress= now (one ProgressEvent type for Run and RayRun); "
+                  "it gets the \"workflow_done\" events", DeprecationWarning, stacklevel=3)
+    if on_progress is not None:
+        raise TypeError("give on_progress= only (progress= is True, False or None)")
+    return None, lambda ev: progress(ev) if ev.kind == "workflow_done" else None
+
+
 def run_sequential_ray(
     workflows: Any,
     inputs: Mapping[str, Any] | None = None,
@@ -65,7 +63,11 @@ def run_sequential_ray(
     until: Until | None = None,
     timeout: float | None = None,
     object_info: Mapping | None = None,
-    progress: bool | Callable[[WorkflowEvent], Any] | None = None,
+    outputs: Iterable[str] | None = None,
+    release_unused: bool = False,
+    cancel: CancelToken | None = None,
+    progress: bool | Callable[[ProgressEvent], Any] | None = None,
+    on_progress: Callable[[ProgressEvent], Any] | None = None,
     retries: int = 1,
     assign: str | Callable[[int, int], int] = "workflow",
     adopt: bool = True,
@@ -73,16 +75,17 @@ def run_sequential_ray(
     run_id: str | None = None,
     address: str | None = None,
     comfy_path: str | os.PathLike | None = None,
-    cancel: CancelToken | None = None,
 ) -> Result:
     """:func:`~discomfort.sequential.run_sequential` across a Ray cluster.
 
-    ``workflows``, ``inputs``, ``iterations``, ``until``, ``timeout``, ``object_info``: as in
-    run_sequential (the outputs of workflow k feed workflow k+1, those of iteration N feed N+1).
-    A value saved by reference (a MODEL) on one server reaches a workflow on another by recipe:
-    the part of the workflow that built it runs there (once, with ``--cache-lru``).
-    The run is a :class:`~discomfort.distributed.RayContext` owned by this call; values pass
-    between servers through Ray's object store, never through the prompts.
+    ``workflows``, ``inputs``, ``iterations``, ``until``, ``timeout``, ``object_info``,
+    ``outputs``, ``release_unused``, ``cancel``, ``progress``, ``on_progress``: as in
+    run_sequential, the same loop (the outputs of workflow k feed workflow k+1, those of
+    iteration N feed N+1). A value saved by reference (a MODEL) on one server reaches a workflow
+    on another by recipe: the part of the workflow that built it runs there (once, with
+    ``--cache-lru``); a :class:`~discomfort.recipes.Recipe` given in ``inputs`` is built where it
+    is read. The run is a :class:`~discomfort.distributed.RayContext` owned by this call; values
+    pass between servers through Ray's object store, never through the prompts.
 
     ``servers``: a :class:`RayComfyPool` (started here if it is not; a pool started here is
     closed at the end), a number of servers, or None (one per node, or per GPU, from
@@ -97,25 +100,25 @@ def run_sequential_ray(
     this process owns, so they outlive the server (Ray frees what a dead process owned); without
     it a dead server takes its outputs with it.
 
-    ``progress``: None (a bar on a terminal), True, False, or a callable that gets a
-    :class:`WorkflowEvent` after each workflow; every workflow is also logged at INFO on the
-    ``discomfort`` logger (server, node, seconds, attempts). ``free_after``: ask the servers to
-    drop ComfyUI's execution cache at the end, which holds zero-copy views into the object store
-    (otherwise they are released when the next prompt replaces them).
+    ``on_progress`` gets a :class:`~discomfort.run_control.ProgressEvent` when each workflow
+    starts and ends (``server``: the pool's index, ``node_id``, ``attempts``; ComfyUI's node and
+    step messages stay in the server's actor); every workflow is also logged at INFO on the
+    ``discomfort`` logger. ``progress=callable`` (a ``WorkflowEvent`` per workflow) still works:
+    it gets the "workflow_done" events. ``free_after``: ask the servers to drop ComfyUI's
+    execution cache at the end, which holds zero-copy views into the object store (otherwise they
+    are released when the next prompt replaces them).
 
-    ``cancel``: a :class:`~discomfort.run_control.CancelToken`; as in run_sequential, cancelling it
-    (or Ctrl-C) stops the run before its next workflow or inside the running one (that server's
-    actor takes the prompt off the queue or interrupts it) and raises
-    :class:`~discomfort.errors.RunCancelled` (:class:`~discomfort.errors.RunInterrupted`) saying
-    where; the run's values are freed from Ray first.
+    ``cancel`` (or Ctrl-C) stops the run as in run_sequential: the running server's actor takes
+    the prompt off the queue or interrupts it, and :class:`~discomfort.errors.RunCancelled`
+    (:class:`~discomfort.errors.RunInterrupted`) says where; the run's values are freed from Ray.
 
     Returns ``{unique_id: value}``: private, writable copies that stay valid after the run,
     whose values are all freed from Ray before this returns (references, which cannot leave
-    their server's process, are left out).
+    their server's process, are left out unless ``outputs`` names them: then their recipe).
     """
     iterations = check_bounds(iterations, until)
-    if not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    _check_retries(retries)
+    progress, on_progress = _progress_options(progress, on_progress)
     names = workflow_names(workflows)
     items = read_workflows(workflows)
     _ray.ensure_connected(address)
@@ -130,10 +133,12 @@ def run_sequential_ray(
             raise TypeError(f"servers must be a RayComfyPool, a positive int or None, not {servers!r}")
         pool = own_pool = RayComfyPool(comfy_path, size=servers).start()
     try:
-        with RayRun(pool, run_id=run_id, assign=assign, retries=retries, adopt=adopt) as run:
+        with RayRun(pool, run_id=run_id, assign=assign, retries=retries, adopt=adopt,
+                    object_info=object_info) as run:
             run._removes_store_on_cancel = True
-            result = run.execute(items, inputs, iterations, until=until, timeout=timeout, object_info=object_info,
-                                 progress=progress, cancel=cancel, names=names)
+            result = run.run_loop(items, inputs, iterations, until=until, timeout=timeout, outputs=outputs,
+                              release_unused=release_unused, cancel=cancel, progress=progress,
+                              on_progress=on_progress, placement=run.placement, names=names)
         if free_after and run.used:
             pool.free(sorted(run.used))
         return result
@@ -142,215 +147,118 @@ def run_sequential_ray(
             own_pool.close()
 
 
-class RayRun:
-    """A Ray run held across calls: ``with RayRun(pool) as run: run.save(...); run.execute([...])``.
+class RayPlacement:
+    """Workflows on the servers of a :class:`RayComfyPool`: ``assign`` chooses the server; a
+    server that dies is replaced and the workflow runs again (``retries`` times); the values a
+    server saved are adopted by this process (``adopt``) so they outlive it."""
 
-    The :class:`~discomfort.sequential.Run` of a :class:`RayComfyPool`: values live in the Ray
-    object store for the whole block, Python runs between the calls, and a reference a server
-    saved reaches workflows on other servers by recipe. ``assign``, ``retries``, ``adopt``: as in
-    :func:`run_sequential_ray`.
-    """
-
-    def __init__(self, servers: RayComfyPool, *, run_id: str | None = None,
-                 assign: str | Callable[[int, int], int] = "workflow", retries: int = 1, adopt: bool = True) -> None:
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        self.pool = servers
-        self.choose = _assigner(assign, len(servers))
-        self.retries, self.adopt = retries, adopt
-        self.context = RayContext(run_id)
-        self.used: set[int] = set()  # servers that ran a workflow of this run
-        self._writers: dict[str, tuple[int, dict, str]] = {}  # key -> (server, prompt, port node) that wrote it
+    def __init__(self, pool: RayComfyPool, assign: str | Callable[[int, int], int] = "workflow",
+                 retries: int = 1, adopt: bool = True, used: set[int] | None = None) -> None:
+        _check_retries(retries)
+        self.pool, self.retries, self.adopt = pool, retries, adopt
+        self.choose_server = _assigner(assign, len(pool))
+        self.used: set[int] = set() if used is None else used  # servers that ran a workflow
         self._info: Mapping | None = None
-        self._removes_store_on_cancel = False
-        log.info("discomfort: run %s on %d ComfyUI servers in the Ray cluster at %s", self.run_id, len(servers),
-                 _ray.gcs_address())
 
-    @property
-    def run_id(self) -> str:
-        return self.context.run_id
+    def choose(self, iteration: int, k: int, step: int) -> int:
+        return self.choose_server(iteration, k, step)
 
-    def save(self, unique_id: str, value: Any, pass_by: str = "auto") -> int:
-        """Store a value (a mapping shaped like a recipe's JSON is data too)."""
-        if isinstance(value, Recipe):
-            raise TypeError(f"{unique_id!r}: a Recipe is not a value of a Ray run (recipes given as inputs are "
-                            "built by run_sequential and Run only)")
-        self._writers.pop(unique_id, None)
-        return self.context.save(unique_id, value, pass_by)  # type: ignore[arg-type]
+    def where(self, slot: int) -> str:
+        return f"ray server {slot}"
 
-    def load(self, unique_id: str, *, copy: bool | None = None) -> Any:
-        return self.context.load(unique_id, copy=copy)
+    def prompt_target(self, slot: int) -> Any:
+        return self.pool
 
-    def delete(self, unique_id: str) -> bool:
-        return self.context.delete(unique_id)
-
-    def keys(self) -> list[str]:
-        return self.context.keys()
-
-    def __contains__(self, unique_id: object) -> bool:
-        return unique_id in self.context
-
-    def close(self) -> None:
-        self.context.shutdown()
-
-    def __enter__(self) -> "RayRun":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.context.__exit__(*exc)
-
-    def _object_info(self) -> Mapping:  # the pool's servers run one ComfyUI: one /object_info
+    def object_info(self, slot: int) -> Mapping:  # the pool's servers run one ComfyUI: one /object_info
         if self._info is None:
             self._info = self.pool.object_info(0)
         return self._info
 
+    def execute(self, slot: int, prompt: dict, timeout: float | None, cancel: CancelToken | None,
+                on_event: Callable[[str, dict], Any] | None) -> None:
+        self.used.add(slot)
+        self.pool.execute(slot, prompt, timeout, cancel)
+
+    def settle(self, ctx: Any, slot: int, written: list[str]) -> None:
+        """Make the values the server saved owned by this process (one copy each, on its node)."""
+        if not self.adopt:
+            return
+        foreign = ctx._foreign_values(written)
+        if not foreign:
+            return
+        uids = list(foreign)
+        refs = self.pool.adopt(slot, [foreign[u][0] for u in uids])
+        node = self.pool.slots[slot].node_id
+        for uid, ref in zip(uids, refs):
+            ctx._adopted(uid, foreign[uid][1]["version"], ref, node)
+
+    def recover(self, slot: int, exc: Exception, attempts: int, run_id: str, iteration: int, k: int) -> bool:
+        """A dead server: replaced, and the workflow runs again (at most ``retries`` times)."""
+        if not isinstance(exc, ServerDiedError):
+            return False
+        if attempts > self.retries:
+            raise WorkflowError(
+                f"workflow {k} (iteration {iteration}) failed: its ComfyUI server {slot} died "
+                f"{attempts} time(s): {exc}\n--- server log (tail) ---\n{self.pool.log_tail(slot)}"
+            ) from exc
+        log.warning("discomfort: run %s: ComfyUI server %d died during workflow %d (iteration %d): %s; "
+                    "replacing it and running the workflow again", run_id, slot, k, iteration, exc)
+        self.pool.replace(slot)
+        return True
+
+    def describe(self, slot: int) -> dict[str, Any]:
+        return {"server": slot, "node_id": self.pool.slots[slot].node_id}
+
+
+class RayRun(RunEngine):
+    """A Ray run held across calls: ``with RayRun(pool) as run: run.save(...); run.execute([...])``.
+
+    The :class:`~discomfort.sequential.Run` of a :class:`RayComfyPool`, the same loop: values live
+    in the Ray object store for the whole block, Python runs between the calls, and a reference a
+    server saved reaches workflows on other servers by recipe. ``assign``, ``retries``, ``adopt``:
+    as in :func:`run_sequential_ray`.
+    """
+
+    _bar_name = "discomfort ray run"
+
+    def __init__(self, servers: RayComfyPool, *, run_id: str | None = None,
+                 assign: str | Callable[[int, int], int] = "workflow", retries: int = 1, adopt: bool = True,
+                 object_info: Mapping | None = None) -> None:
+        self.pool = servers
+        self.used: set[int] = set()  # servers that ran a workflow of this run
+        self.placement = RayPlacement(servers, assign, retries, adopt, self.used)
+        self._start_engine(object_info)
+        self.context = RayContext(run_id)
+        log.info("discomfort: run %s on %d ComfyUI servers in the Ray cluster at %s", self.run_id, len(servers),
+                 _ray.gcs_address())
+
+    def load(self, unique_id: str, *, copy: bool | None = None) -> Any:
+        return self.context.load(unique_id, copy=copy)
+
+    def _load_result(self, unique_id: str) -> Any:
+        return self.context.load(unique_id, copy=True)  # results are private copies, valid after the run
+
+    def __enter__(self) -> "RayRun":
+        return self
+
     def execute(self, workflows: Any, inputs: Mapping[str, Any] | None = None, iterations: int | None = 1, *,
-                until: Until | None = None, timeout: float | None = None, object_info: Mapping | None = None,
-                progress: bool | Callable[[WorkflowEvent], Any] | None = None, cancel: CancelToken | None = None,
-                assign: str | Callable[[int, int], int] | None = None, names: list[str] | None = None) -> Result:
+                until: Until | None = None, timeout: float | None = None, outputs: Iterable[str] | None = None,
+                release_unused: bool = False, cancel: CancelToken | None = None,
+                progress: bool | Callable[[ProgressEvent], Any] | None = None,
+                on_progress: Callable[[ProgressEvent], Any] | None = None,
+                assign: str | Callable[[int, int], int] | None = None, object_info: Mapping | None = None,
+                names: list[str] | None = None) -> Result:
         """Run ``workflows`` on the pool ``iterations`` times (or until ``until``); returns private
-        copies of the values their ports wrote (references, which stay in their server, left out).
-        ``assign``: which server runs each workflow in this call (default: the run's)."""
-        iterations = check_bounds(iterations, until)
-        choose = self.choose if assign is None else _assigner(assign, len(self.pool))
-        names = names or workflow_names(workflows)
-        items = read_workflows(workflows)
+        copies of the values their ports wrote (or ``outputs``). The options are
+        :meth:`Run.execute <discomfort.sequential.Run.execute>`'s; ``assign``: which server runs
+        each workflow in this call (default: the run's)."""
+        progress, on_progress = _progress_options(progress, on_progress)
         if object_info is not None:
-            self._info = object_info
-        info = self._object_info() if any(is_ui_format(w) for w in items) else object_info
-        prompts, port_nodes, port_keys = plan_workflows(items, info)
-        reads, writes = port_io(port_keys)
-        if isinstance(until, str) and until not in {u for w in writes for u in w}:
-            raise ValueError(f"until={until!r}: no output port of these workflows writes that key")
-        ctx = self.context
-        total = None if iterations is None else iterations * len(prompts)
-        written: list[str] = []
-        bar = progress_bar(None if progress is None else progress is True, total, f"discomfort {ctx.run_id[:12]}")
-        where: list[Any] = [None, None, False]  # iteration, workflow, inside: for a cut run's message
-        step = 0
-        try:
-            for uid, value in (inputs or {}).items():
-                self.save(uid, value)
-            sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(prompts, port_nodes)]
-            result = Result()
-            iteration = 0
-            while iterations is None or iteration < iterations:
-                for k, prompt in enumerate(sent):
-                    where[:] = [iteration, k, False]
-                    if cancel is not None and cancel.cancelled:
-                        raise RunCancelled("cancelled between workflows")
-                    keys, outs = port_keys[k], writes[k]
-                    have = ctx.versions(reads[k] + outs)
-                    missing = sorted(uid for uid in reads[k] if have[uid] is None)
-                    if missing:
-                        raise missing_inputs_error(k, missing, ctx.run_id)
-                    server = choose(iteration, k, step)
-                    prompt = self._with_recipes(prompt, server, reads[k], port_keys[k], cancel)
-                    t0 = time.monotonic()
-                    where[2] = True
-                    attempts = _run_one(self.pool, ctx, server, k, iteration, prompt, keys, outs, have, timeout,
-                                        self.retries, self.adopt, cancel)
-                    where[2] = False
-                    self.used.add(server)
-                    for uid in outs:
-                        self._writers[uid] = (server, prompts[k], keys[uid].output_node_ids[-1])
-                        if uid not in written:
-                            written.append(uid)
-                    step += 1
-                    self._report(progress, bar, iteration, k, step, total, server, time.monotonic() - t0, attempts)
-                iteration += 1
-                if until is not None and until_holds(ctx, until, iteration - 1):
-                    result.stopped = "until"
-                    break
-            where[:] = [None, None, False]
-            for uid in written:
-                try:
-                    result[uid] = ctx.load(uid, copy=True)
-                except ReferenceUnavailableError:
-                    log.info("discomfort: run %s: %r is a reference in a server's process: not returned",
-                             ctx.run_id, uid)
-            result.iterations = iteration
-            return result
-        except RunCancelled as exc:
-            raise cut_error(RunCancelled, cancel.reason if cancel is not None else None, ctx.run_id, names,
-                            iterations, where[0], where[1], where[2], step, self._removes_store_on_cancel) from exc
-        except KeyboardInterrupt as exc:
-            raise cut_error(RunInterrupted, "Ctrl-C", ctx.run_id, names, iterations, where[0], where[1], where[2],
-                            step, self._removes_store_on_cancel) from exc
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def _with_recipes(self, prompt: dict, server: int, reads: list[str], ports: Mapping,
-                      cancel: CancelToken | None = None) -> dict:
-        """``prompt`` with a recipe in place of each loader whose key is a reference another server
-        saved (extracted here from this run's own workflows: trusted, bounded)."""
-        for uid in reads:
-            wrote = self._writers.get(uid)
-            if wrote is None or wrote[0] == server or self.context.info(uid).get("kind") != "ref":
-                continue
-            info = self._object_info()
-            recipe = extract(wrote[1], wrote[2], uid, info)
-            for node in ports[uid].input_node_ids:
-                prompt = stitch_recipe(prompt, node, recipe, self.run_id, info, cancel=cancel)
-        return prompt
-
-    def _report(self, progress: Any, bar: Any, iteration: int, k: int, step: int, total: int | None, server: int,
-                seconds: float, attempts: int) -> None:
-        event = WorkflowEvent(self.run_id, iteration, k, step, total, server, self.pool.slots[server].node_id,
-                              seconds, attempts)
-        log.info("discomfort: run %s: iteration %d, workflow %d on server %d (node %s): %.2fs%s",
-                 self.run_id, iteration, k, server, event.node_id[:8], seconds,
-                 "" if attempts == 1 else f" ({attempts} attempts: its server was replaced)")
-        if bar is not None:
-            bar.set_postfix_str(f"it {iteration} wf {k} -> server {server} ({event.node_id[:8]}) {seconds:.1f}s",
-                                refresh=False)
-            bar.update(1)
-        if callable(progress) and progress is not True:
-            progress(event)
-
-
-def _run_one(pool: RayComfyPool, ctx: RayContext, server: int, k: int, iteration: int, prompt: dict,
-             keys: Mapping, outs: list, before: Mapping, timeout: float | None, retries: int,
-             adopt: bool, cancel: CancelToken | None = None) -> int:
-    """Run one workflow on ``server``, replacing the server and trying again if it dies."""
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            digest = ctx.allow_prompt(prompt_as_run(prompt, pool))  # the form its nodes get (issue 23)
-            try:
-                pool.execute(server, prompt, timeout, cancel)
-            finally:
-                ctx.revoke_prompt(digest)
-            after = ctx.versions(outs)
-            for uid in outs:
-                if after[uid] is None or after[uid] == before.get(uid):
-                    raise WorkflowError(
-                        f"workflow {k}: the port(s) {', '.join(keys[uid].output_node_ids)} writing "
-                        f"{uid!r} did not save a value in run {ctx.run_id!r}"
-                    )
-            if adopt:
-                _adopt(pool, ctx, server, outs)
-            return attempts
-        except ServerDiedError as exc:
-            if attempts > retries:
-                raise WorkflowError(
-                    f"workflow {k} (iteration {iteration}) failed: its ComfyUI server {server} died "
-                    f"{attempts} time(s): {exc}\n--- server log (tail) ---\n{pool.log_tail(server)}"
-                ) from exc
-            log.warning("discomfort: run %s: ComfyUI server %d died during workflow %d (iteration %d): %s; "
-                        "replacing it and running the workflow again", ctx.run_id, server, k, iteration, exc)
-            pool.replace(server)
-
-
-def _adopt(pool: RayComfyPool, ctx: RayContext, server: int, outs: list) -> None:
-    """Make the values the server saved owned by this process (one copy each, on the server's node)."""
-    foreign = ctx._foreign_values(outs)
-    if not foreign:
-        return
-    uids = list(foreign)
-    refs = pool.adopt(server, [foreign[u][0] for u in uids])
-    node = pool.slots[server].node_id
-    for uid, ref in zip(uids, refs):
-        ctx._adopted(uid, foreign[uid][1]["version"], ref, node)
+            self.object_info = object_info
+        placement = self.placement
+        if assign is not None:
+            placement = RayPlacement(self.pool, assign, placement.retries, placement.adopt, self.used)
+            placement._info = self.placement._info
+        return self.run_loop(workflows, inputs, iterations, until=until, timeout=timeout, outputs=outputs,
+                         release_unused=release_unused, cancel=cancel, progress=progress, on_progress=on_progress,
+                         placement=placement, names=names)
