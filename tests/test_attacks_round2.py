@@ -101,7 +101,8 @@ def _npy(path, shape) -> None:
 @pytest.mark.parametrize("shape", [(2 ** 61, 4, 3), (3, 2 ** 62 + 1), (2 ** 32, 2 ** 32)])
 def test_a_npy_header_cannot_wrap_the_input_budget(tmp_path, shape):
     """An int64 product of these shapes wraps to 0 or below: summed into the run's decoded bytes it
-    took up to 2^65 off the budget, so 60 inputs bound to one 8000x8000 PNG (768 MB each) passed."""
+    took up to 2^65 off the budget. (numpy then refuses to load such a file, and the inputs bound
+    before it were within the budget: a miscount that decoded nothing more, now refused first.)"""
     _npy(tmp_path / "x.npy", shape)
     got = input_bytes(str(tmp_path / "x.npy"), "*", PanelLimits())
     assert got > PanelLimits().max_run_input_bytes and got == 4 * shape[0] * shape[1] * (shape[2:] or (1,))[0]
