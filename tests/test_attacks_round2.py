@@ -274,3 +274,29 @@ def test_a_client_cannot_hold_copies_of_a_value_by_not_reading(out_server):
         for s, _ in held:
             s.close()
         assert np.count_nonzero(rc.load("v")) == 12 << 20  # the slots came back: a reader is served
+
+
+def test_a_run_registers_a_bounded_number_of_prompts(out_server):
+    """Every registration rewrites the run's whole set of digests (sorted JSON in the store), on
+    the server's event loop: 8000 took each request from 1 to 7.5 ms, growing without end. Now
+    the 257th at once is 429; one already there, or one after a revoke, is taken."""
+    import hashlib
+
+    import requests
+
+    from discomfort.remote import RemoteContext
+    from discomfort.remote import server
+
+    MAX_PROMPTS = getattr(server, "MAX_PROMPTS", 256)
+
+    url, _pid, _log = out_server
+    with RemoteContext(url, secret=SECRET) as rc, requests.Session() as http:
+        http.headers["X-Discomfort-Token"] = rc._token
+        route = f"{url}/discomfort/runs/{rc.run_id}/prompts"
+        digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(MAX_PROMPTS + 1)]
+        assert {http.post(route, json={"digest": d}, timeout=30).status_code for d in digests[:-1]} == {200}
+        over = http.post(route, json={"digest": digests[-1]}, timeout=30)
+        assert over.status_code == 429 and "revoke" in over.json()["error"], over.text
+        assert http.post(route, json={"digest": digests[0]}, timeout=30).status_code == 200  # already there
+        assert http.delete(f"{route}/{digests[0]}", timeout=30).status_code == 200
+        assert http.post(route, json={"digest": digests[-1]}, timeout=30).status_code == 200

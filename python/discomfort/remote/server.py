@@ -51,6 +51,7 @@ __all__ = ["ServedContext", "RunServer", "ServerLimits", "HTTPRefusal", "run_ser
 log = logging.getLogger("discomfort")
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+MAX_PROMPTS = 256  # prompts registered at once in one run (an orchestrator has a few in flight)
 
 
 #: Exception class -> HTTP status, first match wins. Anything else is a 500 (and a server bug).
@@ -332,6 +333,10 @@ class RunServer:
                 digest = None
             if not isinstance(digest, str) or not _DIGEST.match(digest):
                 raise ValueError("the body must be {\"digest\": <64 lowercase hex digits>}")
+            held = ctx.prompt_digests()
+            if digest not in held and len(held) >= MAX_PROMPTS:  # each one rewrites the whole set
+                raise HTTPRefusal(429, f"run {run_id!r} has {len(held)} prompts registered, its limit: revoke "
+                                       "those that have finished", errors.RemoteLimitError)
             ctx.allow_digest(digest)
         except Exception as exc:  # noqa: BLE001
             return self._error(exc, run_id)
