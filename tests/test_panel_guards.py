@@ -11,7 +11,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from discomfort import errors
+pytest.importorskip("aiohttp")  # the route modules are aiohttp handlers (the suite on 3.10/3.13 has none)
+
+from discomfort import errors  # noqa: E402
 from discomfort.nodes.panel_io import (PanelLimits, _to_uint8, check_subgraphs, input_bytes, json_depth, load_input,
                                        read_json)
 from discomfort.nodes.panel_runs import EVENTS_KEPT, PanelRun, RunBook
