@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from discomfort import Run
-from discomfort.errors import NodeExecutionError, PromptValidationError
+from discomfort.errors import NodeExecutionError, PromptValidationError, UnknownRunError
 from discomfort.recipes import Recipe, RecipeError, types_digest
 from discomfort.remote import RemoteContext
 from test_attacks_recipes import USE
@@ -158,3 +158,60 @@ def test_a_recipe_cannot_steer_a_loader_choice_through_a_link(server, tmp_path):
     with Run(server, transport="shm") as run:
         with pytest.raises(RecipeError, match=r"node 3 \(DiffusersLoader\) gets its choice 'model_path' through a link"):
             run.execute(USE, {"model": Recipe.from_json(got["model"]), "p": got["p"]}, timeout=T)
+
+
+@pytest.fixture(scope="module")
+def short_ttl_server(comfy_path, tmp_path_factory):
+    """A ComfyUI of its own whose HTTP runs end after 2 s unused, and its log."""
+    import os
+
+    from discomfort.comfy import launch_server
+
+    from conftest import NODE_PACK, TEST_PACK
+
+    work = tmp_path_factory.mktemp("comfy-ttl")
+    env = {**os.environ, "DISCOMFORT_REMOTE_RUN_TTL": "2"}
+    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, env=env, api_nodes=False,
+                       startup_timeout=180, log_path=work / "comfyui.log") as srv:
+        yield srv, work / "comfyui.log"
+
+
+def test_an_idle_run_with_a_registered_prompt_still_ends(short_ttl_server, tmp_path):
+    """An idle run was kept while it had a registered prompt: a client that registers one and
+    never queues or revokes it (or an orchestrator that died mid-run) held its runs and their
+    memory for ever, and 32 such runs take the server's every slot. Now an idle run ends unless
+    one of its prompts is queued or running in ComfyUI; the control, a run whose prompt is held
+    running past the limit, lives and its prompt saves into it."""
+    import time
+
+    import requests
+
+    srv, log = short_ttl_server
+    release = tmp_path / "release"
+    with RemoteContext(srv.url) as held:
+        prompt = {"1": {"class_type": "PrimitiveInt", "inputs": {"value": 7}},
+                  "2": {"class_type": "DiscomfortTestGate", "inputs": {"value": ["1", 0], "signal": "",
+                                                                       "release": str(release)}},
+                  "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "out", "input_data": ["2", 0],
+                                                                   "run_id": held.run_id, "port_mode": "OUTPUT"}}}
+        held.allow_prompt(prompt)
+        queued = requests.post(f"{srv.url}/prompt", json={"prompt": prompt}, timeout=T)
+        assert queued.status_code == 200, queued.text
+        idle = RemoteContext(srv.url)
+        idle.allow_prompt({"9": {"class_type": "PrimitiveInt", "inputs": {"value": 1}}})  # never queued
+        end = time.monotonic() + 30
+        while f"run {idle.run_id} unused for" not in log.read_text():  # the server's own timer ends it
+            assert time.monotonic() < end, "the idle run with a registered prompt was never ended"
+            time.sleep(0.1)
+        held.stats()  # idle past the limit too, and not ended (UnknownRunError otherwise): its prompt runs
+        release.touch()
+        srv_history = srv.history(queued.json()["prompt_id"])
+        end = time.monotonic() + 60
+        while not srv_history:
+            assert time.monotonic() < end, "the held prompt did not finish"
+            time.sleep(0.1)
+            srv_history = srv.history(queued.json()["prompt_id"])
+        assert held.load("out") == 7
+        with pytest.raises(UnknownRunError):
+            idle.stats()
+        idle.shutdown()  # already ended there: nothing to do

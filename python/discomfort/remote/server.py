@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 from typing import Any
 
@@ -197,7 +198,7 @@ class RunServer:
         for rid, ctx in list(self.runs.items()):
             if ctx.closed:
                 self.runs.pop(rid, None)
-            elif (now - ctx.last_used > self.limits.idle_seconds and not ctx.prompt_digests()
+            elif (now - ctx.last_used > self.limits.idle_seconds and not self._prompt_pending(ctx)
                   and not self.uploads.of_run(rid)):  # a value arriving is a use
                 log.warning("discomfort: run %s unused for %.0fs: ended", rid, now - ctx.last_used)
                 self._end(rid)
@@ -208,6 +209,24 @@ class RunServer:
         if ctx is not None:
             self.uploads.stop_run(run_id, errors.UnknownRunError(f"run {run_id!r} ended while this value arrived"))
             ctx.shutdown()
+
+    @staticmethod
+    def _prompt_pending(ctx: ServedContext) -> bool:
+        """Whether a prompt of the run is queued or running, which keeps an idle run: in ComfyUI,
+        its queue says (a prompt registered and never queued, or whose orchestrator went away
+        before revoking it, keeps nothing); without ComfyUI, any registered prompt."""
+        comfy = sys.modules.get("server")  # ComfyUI's, already imported when it serves these routes
+        queue = getattr(getattr(getattr(comfy, "PromptServer", None), "instance", None), "prompt_queue", None)
+        if queue is None or not hasattr(queue, "get_current_queue_volatile"):
+            return bool(ctx.prompt_digests())
+        running, queued = queue.get_current_queue_volatile()
+        for item in [*running, *queued]:
+            prompt = item[2] if isinstance(item, (list, tuple)) and len(item) > 2 else None
+            for node in prompt.values() if isinstance(prompt, dict) else ():
+                if isinstance(node, dict) and isinstance(node.get("inputs"), dict) \
+                        and node["inputs"].get("run_id") == ctx.run_id:
+                    return True
+        return False
 
     def _schedule_expiry(self) -> None:
         if self._timer is None and self.runs:
