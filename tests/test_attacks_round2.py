@@ -300,3 +300,66 @@ def test_a_run_registers_a_bounded_number_of_prompts(out_server):
         assert http.post(route, json={"digest": digests[0]}, timeout=30).status_code == 200  # already there
         assert http.delete(f"{route}/{digests[0]}", timeout=30).status_code == 200
         assert http.post(route, json={"digest": digests[-1]}, timeout=30).status_code == 200
+
+
+def test_a_recipe_port_in_any_mode_never_saves_into_the_run():
+    """A port of a recipe from outside in OUTPUT (or an odd) mode, naming another run and a key of
+    the victim's: stitched, a port the value passes through is left out, and any other becomes a
+    loader of this run's declared input: no node of the prompt can save, or name another run."""
+    from discomfort.recipes import stitch_recipe
+
+    def port(uid, **extra):
+        return {"class_type": "DiscomfortPort", "inputs": {"unique_id": uid, "run_id": "victim", **extra}}
+
+    nodes = {"1": port("strength", port_mode="OUTPUT"),
+             "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+             "3": port("result", port_mode="PASSTHRU", input_data=["2", 0]),
+             "4": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["3", 0], "shift": ["1", 0]}},
+             "5": port("model", port_mode="SAVE EVERYTHING", input_data=["4", 0])}
+    recipe = from_outside(nodes, ["5", 0], {"strength": {"key": "strength"}})
+    consumer = {"7": {"class_type": "DiscomfortDataLoader", "inputs": {"run_id": "mine", "unique_id": "model"}},
+                "8": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "out", "input_data": ["7", 0]}}}
+    out = stitch_recipe(consumer, "7", recipe, "mine", INFO)
+    ports = [nid for nid, e in out.items() if e["class_type"] == "DiscomfortPort"]
+    assert ports == ["8"], out  # the consumer's own port only
+    runs = {e["inputs"].get("run_id") for e in out.values()} - {None}
+    assert runs == {"mine"}, out
+    assert [e["inputs"]["unique_id"] for e in out.values() if e["class_type"] == "DiscomfortDataLoader"] == ["strength"]
+
+
+@pytest.mark.parametrize("cls", ["PrimitiveNode", "Reroute", "Note", "GroupNode", "workflow>x"])
+def test_frontend_only_nodes_are_not_node_types(cls):
+    recipe = from_outside({"1": {"class_type": cls, "inputs": {}}}, ["1", 0])
+    with pytest.raises(RecipeError, match=f"node 1 \\({cls}\\) is not a node type of this ComfyUI"):
+        check_recipe(recipe, INFO)
+
+
+def test_panel_input_names_cannot_leave_the_input_folder(tmp_path):
+    """Symlinks in input/ to a file or a folder outside it, a FIFO, names with .., %2e%2e, NUL,
+    a drive or a backslash: none is read, none is listed."""
+    import os
+
+    from discomfort.nodes.panel_io import InvalidName, list_files, safe_file
+
+    inputs, secret = tmp_path / "input", tmp_path / "secret"
+    inputs.mkdir()
+    secret.mkdir()
+    (secret / "key.txt").write_text("private")
+    (inputs / "ok.txt").write_text("fine")
+    (inputs / "file.txt").symlink_to(secret / "key.txt")
+    (inputs / "dir").symlink_to(secret)
+    os.mkfifo(inputs / "pipe.txt")
+    lim = PanelLimits()
+    assert safe_file(inputs, "ok.txt", "input", lim).endswith("ok.txt")  # the control
+    for name in ("file.txt", "dir/key.txt"):
+        with pytest.raises(InvalidName, match="leads out of its folder"):
+            safe_file(inputs, name, "input", lim)
+    with pytest.raises(FileNotFoundError):
+        safe_file(inputs, "pipe.txt", "input", lim)
+    for name in ("../secret/key.txt", "a/../../secret/key.txt", "/etc/passwd", "C:x.txt", "a\\..\\b.txt",
+                 "ok.txt\x00.png", "~/x.txt", "./ok.txt"):
+        with pytest.raises(InvalidName):
+            safe_file(inputs, name, "input", lim)
+    with pytest.raises(FileNotFoundError):
+        safe_file(inputs, "%2e%2e/secret/key.txt", "input", lim)  # no decoding: a plain name
+    assert [f["name"] for f in list_files(inputs, (".txt",), lim)] == ["ok.txt"]
