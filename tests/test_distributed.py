@@ -77,6 +77,20 @@ def test_ray_run_id_without_a_cluster_says_so():
     assert "RAY_ADDRESS" in out.stdout
 
 
+@needs_ray
+def test_ray_runs_say_which_options_they_do_not_take():
+    """run_sequential's store options size shared memory, which a Ray run does not use; progress=
+    with on_progress= is ambiguous. Both are refused before the cluster is reached."""
+    from discomfort.distributed import RayRun, run_sequential_ray
+
+    with pytest.raises(ValueError, match="object store"):
+        run_sequential_ray([{}], ram_budget="1G")
+    with pytest.raises(ValueError, match="object store"):
+        RayRun(None, disk_dir="/tmp")  # type: ignore[arg-type]
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="on_progress= only"):
+        run_sequential_ray([{}], progress=print, on_progress=print)
+
+
 # ---- the cluster --------------------------------------------------------------------------------------
 
 

@@ -119,6 +119,8 @@ def test_missing_inputs_are_refused_before_the_workflow_runs():
     with EngineRun(Servers) as run:
         with pytest.raises(UnknownKeyError, match="'x'"):
             run.run_loop([A, B])
+        with pytest.raises(TypeError, match="on_progress="):  # progress= is the bar only
+            run.run_loop([A, B], {"x": 1}, progress=print)  # type: ignore[arg-type]
         assert run.placement.calls == 0
 
 

@@ -210,6 +210,9 @@ class RunEngine:
         ``iterations`` times (or until ``until``); returns the values the ports wrote in this call
         (or ``outputs``). The options are :func:`~discomfort.sequential.run_sequential`'s."""
         iterations = check_bounds(iterations, until)
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress= is True, False or None (a bar on stderr), not {progress!r}: a function "
+                            "that hears each workflow is on_progress=")
         placement = self.placement if placement is None else placement
         plan = self._plan(workflows, inputs, iterations, until, outputs, release_unused, placement, names)
         state = _RunState(plan.names, iterations, until, on_progress, progress, self._bar_name)
@@ -493,9 +496,11 @@ class _RunState:
     def finished(self, attempts: int = 1) -> None:
         self.done += 1
         seconds = time.monotonic() - self.t0
-        if attempts > 1 or "node_id" in self.place:
-            log.info("discomfort: run %s: %s on %s: %.2fs%s", self.run_id, self.where(),
-                     self.place.get("server"), seconds, "" if attempts == 1 else f" ({attempts} attempts)")
+        if attempts > 1 or "node_id" in self.place:  # a pool's servers: which one ran it, and how often
+            node = self.place.get("node_id")
+            log.info("discomfort: run %s: %s on server %s%s: %.2fs%s", self.run_id, self.where(),
+                     self.place.get("server"), f" (node {node[:8]})" if node else "", seconds,
+                     "" if attempts == 1 else f" ({attempts} attempts: its server was replaced)")
         self.emit("workflow_done", seconds=seconds, attempts=attempts)
 
     def cut(self, cls: type, reason: str | None, store_removed: bool) -> BaseException:

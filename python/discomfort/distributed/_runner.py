@@ -43,6 +43,14 @@ def _check_retries(retries: Any) -> None:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
 
 
+def _check_store_options(ram_budget: Any, disk_dir: Any) -> None:
+    """run_sequential's store options: a Ray run's store is the cluster's object store."""
+    if ram_budget is not None or disk_dir is not None:
+        raise ValueError("ram_budget= and disk_dir= size a shared-memory run; a Ray run keeps its values in Ray's "
+                         "object store, sized and spilled by the cluster (ray start --object-store-memory, "
+                         "object spilling)")
+
+
 def _progress_options(progress: Any, on_progress: Any) -> tuple[bool | None, Any]:
     """``progress=callable`` (Ray runs' older form) as ``on_progress`` of the "workflow_done" events."""
     if not callable(progress) or isinstance(progress, bool):
@@ -51,7 +59,7 @@ def _progress_options(progress: Any, on_progress: Any) -> tuple[bool | None, Any
                   "it gets the \"workflow_done\" events", DeprecationWarning, stacklevel=3)
     if on_progress is not None:
         raise TypeError("give on_progress= only (progress= is True, False or None)")
-    return None, lambda ev: progress(ev) if ev.kind == "workflow_done" else None
+    return False, lambda ev: progress(ev) if ev.kind == "workflow_done" else None  # no bar, as before
 
 
 def run_sequential_ray(
@@ -75,6 +83,8 @@ def run_sequential_ray(
     run_id: str | None = None,
     address: str | None = None,
     comfy_path: str | os.PathLike | None = None,
+    ram_budget: int | str | None = None,
+    disk_dir: str | os.PathLike | None = None,
 ) -> Result:
     """:func:`~discomfort.sequential.run_sequential` across a Ray cluster.
 
@@ -106,7 +116,8 @@ def run_sequential_ray(
     ``discomfort`` logger. ``progress=callable`` (a ``WorkflowEvent`` per workflow) still works:
     it gets the "workflow_done" events. ``free_after``: ask the servers to drop ComfyUI's
     execution cache at the end, which holds zero-copy views into the object store (otherwise they
-    are released when the next prompt replaces them).
+    are released when the next prompt replaces them). ``ram_budget`` and ``disk_dir`` are
+    refused: the run's values are in Ray's object store, which the cluster sizes and spills.
 
     ``cancel`` (or Ctrl-C) stops the run as in run_sequential: the running server's actor takes
     the prompt off the queue or interrupts it, and :class:`~discomfort.errors.RunCancelled`
@@ -118,6 +129,7 @@ def run_sequential_ray(
     """
     iterations = check_bounds(iterations, until)
     _check_retries(retries)
+    _check_store_options(ram_budget, disk_dir)
     progress, on_progress = _progress_options(progress, on_progress)
     names = workflow_names(workflows)
     items = read_workflows(workflows)
@@ -223,7 +235,9 @@ class RayRun(RunEngine):
 
     def __init__(self, servers: RayComfyPool, *, run_id: str | None = None,
                  assign: str | Callable[[int, int], int] = "workflow", retries: int = 1, adopt: bool = True,
-                 object_info: Mapping | None = None) -> None:
+                 object_info: Mapping | None = None, ram_budget: int | str | None = None,
+                 disk_dir: str | os.PathLike | None = None) -> None:
+        _check_store_options(ram_budget, disk_dir)
         self.pool = servers
         self.used: set[int] = set()  # servers that ran a workflow of this run
         self.placement = RayPlacement(servers, assign, retries, adopt, self.used)
