@@ -363,3 +363,27 @@ def test_panel_input_names_cannot_leave_the_input_folder(tmp_path):
     with pytest.raises(FileNotFoundError):
         safe_file(inputs, "%2e%2e/secret/key.txt", "input", lim)  # no decoding: a plain name
     assert [f["name"] for f in list_files(inputs, (".txt",), lim)] == ["ok.txt"]
+
+
+@pytest.mark.parametrize("name", ["evil.png", "evil.jpg", "evil.webp"])
+def test_a_panel_image_is_read_only_as_its_extension_says(tmp_path, monkeypatch, name):
+    """Pillow goes by the content: PostScript uploaded as "evil.png" (ComfyUI's /upload/image takes
+    any bytes) was opened as EPS and handed to Ghostscript, a PostScript interpreter, when the
+    panel decoded it ("Unable to locate Ghostscript" where none is installed). Now only the
+    format its extension names is read: 400 before any decoder runs."""
+    from PIL import EpsImagePlugin, Image
+
+    from discomfort.errors import DiscomfortError
+    from discomfort.nodes.panel_io import load_input
+
+    ran: list = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or Image.new("RGB", (1, 1)).im)
+    path = tmp_path / name
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n(pwned) print showpage\n")
+    with pytest.raises(DiscomfortError, match="image \\(only its extension's format is read\\)"):
+        input_bytes(str(path), "IMAGE", PanelLimits())
+    with pytest.raises(DiscomfortError, match="only its extension's format"):
+        load_input(str(path), "IMAGE", PanelLimits())
+    assert ran == []
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")  # the control
+    assert tuple(load_input(str(tmp_path / "ok.png"), "IMAGE", PanelLimits()).shape) == (1, 4, 4, 3)

@@ -215,3 +215,20 @@ def test_an_idle_run_with_a_registered_prompt_still_ends(short_ttl_server, tmp_p
         with pytest.raises(UnknownRunError):
             idle.stats()
         idle.shutdown()  # already ended there: nothing to do
+
+
+def test_postscript_uploaded_as_a_png_never_reaches_a_postscript_interpreter(server):
+    """An attacker process uploads PostScript as "r2_evil.png" through /upload/image and binds it
+    to an IMAGE port in the panel: Pillow opened it as EPS and ran Ghostscript on it (where none is
+    installed: "Unable to locate Ghostscript"). Now it is read only as a PNG: 400, no interpreter."""
+    from test_attacks_panel import invert_workflow
+
+    workflows = Path(server.work_dir) / "user" / "default" / "workflows"
+    workflows.mkdir(parents=True, exist_ok=True)
+    (workflows / "r2_invert.json").write_text(json.dumps(invert_workflow()))
+    out = subprocess.run([sys.executable, str(HERE / "_attacker_round2.py"), "eps", server.url, "r2_invert", "image"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["upload"] == 200 and got["status"] == 400, got
+    assert "not a PNG image" in got["answer"]["error"] and "Ghostscript" not in got["answer"]["error"], got

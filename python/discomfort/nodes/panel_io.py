@@ -21,6 +21,10 @@ __all__ = ["PanelLimits", "InvalidName", "safe_file", "list_files", "load_input"
            "json_depth", "check_subgraphs", "typed_value", "save_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+# What Pillow may read behind each: it goes by the content, and a ".png" holding PostScript would
+# be handed to Ghostscript (EPS), or to any of its other decoders.
+_PIL_FORMATS = {".png": ["PNG"], ".jpg": ["JPEG"], ".jpeg": ["JPEG"], ".webp": ["WEBP"], ".bmp": ["BMP"],
+                ".gif": ["GIF"]}
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".npy", ".json", ".txt")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
@@ -208,7 +212,7 @@ def input_bytes(path: str, port_type: str, limits: PanelLimits) -> int:
         from PIL import Image
 
         try:
-            with Image.open(path) as img:
+            with _open_image(path) as img:
                 w, h = img.size
         except (OSError, Image.DecompressionBombError) as exc:
             raise errors.DiscomfortError(f"{name}: not an image Pillow can read ({exc})") from None
@@ -269,7 +273,7 @@ def _load_image(path: str, port_type: str, limits: PanelLimits) -> Any:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as opened:
+        with _open_image(path) as opened:
             img: Any = opened
             if img.width * img.height > limits.max_pixels:
                 raise errors.DiscomfortError(f"{os.path.basename(path)} has {img.width}x{img.height} pixels, "
@@ -287,6 +291,18 @@ def _load_image(path: str, port_type: str, limits: PanelLimits) -> Any:
             return out[None]
     except (OSError, Image.DecompressionBombError) as exc:
         raise errors.DiscomfortError(f"{os.path.basename(path)}: not an image Pillow can read ({exc})") from None
+
+
+def _open_image(path: str) -> Any:
+    """``path`` opened by Pillow as the format its extension names, and no other."""
+    from PIL import Image
+
+    formats = _PIL_FORMATS[os.path.splitext(path)[1].lower()]
+    try:
+        return Image.open(path, formats=formats)
+    except Image.UnidentifiedImageError:
+        raise errors.DiscomfortError(f"{os.path.basename(path)}: not a {' or '.join(formats)} image (only its "
+                                     "extension's format is read)") from None
 
 
 def typed_value(value: Any, port_type: str, key: str, limits: PanelLimits) -> Any:
