@@ -387,3 +387,31 @@ def test_a_panel_image_is_read_only_as_its_extension_says(tmp_path, monkeypatch,
     assert ran == []
     Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")  # the control
     assert tuple(load_input(str(tmp_path / "ok.png"), "IMAGE", PanelLimits()).shape) == (1, 4, 4, 3)
+
+
+def test_long_polls_on_one_run_are_capped():
+    """Anyone may start a run and hold its token; thousands of polls on it each took a connection
+    and a waiter, and every event answered them all. The 17th waiting at once is 429; the others
+    are answered by the next event, and a poll after them waits again."""
+    import asyncio
+
+    from discomfort.nodes.panel_runs import MAX_POLLS, PanelRun
+    from discomfort.remote.limits import HTTPRefusal
+
+    async def attack() -> tuple[list, BaseException | None, int]:
+        run = PanelRun("ab" * 16, "t", "127.0.0.1", ["w"], 1, None, loop=asyncio.get_running_loop())
+        waiting = [asyncio.create_task(run.wait_after(0, 30)) for _ in range(MAX_POLLS)]
+        while run.polls < MAX_POLLS:
+            await asyncio.sleep(0)  # let each task reach its wait
+        refused = None
+        try:
+            await run.wait_after(0, 30)
+        except HTTPRefusal as exc:
+            refused = exc
+        run.publish({"kind": "node"})
+        answers = await asyncio.gather(*waiting)
+        return answers, refused, run.polls
+
+    answers, refused, left = asyncio.run(attack())
+    assert refused is not None and refused.status == 429 and "polls are waiting" in str(refused)
+    assert [len(a[0]) for a in answers] == [1] * MAX_POLLS and left == 0

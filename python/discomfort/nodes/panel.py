@@ -410,7 +410,10 @@ class PanelServer:
                 raise ValueError(f"wait must be a number of seconds, not {wait[:20]!r}") from None
         except Exception as exc:  # noqa: BLE001
             return self._error(exc, request.match_info["run_id"])
-        got, last, dropped = await entry.wait_after(int(after), seconds)
+        try:
+            got, last, dropped = await entry.wait_after(int(after), seconds)
+        except HTTPRefusal as exc:
+            return self._error(exc, entry.run_id)
         return web.json_response({"run_id": entry.run_id, "events": got, "next": last, "dropped": dropped,
                                   "state": entry.state, "done": entry.done})
 

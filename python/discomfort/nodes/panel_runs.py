@@ -25,10 +25,11 @@ from typing import Any, Iterable
 from .. import errors
 from ..remote.server import HTTPRefusal
 
-__all__ = ["PanelRun", "RunBook", "TOKEN_HEADER", "EVENTS_KEPT", "new_token"]
+__all__ = ["PanelRun", "RunBook", "TOKEN_HEADER", "EVENTS_KEPT", "MAX_POLLS", "new_token"]
 
 TOKEN_HEADER = "X-Discomfort-Panel-Token"
 EVENTS_KEPT = 512  # progress events a run keeps for its readers
+MAX_POLLS = 16  # long polls waiting at once on one run (each event answers them all)
 
 
 def new_token() -> str:
@@ -59,6 +60,7 @@ class PanelRun:
     events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=EVENTS_KEPT))
     seq: int = 0
     done: bool = False  # its "finished" event is published
+    polls: int = 0  # long polls waiting now
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _changed: Any = None
 
@@ -101,12 +103,18 @@ class PanelRun:
         got = self.after(n)
         if got[0] or self.done:
             return got
+        if self.polls >= MAX_POLLS:
+            raise HTTPRefusal(429, f"{self.polls} polls are waiting on run {self.run_id!r}, the most there may be: "
+                                   "end one first", errors.RemoteLimitError)
         if self._changed is None:
             self._changed = asyncio.Event()
+        self.polls += 1
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+        finally:
+            self.polls -= 1
         return self.after(n)
 
 
