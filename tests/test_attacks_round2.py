@@ -415,3 +415,12 @@ def test_long_polls_on_one_run_are_capped():
     answers, refused, left = asyncio.run(attack())
     assert refused is not None and refused.status == 429 and "polls are waiting" in str(refused)
     assert [len(a[0]) for a in answers] == [1] * MAX_POLLS and left == 0
+
+
+def test_a_deeply_nested_recipe_is_a_recipe_error():
+    """A mapping nested 100,000 deep in a node's input (or recipes in recipes) raised RecursionError."""
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        from_outside({"1": {"class_type": "ModelSamplingSD3", "inputs": {"shift": deep}}}, ["1", 0])

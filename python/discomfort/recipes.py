@@ -79,8 +79,15 @@ class Recipe:
                 "output": list(self.output), "inputs": inputs, "types": self.types}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], _depth: int = 0) -> "Recipe":
+    def from_json(cls, data: Mapping[str, Any]) -> "Recipe":
         """The explicit way to make JSON a recipe; the result is untrusted (checked before use)."""
+        try:
+            return cls._parse(data, 0)
+        except RecursionError:  # a value nested thousands deep (an in-process mapping; JSON from HTTP is bounded)
+            raise RecipeError("a recipe nested too deeply to read (in its values or its recipes)") from None
+
+    @classmethod
+    def _parse(cls, data: Mapping[str, Any], _depth: int) -> "Recipe":
         if not isinstance(data, Mapping) or data.get("discomfort_recipe") != FORMAT:
             raise RecipeError(f"not a discomfort recipe (format {FORMAT}): {str(data)[:80]}")
         if _depth > MAX_DEPTH:
@@ -92,7 +99,7 @@ class Recipe:
         inputs: dict[str, dict] = {}
         for k, v in dict(data.get("inputs") or {}).items():
             if isinstance(v, Mapping) and isinstance(v.get("recipe"), Mapping):
-                inputs[str(k)] = {"recipe": cls.from_json(v["recipe"], _depth + 1)}
+                inputs[str(k)] = {"recipe": cls._parse(v["recipe"], _depth + 1)}
             elif isinstance(v, Mapping) and isinstance(v.get("key"), str):
                 inputs[str(k)] = {"key": v["key"]}
             else:
