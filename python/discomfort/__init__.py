@@ -24,17 +24,21 @@ register_resolver(RAY_RUN_PREFIX, "discomfort.distributed:get_ray_context")
 
 
 def __getattr__(name: str):
-    # run_sequential and Run pull in the workflow tooling; load it on first use, not at import.
+    # run_sequential, Run and run_parallel pull in the workflow tooling; load it on first use, not at import.
     if name in ("run_sequential", "Run"):
         from . import sequential
 
         return getattr(sequential, name)
+    if name in ("run_parallel", "RunEvent"):
+        from . import parallel
+
+        return getattr(parallel, name)
     raise AttributeError(f"module 'discomfort' has no attribute {name!r}")
 
 
 __all__ = [
     "backend", "store_mode", "Store", "WorkflowContext", "RunContext", "get_context", "release_pool",
-    "run_sequential", "Run",
+    "run_sequential", "Run", "run_parallel", "RunEvent",
     "CancelToken", "ProgressEvent", "errors", "__version__",
     *errors.__all__,
 ]

@@ -1,0 +1,186 @@
+"""run_parallel on real ComfyUI servers: two launched servers (the session's and one of this
+module's) over shared memory and over HTTP, and a Ray pool of two servers on a two-node cluster.
+
+Runs are held inside a workflow by the test pack's gate node, whose signal FIFO and release
+file are each run's own inputs: a test knows where a run is without sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import discomfort
+from discomfort import CancelToken
+from discomfort.errors import NodeExecutionError, RunCancelled, WorkflowError
+
+from _helpers import Fifo, leftovers
+
+pytestmark = [pytest.mark.comfy, pytest.mark.filterwarnings("ignore::discomfort.remote.TransportWarning")]
+
+HERE = Path(__file__).resolve().parent
+NODE_PACK = HERE.parents[1] / "comfy_nodes"
+TEST_PACK = HERE / "test_pack"
+
+# image -> gate (tells the FIFO named by "signal" it started, holds until the file "release" exists) -> invert -> out
+GATED = {
+    "1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "image"}},
+    "2": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "signal"}},
+    "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "release"}},
+    "4": {"class_type": "DiscomfortTestGate", "inputs": {"value": ["1", 0], "signal": ["2", 0], "release": ["3", 0]}},
+    "5": {"class_type": "ImageInvert", "inputs": {"image": ["4", 0]}},
+    "6": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "out", "input_data": ["5", 0]}},
+}
+
+
+@pytest.fixture(scope="module")
+def second(comfy_path, tmp_path_factory):
+    """A second ComfyUI server for this module (the last test kills it)."""
+    from discomfort.comfy import launch_server
+
+    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=tmp_path_factory.mktemp("second"),
+                       startup_timeout=180, api_nodes=False) as srv:
+        yield srv
+
+
+@pytest.fixture
+def opened(tmp_path):
+    """A release file that exists: a gate that is given it passes at once."""
+    path = tmp_path / "open"
+    path.write_text("")
+    return str(path)
+
+
+def _image(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 257, (1, 8, 8, 3), generator=g).float() / 256  # 1 - x is exact
+
+
+def _run(seed: int, release: str, signal: str = "") -> dict:
+    return {"image": _image(seed), "signal": signal, "release": release}
+
+
+def _in_thread(fn, *args, **kwargs):
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+@pytest.mark.parametrize("transport", ["shm", "http"])
+def test_results_come_in_input_order_and_a_failing_run_is_its_result(server, second, opened, transport):
+    executors = [server, second] if transport == "shm" else [server.url, second.url]  # objects or URLs
+    inputs = [_run(seed, opened) for seed in range(5)]
+    inputs[3]["image"] = "not an image"  # ImageInvert fails on it: run 3 alone
+    events: list = []
+    run_ids: set = set()
+    results = discomfort.run_parallel([GATED], inputs, executors, transport=transport, timeout=120,
+                                      on_run=events.append, on_progress=lambda ev: run_ids.add(ev.run_id))
+    assert len(results) == 5
+    for i in (0, 1, 2, 4):
+        assert set(results[i]) == {"out"}
+        assert torch.equal(results[i]["out"], 1.0 - inputs[i]["image"]), i
+    assert isinstance(results[3], NodeExecutionError)
+    starts = {e.index: e.server for e in events if e.kind == "run_start"}
+    assert starts[0] == server.url and starts[1] == second.url  # the first runs go in the executors' order
+    last = [e for e in events if e.kind in ("run_done", "run_failed")]
+    assert sorted(e.index for e in last) == list(range(5)) and last[-1].done == 5 and last[-1].total == 5
+    assert sum(events[-1].by_server.values()) == 5 and set(events[-1].by_server) <= {server.url, second.url}
+    assert [e.index for e in last if e.kind == "run_failed"] == [3]
+    assert len(run_ids) == 5  # a run context each, all gone now
+    assert all(leftovers(r) == [] for r in run_ids)
+
+    if transport == "shm":  # raise_first: the first error is raised
+        with pytest.raises(NodeExecutionError):
+            discomfort.run_parallel([GATED], [inputs[3], inputs[0]], executors, timeout=120, raise_first=True)
+
+
+def test_as_completed_yields_runs_as_they_end(server, second, opened, tmp_path):
+    release = tmp_path / "release-0"
+    fifo = Fifo(tmp_path / "started-0")
+    inputs = [_run(0, str(release), fifo.path)] + [_run(seed, opened) for seed in (1, 2, 3)]
+    events: list = []
+    try:
+        stream = discomfort.run_parallel([GATED], inputs, [server, second], timeout=120, as_completed=True,
+                                         on_run=events.append)
+        seen = []
+        for index, result in stream:
+            seen.append(index)
+            assert torch.equal(result["out"], 1.0 - inputs[index]["image"])
+            if len(seen) == 3:  # run 0 holds server 0; the others went to the free one
+                release.write_text("")
+    finally:
+        fifo.close()
+    assert sorted(seen[:3]) == [1, 2, 3] and seen[3] == 0
+    on = {e.index: e.server for e in events if e.kind == "run_done"}
+    assert on == {0: server.url, 1: second.url, 2: second.url, 3: second.url}
+
+
+def test_cancel_stops_every_run(server, second, tmp_path):
+    fifos = [Fifo(tmp_path / f"started-{k}") for k in range(2)]
+    never = str(tmp_path / "never")
+    inputs = [_run(k, never, fifos[k].path) if k < 2 else _run(k, never) for k in range(4)]
+    token = CancelToken()
+    events: list = []
+    run_ids: set = set()
+    t, box = _in_thread(discomfort.run_parallel, [GATED], inputs, [server, second], timeout=300, cancel=token,
+                        on_run=events.append, on_progress=lambda ev: run_ids.add(ev.run_id))
+    try:
+        assert all(f.wait() for f in fifos), "a gate never started"
+        token.cancel("test")
+        t.join(120)
+        assert not t.is_alive()
+    finally:
+        for f in fifos:
+            f.close()
+    exc = box.get("error")
+    assert isinstance(exc, RunCancelled), box
+    assert "(test)" in str(exc) and "0 of 4 runs" in str(exc)
+    assert exc.results == [None] * 4
+    assert sorted(e.index for e in events if e.kind == "run_start") == [0, 1]  # runs 2 and 3 never started
+    for srv in (server, second):
+        q = srv.queue()
+        assert q["queue_running"] == [] and q["queue_pending"] == []
+    assert len(run_ids) == 2 and all(leftovers(r) == [] for r in run_ids)
+
+
+def test_a_server_killed_mid_batch_has_its_run_retried_on_another(server, second, tmp_path):
+    """Runs last in this module: it kills the module's server."""
+    release = tmp_path / "release"
+    fifo = Fifo(tmp_path / "started")
+    inputs = [_run(0, str(release), fifo.path), _run(1, str(release)), _run(2, str(release))]
+    events: list = []
+    t, box = _in_thread(discomfort.run_parallel, [GATED], inputs, [second, server], timeout=300,
+                        on_run=events.append)
+    try:
+        assert fifo.wait(), "the gate never started"  # run 0 is held on the second server
+        second.process.kill()
+        second.process.wait(60)
+        release.write_text("")  # the run starts again from its inputs on the other server, and passes
+        t.join(180)
+        assert not t.is_alive()
+    finally:
+        fifo.close()
+    results = box.get("value")
+    assert results is not None, box
+    for i, result in enumerate(results):
+        assert torch.equal(result["out"], 1.0 - inputs[i]["image"]), (i, result)
+    kinds = [(e.kind, e.index, e.server, e.attempt) for e in events if e.index == 0]
+    assert kinds[0] == ("run_start", 0, second.url, 1)
+    assert ("run_retry", 0, second.url, 1) in kinds
+    assert kinds[-1] == ("run_done", 0, server.url, 2)
+    # the dead server took no more runs
+    assert all(e.server == server.url for e in events if e.index != 0 and e.kind == "run_done")
+
+    with pytest.raises(WorkflowError, match="no server is left"):  # only a dead server: nothing runs
+        discomfort.run_parallel([GATED], [_run(5, str(release))], [second], timeout=60, raise_first=True)
