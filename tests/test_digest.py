@@ -13,7 +13,7 @@ import pytest
 from discomfort import WorkflowContext
 from discomfort.errors import PromptNotAllowedError
 from discomfort.prompt_forms import node_types, prompt_as_run, validated_form
-from discomfort.runs import prompt_digest
+from discomfort.runs import prompt_digest, run_digests
 
 
 def _one(value, name="x", cls="A"):
@@ -196,3 +196,57 @@ def test_a_run_accepts_its_prompt_as_run_and_nothing_near_it():
         for near in (variant, prompt):  # prompt: its FLOAT still an int, as if never validated
             with pytest.raises(PromptNotAllowedError):
                 ctx.check_prompt(near)
+
+
+# ---- a loader's is_changed: ComfyUI's cache key for its outputs ----------------------------------------
+
+
+def _loader(run_id, uid="x", **extra):
+    return {"class_type": "DiscomfortDataLoader", "inputs": {"run_id": run_id, "unique_id": uid}, **extra}
+
+
+def test_a_loaders_is_changed_is_digested_and_no_other_nodes():
+    port = {"class_type": "DiscomfortPort", "inputs": {"unique_id": "y", "input_data": ["1", 0], "run_id": "r"}}
+    base = {"1": _loader("r"), "2": port}
+    digests = {prompt_digest({**base, "1": _loader("r", is_changed=v)}) for v in ([1], [2], 1, ["1"], float("nan"))}
+    assert len(digests) == 5 and prompt_digest(base) not in digests
+    assert prompt_digest({**base, "2": {**port, "is_changed": ["a1b2"]}}) == prompt_digest(base)
+
+
+def test_run_digests_fill_this_runs_loaders_as_comfyui_will():
+    prompt = {"1": _loader("r"), "2": _loader("r", "gone"), "3": _loader("other"), "4": _loader("r", "x", is_changed=[9])}
+    asked: list = []
+
+    def versions(keys):
+        asked.append(keys)
+        return {"x": 5, "gone": None}
+
+    pinned, plain = run_digests(prompt, "r", versions)
+    assert asked == [["gone", "x"]]  # one question; node 4's sent is_changed stays as given
+    assert plain == prompt_digest(prompt)
+    expected = {**prompt, "1": _loader("r", is_changed=[5]), "2": _loader("r", "gone", is_changed=float("nan"))}
+    assert pinned == prompt_digest(expected)
+    assert run_digests({"1": _loader("other")}, "r", versions) == [prompt_digest({"1": _loader("other")})]
+
+
+def test_a_run_accepts_its_loaders_current_versions_only():
+    """Real shared memory: registered after saving x, the form ComfyUI hands the nodes passes
+    (with is_changed, or without on a server with --cache-none); an older version, or the same
+    prompt after x changed, is refused; revoking takes back both forms."""
+    with WorkflowContext() as ctx:
+        old = ctx.save("x", 1)
+        new = ctx.save("x", 2)
+        prompt = {"1": _loader(ctx.run_id), "2": {"class_type": "DiscomfortPort", "inputs": {
+            "unique_id": "y", "input_data": ["1", 0], "run_id": ctx.run_id}}}
+        digest = ctx.allow_prompt(prompt)
+        assert len(ctx.prompt_digests()) == 2
+        ctx.check_prompt({**prompt, "1": _loader(ctx.run_id, is_changed=[new])})
+        ctx.check_prompt(prompt)
+        for forged in ([old], [new + 1], new, float("nan")):
+            with pytest.raises(PromptNotAllowedError):
+                ctx.check_prompt({**prompt, "1": _loader(ctx.run_id, is_changed=forged)})
+        ctx.save("x", 3)
+        with pytest.raises(PromptNotAllowedError):  # the version the node would see now
+            ctx.check_prompt({**prompt, "1": _loader(ctx.run_id, is_changed=[ctx.info("x")["version"]])})
+        ctx.revoke_prompt(digest)
+        assert ctx.prompt_digests() == frozenset()

@@ -201,17 +201,19 @@ class WorkflowContext(RunBase):
 
         Ports and loaders act on a run only for prompts its orchestrator registered here, so a
         prompt someone else queued with this run's id (readable in ComfyUI's /queue and /history)
-        is refused. ``revoke_prompt(digest)`` once the prompt has finished.
+        is refused. ``revoke_prompt(digest)`` once the prompt has finished. The digest binds the
+        versions its loaders read now (:func:`~discomfort.runs.run_digests`): register it after
+        saving its inputs, and again after changing them.
         """
-        digest = prompt_digest(prompt)
-        self.allow_digest(digest)
-        return digest
+        digests = self._prompt_digests_to_allow(prompt)
+        self._set_prompts(self.prompt_digests() | set(digests))
+        return digests[0]
 
     def allow_digest(self, digest: str) -> None:
         self._set_prompts(self.prompt_digests() | {digest})
 
     def revoke_prompt(self, digest: str) -> None:
-        self._set_prompts(self.prompt_digests() - {digest})
+        self._set_prompts(self.prompt_digests() - set(self._prompt_digests_to_revoke(digest)))
 
     def check_prompt(self, prompt: Any) -> None:
         """Raise PromptNotAllowedError unless ``prompt`` was registered with ``allow_prompt``."""

@@ -17,9 +17,9 @@ import struct
 import threading
 from typing import Any, Callable, Iterator, Literal, Protocol, runtime_checkable
 
-from .errors import ReferenceUnavailableError, RunFinishedError
+from .errors import ReferenceUnavailableError, RunFinishedError, UnknownKeyError
 
-__all__ = ["RunContext", "RunBase", "References", "REFERENCES", "PassBy", "prompt_digest",
+__all__ = ["RunContext", "RunBase", "References", "REFERENCES", "PassBy", "prompt_digest", "run_digests",
            "register_resolver", "resolver_for"]
 
 log = logging.getLogger("discomfort")
@@ -120,6 +120,18 @@ class RunBase:
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())  # type: ignore[attr-defined]
 
+    def _prompt_digests_to_allow(self, prompt: Any) -> list[str]:
+        """What ``allow_prompt`` registers (:func:`run_digests`); the first is the one it returns,
+        and ``revoke_prompt`` of it takes back the others too (:meth:`_prompt_digests_to_revoke`)."""
+        digests = run_digests(prompt, self.run_id, lambda keys: _versions(self, keys))
+        with self._lock:
+            self.__dict__.setdefault("_companions", {})[digests[0]] = digests[1:]
+        return digests
+
+    def _prompt_digests_to_revoke(self, digest: str) -> list[str]:
+        with self._lock:
+            return [digest, *self.__dict__.get("_companions", {}).pop(digest, [])]
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("owner" if self._owner else "attached")
         return f"<{type(self).__name__} run_id={self.run_id!r} {state} backend={self.backend}>"
@@ -177,27 +189,79 @@ if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=REFERENCES.after_fork)
 
 
+#: The class whose ``is_changed`` the digest covers: ComfyUI's cache key for a loader's output.
+_LOADER = "DiscomfortDataLoader"
+_FIELDS = ("class_type", "inputs")
+_LOADER_FIELDS = ("class_type", "inputs", "is_changed")
+
+
 def prompt_digest(prompt: Any) -> str:
-    """SHA-256 of what an API prompt does: each node's ``class_type`` and ``inputs``, exactly.
+    """SHA-256 of what an API prompt does: each node's ``class_type`` and ``inputs``, exactly, and
+    a ``DiscomfortDataLoader``'s ``is_changed``.
 
     Type-preserving: a link ``["1", 0]``, the literal ``["1", "0"]``, ``1``, ``1.0``, ``"1"`` and
     ``true`` all differ, as a list and a tuple do, so two prompts that ComfyUI runs differently
     never share a digest. Nodes digest what ComfyUI hands them (its validation has cast widget
     values and unwrapped ``{"__value__": ...}``); an orchestrator registers that same form
-    (:func:`discomfort.prompt_forms.prompt_as_run`). Other node fields are left out: ComfyUI adds
-    its own (``is_changed``) while it runs a prompt. Raises TypeError on a value JSON cannot hold
-    (a prompt from ``/prompt`` never has one).
+    (:func:`discomfort.prompt_forms.prompt_as_run`). ComfyUI keys a node's cached outputs by its
+    ``is_changed``, taken as sent when a prompt has one: a loader's is covered (a sent one, an
+    older version, would serve outputs computed from an older value; :func:`run_digests` gives
+    the one ComfyUI computes). Other nodes' ``is_changed`` and other fields are left out: ComfyUI
+    writes ``is_changed`` into every node with ``IS_CHANGED`` (a port's is new each time) while it
+    runs a prompt. Raises TypeError on a value JSON cannot hold (a prompt from ``/prompt`` never
+    has one).
     """
     if not isinstance(prompt, dict):
         raise TypeError(f"a prompt is an API-format dict, not {type(prompt).__name__}")
-    what = {k: {f: n[f] for f in ("class_type", "inputs") if f in n} if isinstance(n, dict) else n
-            for k, n in prompt.items()}
+    what = {k: {f: n[f] for f in (_LOADER_FIELDS if n.get("class_type") == _LOADER else _FIELDS) if f in n}
+            if isinstance(n, dict) else n for k, n in prompt.items()}
     out: list[bytes] = []
     try:
         _encode(what, out)
     except RecursionError:
         raise ValueError("a prompt nested too deeply, or containing itself, has no digest") from None
     return hashlib.sha256(b"".join(out)).hexdigest()
+
+
+def run_digests(prompt: Any, run_id: str, versions: Callable[[list[str]], dict[str, int | None]]) -> list[str]:
+    """The digests that let ``prompt`` use the run ``run_id``: the one its nodes will compute, then
+    the one a server without a cache gives them.
+
+    Before any node runs, ComfyUI (with a cache: classic, LRU or RAM) sets each loader's
+    ``is_changed`` to what its ``IS_CHANGED`` answers, ``[version]`` of its key (``NaN`` when the
+    key is missing), unless the prompt came with one. So each loader of this run without one is
+    digested with the version ``versions`` gives now: a copy with an older version is refused,
+    and so is a copy queued after the key changed. A server started with ``--cache-none`` sets no
+    ``is_changed`` and serves nothing from a cache: the prompt as given is its form (and can never
+    be what a caching server's nodes see). Loaders of other runs are left as given: their
+    versions are not known here, so such a prompt is refused on a caching server.
+    """
+    plain = prompt_digest(prompt)
+    loaders = {nid: n["inputs"].get("unique_id") for nid, n in prompt.items()
+               if isinstance(n, dict) and n.get("class_type") == _LOADER and "is_changed" not in n
+               and isinstance(n.get("inputs"), dict) and n["inputs"].get("run_id") == run_id}
+    if not loaders:
+        return [plain]
+    have = versions(sorted({uid for uid in loaders.values() if type(uid) is str}))
+    pinned = dict(prompt)
+    for nid, uid in loaders.items():
+        version = have.get(uid) if type(uid) is str else None
+        pinned[nid] = {**prompt[nid], "is_changed": float("nan") if version is None else [version]}
+    return [prompt_digest(pinned), plain]
+
+
+def _versions(ctx: Any, keys: list[str]) -> dict[str, int | None]:
+    """The stored version of each key, None when absent (one round trip where the context can)."""
+    many = getattr(ctx, "versions", None)
+    if many is not None:
+        return dict(many(keys))
+    out: dict[str, int | None] = {}
+    for uid in keys:
+        try:
+            out[uid] = ctx.info(uid)["version"]
+        except UnknownKeyError:
+            out[uid] = None
+    return out
 
 
 def _encode(v: Any, out: list[bytes]) -> None:

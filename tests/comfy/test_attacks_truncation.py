@@ -36,12 +36,13 @@ def test_truncated_chunk_fails_the_prompt_and_the_server_lives(server):
     image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(5))  # 3 MiB: a RAM chunk
     with WorkflowContext() as ctx:
         prompt = prepare_prompt(WORKFLOW, ctx.run_id)
-        ctx.allow_prompt(prompt)
         ctx.save("x", image)
+        ctx.allow_prompt(prompt)  # after its input: the digest binds the version it reads
         server.execute(prompt, timeout=120)  # the server attaches and keeps the run mapped
         assert torch.equal(ctx.load("y"), 1.0 - image)
 
         ctx.save("x", image.flip(1))  # a new value, then another process cuts its chunk
+        ctx.allow_prompt(prompt)
         _truncate(ctx.store.chunk_path(ctx.info("x")["chunk"]))
         with pytest.raises(NodeExecutionError) as info:
             server.execute(prompt, timeout=120)
@@ -53,7 +54,7 @@ def test_truncated_chunk_fails_the_prompt_and_the_server_lives(server):
     # and it still serves the next run
     with WorkflowContext() as ctx:
         prompt = prepare_prompt(WORKFLOW, ctx.run_id)
-        ctx.allow_prompt(prompt)
         ctx.save("x", image)
+        ctx.allow_prompt(prompt)
         server.execute(prompt, timeout=120)
         assert torch.equal(ctx.load("y"), 1.0 - image)

@@ -179,11 +179,12 @@ def test_dataloader_cache_follows_the_stored_version(executor, workflow):
     }
     with WorkflowContext() as ctx:
         prompt = prepare_prompt(wf, ctx.run_id)
-        ctx.allow_prompt(prompt)  # as run_sequential does for each prompt it queues
 
         def run():
             v = ctx.info("y")["version"] if "y" in ctx else None
+            digest = ctx.allow_prompt(prompt)  # as run_sequential does for each prompt it queues
             executor.execute(prompt, timeout=60)
+            ctx.revoke_prompt(digest)
             assert ctx.info("y")["version"] != v  # the port always runs and saves
             return set(cached_nodes(executor.last_messages)), ctx.load("y")
 

@@ -206,12 +206,14 @@ class RayContext(RunBase):
     # ---- which prompts may use the run --------------------------------------------------------
     def allow_prompt(self, prompt: Any) -> str:
         """Let the ComfyUI nodes of ``prompt`` use this run (see WorkflowContext.allow_prompt)."""
-        digest = prompt_digest(prompt)
-        self._call("allow_prompt", digest)
-        return digest
+        digests = self._prompt_digests_to_allow(prompt)
+        for digest in digests:
+            self._call("allow_prompt", digest)
+        return digests[0]
 
     def revoke_prompt(self, digest: str) -> None:
-        self._call("revoke_prompt", digest)
+        for each in self._prompt_digests_to_revoke(digest):
+            self._call("revoke_prompt", each)
 
     def check_prompt(self, prompt: Any) -> None:
         if not isinstance(prompt, dict) or not self._call("prompt_allowed", prompt_digest(prompt)):

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from .. import codecs, datacodec, errors
 from .._platform import receive_buffer
-from ..runs import RunBase, prompt_digest
+from ..runs import RunBase
 from ..errors import ComfyConnectionError, ReferenceUnavailableError, SerializationError, UnknownKeyError
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, FrameBody, frame_length,
                       parse_fixed, parse_sizes)
@@ -222,13 +222,15 @@ class RemoteContext(RunBase):
     def allow_prompt(self, prompt: Any) -> str:
         """Let the server's nodes use this run for ``prompt``; returns its digest."""
         self._check()
-        digest = prompt_digest(prompt)
-        self._json("POST", self._route(None, "/prompts"), json={"digest": digest})
-        return digest
+        digests = self._prompt_digests_to_allow(prompt)
+        for digest in digests:
+            self._json("POST", self._route(None, "/prompts"), json={"digest": digest})
+        return digests[0]
 
     def revoke_prompt(self, digest: str) -> None:
         self._check()
-        self._json("DELETE", self._route(None, f"/prompts/{digest}"))
+        for each in self._prompt_digests_to_revoke(digest):
+            self._json("DELETE", self._route(None, f"/prompts/{each}"))
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
