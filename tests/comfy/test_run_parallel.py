@@ -7,6 +7,7 @@ file are each run's own inputs: a test knows where a run is without sleeping.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def test_cancel_stops_every_run(server, second, tmp_path):
 
 
 def test_a_server_killed_mid_batch_has_its_run_retried_on_another(server, second, tmp_path):
-    """Runs last in this module: it kills the module's server."""
+    """It kills the module's second server: no later test uses it."""
     release = tmp_path / "release"
     fifo = Fifo(tmp_path / "started")
     inputs = [_run(0, str(release), fifo.path), _run(1, str(release)), _run(2, str(release))]
@@ -184,3 +185,78 @@ def test_a_server_killed_mid_batch_has_its_run_retried_on_another(server, second
 
     with pytest.raises(WorkflowError, match="no server is left"):  # only a dead server: nothing runs
         discomfort.run_parallel([GATED], [_run(5, str(release))], [second], timeout=60, raise_first=True)
+
+
+# ---- a Ray pool: two servers on a two-node cluster --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pool(comfy_path):
+    """Two ComfyUI servers, one per node of a two-node Ray cluster on this machine (the pattern of
+    tests/test_distributed.py's fixtures)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: run_parallel on a pool needs it")
+    from ray.cluster_utils import Cluster
+
+    from discomfort.distributed import RayComfyPool
+
+    saved = os.environ.get("PYTHONPATH")
+    parent = str(Path(discomfort.__file__).resolve().parents[1])  # the cluster's workers import this discomfort
+    os.environ["PYTHONPATH"] = os.pathsep.join([parent] + ([saved] if saved else []))
+    node_args = {"num_cpus": 1, "object_store_memory": 200 << 20}
+    try:
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args={**node_args, "include_dashboard": False})
+        cluster.add_node(**node_args, node_ip_address="127.0.0.2")
+        cluster.wait_for_nodes()
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+    try:
+        with RayComfyPool(comfy_path, size=2, custom_nodes=[NODE_PACK, TEST_PACK], startup_timeout=240) as servers:
+            yield servers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_runs_on_a_ray_pool_in_input_order_and_as_completed(pool, opened):
+    inputs = [_run(seed, opened) for seed in range(4)]
+    inputs[2]["image"] = "not an image"
+    events: list = []
+    results = discomfort.run_parallel([GATED], inputs, pool, timeout=120, on_run=events.append)
+    for i in (0, 1, 3):
+        assert torch.equal(results[i]["out"], 1.0 - inputs[i]["image"]), i
+    assert isinstance(results[2], NodeExecutionError)
+    assert {e.index: e.server for e in events if e.kind == "run_start" and e.index < 2} == {0: 0, 1: 1}
+    assert {e.run_id[:4] for e in events if e.run_id} == {"ray-"}  # a RayRun each
+    assert sum(events[-1].by_server.values()) == 4 and set(events[-1].by_server) <= {0, 1}
+
+    seen = [index for index, result in discomfort.run_parallel([GATED], inputs[:2], pool, timeout=120,
+                                                               as_completed=True)]
+    assert sorted(seen) == [0, 1]
+
+
+def test_a_ray_server_killed_mid_batch_is_replaced_and_its_run_goes_on(pool, opened, tmp_path):
+    release = tmp_path / "release"
+    fifo = Fifo(tmp_path / "started")
+    inputs = [_run(0, str(release), fifo.path), _run(1, opened), _run(2, opened)]
+    old_pid = pool.servers[0]["pid"]
+    done: list = []
+    t, box = _in_thread(discomfort.run_parallel, [GATED], inputs, pool, timeout=300,
+                        on_progress=lambda ev: ev.kind == "workflow_done" and done.append(ev))
+    try:
+        assert fifo.wait(), "the gate never started"  # run 0 is held on server 0
+        pool.kill_server(0)
+        release.write_text("")
+        t.join(240)
+        assert not t.is_alive()
+    finally:
+        fifo.close()
+    results = box.get("value")
+    assert results is not None, box
+    for i, result in enumerate(results):
+        assert torch.equal(result["out"], 1.0 - inputs[i]["image"]), (i, result)
+    assert sorted(ev.attempts for ev in done) == [1, 1, 2]  # run 0's workflow ran again on the new server 0
+    assert pool.servers[0]["replaced"] == 1 and pool.servers[0]["pid"] != old_pid
