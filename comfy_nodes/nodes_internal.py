@@ -15,8 +15,10 @@ class DiscomfortDataLoader:
     kill the server with SIGBUS. In the run's own process (in-process executor), zero-copy.
 
     Its fingerprint (IS_CHANGED) is the stored object's version, which is store-wide and never
-    repeated: ComfyUI's cache reruns it exactly when the value changed. A missing run or key is
-    a node error naming them, never a silent default.
+    repeated: ComfyUI's cache reruns it exactly when the value changed. ComfyUI keeps it in the
+    prompt as ``is_changed`` and takes one a prompt sends as is, so the run's prompt digest covers
+    it (the orchestrator registers the version it will be: ``runs.run_digests``). A missing run
+    or key is a node error naming them, never a silent default.
     """
 
     CATEGORY = "discomfort/internal"

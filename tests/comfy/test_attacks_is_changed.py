@@ -22,6 +22,7 @@ from discomfort import WorkflowContext
 from discomfort.comfy import launch_server
 from discomfort.errors import NodeExecutionError
 from discomfort.prompt_forms import prompt_as_run
+from discomfort.remote import RemoteContext
 
 pytestmark = pytest.mark.comfy
 HERE = Path(__file__).resolve().parent
@@ -44,11 +45,14 @@ def _workflow(run_id: str) -> dict:
     }
 
 
-def test_an_older_is_changed_on_a_live_prompts_loader_is_refused(lru_server):
+@pytest.mark.filterwarnings("ignore::discomfort.remote.TransportWarning")
+@pytest.mark.parametrize("transport", ["shm", "http"])
+def test_an_older_is_changed_on_a_live_prompts_loader_is_refused(lru_server, transport):
     """Two iterations of the orchestrator (x = a, then b); while the second is registered the
-    attacker queues its copy with the first one's loader fingerprint: refused, y stays 1 - b."""
+    attacker queues copies with older loader fingerprints until one comes from the cache (the
+    first iteration's): refused, y stays 1 - b."""
     a, b = (torch.rand(1, 4, 4, 3, generator=torch.Generator().manual_seed(s)) for s in (21, 22))
-    with WorkflowContext() as ctx:
+    with (WorkflowContext() if transport == "shm" else RemoteContext(lru_server.url)) as ctx:
         prompt = _workflow(ctx.run_id)
         versions, digest = [], None
         for value in (a, b):  # as the engine does each iteration: save, register, run, revoke
@@ -89,3 +93,22 @@ def test_a_prompt_that_reads_and_writes_one_key_passes_every_check(lru_server):
         ctx.allow_prompt(prompt_as_run(prompt, lru_server))  # registered again: the next step runs
         lru_server.execute(prompt, timeout=60)
         assert torch.allclose(ctx.load("x"), a) and torch.allclose(ctx.load("y"), a)
+
+
+def test_without_a_cache_the_registered_prompt_runs_and_a_sent_is_changed_is_refused(comfy_path, tmp_path):
+    """A server started with --cache-none never sets is_changed: the form without it (registered
+    too) is what its nodes see; a copy that sends one is still refused."""
+    a = torch.rand(1, 4, 4, 3, generator=torch.Generator().manual_seed(24))
+    with launch_server(comfy_path, custom_nodes=[NODE_PACK], api_nodes=False, extra_args=["--cache-none"],
+                       work_dir=tmp_path, startup_timeout=180) as srv, WorkflowContext() as ctx:
+        prompt = _workflow(ctx.run_id)
+        version = ctx.save("x", a)
+        digest = ctx.allow_prompt(prompt_as_run(prompt, srv))
+        srv.execute(prompt, timeout=60)
+        assert torch.equal(ctx.load("y"), 1.0 - a)
+        written = ctx.info("y")["version"]
+        forged = {**prompt, "1": {**prompt["1"], "is_changed": [version - 1]}}
+        with pytest.raises(NodeExecutionError, match="does not accept"):
+            srv.execute(forged, timeout=60)
+        assert ctx.info("y")["version"] == written
+        ctx.revoke_prompt(digest)
