@@ -9,6 +9,7 @@ executor has a worker thread that takes the next run when it is free; a run is t
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import queue
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -93,6 +95,8 @@ class _LocalRun(RunEngine):
 class _LocalSlot:
     """An executor (ComfyUI in this process, a server, a URL): the transport is chosen once."""
 
+    open_ahead = False  # a run context is made in about a millisecond
+
     def __init__(self, executor: Any, transport: str | None, ram_budget: Any, disk_dir: Any,
                  object_info: Mapping | None) -> None:
         self.executor = resolve_executor(executor)
@@ -135,6 +139,8 @@ class _LocalSlot:
 class _RaySlot:
     """Server ``index`` of a RayComfyPool: a run is a RayRun whose workflows all go there (a server
     that dies is replaced and the workflow runs again, as in run_sequential_ray)."""
+
+    open_ahead = True  # a RayRun starts its directory actor (~0.4 s): the next one is opened during this one
 
     def __init__(self, pool: Any, index: int, retries: int, object_info: Mapping | None) -> None:
         self.pool, self.index, self.retries, self.object_info = pool, index, retries, object_info
@@ -208,6 +214,8 @@ class _Batch:
         self.turn = threading.Condition()  # the queue: workers wait on it while runs are in flight
         self.workers_left = len(self.slots)
         self.threads: list[threading.Thread] = []
+        self.opener = ThreadPoolExecutor(len(self.slots), "discomfort-open") if any(
+            s.open_ahead for s in self.slots) else None
 
     def start(self) -> None:
         # The first runs go to the executors in their order; the rest to whichever is free first.
@@ -244,6 +252,7 @@ class _Batch:
             self.turn.notify_all()
 
     def _work(self, slot: Any, index: int | None) -> None:
+        ahead: list[Future] = []  # the run being opened for this worker's next run
         try:
             if index is not None and self.stop.cancelled:
                 self._ended(index, False)
@@ -253,7 +262,7 @@ class _Batch:
             while index is not None:
                 again = False
                 try:
-                    self._one(slot, index)
+                    self._one(slot, index, ahead)
                 except _ServerGone as gone:
                     again = gone.args[0]
                     return
@@ -261,6 +270,9 @@ class _Batch:
                     self._ended(index, again)
                 index = self._next()
         finally:
+            for future in ahead:  # opened for a run that did not come
+                with contextlib.suppress(Exception):
+                    _close(future.result())
             with self.turn:
                 self.workers_left -= 1
                 orphans = self.workers_left == 0
@@ -268,13 +280,15 @@ class _Batch:
                 self._fail_pending("no server is left to run it (every server in executors died)")
             self.done.put((None, None))  # this worker has stopped
 
-    def _one(self, slot: Any, index: int) -> None:
+    def _one(self, slot: Any, index: int, ahead: list[Future]) -> None:
         self.attempts[index] += 1
         attempt = self.attempts[index]
         self._event("run_start", index, slot.label, attempt)
         run: RunEngine | None = None
         try:
-            run = slot.open()
+            run = ahead.pop().result() if ahead else slot.open()
+            if self.opener is not None and self.pending and not self.stop.cancelled:
+                ahead.append(self.opener.submit(slot.open))
             result: Any = run.run_loop(self.items, self.inputs[index], **self.options, cancel=self.stop,
                                        on_progress=self._progress, names=self.names)
         except RunCancelled as exc:
@@ -358,6 +372,8 @@ class _Batch:
                 self.stop.cancel("the batch ended early")
             for t in self.threads:
                 t.join()
+            if self.opener is not None:
+                self.opener.shutdown()
             if unsubscribe is not None:
                 unsubscribe()
             if self.bar is not None:

@@ -118,7 +118,17 @@ class ComfyServerActor:
                 "log_path": str(self.server.log_path)}
 
     def alive(self) -> bool:
-        return self.server.process.poll() is None
+        process = self.server.process
+        if process.poll() is not None:
+            return False
+        # poll() says None while another thread waits for the process (kill_server): ask the kernel
+        try:
+            with open(f"/proc/{process.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return not os.path.isdir("/proc")  # reaped, where /proc exists
+        except OSError:
+            return True
 
     def execute(self, prompt: dict, timeout: float | None = None, call_id: str | None = None) -> dict:
         code = self.server.process.poll()

@@ -6,7 +6,11 @@
 - DiscomfortTestModelLoader / DiscomfortTestModelReport: a weights-free MODEL stand-in that
   counts its constructions, and a node that says which instance it was given.
 - DiscomfortTestMeanAbove: whether an image's mean is above a threshold (a loop's stop flag).
+- DiscomfortTestSleep / DiscomfortTestBusy: a workflow's time spent waiting (as a CPU waits for a
+  GPU) or computing (a fixed amount of single-threaded CPU work), for throughput benchmarks.
 """
+
+import hashlib
 
 import os
 import time
@@ -130,7 +134,54 @@ class DiscomfortTestMeanAbove:
         return (bool(float(image.mean()) > threshold),)
 
 
+class DiscomfortTestSleep:
+    """Passes its value through after ``seconds`` of waiting (interruptible)."""
+
+    CATEGORY = "discomfort/test"
+    RETURN_TYPES = (ANY,)
+    FUNCTION = "wait"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": (ANY, {}), "seconds": ("FLOAT", {"default": 1.0, "min": 0.0})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def wait(self, value, seconds):
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            time.sleep(min(left, 0.05))
+        return (value,)
+
+
+class DiscomfortTestBusy:
+    """Passes its value through after ``rounds`` of SHA-256 over 64 KiB: fixed single-threaded CPU work."""
+
+    CATEGORY = "discomfort/test"
+    RETURN_TYPES = (ANY,)
+    FUNCTION = "work"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": (ANY, {}), "rounds": ("INT", {"default": 1000, "min": 1})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def work(self, value, rounds):
+        block, digest = bytes(65536), b""
+        for _ in range(rounds):
+            digest = hashlib.sha256(digest + block).digest()
+        return (value,)
+
+
 NODE_CLASS_MAPPINGS = {
+    "DiscomfortTestSleep": DiscomfortTestSleep,
+    "DiscomfortTestBusy": DiscomfortTestBusy,
     "DiscomfortTestMeanAbove": DiscomfortTestMeanAbove,
     "DiscomfortTestGate": DiscomfortTestGate,
     "DiscomfortTestSteps": DiscomfortTestSteps,
