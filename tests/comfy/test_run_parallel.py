@@ -80,14 +80,16 @@ def _in_thread(fn, *args, **kwargs):
 
 
 @pytest.mark.parametrize("transport", ["shm", "http"])
-def test_results_come_in_input_order_and_a_failing_run_is_its_result(server, second, opened, transport):
+def test_results_come_in_input_order_and_a_failing_run_is_its_result(server, second, opened, transport, capsys):
     executors = [server, second] if transport == "shm" else [server.url, second.url]  # objects or URLs
     inputs = [_run(seed, opened) for seed in range(5)]
     inputs[3]["image"] = "not an image"  # ImageInvert fails on it: run 3 alone
     events: list = []
     run_ids: set = set()
-    results = discomfort.run_parallel([GATED], inputs, executors, transport=transport, timeout=120,
+    results = discomfort.run_parallel([GATED], inputs, executors, transport=transport, timeout=120, progress=True,
                                       on_run=events.append, on_progress=lambda ev: run_ids.add(ev.run_id))
+    bar = capsys.readouterr().err.splitlines()[-1]  # runs done of the total, and per server
+    assert "discomfort runs" in bar and "5/5" in bar and f"{server.url}: " in bar and f"{second.url}: " in bar
     assert len(results) == 5
     for i in (0, 1, 2, 4):
         assert set(results[i]) == {"out"}
