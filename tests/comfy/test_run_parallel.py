@@ -79,6 +79,28 @@ def _in_thread(fn, *args, **kwargs):
     return t, box
 
 
+class _InProcess:
+    """Stands for ComfyUI in this process (an executor without a url)."""
+
+    def execute(self, prompt, timeout=None):
+        raise AssertionError("never run")
+
+
+@pytest.mark.parametrize("inputs, executors, options, error, match", [
+    ({"image": 1}, ["http://127.0.0.1:1"], {}, TypeError, "list of input mappings"),
+    ([{"image": 1}, 2], ["http://127.0.0.1:1"], {}, TypeError, r"inputs\[1\] is a int"),
+    ([{}], [], {}, TypeError, "non-empty list"),
+    ([{}], "http://127.0.0.1:1", {}, TypeError, "non-empty list"),
+    ([{}], [_InProcess(), _InProcess()], {}, ValueError, "give it once"),
+    ([{}], ["http://127.0.0.1:1"], {"retries": -1}, ValueError, "retries"),
+    ([{}], ["http://127.0.0.1:1"], {"progress": print}, TypeError, "on_run= or on_progress="),
+    ([{}], ["http://127.0.0.1:1"], {"iterations": None}, ValueError, "until"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(inputs, executors, options, error, match):
+    with pytest.raises(error, match=match):
+        discomfort.run_parallel([GATED], inputs, executors, **options)
+
+
 @pytest.mark.parametrize("transport", ["shm", "http"])
 def test_results_come_in_input_order_and_a_failing_run_is_its_result(server, second, opened, transport, capsys):
     executors = [server, second] if transport == "shm" else [server.url, second.url]  # objects or URLs
