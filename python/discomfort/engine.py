@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, UnknownKeyError, WorkflowError
+from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, WorkflowError
 from .prompt_forms import prompt_as_run
 from .recipes import Recipe, RecipeError, check_recipe, extract, stitch_recipe
 from .run_control import (
@@ -29,6 +29,7 @@ from .run_control import (
     progress_bar,
     until_holds,
 )
+from .runs import key_versions
 from .workflow_format import is_ui_format
 from .workflow_tools import (
     missing_inputs_error,
@@ -292,7 +293,7 @@ class RunEngine:
         (again, when the placement recovers from a failure), check that every port wrote, release
         what no later workflow reads."""
         ctx, outs = self.context, plan.writes[k]
-        have = _versions(ctx, plan.reads[k] + outs)
+        have = key_versions(ctx, plan.reads[k] + outs)
         missing = sorted(uid for uid in plan.reads[k] if uid not in self._recipes and have[uid] is None)
         if missing:
             raise missing_inputs_error(k, missing, ctx.run_id)
@@ -309,7 +310,7 @@ class RunEngine:
                 finally:
                     ctx.revoke_prompt(digest)
                 state.inside = False
-                after = _versions(ctx, outs)
+                after = key_versions(ctx, outs)
                 for uid in outs:
                     if after[uid] is None or after[uid] == have[uid]:
                         raise WorkflowError(
@@ -405,20 +406,6 @@ class _Plan:
         if not self.bounded and iteration > 0:
             iteration = 1  # planned for 3 iterations: the middle one stands for every later one
         return iteration * n + k + 1
-
-
-def _versions(ctx: Any, keys: list[str]) -> dict[str, int | None]:
-    """The stored version of each key, None when absent (one round trip where the context can)."""
-    many = getattr(ctx, "versions", None)
-    if many is not None:
-        return many(keys)
-    out: dict[str, int | None] = {}
-    for uid in keys:
-        try:
-            out[uid] = ctx.info(uid)["version"]
-        except UnknownKeyError:
-            out[uid] = None
-    return out
 
 
 def _is_reference(ctx: Any, uid: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Literal, Protocol, runtime_checkable
 from .errors import ReferenceUnavailableError, RunFinishedError, UnknownKeyError
 
 __all__ = ["RunContext", "RunBase", "References", "REFERENCES", "PassBy", "prompt_digest", "run_digests",
-           "register_resolver", "resolver_for"]
+           "key_versions", "register_resolver", "resolver_for"]
 
 log = logging.getLogger("discomfort")
 
@@ -123,7 +123,7 @@ class RunBase:
     def _prompt_digests_to_allow(self, prompt: Any) -> list[str]:
         """What ``allow_prompt`` registers (:func:`run_digests`); the first is the one it returns,
         and ``revoke_prompt`` of it takes back the others too (:meth:`_prompt_digests_to_revoke`)."""
-        digests = run_digests(prompt, self.run_id, lambda keys: _versions(self, keys))
+        digests = run_digests(prompt, self.run_id, lambda keys: key_versions(self, keys))
         with self._lock:
             self.__dict__.setdefault("_companions", {})[digests[0]] = digests[1:]
         return digests
@@ -250,7 +250,7 @@ def run_digests(prompt: Any, run_id: str, versions: Callable[[list[str]], dict[s
     return [prompt_digest(pinned), plain]
 
 
-def _versions(ctx: Any, keys: list[str]) -> dict[str, int | None]:
+def key_versions(ctx: Any, keys: list[str]) -> dict[str, int | None]:
     """The stored version of each key, None when absent (one round trip where the context can)."""
     many = getattr(ctx, "versions", None)
     if many is not None:
