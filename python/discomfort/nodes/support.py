@@ -17,13 +17,16 @@ __all__ = ["AnyType", "ANY", "port_mode", "get_handler", "load_value", "save_val
 
 
 class AnyType(str):
-    """A ComfyUI type that matches every other type (ComfyUI compares types with ``!=``)."""
+    """A ComfyUI type that matches every other type: ComfyUI compares a link's types with ``!=``.
+
+    Only ``!=`` is changed, as in ComfyUI's own ``IO.ANY``: with ``==`` true as well, ComfyUI's
+    validation took a literal on such an input for an INT, then a FLOAT, a STRING and a BOOLEAN
+    (``"hello"`` failed; ``5`` became ``True``), which no orchestrator can foresee from
+    ``/object_info`` ("*").
+    """
 
     def __ne__(self, other: object) -> bool:
         return False
-
-    def __eq__(self, other: object) -> bool:
-        return True
 
     __hash__ = str.__hash__
 
