@@ -127,14 +127,20 @@ class ComfyServer:
             ws = websocket.create_connection(ws_url, timeout=self.request_timeout)
         except (OSError, websocket.WebSocketException) as exc:
             raise ComfyConnectionError(f"cannot open {ws_url}: {exc}{self._context()}") from exc
-        prompt_id = None
+        # The id is ours, sent with the prompt: a Ctrl-C that lands while the answer to POST /prompt
+        # is on its way (the prompt may already run) still knows which prompt to withdraw.
+        prompt_id = str(uuid.uuid4())
         try:
             if cancel is not None and cancel.cancelled:
                 raise RunCancelled("the run was cancelled before the prompt was sent")
-            body = {"prompt": prompt, "client_id": client_id}
+            body = {"prompt": prompt, "client_id": client_id, "prompt_id": prompt_id}
             if extra_data:
                 body["extra_data"] = dict(extra_data)
-            resp = self._request("POST", "/prompt", json=body)
+            try:
+                resp = self._request("POST", "/prompt", json=body)
+            except KeyboardInterrupt:
+                self._withdraw(ws, websocket, prompt_id)
+                raise
             if resp.status_code == 400:
                 try:
                     data = resp.json()
@@ -144,7 +150,7 @@ class ComfyServer:
             if resp.status_code != 200:
                 raise ComfyConnectionError(f"POST /prompt answered HTTP {resp.status_code}: {resp.text[:500]}")
             answer = resp.json()
-            prompt_id = answer["prompt_id"]
+            prompt_id = str(answer.get("prompt_id") or prompt_id)
             if answer.get("node_errors"):
                 raise validation_error(None, answer["node_errors"])
             try:
