@@ -21,18 +21,10 @@ import uuid
 
 import requests
 
+from _attacker_digest import find_prompt  # the run's prompt, as anyone reads it from /queue or /history
+
 T = 10  # seconds per request
 MAX_GUESS = 64
-
-
-def find_prompt(url: str, run_id: str) -> dict:
-    queue = requests.get(f"{url}/queue", timeout=T).json()
-    found = [item[2] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])]
-    found += [h["prompt"][2] for h in requests.get(f"{url}/history", timeout=T).json().values()]
-    for prompt in found:
-        if any(node.get("inputs", {}).get("run_id") == run_id for node in prompt.values()):
-            return prompt
-    raise SystemExit(f"no prompt names run {run_id}")
 
 
 def queue_and_wait(url: str, prompt: dict) -> tuple[list, list]:
