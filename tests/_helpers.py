@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,18 @@ class Fifo:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def in_thread(fn, *args, **kwargs):
+    """Call ``fn`` on a daemon thread: (the thread, a dict that gets "value" or "error")."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box

@@ -21,7 +21,7 @@ from discomfort.comfy import ComfyServer
 from discomfort.errors import RunCancelled, RunInterrupted
 from discomfort.sequential import run_sequential
 
-from _helpers import Fifo, leftovers, status_kib
+from _helpers import Fifo, in_thread, leftovers, status_kib
 
 pytestmark = pytest.mark.comfy
 
@@ -67,20 +67,6 @@ def _mapped_runs(pid: int) -> set[str]:
             if name.startswith("dcf-"):
                 runs.add(name.split()[0][4:].split(".")[0])
     return runs
-
-
-def _in_thread(fn, *args, **kwargs):
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, box
 
 
 # ------------------------------------------------------------------------------------ bounded memory
@@ -200,7 +186,7 @@ def test_cancel_from_another_thread_inside_a_workflow(request, where, tmp_path):
     token = CancelToken()
     run_ids: list[str] = []
     wfs = [_through("img", "mid", INVERT), _gate("mid", "out", fifo.path, str(tmp_path / "never"))]
-    t, box = _in_thread(run_sequential, wfs, {"img": image}, iterations=3, executor=executor, timeout=300,
+    t, box = in_thread(run_sequential, wfs, {"img": image}, iterations=3, executor=executor, timeout=300,
                         cancel=token, transport=transport, on_progress=lambda ev: run_ids.append(ev.run_id))
     try:
         assert fifo.wait(), "the gate node never started"
@@ -287,10 +273,10 @@ def test_cancel_removes_a_queued_prompt(server, tmp_path):
                    "2": {"class_type": "DiscomfortTestGate",
                          "inputs": {"value": ["1", 0], "signal": busy_fifo.path, "release": str(release)}},
                    "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
-        bt, bbox = _in_thread(other.execute, blocker, timeout=300)
+        bt, bbox = in_thread(other.execute, blocker, timeout=300)
         assert busy_fifo.wait(), "the blocking prompt never started"
         token = CancelToken()
-        t, box = _in_thread(run_sequential, [_gate("img", "out", ours_fifo.path, str(release))],
+        t, box = in_thread(run_sequential, [_gate("img", "out", ours_fifo.path, str(release))],
                             {"img": image}, executor=server, timeout=300, cancel=token)
         pending: list = []
         while not pending and t.is_alive():  # wait for our prompt to reach the queue

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import discomfort
 from discomfort import CancelToken
 from discomfort.errors import NodeExecutionError, RunCancelled, WorkflowError
 
-from _helpers import Fifo, leftovers
+from _helpers import Fifo, in_thread, leftovers
 
 pytestmark = [pytest.mark.comfy, pytest.mark.filterwarnings("ignore::discomfort.remote.TransportWarning")]
 
@@ -63,20 +62,6 @@ def _image(seed: int) -> torch.Tensor:
 
 def _run(seed: int, release: str, signal: str = "") -> dict:
     return {"image": _image(seed), "signal": signal, "release": release}
-
-
-def _in_thread(fn, *args, **kwargs):
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, box
 
 
 class _InProcess:
@@ -159,7 +144,7 @@ def test_cancel_stops_every_run(server, second, tmp_path):
     token = CancelToken()
     events: list = []
     run_ids: set = set()
-    t, box = _in_thread(discomfort.run_parallel, [GATED], inputs, [server, second], timeout=300, cancel=token,
+    t, box = in_thread(discomfort.run_parallel, [GATED], inputs, [server, second], timeout=300, cancel=token,
                         on_run=events.append, on_progress=lambda ev: run_ids.add(ev.run_id))
     try:
         assert all(f.wait() for f in fifos), "a gate never started"
@@ -186,7 +171,7 @@ def test_a_server_killed_mid_batch_has_its_run_retried_on_another(server, second
     fifo = Fifo(tmp_path / "started")
     inputs = [_run(0, str(release), fifo.path), _run(1, str(release)), _run(2, str(release))]
     events: list = []
-    t, box = _in_thread(discomfort.run_parallel, [GATED], inputs, [second, server], timeout=300,
+    t, box = in_thread(discomfort.run_parallel, [GATED], inputs, [second, server], timeout=300,
                         on_run=events.append)
     try:
         assert fifo.wait(), "the gate never started"  # run 0 is held on the second server
@@ -269,7 +254,7 @@ def test_a_ray_server_killed_mid_batch_is_replaced_and_its_run_goes_on(pool, ope
     inputs = [_run(0, str(release), fifo.path), _run(1, opened), _run(2, opened)]
     old_pid = pool.servers[0]["pid"]
     done: list = []
-    t, box = _in_thread(discomfort.run_parallel, [GATED], inputs, pool, timeout=300,
+    t, box = in_thread(discomfort.run_parallel, [GATED], inputs, pool, timeout=300,
                         on_progress=lambda ev: ev.kind == "workflow_done" and done.append(ev))
     try:
         assert fifo.wait(), "the gate never started"  # run 0 is held on server 0
