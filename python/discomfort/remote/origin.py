@@ -28,30 +28,31 @@ ALLOWED_ORIGINS_ENV = "DISCOMFORT_ALLOWED_ORIGINS"
 _DEFAULT_PORT = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
+@functools.lru_cache(maxsize=None)
+def _comfy_args() -> Any:
+    """ComfyUI's parsed command line (fixed once it runs), or None outside ComfyUI: looked up
+    once, not on every request (outside ComfyUI the failed import searched sys.path each time)."""
+    try:
+        from comfy.cli_args import args  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - not inside ComfyUI
+        return None
+    return args
+
+
 def allowed_names() -> set[str]:
     """Host names (lower case) allowed besides IP literals and ``localhost``: the environment's
     list and the names given to ComfyUI's ``--listen`` when running inside ComfyUI."""
     names = {"localhost"}
     names |= {n.strip().lower().rstrip(".") for n in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if n.strip()}
-    try:
-        from comfy.cli_args import args  # type: ignore[import-not-found]
-
-        names |= {n.strip().lower().rstrip(".") for n in str(getattr(args, "listen", "") or "").split(",")
-                  if n.strip()}
-    except Exception:  # noqa: BLE001 - not inside ComfyUI
-        pass
+    names |= {n.strip().lower().rstrip(".") for n in str(getattr(_comfy_args(), "listen", "") or "").split(",")
+              if n.strip()}
     return names
 
 
 def allowed_origins() -> set[str]:
     """Origins (lower case, no trailing slash) allowed besides the server's own."""
     raw = os.environ.get(ALLOWED_ORIGINS_ENV, "").split(",")
-    try:
-        from comfy.cli_args import args  # type: ignore[import-not-found]
-
-        raw.append(str(getattr(args, "enable_cors_header", "") or ""))
-    except Exception:  # noqa: BLE001 - not inside ComfyUI
-        pass
+    raw.append(str(getattr(_comfy_args(), "enable_cors_header", "") or ""))
     return {o.strip().lower().rstrip("/") for o in raw if o.strip() and o.strip() != "*"}
 
 
