@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from .errors import UnsupportedWorkflowError
 from .workflow_subgraphs import MODE_BYPASS, MODE_NEVER, Network, NodeView
-from .workflow_widgets import UNDEFINED, node_widgets, serialise
+from .workflow_widgets import UNDEFINED, InputDef, node_widgets, serialise
 
 __all__ = [
     "Port",
@@ -37,6 +37,7 @@ __all__ = [
     "is_api_format",
     "is_ui_format",
     "ui_to_api",
+    "Control",
     "is_link",
     "port_mode_in_prompt",
     "discover_port_nodes",
@@ -143,13 +144,28 @@ def widget_layout(node_info: Mapping, class_type: str = "") -> list[str | None]:
     return [w.name if w.sent else None for w in node_widgets(class_type, node_info) if w.saved]
 
 
-def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
+@dataclass(frozen=True)
+class Control:
+    """A widget's "control after generate" in a converted prompt: what the frontend does to
+    ``prompt[node]["inputs"][input]`` after each queue (``mode``: fixed, increment,
+    increment-wrap, decrement, randomize); ``spec`` holds min/max/step or a combo's choices,
+    ``filter`` a combo control's filter text."""
+
+    node: str
+    input: str
+    mode: str
+    spec: InputDef
+    filter: str = ""
+
+
+def ui_to_api(workflow: Mapping, object_info: Mapping, *, controls: list[Control] | None = None) -> dict:
     """Convert a UI-format workflow into an API-format prompt, as the frontend's ``graphToPrompt``.
 
     Subgraphs are flattened (ids ``"<outer>:<inner>"``); muted and bypassed nodes are left out
     (bypassed ones pass a type-matched input through), even of node types the server lacks.
     Anything the frontend would not send as this, or could not convert, raises
-    :class:`UnsupportedWorkflowError` naming the node.
+    :class:`UnsupportedWorkflowError` naming the node. ``controls``: a list that receives the
+    :class:`Control` of each sent widget value that has one (a value from a link has none).
     """
     _refuse_group_nodes(workflow)
     net = Network(workflow, object_info)
@@ -175,8 +191,19 @@ def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
                 inputs[inp.name] = resolved
         prompt[dto.id] = {"inputs": _drop_undefined(inputs), "class_type": view.type,
                           "_meta": {"title": view.title}}
+        if controls is not None:
+            controls.extend(_controls_of(dto.id, view, prompt[dto.id]["inputs"]))
     _drop_links_to_missing(prompt)
     return prompt
+
+
+def _controls_of(node_id: str, view: NodeView, inputs: Mapping) -> list[Control]:
+    """The controls of a node's widgets whose value is sent as a literal."""
+    filters = {w.controls: str(w.value) for w in view.widgets if w.kind == "FILTER" and w.controls}
+    return [Control(node_id, w.controls, str(w.value), w.input, filters.get(w.controls, ""))
+            for w in view.widgets
+            if w.kind == "CONTROL" and w.controls and w.input is not None and w.controls in inputs
+            and not is_link(inputs[w.controls]) and isinstance(w.value, str)]
 
 
 def _refuse_group_nodes(workflow: Mapping) -> None:
