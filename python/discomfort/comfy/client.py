@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ComfyConnectionError, RunCancelled
@@ -29,7 +30,10 @@ class ComfyServer:
     """A running ComfyUI server, e.g. ``ComfyServer("http://127.0.0.1:8188")``.
 
     ``execute(prompt)`` posts to ``/prompt``, follows the run on the ``/ws`` websocket until the
-    server reports it finished, and returns its history outputs ``{node_id: ui}``.
+    server reports it finished, and returns ComfyUI's outputs of the prompt ``{node_id: ui}``
+    (from ``GET /history/{prompt_id}``). ``output_dir``: the server's output folder where it is
+    known (a server :func:`~discomfort.comfy.launch_server` started), else None (a remote one):
+    an output's file is ``output_dir / subfolder / filename``.
     """
 
     def __init__(self, url: str, *, request_timeout: float = 30.0, log_tail=None) -> None:
@@ -44,6 +48,7 @@ class ComfyServer:
         self.process: Any = None
         self.log_path: Any = None
         self.work_dir: Any = None
+        self.output_dir: Path | None = None
         self.startup_seconds: float | None = None
 
     def __repr__(self) -> str:
@@ -104,7 +109,9 @@ class ComfyServer:
 
     def execute(self, prompt: dict, timeout: float | None = 600.0, *, extra_data: dict | None = None,
                 cancel: CancelToken | None = None, on_event: Callable[[str, dict], Any] | None = None) -> dict:
-        """Run an API-format prompt; returns the history outputs ``{node_id: ui}``.
+        """Run an API-format prompt; returns ComfyUI's outputs of it, ``{node_id: ui}`` (e.g.
+        ``{"9": {"images": [{"filename": "x_00001_.png", "subfolder": "", "type": "output"}]}}``),
+        from ``GET /history/{prompt_id}``.
 
         Raises :class:`~discomfort.errors.PromptValidationError` when the server rejects the
         prompt (HTTP 400 with node errors), :class:`~discomfort.errors.NodeExecutionError` when a

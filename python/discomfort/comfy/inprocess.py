@@ -201,6 +201,13 @@ class InProcessComfy:
     def node_class_mappings(self) -> dict:
         return self._nodes.NODE_CLASS_MAPPINGS
 
+    @property
+    def output_dir(self) -> Path:
+        """ComfyUI's output folder (where ``SaveImage`` writes): ``folder_paths``' own answer."""
+        import folder_paths
+
+        return Path(folder_paths.get_output_directory())
+
     def object_info(self, node_class: str | None = None) -> dict:
         """What the server's ``/object_info`` (or ``/object_info/{node_class}``) answers."""
         import json
@@ -239,7 +246,9 @@ class InProcessComfy:
 
     def execute(self, prompt: dict, timeout: float | None = None, *, extra_data: dict | None = None,
                 cancel: CancelToken | None = None, on_event: Callable[[str, dict], Any] | None = None) -> dict:
-        """Validate and run an API-format prompt; returns the history outputs ``{node_id: ui}``.
+        """Validate and run an API-format prompt; returns ComfyUI's outputs of it,
+        ``{node_id: ui}`` (the executor's history result, as a server's ``/history`` gives it;
+        files of ``"type": "output"`` are under :attr:`output_dir`).
 
         Raises :class:`~discomfort.errors.PromptValidationError` when ComfyUI rejects the prompt,
         :class:`~discomfort.errors.NodeExecutionError` when a node fails, ``TimeoutError``

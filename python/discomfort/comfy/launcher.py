@@ -207,6 +207,7 @@ def launch_server(
         server.process = proc
         server.log_path = log_file
         server.work_dir = work
+        server.output_dir = work / "output"
         server.startup_seconds = time.monotonic() - t0
         try:
             if check_port_node:
