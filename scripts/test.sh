@@ -31,6 +31,9 @@ step "build the wheel, make it a manylinux wheel, install it"
 rm -rf "$ROOT/dist" "$ROOT/wheelhouse"
 timeout 900 "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps -q -w "$ROOT/dist" "$ROOT"
 PATH="$VENV/bin:$PATH" "$VENV/bin/auditwheel" repair -w "$ROOT/wheelhouse" "$ROOT"/dist/discomfort-*.whl
+# The tests that check what a user installs (the node pack in the wheel, the pack installed from it).
+DISCOMFORT_WHEEL=$(ls "$ROOT"/wheelhouse/discomfort-*manylinux*.whl)
+export DISCOMFORT_WHEEL
 "${PIP[@]}" install --force-reinstall --no-deps "$ROOT"/wheelhouse/discomfort-*manylinux*.whl
 
 step "the manylinux wheel in a fresh virtual environment, native backend"
