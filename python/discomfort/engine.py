@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
+from .controls import Controls, WidgetControl, with_values
 from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, WorkflowError
+from .history import OnIteration, Recorder, check_keep, ram_budget_of
 from .prompt_forms import prompt_as_run
 from .recipes import Recipe, RecipeError, check_recipe, extract, stitch_recipe
 from .run_control import (
@@ -47,10 +49,20 @@ log = logging.getLogger("discomfort")
 
 class Result(dict):
     """``{unique_id: value}`` of a call, with how many iterations ran and why the loop stopped
-    (``stopped``: "iterations" when it ran them all, "until" when the condition held)."""
+    (``stopped``: "iterations" when it ran them all, "until" when the condition held).
+
+    Per iteration: ``history[key]`` (each ``keep=`` key's value after it), ``files`` (per
+    iteration, the files ComfyUI's output nodes wrote: {"node", "filename", "subfolder", "type",
+    "workflow", "path"}) and ``controls`` (per iteration, per workflow, {"NODE.INPUT": value used})."""
 
     iterations: int = 0
     stopped: str = "iterations"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.history: dict[str, list] = {}
+        self.files: list[list[dict]] = []
+        self.controls: list[list[dict]] = []
 
 
 class Placement(Protocol):
@@ -69,8 +81,9 @@ class Placement(Protocol):
         """The slot's ``/object_info`` (None: not known)."""
 
     def execute(self, slot: Any, prompt: dict, timeout: float | None, cancel: CancelToken | None,
-                on_event: Callable[[str, dict], Any] | None) -> None:
-        """Run ``prompt`` there."""
+                on_event: Callable[[str, dict], Any] | None) -> Any:
+        """Run ``prompt`` there; ComfyUI's outputs of it, ``{node_id: ui_output}`` (None: not known).
+        A placement may also have ``output_dir(slot)``: the folder those outputs' files are in."""
 
     def settle(self, ctx: Any, slot: Any, written: list[str]) -> None:
         """After the workflow wrote ``written``: e.g. make its values outlive its server."""
@@ -110,13 +123,16 @@ class LocalPlacement:
         return ask() if callable(ask) else None
 
     def execute(self, slot: Any, prompt: dict, timeout: float | None, cancel: CancelToken | None,
-                on_event: Callable[[str, dict], Any] | None) -> None:
+                on_event: Callable[[str, dict], Any] | None) -> Any:
         options: dict[str, Any] = {}
         if cancel is not None and self._cancel:
             options["cancel"] = cancel
         if on_event is not None and self._events:
             options["on_event"] = on_event
-        self.executor.execute(prompt, timeout=timeout, **options)
+        return self.executor.execute(prompt, timeout=timeout, **options)
+
+    def output_dir(self, slot: Any) -> Any:
+        return getattr(self.executor, "output_dir", None)
 
     def settle(self, ctx: Any, slot: Any, written: list[str]) -> None:
         return None
@@ -144,6 +160,7 @@ class RunEngine:
         self._writers: dict[str, tuple[str, dict, str]] = {}  # key -> (where, prompt, port node) that wrote it
         self._infos: dict[str, Mapping | None] = {}  # where -> its /object_info
         self._places: dict[str, tuple[Any, Any]] = {}  # where -> (placement, slot) there
+        self._controls = Controls()  # controlled widgets' values, across calls
 
     # ---- the run's values ----------------------------------------------------------------------
     @property
@@ -206,27 +223,31 @@ class RunEngine:
                  until: Until | None = None, timeout: float | None = None, outputs: Iterable[str] | None = None,
                  release_unused: bool = False, cancel: CancelToken | None = None, progress: bool | None = None,
                  on_progress: Callable[[ProgressEvent], Any] | None = None, placement: Any = None,
-                 names: list[str] | None = None) -> Result:
+                 names: list[str] | None = None, controls: Any = None, on_iteration: OnIteration | None = None,
+                 keep: Iterable[str] | None = None) -> Result:
         """The loop: run ``workflows`` one after the other on ``placement`` (default: the run's),
         ``iterations`` times (or until ``until``); returns the values the ports wrote in this call
         (or ``outputs``). The options are :func:`~discomfort.sequential.run_sequential`'s."""
         iterations = check_bounds(iterations, until)
+        kept = check_keep(keep)
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress= is True, False or None (a bar on stderr), not {progress!r}: a function "
                             "that hears each workflow is on_progress=")
         placement = self.placement if placement is None else placement
-        plan = self._plan(workflows, inputs, iterations, until, outputs, release_unused, placement, names)
+        plan = self._plan(workflows, inputs, iterations, until, outputs, release_unused, placement, names,
+                          controls, kept)
         state = _RunState(plan.names, iterations, until, on_progress, progress, self._bar_name)
         state.run_id = self.run_id
         on_event = state.comfy_event if on_progress is not None or state.bar is not None else None
         ctx = self.context
+        result = Result()
+        record = Recorder(result, ctx, kept, on_iteration, self._load_result, lambda: ram_budget_of(ctx))
         try:
             for uid, value in (inputs or {}).items():
                 self.save(uid, value)
             if plan.releases is not None:
                 _release(ctx, plan.releases[0])
             sent = [prepare_prompt(p, ctx.run_id, nodes) for p, nodes in zip(plan.prompts, plan.port_nodes)]
-            result = Result()
             iteration = 0
             while iterations is None or iteration < iterations:
                 for k, prompt in enumerate(sent):
@@ -236,11 +257,18 @@ class RunEngine:
                     slot = placement.choose(iteration, k, state.done)
                     where = placement.where(slot)
                     self._places.setdefault(where, (placement, slot))
-                    prompt = self._with_recipes(prompt, plan, k, placement, slot, cancel)
-                    self._run_workflow(plan, state, iteration, k, prompt, timeout, placement, slot, cancel, on_event)
+                    used = self._controls.values(plan.controls[k], plan.prompts[k])
+                    raw = with_values(plan.prompts[k], plan.controls[k], used)  # the values its controls give
+                    prompt = self._with_recipes(with_values(prompt, plan.controls[k], used), plan, k, placement,
+                                                slot, cancel)
+                    ui = self._run_workflow(plan, state, iteration, k, prompt, timeout, placement, slot, cancel,
+                                            on_event)
+                    self._controls.advance(plan.controls[k], used)
+                    record.workflow_done(k, ui, getattr(placement, "output_dir", lambda s: None)(slot), used)
                     for uid in plan.writes[k]:  # where each written value lives, and its recipe's source
                         self._recipes.pop(uid, None)
-                        self._writers[uid] = (where, plan.prompts[k], plan.port_keys[k][uid].output_node_ids[-1])
+                        self._writers[uid] = (where, raw, plan.port_keys[k][uid].output_node_ids[-1])
+                record.iteration_done(iteration)
                 iteration += 1
                 if until is not None and until_holds(ctx, until, iteration - 1):
                     result.stopped = "until"
@@ -259,14 +287,17 @@ class RunEngine:
 
     def _plan(self, workflows: Any, inputs: Mapping[str, Any] | None, iterations: int | None, until: Until | None,
               outputs: Iterable[str] | None, release_unused: bool, placement: Any,
-              names: list[str] | None) -> "_Plan":
-        """Read and convert the workflows, find their ports, check ``outputs=`` and ``until=``, plan releases."""
+              names: list[str] | None, controls: Any = None, keep: list[str] | None = None) -> "_Plan":
+        """Read and convert the workflows, find their ports and controls, check ``outputs=``,
+        ``keep=`` and ``until=``, plan releases."""
         names = names or workflow_names(workflows)
         items = read_workflows(workflows)
         object_info = self.object_info
-        if object_info is None and any(is_ui_format(w) for w in items):
+        if object_info is None and (any(is_ui_format(w) for w in items) or isinstance(controls, Mapping)):
             object_info = self._object_info(placement, placement.choose(0, 0, 0))
-        prompts, port_nodes, port_keys = plan_workflows(items, object_info)
+        found: list = []
+        prompts, port_nodes, port_keys = plan_workflows(items, object_info, found)
+        widgets = self._controls.plan(items, prompts, found, controls, object_info)
         reads, writes = port_io(port_keys)
         written = {uid for w in writes for uid in w}
         wanted = None if outputs is None else list(dict.fromkeys([outputs] if isinstance(outputs, str) else outputs))
@@ -276,22 +307,26 @@ class RunEngine:
             if unknown:
                 raise ValueError(f"outputs= names {', '.join(map(repr, unknown))}, which no port writes, inputs= "
                                  "does not give and the run does not hold")
+        unknown = [uid for uid in keep or [] if uid not in written | set(inputs or {}) | set(self.keys())]
+        if unknown:
+            raise ValueError(f"keep= names {', '.join(map(repr, unknown))}, which no port writes, inputs= does not "
+                             "give and the run does not hold")
         if isinstance(until, str) and until not in written:
             raise ValueError(f"until={until!r}: no output port of these workflows writes that key")
         releases = None
         bounded = iterations is not None and until is None
         if release_unused:
-            keep = set(wanted if wanted is not None else written) | ({until} if isinstance(until, str) else set())
-            releases = plan_releases(reads, writes, iterations if bounded and iterations else 3, keep,
+            held = set(wanted if wanted is not None else written) | ({until} if isinstance(until, str) else set())
+            releases = plan_releases(reads, writes, iterations if bounded and iterations else 3, held | set(keep or []),
                                      initial=inputs or {})
-        return _Plan(names, prompts, port_nodes, port_keys, reads, writes, wanted, releases, bounded)
+        return _Plan(names, prompts, port_nodes, port_keys, reads, writes, wanted, releases, bounded, widgets)
 
     def _run_workflow(self, plan: "_Plan", state: "_RunState", iteration: int, k: int, prompt: dict,
                       timeout: float | None, placement: Any, slot: Any, cancel: CancelToken | None,
-                      on_event: Callable[[str, dict], Any] | None) -> None:
+                      on_event: Callable[[str, dict], Any] | None) -> Any:
         """One workflow of one iteration: check its inputs, let its prompt use the run, run it
         (again, when the placement recovers from a failure), check that every port wrote, release
-        what no later workflow reads."""
+        what no later workflow reads. Returns ComfyUI's outputs of the prompt (None: not known)."""
         ctx, outs = self.context, plan.writes[k]
         have = key_versions(ctx, plan.reads[k] + outs)
         missing = sorted(uid for uid in plan.reads[k] if uid not in self._recipes and have[uid] is None)
@@ -306,7 +341,7 @@ class RunEngine:
                 state.inside = True
                 digest = ctx.allow_prompt(prompt_as_run(prompt, placement.prompt_target(slot)))  # issue 23
                 try:
-                    placement.execute(slot, prompt, timeout, cancel, on_event)
+                    outputs = placement.execute(slot, prompt, timeout, cancel, on_event)
                 finally:
                     ctx.revoke_prompt(digest)
                 state.inside = False
@@ -329,6 +364,7 @@ class RunEngine:
         if plan.releases is not None:
             _release(ctx, plan.releases[plan.release_index(iteration, k)])
         state.finished(attempts)
+        return outputs
 
     def _with_recipes(self, prompt: dict, plan: "_Plan", k: int, placement: Any, slot: Any,
                       cancel: CancelToken | None) -> dict:
@@ -398,6 +434,7 @@ class _Plan:
     wanted: list[str] | None
     releases: list[list[str]] | None
     bounded: bool  # releases were planned for the real number of iterations
+    controls: list[list[WidgetControl]]  # per workflow, the widgets a control changes between iterations
     written: list[str] = field(default_factory=list)  # keys some port wrote, in order
 
     def release_index(self, iteration: int, k: int) -> int:

@@ -15,7 +15,9 @@ import os
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
+from .controls import ControlsOption
 from .engine import LocalPlacement, Result, RunEngine, executor_where
+from .history import OnIteration
 from .run_control import CancelToken, ProgressEvent, Until, check_bounds
 from .workflow_tools import choose_transport, resolve_executor
 
@@ -53,12 +55,17 @@ class Run(RunEngine):
     def execute(self, workflows: Any, inputs: Mapping[str, Any] | None = None, iterations: int | None = 1, *,
                 until: Until | None = None, timeout: float | None = None, outputs: Iterable[str] | None = None,
                 release_unused: bool = False, cancel: CancelToken | None = None, progress: bool | None = None,
-                on_progress: Callable[[ProgressEvent], Any] | None = None, executor: Any = None) -> Result:
+                on_progress: Callable[[ProgressEvent], Any] | None = None, executor: Any = None,
+                controls: ControlsOption = None, on_iteration: OnIteration | None = None,
+                keep: Iterable[str] | None = None) -> Result:
         """Run ``workflows`` one after the other, ``iterations`` times (or until ``until``); returns
         the values the ports wrote in this call (or ``outputs``). See :func:`run_sequential`.
 
         ``executor``: run this call somewhere else than the run's executor (shared memory only):
         references another executor's workflows saved reach this one by recipe.
+        ``controls``: the widgets' seed controls go on across calls: a workflow given again (the
+        same JSON) starts where the run's last call left its widgets, as the editor's widgets do
+        after each queue.
         """
         placement = self.placement
         if executor is not None:
@@ -70,7 +77,7 @@ class Run(RunEngine):
                 placement = LocalPlacement(executor)
         return self.run_loop(workflows, inputs, iterations, until=until, timeout=timeout, outputs=outputs,
                          release_unused=release_unused, cancel=cancel, progress=progress, on_progress=on_progress,
-                         placement=placement)
+                         placement=placement, controls=controls, on_iteration=on_iteration, keep=keep)
 
     def __enter__(self) -> "Run":
         return self
@@ -96,6 +103,9 @@ def run_sequential(
     cancel: CancelToken | None = None,
     progress: bool | None = None,
     on_progress: Callable[[ProgressEvent], Any] | None = None,
+    controls: ControlsOption = None,
+    on_iteration: OnIteration | None = None,
+    keep: Iterable[str] | None = None,
 ) -> Result:
     """Run ``workflows`` one after the other, ``iterations`` times; returns ``{unique_id: value}``.
 
@@ -142,6 +152,23 @@ def run_sequential(
     :class:`~discomfort.run_control.ProgressEvent` when a workflow starts and ends, and for the
     node and step messages ComfyUI sends while it runs.
 
+    ``controls``: the "control after generate" of seed (and other) widgets, applied between
+    iterations as the editor applies it after each queue: iteration 1 uses the saved value, the
+    next ones ``increment``, ``decrement``, ``randomize`` (within the input's min/max),
+    ``increment-wrap`` (combos), or stay ``fixed``. None (default): each UI workflow widget's own
+    control; "fixed": nothing changes; ``{"NODE.INPUT": mode}`` (NODE: a node id or title, e.g.
+    ``{"KSampler.seed": "increment"}``) sets or adds one widget's, in API workflows too.
+    ``result.controls[i][k]`` holds the values iteration ``i`` used in workflow ``k``.
+
+    ``on_iteration``: ``fn(iteration, values)`` after each iteration (0-based; ``values`` the
+    run's current values, read-only as ``until``'s, with that iteration's ``files`` and
+    ``controls``). ``keep``: keys whose value is copied after every iteration into
+    ``result.history[key]`` (a list, one per iteration), within the run's RAM budget
+    (:class:`~discomfort.errors.StoreFullError` past it). ``result.files[i]``: the files
+    ComfyUI's output nodes (SaveImage, SaveVideo, ...) wrote in iteration ``i``, each
+    {"node", "filename", "subfolder", "type", "workflow", "path"} (``path``: absolute when the
+    executor's output folder is known, else None).
+
     The result stays valid after the run's store is gone. The store lives only inside this call;
     hold a :class:`Run` to keep values and models across calls.
     """
@@ -151,7 +178,7 @@ def run_sequential(
         run._removes_store_on_cancel = True
         return run.execute(workflows, inputs, iterations, until=until, timeout=timeout, outputs=outputs,
                            release_unused=release_unused, cancel=cancel, progress=progress,
-                           on_progress=on_progress)
+                           on_progress=on_progress, controls=controls, on_iteration=on_iteration, keep=keep)
 
 
 # ---- the transport -----------------------------------------------------------------------------------

@@ -17,12 +17,14 @@ from .workflow_format import (
     INPUT,
     LOADER_CLASS,
     PORT_CLASS,
+    Control,
     Port,
     discover_port_nodes,
     discover_ports,
     is_ui_format,
     load_workflow,
     stitch,
+    ui_to_api,
 )
 
 __all__ = [
@@ -116,12 +118,22 @@ def read_workflows(workflows: Any) -> list:
     return items
 
 
-def plan_workflows(items: list, object_info: Mapping | None) -> tuple[list[dict], list[dict], list[dict]]:
-    """API prompts of ``items``, their port nodes and their ports by unique_id.
+def plan_workflows(items: list, object_info: Mapping | None, controls: list[list[Control]] | None = None
+                   ) -> tuple[list[dict], list[dict], list[dict]]:
+    """API prompts of ``items``, their port nodes and their ports by unique_id. ``controls``: a
+    list that receives, per workflow, the "control after generate" of each sent UI widget value.
 
     Refuses a workflow in which several ports write one key: each key needs one writer.
     """
-    prompts = [load_workflow(w, object_info) for w in items]
+    prompts = []
+    for w in items:
+        found: list[Control] = []
+        if object_info is not None and isinstance(w, Mapping) and is_ui_format(w):
+            prompts.append(ui_to_api(w, object_info, controls=found))
+        else:
+            prompts.append(load_workflow(w, object_info))
+        if controls is not None:
+            controls.append(found)
     port_nodes = [discover_port_nodes(p, object_info) for p in prompts]
     port_keys = [discover_ports(p, object_info) for p in prompts]
     for k, keys in enumerate(port_keys):
