@@ -249,7 +249,6 @@ def install_command(args: argparse.Namespace) -> int:
     if args.remove:
         return _remove(args, python, dest, same_env)
 
-    kind, source = _source(args, version)
     if dest.exists() and not dest.is_symlink() and not (dest.is_dir() and _is_our_pack(dest)):
         raise CommandError(f"{dest} exists and is not a Discomfort node pack; move it away first")
     try:
@@ -259,8 +258,12 @@ def install_command(args: argparse.Namespace) -> int:
     from ._version import __version__
 
     if same_env and before and before["version"] == __version__ and not args.wheel:
-        pass  # ComfyUI runs in this very environment, which has this very package
+        # ComfyUI runs in this very environment, which has this very package: nothing to install,
+        # the node pack comes from this package (or from the checkout it runs from).
+        checkout = _this_checkout()
+        kind, source = ("checkout", checkout) if checkout else ("installed", Path(before["node_pack"]))
     else:
+        kind, source = _source(args, version)
         if kind == "checkout":
             print(f"building discomfort from {source} with {python} (the C++ core needs a compiler and CMake; "
                   "without them it installs in pure-Python mode)", flush=True)

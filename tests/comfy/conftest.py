@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from _installed_comfy import comfy_copy, copy_server  # noqa: F401 - session fixtures: ComfyUI with the wheel installed
+
 REPO = Path(__file__).resolve().parents[2]
 NODE_PACK = REPO / "comfy_nodes"
 TEST_PACK = Path(__file__).resolve().parent / "test_pack"  # test-only nodes (gate, steps, model stand-in)

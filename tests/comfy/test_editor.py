@@ -1,8 +1,9 @@
 """The node pack in the real ComfyUI editor (issue 14): search, add, wire, edit, save, run.
 
-One ComfyUI 0.3.75 server with the node pack serves its pinned frontend (1.32.9) to headless
-Chromium. DiscomfortPort is found with the editor's node search and added from it; its
-unique_id widget is edited through the canvas' own prompt dialog; ports are wired to IMAGE,
+One ComfyUI 0.3.75 server, a copy with discomfort installed from the built wheel by
+``install-comfyui`` and started by its own ``main.py`` (``_installed_comfy``, shared with the
+panel tests), serves its pinned frontend (1.32.9) to headless Chromium. DiscomfortPort is found
+with the editor's node search and added from it; its unique_id widget is edited through the canvas' own prompt dialog; ports are wired to IMAGE,
 LATENT and any-type inputs; the graph the editor saves (``app.graph.serialize()``) runs through
 ``discomfort.run_sequential`` on the same server and the values cross. DiscomfortDataLoader
 (DEPRECATED, placed by run_sequential only) must not show in the search. A screenshot of the
@@ -12,7 +13,6 @@ graph goes to ``$DISCOMFORT_ARTIFACTS`` (default ``/tmp/discomfort-artifacts``).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,26 +21,21 @@ from _browser import PlaywrightTimeout, artifacts_dir, close_templates, launch, 
 
 pytestmark = pytest.mark.comfy
 
-REPO = Path(__file__).resolve().parents[2]
-NODE_PACK = REPO / "comfy_nodes"
-TEST_PACK = Path(__file__).resolve().parent / "test_pack"
 OPTIONS = "() => [...document.querySelectorAll('[role=option]')].map(e => e.textContent.trim())"
 
 
 @pytest.fixture(scope="module")
-def editor(comfy_path, tmp_path_factory):
-    """(server, page): a ComfyUI with the node pack and a Chromium page on its editor."""
+def editor(copy_server):
+    """(server, page): the session's ComfyUI with discomfort installed from the wheel
+    (``_installed_comfy``) and a Chromium page on its editor."""
     sync_playwright = require_browser()
-    from discomfort.comfy import launch_server
 
-    work = tmp_path_factory.mktemp("editor-server")
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180) as srv, \
-            sync_playwright() as pw:
+    with sync_playwright() as pw:
         browser = launch(pw)
-        page = open_editor(browser, srv.url)
+        page = open_editor(browser, copy_server.url)
         close_templates(page)
         page.evaluate("() => app.graph.clear()")
-        yield srv, page
+        yield copy_server, page
         browser.close()
 
 

@@ -1,6 +1,8 @@
 """The Discomfort panel of the ComfyUI editor (issue 19): its routes, and the panel in the real frontend.
 
-One ComfyUI 0.3.75 server with the node pack and the test pack; the test writes saved workflows
+One ComfyUI 0.3.75 server as a user has it: a copy of the tree with discomfort installed from the
+built wheel by ``discomfort install-comfyui`` and started by its own ``main.py``
+(``_installed_comfy``; the test pack is one of its custom nodes); the test writes saved workflows
 (UI format) into its user folder and an image into its input folder. The routes are exercised
 over HTTP (progress by long-polling the run's event route with its token); the panel in headless
 Chromium through its real frontend (1.32.9), and a second browser context that must neither see
@@ -26,7 +28,6 @@ pytestmark = pytest.mark.comfy
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_PACK = REPO / "comfy_nodes"
-TEST_PACK = Path(__file__).resolve().parent / "test_pack"
 START = 51  # the input image's value (0.2)
 BLEND = 0.25
 
@@ -154,28 +155,23 @@ def pixels(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def panel(comfy_path, tmp_path_factory):
-    """A ComfyUI server with the node pack and the test pack; saved workflows and an input image."""
+def panel(copy_server, tmp_path_factory):
+    """The session's ComfyUI with discomfort installed from the wheel (``_installed_comfy``: its
+    own main.py, its own folders); saved workflows in its user folder, an image in its input folder."""
     from PIL import Image
 
-    from discomfort.comfy import launch_server
-
-    work = tmp_path_factory.mktemp("panel-server")
+    work = Path(copy_server.work_dir)
     workflows = work / "user" / "default" / "workflows"
-    workflows.mkdir(parents=True)
+    workflows.mkdir(parents=True, exist_ok=True)
     (workflows / "invert.json").write_text(json.dumps(invert_workflow()))
     (workflows / "blend.json").write_text(json.dumps(blend_workflow()))
     (workflows / "broken.json").write_text("{not json")
-    (work / "input").mkdir()
     Image.fromarray(np.full((8, 8, 3), START, np.uint8)).save(work / "input" / "start.png")
     (work / "input" / "notes.txt").write_text("hello")
     secret = tmp_path_factory.mktemp("outside") / "secret.json"
     secret.write_text(json.dumps(invert_workflow()))
     (workflows / "escape.json").symlink_to(secret)  # a symlink out of the folder
-    env = {**os.environ, "DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS": "1"}
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180,
-                       env=env) as srv:
-        yield srv
+    return copy_server
 
 
 @pytest.fixture()
@@ -207,16 +203,35 @@ def start_body(workflows=("invert", "blend"), iterations=3, **extra) -> dict:
             **extra}
 
 
+# ------------------------------------------------------------------------------------ the install
+
+
+def test_the_pack_as_installed(comfy_copy, panel):
+    """The server runs the pack install-comfyui placed (the wheel's, web/ included) and the
+    discomfort of the copy's own venv, and serves the panel's script to the frontend."""
+    import subprocess
+
+    placed = comfy_copy.root / "custom_nodes" / "discomfort_nodes"
+    assert not placed.is_symlink() and (placed / "web" / "discomfort_panel.js").read_bytes() == \
+        (NODE_PACK / "web" / "discomfort_panel.js").read_bytes()
+    assert sorted(p.name for p in placed.glob("*.py")) == sorted(p.name for p in NODE_PACK.glob("*.py"))
+    where = subprocess.run([str(comfy_copy.python), "-c", "import discomfort; print(discomfort.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=comfy_copy.root).stdout.strip()
+    if comfy_copy.source.startswith("wheel"):
+        assert Path(where).is_relative_to(comfy_copy.root / "venv"), where  # the wheel, not the test's own
+    assert "/extensions/discomfort_nodes/discomfort_panel.js" in panel.get_json("/extensions")
+
+
 # ------------------------------------------------------------------------------------ routes
 
 
-def test_listing_routes(http):
+def test_listing_routes(panel, http):
     """Saved workflows, input files, and each workflow's ports (converted with the server's object_info)."""
     names = [w["name"] for w in http("GET", "/discomfort/panel/workflows").json()["workflows"]]
     assert {"invert.json", "blend.json", "broken.json"} <= set(names)
     assert "escape.json" not in names  # a symlink out of the folder is not listed
     files = [f["name"] for f in http("GET", "/api/discomfort/panel/inputs").json()["files"]]
-    assert files == ["notes.txt", "start.png"]
+    assert {"notes.txt", "start.png"} <= set(files) and files == sorted(files), files  # the tree's example.png too
     ports = {p["unique_id"]: p for p in http("GET", "/discomfort/panel/ports", params={"workflow": "blend"}).json()["ports"]}
     assert ports["inverted"] == {"unique_id": "inverted", "type": "IMAGE", "mode": "INPUT", "reads": True, "writes": False}
     assert ports["image"]["mode"] == "PASSTHRU" and ports["image"]["reads"] and ports["image"]["writes"]
