@@ -1,4 +1,4 @@
-"""The `discomfort` command: bench, doctor, run, convert, install-comfyui.
+"""The `discomfort` command: demo, bench, doctor, run, convert, install-comfyui.
 
 Errors are one line on stderr (``discomfort COMMAND: error: ...``, with what to do) and a
 non-zero exit: 2 for a wrong command line, 1 for anything else, 130 for Ctrl-C.
@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="discomfort", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from .cli_demo import add_demo_parser
+
+    add_demo_parser(sub)
 
     p = sub.add_parser("bench", help="measure save/load against memcpy and the legacy path")
     p.add_argument("--quick", action="store_true",
