@@ -2,6 +2,14 @@
 
     discomfort run WORKFLOW... [--iterations N] [--until KEY] [--input KEY=FILE ...] --output-dir DIR
                    (--server URL | --comfyui PATH) [--transport auto|shm|http] [--timeout S]
+                   [--keep KEY ...] [--set NODE.INPUT=VALUE ...] [--input-dir KEY=DIR] [--controls fixed]
+
+--keep KEY writes KEY's value after every iteration ({key}_it001..., as the outputs below).
+--set NODE.INPUT=VALUE sets a widget of the node with that id or title (VALUE is read as JSON,
+else as text), in every workflow that has the node. --input-dir KEY=DIR runs once per input file
+in DIR (several: files paired by name), each run's outputs in DIR/<file name>/; the widgets'
+seed controls go on from one run to the next, as the editor's queue does. --controls fixed: no
+"control after generate" changes a widget between iterations.
 
 Inputs, by the file's extension: .png/.jpg/.jpeg/.webp -> IMAGE tensor [1,H,W,3] float32 in 0..1
 (RGB; alpha dropped), .npy -> tensor, .pt -> torch.load(weights_only=True), .safetensors ->
@@ -28,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .cli_common import check_output_path, read_json_file
+from .cli_loops import apply_sets, input_dir_jobs, parse_set_spec
 from .recipes import Recipe
 
 __all__ = ["add_run_parser", "run_command", "load_input", "parse_input_spec", "write_output",
@@ -309,6 +318,14 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=["auto", "shm", "http"], default=None,
                    help="how values reach a server (default: auto, or $DISCOMFORT_TRANSPORT)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds allowed per workflow")
+    p.add_argument("--keep", action="append", default=[], metavar="KEY",
+                   help="write KEY's value after every iteration, numbered per iteration (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                   help="set a widget of a node (id or title) before the run; VALUE as JSON, else text (repeatable)")
+    p.add_argument("--input-dir", action="append", default=[], metavar="KEY=DIR",
+                   help="run once per input file in DIR, its value as KEY (several: files paired by name)")
+    p.add_argument("--controls", choices=["fixed"], default=None,
+                   help="fixed: no seed control changes a widget between iterations (default: each widget's own)")
     p.add_argument("--release-unused", action="store_true",
                    help="delete each value as soon as no later workflow reads it (less memory in long loops)")
     bar = p.add_mutually_exclusive_group()
@@ -466,7 +483,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .sequential import run_sequential
+    from .sequential import Run
 
     if args.iterations is not None and args.iterations < 1:
         raise ValueError(f"--iterations must be at least 1, not {args.iterations}")
@@ -477,27 +494,54 @@ def _run(args: argparse.Namespace) -> int:
         read_json_file(w, "workflow file")
     if args.log:
         check_output_path("--log", args.log)
+    sets = [parse_set_spec(spec) for spec in args.set]
     inputs: dict[str, Any] = {}
     for spec in args.input:
         key, path = parse_input_spec(spec)
         if key in inputs:
             raise ValueError(f"--input {key}=... given twice")
         inputs[key] = load_input(path)
+    jobs = input_dir_jobs(args.input_dir, inputs, INPUT_EXTENSIONS)
     executor = _executor(args)
-    results = run_sequential(args.workflows, inputs, iterations=iterations, until=args.until, executor=executor,
-                             timeout=args.timeout, transport=args.transport, progress=args.progress,
-                             release_unused=args.release_unused)
-    written = write_outputs(results, args.output_dir)
+    workflows: list[Any] = list(args.workflows)
+    controls: Any = args.controls
+    if sets:
+        workflows, found = apply_sets(workflows, sets, executor.object_info())
+        controls = controls or found or None
+    with Run(executor, transport=args.transport) as run:
+        for name, files in jobs:
+            out = Path(args.output_dir) / _safe_stem(name) if name else Path(args.output_dir)
+            if name:
+                print(f"{name}: {', '.join(str(p) for p in files.values())}")
+            job_inputs = {**inputs, **{key: load_input(p) for key, p in files.items()}}
+            results = run.execute(workflows, job_inputs, iterations, until=args.until, timeout=args.timeout,
+                                  progress=args.progress, release_unused=args.release_unused, controls=controls,
+                                  keep=args.keep)
+            _report(args, results, out)
+    return 0
+
+
+def _report(args: argparse.Namespace, results: Any, out: Path) -> None:
+    """Write a run's outputs (and each kept iteration's values) and say what was written."""
+    written = write_outputs(results, out)
     count = 0
     for key, paths in written.items():
         for p in paths:
             print(f"{key}: {p} ({_describe(results[key])})")
             count += 1
-    print(f"{count} file(s) written to {args.output_dir}")
+    for key in args.keep:
+        for i, value in enumerate(results.history.get(key, [])):
+            for p in write_output(key, value, out, stem=f"{_safe_stem(key)}_it{i + 1:03d}"):
+                print(f"{key} (iteration {i + 1}): {p} ({_describe(value)})")
+                count += 1
+    print(f"{count} file(s) written to {out}")
+    saved = [f for files in results.files for f in files if f["type"] == "output"]
+    for f in saved:
+        where = f["path"] or f"{Path(f['subfolder'], f['filename'])} (in the server's output folder)"
+        print(f"saved by node {f['node']}: {where}")
     if args.until:
         why = f"{args.until} was true" if results.stopped == "until" else f"{args.until} stayed false"
         print(f"{results.iterations} iteration(s): {why}")
-    return 0
 
 
 def main(argv: Iterable[str] | None = None) -> int:

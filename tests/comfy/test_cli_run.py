@@ -271,3 +271,91 @@ def test_run_command_until_a_key(server, tmp_path, capsys):
     assert "4 iteration(s): bright was true" in captured.out  # 1 - 0.5**4 > 0.9 first at 4
     with Image.open(tmp_path / "out" / "image_000.png") as im:
         assert np.asarray(im).min() == round(255 * (1 - 0.5 ** 4))
+
+
+# ------------------------------------------------------------------ loops: --keep, --set, --input-dir
+
+
+def _discomfort(*args: str) -> "subprocess.CompletedProcess":
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "discomfort.cli", "run", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.comfy
+def test_run_command_keeps_every_iteration_and_sets_widgets(server, tmp_path):
+    """A subprocess: --keep writes each iteration's image, --set changes a widget by node title (no
+    port needed), the seed control increments between iterations; --controls fixed stops it."""
+    from test_loops import noise_prompt, noise_workflow
+
+    (tmp_path / "noise.json").write_text(json.dumps(noise_workflow(5, "increment", prefix="cli_keep")))
+    out = tmp_path / "out"
+    done = _discomfort(str(tmp_path / "noise.json"), "-n", "3", "--keep", "noisy", "--set", "Noise.seed=70",
+                       "--set", "Noise.strength=0.25", "-o", str(out), "--server", server.url, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["noisy_000.png", "noisy_it001_000.png", "noisy_it002_000.png", "noisy_it003_000.png"]
+    assert "noisy (iteration 3)" in done.stdout and "4 file(s) written" in done.stdout
+    saved = [line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("saved by node 4: ")]
+    assert len(saved) == 3  # SaveImage's file of each iteration, named (a server given by URL: its folder's)
+    assert all(s.endswith(" (in the server's output folder)") for s in saved)
+    assert all((server.output_dir / s.split(" ")[0]).is_file() for s in saved)
+
+    # iteration 2 used seed 71 at strength 0.25: the same image as the API prompt that says so
+    api = noise_prompt(71)
+    api["2"]["inputs"]["strength"] = 0.25
+    (tmp_path / "api.json").write_text(json.dumps(api))
+    one = _discomfort(str(tmp_path / "api.json"), "-o", str(tmp_path / "one"), "--server", server.url,
+                      "--no-progress")
+    assert one.returncode == 0, one.stderr
+    with Image.open(out / "noisy_it002_000.png") as a, Image.open(tmp_path / "one" / "noisy_000.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with Image.open(out / "noisy_it001_000.png") as a:
+        assert not np.array_equal(np.asarray(a), np.asarray(Image.open(tmp_path / "one" / "noisy_000.png")))
+
+    fixed = _discomfort(str(tmp_path / "noise.json"), "-n", "2", "--keep", "noisy", "--controls", "fixed",
+                        "-o", str(tmp_path / "fixed"), "--server", server.url, "--no-progress")
+    assert fixed.returncode == 0, fixed.stderr
+    with Image.open(tmp_path / "fixed" / "noisy_it001_000.png") as a, \
+            Image.open(tmp_path / "fixed" / "noisy_it002_000.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.comfy
+def test_run_command_runs_once_per_file_of_an_input_dir(server, tmp_path):
+    """--input-dir image=DIR: one run per file, its outputs in OUT/<file name>/."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = {name: _pixels(i, 5, 6) for i, name in enumerate(["a", "b", "c"])}
+    for name, px in pixels.items():
+        Image.fromarray(px).save(photos / f"{name}.png")
+    (photos / "notes.md").write_text("not an input")
+    out = tmp_path / "out"
+    done = _discomfort(str(WORKFLOWS / "run_loop_invert.json"), "--input-dir", f"image={photos}", "-o", str(out),
+                       "--server", server.url, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
+    for name, px in pixels.items():
+        with Image.open(out / name / "image_000.png") as im:
+            assert np.array_equal(np.asarray(im), 255 - px)
+
+
+@pytest.mark.comfy
+def test_run_command_loop_flags_fail_in_one_line(server, tmp_path, capsys):
+    from test_loops import noise_workflow
+
+    (tmp_path / "noise.json").write_text(json.dumps(noise_workflow()))
+    (tmp_path / "empty").mkdir()
+    cases = [(["--set", "Sampler.seed=1"], "no node with id or title 'Sampler'"),
+             (["--set", "Noise.steps=1"], "node 2 (ImageAddNoise) has no input 'steps'"),
+             (["--set", "Noise.image=1"], "is linked to node 1"),
+             (["--set", "seed=1"], "expected NODE.INPUT=VALUE"),
+             (["--keep", "nope"], "keep= names 'nope'"),
+             (["--input-dir", f"image={tmp_path / 'empty'}"], "no input files"),
+             (["--input-dir", f"image={tmp_path / 'none'}"], "no such folder")]
+    for extra, message in cases:
+        rc = cli.main(["run", str(tmp_path / "noise.json"), *extra, "-o", str(tmp_path / "out"), "--server",
+                       server.url, "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 1 and message in err and err.count("\n") == 1, (extra, err)

@@ -85,11 +85,15 @@ def run_sequential_ray(
     comfy_path: str | os.PathLike | None = None,
     ram_budget: int | str | None = None,
     disk_dir: str | os.PathLike | None = None,
+    controls: Any = None,
+    on_iteration: Callable[[int, Mapping[str, Any]], Any] | None = None,
+    keep: Iterable[str] | None = None,
 ) -> Result:
     """:func:`~discomfort.sequential.run_sequential` across a Ray cluster.
 
     ``workflows``, ``inputs``, ``iterations``, ``until``, ``timeout``, ``object_info``,
-    ``outputs``, ``release_unused``, ``cancel``, ``progress``, ``on_progress``: as in
+    ``outputs``, ``release_unused``, ``cancel``, ``progress``, ``on_progress``, ``controls``,
+    ``on_iteration``, ``keep``: as in
     run_sequential, the same loop (the outputs of workflow k feed workflow k+1, those of
     iteration N feed N+1). A value saved by reference (a MODEL) on one server reaches a workflow
     on another by recipe: the part of the workflow that built it runs there (once, with
@@ -150,7 +154,8 @@ def run_sequential_ray(
             run._removes_store_on_cancel = True
             result = run.run_loop(items, inputs, iterations, until=until, timeout=timeout, outputs=outputs,
                               release_unused=release_unused, cancel=cancel, progress=progress,
-                              on_progress=on_progress, placement=run.placement, names=names)
+                              on_progress=on_progress, placement=run.placement, names=names, controls=controls,
+                              on_iteration=on_iteration, keep=keep)
         if free_after and run.used:
             pool.free(sorted(run.used))
         return result
@@ -187,9 +192,9 @@ class RayPlacement:
         return self._info
 
     def execute(self, slot: int, prompt: dict, timeout: float | None, cancel: CancelToken | None,
-                on_event: Callable[[str, dict], Any] | None) -> None:
+                on_event: Callable[[str, dict], Any] | None) -> Any:
         self.used.add(slot)
-        self.pool.execute(slot, prompt, timeout, cancel)
+        return self.pool.execute(slot, prompt, timeout, cancel)  # its files' paths: not known here
 
     def settle(self, ctx: Any, slot: int, written: list[str]) -> None:
         """Make the values the server saved owned by this process (one copy each, on its node)."""
@@ -261,7 +266,9 @@ class RayRun(RunEngine):
                 progress: bool | Callable[[ProgressEvent], Any] | None = None,
                 on_progress: Callable[[ProgressEvent], Any] | None = None,
                 assign: str | Callable[[int, int], int] | None = None, object_info: Mapping | None = None,
-                names: list[str] | None = None) -> Result:
+                names: list[str] | None = None, controls: Any = None,
+                on_iteration: Callable[[int, Mapping[str, Any]], Any] | None = None,
+                keep: Iterable[str] | None = None) -> Result:
         """Run ``workflows`` on the pool ``iterations`` times (or until ``until``); returns private
         copies of the values their ports wrote (or ``outputs``). The options are
         :meth:`Run.execute <discomfort.sequential.Run.execute>`'s; ``assign``: which server runs
@@ -275,4 +282,4 @@ class RayRun(RunEngine):
             placement._info = self.placement._info
         return self.run_loop(workflows, inputs, iterations, until=until, timeout=timeout, outputs=outputs,
                          release_unused=release_unused, cancel=cancel, progress=progress, on_progress=on_progress,
-                         placement=placement, names=names)
+                         placement=placement, names=names, controls=controls, on_iteration=on_iteration, keep=keep)
