@@ -84,7 +84,7 @@ def _local(args, rows: list, costs: dict) -> None:
     with contextlib.ExitStack() as stack:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(stack.enter_context, launch_server(comfy, custom_nodes=PACKS, api_nodes=False,
+            futures = [pool.submit(stack.enter_context, launch_server(comfy, isolated=True, custom_nodes=PACKS, api_nodes=False,
                                                                       startup_timeout=300)) for _ in range(4)]
             servers = [f.result() for f in futures]
         costs["4 servers started (s)"] = time.perf_counter() - t0
@@ -129,7 +129,7 @@ def _ray(args, rows: list, costs: dict) -> None:
     try:
         comfy = os.environ["DISCOMFORT_COMFYUI"]
         for size in (1, 2):
-            with RayComfyPool(comfy, size=size, custom_nodes=PACKS, startup_timeout=300) as pool:
+            with RayComfyPool(comfy, isolated=True, size=size, custom_nodes=PACKS, startup_timeout=300) as pool:
                 for name, wf in args.workflows.items():
                     _batch(wf, size, pool)
                     seconds = _batch(wf, args.runs, pool)

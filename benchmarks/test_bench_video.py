@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(not os.environ.get("DISCOMFORT_COMFYUI"),
 def server(tmp_path_factory):
     from discomfort.comfy import launch_server
 
-    with launch_server(os.environ["DISCOMFORT_COMFYUI"], custom_nodes=[NODE_PACK], api_nodes=False,
+    with launch_server(os.environ["DISCOMFORT_COMFYUI"], isolated=True, custom_nodes=[NODE_PACK], api_nodes=False,
                        work_dir=tmp_path_factory.mktemp("bench-comfy"), startup_timeout=240) as srv:
         yield srv
 

@@ -116,7 +116,7 @@ wf = {"1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "image"}},
       "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
       "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "out", "input_data": ["2", 0]}}}
 image = torch.rand(1, 512, 512, 3)
-with launch_server(os.environ["COMFY"], cpu=False, api_nodes=False, startup_timeout=300) as server:
+with launch_server(os.environ["COMFY"], isolated=True, cpu=False, api_nodes=False, startup_timeout=300) as server:
     out = run_sequential(wf, {"image": image}, executor=server, timeout=300)
 got = out["out"]
 assert torch.allclose(got.cpu(), 1.0 - image), "wrong result"

@@ -373,7 +373,7 @@ def pool(cluster):
     from discomfort.distributed import RayComfyPool
 
     t0 = time.monotonic()
-    servers = RayComfyPool(custom_nodes=[NODE_PACK, TEST_PACK], size=2, startup_timeout=240).start()
+    servers = RayComfyPool(isolated=True, custom_nodes=[NODE_PACK, TEST_PACK], size=2, startup_timeout=240).start()
     TIMINGS["ComfyUI servers start (s)"] = time.monotonic() - t0
     try:
         assert {s["node_id"] for s in servers.servers} == {cluster["head"], cluster["other"]}

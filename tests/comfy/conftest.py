@@ -55,7 +55,7 @@ def inprocess(comfy_path):
     """ComfyUI's PromptExecutor in this process, with the repository's node pack."""
     from discomfort.comfy import InProcessComfy
 
-    return InProcessComfy(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK])
+    return InProcessComfy(comfy_path, isolated=True, custom_nodes=[NODE_PACK, TEST_PACK])
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +65,7 @@ def server(comfy_path, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("comfy-server")
     # No API nodes (ComfyUI's default loads them): a faster start, and no test runs one.
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180,
+    with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, startup_timeout=180,
                        api_nodes=False) as srv:
         yield srv
 

@@ -50,7 +50,7 @@ def main() -> int:
     comfy = os.environ.get("DISCOMFORT_COMFYUI")
     if not comfy:
         raise SystemExit("set DISCOMFORT_COMFYUI (the path scripts/setup_comfyui.py prints)")
-    with launch_server(comfy, custom_nodes=[REPO / "comfy_nodes"]) as server:
+    with launch_server(comfy, isolated=True, custom_nodes=[REPO / "comfy_nodes"]) as server:
         info = server.object_info()
     FIXTURE.write_text(json.dumps(subset(info), indent=1, sort_keys=True) + "\n")
     print(FIXTURE)

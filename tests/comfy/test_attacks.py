@@ -48,7 +48,7 @@ def locked(comfy_path, tmp_path_factory):
     """A server with a secret and small limits (on loopback)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOMFORT_REMOTE_")}
     env.update(LIMITS, DISCOMFORT_SERVER_SECRET=SECRET)
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], api_nodes=False, work_dir=tmp_path_factory.mktemp("locked"),
+    with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK, TEST_PACK], api_nodes=False, work_dir=tmp_path_factory.mktemp("locked"),
                        env=env, startup_timeout=180) as s:
         yield s
 
@@ -57,7 +57,7 @@ def locked(comfy_path, tmp_path_factory):
 def exposed(comfy_path, tmp_path_factory):
     """A server that listens on every address and has no secret."""
     env = {k: v for k, v in os.environ.items() if k != "DISCOMFORT_SERVER_SECRET"}
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], api_nodes=False, extra_args=["--listen", "0.0.0.0"],
+    with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK, TEST_PACK], api_nodes=False, extra_args=["--listen", "0.0.0.0"],
                        work_dir=tmp_path_factory.mktemp("exposed"), env=env, startup_timeout=180) as s:
         yield s
 

@@ -32,7 +32,7 @@ NODE_PACK = HERE.parents[1] / "comfy_nodes"
 @pytest.fixture(scope="module")
 def lru_server(comfy_path, tmp_path_factory):
     """A server whose cache keeps older entries: the stale outputs the attack needs are there."""
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK], api_nodes=False, extra_args=["--cache-lru", "10"],
+    with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK], api_nodes=False, extra_args=["--cache-lru", "10"],
                        work_dir=tmp_path_factory.mktemp("lru-server"), startup_timeout=180) as srv:
         yield srv
 
@@ -99,7 +99,7 @@ def test_without_a_cache_the_registered_prompt_runs_and_a_sent_is_changed_is_ref
     """A server started with --cache-none never sets is_changed: the form without it (registered
     too) is what its nodes see; a copy that sends one is still refused."""
     a = torch.rand(1, 4, 4, 3, generator=torch.Generator().manual_seed(24))
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK], api_nodes=False, extra_args=["--cache-none"],
+    with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK], api_nodes=False, extra_args=["--cache-none"],
                        work_dir=tmp_path, startup_timeout=180) as srv, WorkflowContext() as ctx:
         prompt = _workflow(ctx.run_id)
         version = ctx.save("x", a)

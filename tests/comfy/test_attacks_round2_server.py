@@ -171,7 +171,7 @@ def short_ttl_server(comfy_path, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("comfy-ttl")
     env = {**os.environ, "DISCOMFORT_REMOTE_RUN_TTL": "2"}
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, env=env, api_nodes=False,
+    with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=work, env=env, api_nodes=False,
                        startup_timeout=180, log_path=work / "comfyui.log") as srv:
         yield srv, work / "comfyui.log"
 

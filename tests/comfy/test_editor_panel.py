@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -315,6 +316,46 @@ def test_run_through_the_routes(panel, http):
     assert_error(http("GET", f"/discomfort/panel/runs/{run_id}", headers={TOKEN: token[:-1] + ("B" if token[-1] == "A" else "A")}), 404)
     assert_error(http("GET", f"/discomfort/panel/runs/{run_id}/events", headers={TOKEN: "y" * 43}), 404)
     assert shm_files(run_id) == []
+    check_history(panel, seen, 3)
+
+
+def check_history(panel, seen: list[dict], iterations: int) -> None:
+    """Each iteration's outputs were announced as that iteration ended (after its last workflow,
+    before the next iteration's first) and saved with that iteration's values."""
+    it_events = [(i, e) for i, e in enumerate(seen) if e["kind"] == "iteration"]
+    assert [e["iteration"] for _, e in it_events] == list(range(iterations)), [e["kind"] for e in seen]
+    for at, ev in it_events:
+        before = [e for e in seen[:at] if e["kind"] == "workflow_done"]
+        after = [e for e in seen[at:] if e["kind"] == "workflow_start"]
+        assert before[-1]["iteration"] == ev["iteration"] and before[-1]["workflow"] == 1
+        assert not after or after[0]["iteration"] == ev["iteration"] + 1
+        assert ev["files"] == [] and "note" not in ev  # no SaveImage in these workflows; under the cap
+        assert sorted(o["key"] for o in ev["outputs"]) == ["image", "inverted"]
+        want = expected_values(ev["iteration"] + 1)
+        for o in ev["outputs"]:
+            assert o["subfolder"].endswith(f"/{ev['iteration'] + 1:05d}"), o
+            got = pixels(Path(panel.work_dir) / "output" / o["subfolder"] / o["filename"])
+            assert abs(int(got.max()) - want[o["key"]]) <= 1 and got.min() == got.max(), (o, got.max(), want)
+    assert [h["iteration"] for h in seen[-1]["history"]] == list(range(iterations))
+
+
+def test_history_is_capped(panel, http):
+    """Per-iteration outputs stop at the run's cap (8 files here, DISCOMFORT_PANEL_HISTORY_FILES):
+    5 iterations of 2 keys keep 4, say why once, and the run itself goes on to the end."""
+    resp = http("POST", "/discomfort/panel/runs", json=start_body(iterations=5))
+    assert resp.status_code == 202, resp.text
+    run_id, token = resp.json()["run_id"], resp.json()["token"]
+    final = until_finished(http, run_id, token)[-1]
+    assert final["state"] == "finished", final
+    assert [h["iteration"] for h in final["history"]] == [0, 1, 2, 3]
+    assert sum(len(h["outputs"]) for h in final["history"]) == 8
+    assert final["history_note"].startswith("iterations after 4:") and "DISCOMFORT_PANEL_HISTORY_FILES" in final["history_note"]
+    run_dir = Path(panel.work_dir) / "output" / "discomfort" / run_id
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["00001", "00002", "00003", "00004"]
+    want = expected_values(5)  # the final values are those of all 5 iterations
+    for o in final["outputs"]:
+        got = pixels(run_dir / o["filename"])
+        assert abs(int(got.max()) - want[o["key"]]) <= 1, (o, got.max(), want)
 
 
 def test_second_run_and_cancel(panel, http, tmp_path):
@@ -364,6 +405,11 @@ def page(panel):
         browser.close()
 
 
+def open_panel(pg) -> None:
+    """Open the Discomfort tab of the sidebar as a user does: its button, named by its tooltip."""
+    pg.get_by_role("button", name=re.compile(r"^Discomfort: run saved workflows")).click()
+
+
 def listen(pg) -> None:
     """Collect the panel's progress events of this page (and any that ComfyUI's socket would bring)."""
     pg.evaluate("""() => { window.__dcf = [];
@@ -388,7 +434,7 @@ def test_panel_in_the_editor(panel, page, tmp_path):
     cancel a held run from the panel (confirmed in the frontend's dialog)."""
     pg = page
     art = artifacts_dir()
-    pg.locator(".discomfort-panel-tab-button").click()
+    open_panel(pg)
     pg.wait_for_selector("[data-dcf=workflow-select] option[value='blend.json']", state="attached")
     for name in ("invert.json", "blend.json"):
         pg.select_option("[data-dcf=workflow-select]", name)
@@ -407,17 +453,29 @@ def test_panel_in_the_editor(panel, page, tmp_path):
     run_id = pg.get_attribute("[data-dcf=status]", "data-run")
     seen = finished_event(pg, run_id)
     pg.wait_for_selector("[data-dcf=status][data-state=finished]")
-    pg.wait_for_function("() => { const i = [...document.querySelectorAll('.dcf-outputs img')];"
+    pg.locator("[data-dcf=outputs]").scroll_into_view_if_needed()  # its images load once in view
+    pg.wait_for_function("() => { const i = [...document.querySelectorAll('[data-dcf=outputs] img')];"
                          " return i.length === 2 && i.every(x => x.complete && x.naturalWidth === 8); }")
+    # Every iteration's outputs, newest first, each image loaded (found by its name, as a reader would).
+    for n in (1, 2, 3):
+        for key in ("image", "inverted"):
+            img = pg.get_by_role("img", name=f"{key}, iteration {n}", exact=True)
+            img.scroll_into_view_if_needed()
+            pg.wait_for_function("(e) => e.complete && e.naturalWidth === 8", arg=img.element_handle())
+    assert [int(x) for x in pg.locator("[data-dcf=iteration-outputs]").evaluate_all(
+        "els => els.map(e => e.dataset.iteration)")] == [3, 2, 1]
+    pg.get_by_text("Iteration 1", exact=True).scroll_into_view_if_needed()
     pg.screenshot(path=str(art / "panel_after.png"))
+    pg.locator("section", has=pg.locator("[data-dcf-slot=history]")).screenshot(path=str(art / "panel_iterations.png"))
     kinds = [e["kind"] for e in seen]
     assert kinds[0] == "start" and kinds[-1] == "finished" and kinds.count("workflow_done") == 6
     assert any(e["kind"] == "step" and e["max"] == 4 for e in seen)
-    assert sorted(f.get_attribute("data-key") for f in pg.locator(".dcf-outputs figure").all()) == ["image", "inverted"]
+    assert sorted(f.get_attribute("data-key") for f in pg.locator("[data-dcf=outputs] figure").all()) == ["image", "inverted"]
     want = expected_values(3)
     for o in seen[-1]["outputs"]:
         got = pixels(Path(panel.work_dir) / "output" / o["subfolder"] / o["filename"])
         assert abs(int(got.max()) - want[o["key"]]) <= 1 and got.min() == got.max(), (o, got.max(), want)
+    check_history(panel, seen, 3)
 
     # A second run, held by the gate, cancelled from the panel.
     fifo = Fifo(tmp_path / "started")
@@ -446,7 +504,7 @@ def test_panel_in_the_editor(panel, page, tmp_path):
         # (no Templates dialog there: the server's user settings say it was shown)
         other = open_editor(pg.context.browser, panel.url, "window.app && window.app.graph")
         listen(other)
-        other.locator(".discomfort-panel-tab-button").click()
+        open_panel(other)
         other.wait_for_selector("[data-dcf=status][data-state=idle]")
         assert other.evaluate("async () => (await (await fetch('/discomfort/panel/runs')).json()).runs") == []
         assert fetch_status(other, "POST", f"/discomfort/panel/runs/{run2}/cancel") == 404

@@ -30,7 +30,7 @@ def test_node_pack_loaded(executor):
 
 
 def test_inprocess_is_one_per_process(inprocess, comfy_path, tmp_path):
-    assert InProcessComfy(comfy_path) is inprocess
+    assert InProcessComfy(comfy_path, isolated=True) is inprocess
     assert InProcessComfy(str(comfy_path)) is inprocess
     with pytest.raises(RuntimeError, match="already loaded"):
         InProcessComfy(tmp_path)
@@ -135,7 +135,7 @@ def test_launch_failure_reports_log_tail(comfy_path, tmp_path):
     fake.write_text("#!/bin/sh\necho 'boom: this is not python' >&2\nexit 3\n")
     fake.chmod(0o755)
     with pytest.raises(ComfyConnectionError, match="(?s)exited with code 3.*boom: this is not python"):
-        with launch_server(comfy_path, python=str(fake), work_dir=tmp_path / "w"):
+        with launch_server(comfy_path, isolated=True, python=str(fake), work_dir=tmp_path / "w"):
             pass
 
 

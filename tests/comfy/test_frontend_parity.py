@@ -47,7 +47,7 @@ def frontend(comfy_path, tmp_path_factory):
     from discomfort.comfy import launch_server
 
     work = tmp_path_factory.mktemp("frontend-server")
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK], work_dir=work, api_nodes=True,
+    with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK], work_dir=work, api_nodes=True,
                        startup_timeout=240) as server, sync_playwright() as pw:
         browser = launch(pw)
         page = open_editor(browser, server.url, viewport=(1600, 1000))

@@ -29,9 +29,9 @@ TEST_PACK = HERE / "test_pack"
 
 @pytest.fixture(scope="module")
 def two_servers(comfy_path, tmp_path_factory):
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], api_nodes=False, extra_args=["--cache-lru", "16"],
+    with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK, TEST_PACK], api_nodes=False, extra_args=["--cache-lru", "16"],
                        work_dir=tmp_path_factory.mktemp("server-a"), startup_timeout=180) as a, \
-            launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], api_nodes=False, extra_args=["--cache-lru", "16"],
+            launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK, TEST_PACK], api_nodes=False, extra_args=["--cache-lru", "16"],
                           work_dir=tmp_path_factory.mktemp("server-b"), startup_timeout=180) as b:
         yield a, b
 

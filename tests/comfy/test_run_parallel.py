@@ -42,7 +42,7 @@ def second(comfy_path, tmp_path_factory):
     """A second ComfyUI server for this module (the last test kills it)."""
     from discomfort.comfy import launch_server
 
-    with launch_server(comfy_path, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=tmp_path_factory.mktemp("second"),
+    with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK, TEST_PACK], work_dir=tmp_path_factory.mktemp("second"),
                        startup_timeout=180, api_nodes=False) as srv:
         yield srv
 
@@ -224,7 +224,7 @@ def pool(comfy_path):
             os.environ["PYTHONPATH"] = saved
     ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
     try:
-        with RayComfyPool(comfy_path, size=2, custom_nodes=[NODE_PACK, TEST_PACK], startup_timeout=240) as servers:
+        with RayComfyPool(comfy_path, isolated=True, size=2, custom_nodes=[NODE_PACK, TEST_PACK], startup_timeout=240) as servers:
             yield servers
     finally:
         ray.shutdown()

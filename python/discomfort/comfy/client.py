@@ -49,6 +49,7 @@ class ComfyServer:
         self.log_path: Any = None
         self.work_dir: Any = None
         self.output_dir: Path | None = None
+        self.accelerator: str | None = None  # what launch_server's probe found ("cuda", ...; None: CPU)
         self.startup_seconds: float | None = None
 
     def __repr__(self) -> str:

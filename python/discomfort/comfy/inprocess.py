@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 from ..errors import ComfyConnectionError, RunCancelled
 from ..run_control import CancelToken
 from . import _tvshim
-from ._common import make_custom_nodes_dir, raise_for_messages, resolve_node_packs, validation_error
+from . import _startup
+from ._common import make_custom_nodes_dir, raise_for_messages, validation_error
 
 __all__ = ["InProcessComfy"]
 
@@ -80,47 +81,129 @@ def _install_progress_hook(server: _ServerStandIn) -> None:
     comfy.utils.set_progress_bar_global_hook(hook)
 
 
+def _apply_tree_paths(path: Path, folder_paths, extra_config) -> None:
+    """What main.py's apply_custom_paths does without arguments: the tree's
+    extra_model_paths.yaml, and the output-folder model paths."""
+    config = path / "extra_model_paths.yaml"
+    if config.is_file():
+        extra_config.load_extra_path_config(str(config))
+    out = folder_paths.get_output_directory()
+    for kind in ("checkpoints", "clip", "vae", "diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(kind, os.path.join(out, kind))
+
+
+def _run_prestartup_scripts(folder_paths) -> None:
+    """main.py's execute_prestartup_script: each pack's ``prestartup_script.py``, before nodes load."""
+    import importlib.util
+
+    for base in folder_paths.get_folder_paths("custom_nodes"):
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            continue
+        for name in names:
+            script = os.path.join(base, name, "prestartup_script.py")
+            if name.endswith(".disabled") or name == "__pycache__" or not os.path.isfile(script):
+                continue
+            try:
+                spec = importlib.util.spec_from_file_location(os.path.splitext(script)[0], script)
+                assert spec is not None and spec.loader is not None
+                spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            except Exception as exc:  # noqa: BLE001 - as main.py: one pack's failure is logged
+                log.error("Failed to execute startup-script: %s / %s", script, exc)
+
+
+async def _init_nodes(nodes, api_nodes: bool) -> list:
+    """main.py's node loading: custom nodes may not replace ComfyUI's guarded functions."""
+    try:
+        import hook_breaker_ac10a0 as breaker
+    except ImportError:  # older ComfyUI
+        breaker = None
+    if breaker is not None:
+        breaker.save_functions()
+    try:
+        return await nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=api_nodes)
+    finally:
+        if breaker is not None:
+            breaker.restore_functions()
+
+
+def _setup_database() -> None:
+    """main.py's setup_database: ComfyUI's own database (``user/comfyui.db`` by default)."""
+    try:
+        from app.database.db import dependencies_available, get_db_path, init_db
+
+        if dependencies_available():
+            db = get_db_path()
+            if db != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+            init_db()
+    except Exception as exc:  # noqa: BLE001 - as main.py: ComfyUI runs on without it
+        log.error("Failed to initialize ComfyUI's database: %s", exc)
+
+
 class InProcessComfy:
     """Execute API-format prompts with ComfyUI's real executor in this process.
 
-    ``comfy_path``: the ComfyUI tree (``scripts/setup_comfyui.py`` prints it).
-    ``custom_nodes``: node-pack folders to load (default: the repository's ``comfy_nodes/``).
-    ``work_dir``: where output/temp/input/user folders go (default: a fresh temporary folder).
+    ``comfy_path``: the ComfyUI tree. By default it runs as ``python main.py`` would run it: on
+    the GPU where this Python's torch sees one (``--cpu`` only where it sees none; ``cpu=True``
+    or ``False`` forces either), with the tree's own ``custom_nodes/``, ``models/`` and
+    ``extra_model_paths.yaml``, its ``input/``, ``output/`` and ``user/`` folders, its database
+    and ComfyUI's API nodes. This project's node pack is added where the tree lacks it;
+    ``custom_nodes``: more node-pack folders to load besides the tree's. Only the temp folder is
+    this process's own (ComfyUI empties its temp folder when a server starts).
+
+    ``isolated=True`` (what tests use): only the given packs (default: this project's), and the
+    output/temp/input/user folders in ``work_dir`` (default: a fresh temporary folder), no API
+    nodes. ``work_dir`` otherwise holds the temp folder and the links to the added packs.
+
+    Constructing it again with the same path returns the same object (arguments left out, or
+    None, take what is loaded); another path, or other packs, isolation or device, raise.
     """
 
     def __new__(cls, comfy_path, custom_nodes: Sequence[os.PathLike | str] | None = None,
-                work_dir: os.PathLike | str | None = None):
+                work_dir: os.PathLike | str | None = None, *, isolated: bool | None = None,
+                cpu: bool | None = None):
         global _instance
         path = Path(comfy_path).expanduser().resolve()
         with _instance_lock:
             if _instance is not None:
-                if _instance.comfy_path != path:
-                    raise RuntimeError(
-                        f"ComfyUI from {_instance.comfy_path} is already loaded in this process; "
-                        f"cannot load another one from {path}"
-                    )
-                if custom_nodes is not None and resolve_node_packs(custom_nodes) != _instance.node_packs:
-                    raise RuntimeError(
-                        "ComfyUI is already loaded in this process with node packs "
-                        f"{[str(p) for p in _instance.node_packs]}; cannot reload with others"
-                    )
+                _instance._check_same(path, custom_nodes, isolated, cpu)
                 return _instance
             self = super().__new__(cls)
-            self._boot(path, custom_nodes, work_dir)
+            self._boot(path, custom_nodes, work_dir, bool(isolated), cpu)
             _instance = self
             return self
 
     def __init__(self, *args, **kwargs) -> None:  # all the work is in __new__/_boot
         pass
 
+    def _check_same(self, path: Path, custom_nodes, isolated: bool | None, cpu: bool | None) -> None:
+        if self.comfy_path != path:
+            raise RuntimeError(f"ComfyUI from {self.comfy_path} is already loaded in this process; "
+                               f"cannot load another one from {path}")
+        if isolated is not None and isolated != self.isolated:
+            raise RuntimeError(f"ComfyUI is already loaded in this process with isolated={self.isolated}; "
+                               f"cannot reload it with isolated={isolated}")
+        if cpu is not None and cpu != self.cpu:
+            raise RuntimeError(f"ComfyUI is already loaded in this process with cpu={self.cpu}; "
+                               f"cannot reload it with cpu={cpu}")
+        if custom_nodes is not None and \
+                _startup.packs_to_add(path, custom_nodes, self.isolated) != self.node_packs:
+            raise RuntimeError(
+                "ComfyUI is already loaded in this process with node packs "
+                f"{[str(p) for p in self.node_packs]}; cannot reload with others"
+            )
+
     # -- start-up ---------------------------------------------------------------------------
 
-    def _boot(self, path: Path, custom_nodes, work_dir) -> None:
+    def _boot(self, path: Path, custom_nodes, work_dir, isolated: bool, cpu: bool | None) -> None:
         t0 = time.monotonic()
         if not (path / "execution.py").is_file() or not (path / "nodes.py").is_file():
             raise FileNotFoundError(f"{path} is not a ComfyUI tree (no execution.py / nodes.py)")
         self.comfy_path = path
-        self.node_packs = resolve_node_packs(custom_nodes)
+        self.isolated = isolated
+        self.node_packs = _startup.packs_to_add(path, custom_nodes, isolated)
         if work_dir is None:
             self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
                 prefix="discomfort-comfy-")
@@ -142,6 +225,8 @@ class InProcessComfy:
                     f"a module named {name!r} from {where} is already imported; ComfyUI's own "
                     f"{name!r} from {path} cannot be loaded in this process"
                 )
+        self.accelerator = None if cpu is True else _startup.probe_accelerator()
+        self.cpu = _startup.use_cpu(cpu, self.accelerator)
         if str(path) in sys.path:
             sys.path.remove(str(path))
         sys.path.insert(0, str(path))
@@ -150,24 +235,33 @@ class InProcessComfy:
         import comfy.cli_args
 
         args = comfy.cli_args.args
-        args.cpu = True
-        args.disable_api_nodes = True
-        if "comfy.model_management" in sys.modules and not sys.modules["comfy.model_management"].cpu_state.name == "CPU":
+        args.cpu = self.cpu
+        args.disable_api_nodes = isolated
+        if "comfy.model_management" in sys.modules and self.cpu and \
+                not sys.modules["comfy.model_management"].cpu_state.name == "CPU":
             log.warning("comfy.model_management was imported before --cpu could be set")
 
         import folder_paths
 
-        for sub in ("output", "temp", "input", "user"):
-            (self.work_dir / sub).mkdir(exist_ok=True)
-        folder_paths.set_output_directory(str(self.work_dir / "output"))
-        folder_paths.set_temp_directory(str(self.work_dir / "temp"))
-        folder_paths.set_input_directory(str(self.work_dir / "input"))
-        folder_paths.set_user_directory(str(self.work_dir / "user"))
         nodes_dir = make_custom_nodes_dir(self.node_packs, self.work_dir)
-        # Only our packs: not the ComfyUI tree's own custom_nodes folder.
-        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(nodes_dir)], set())
-
+        (self.work_dir / "temp").mkdir(exist_ok=True)
+        folder_paths.set_temp_directory(str(self.work_dir / "temp"))
+        if isolated:
+            for sub in ("output", "input", "user"):
+                (self.work_dir / sub).mkdir(exist_ok=True)
+            folder_paths.set_output_directory(str(self.work_dir / "output"))
+            folder_paths.set_input_directory(str(self.work_dir / "input"))
+            folder_paths.set_user_directory(str(self.work_dir / "user"))
+            # Only the given packs: not the ComfyUI tree's own custom_nodes folder.
+            folder_paths.folder_names_and_paths["custom_nodes"] = ([str(nodes_dir)], set())
+            args.database_url = "sqlite:///:memory:"
         import utils.extra_config  # noqa: F401  (before nodes, which puts comfy/ first on sys.path)
+
+        if not isolated:
+            _apply_tree_paths(path, folder_paths, utils.extra_config)
+            if self.node_packs:
+                folder_paths.add_model_folder_path("custom_nodes", str(nodes_dir))
+            _run_prestartup_scripts(folder_paths)
         import nodes
         import execution
         import server
@@ -178,18 +272,21 @@ class InProcessComfy:
         server.PromptServer.instance = self.server
 
         _install_progress_hook(self.server)
-        failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        failed = asyncio.run(_init_nodes(nodes, api_nodes=not isolated))
         if failed:  # ComfyUI's own log has said why (optional extras, e.g. without torchaudio)
             log.info("ComfyUI extras that did not import: %s", failed)
         missing = [p for p in self.node_packs if not self._pack_loaded(p)]
         if missing:
             raise ComfyConnectionError(f"ComfyUI could not import the node pack(s) {[str(p) for p in missing]}"
                                        " (see the log above: IMPORT FAILED)")
+        if not isolated:
+            _setup_database()
         self.executor = execution.PromptExecutor(
             self.server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
         )
         self.startup_seconds = time.monotonic() - t0
-        log.info("ComfyUI in-process ready in %.1fs", self.startup_seconds)
+        log.info("ComfyUI in-process ready in %.1fs (%s)", self.startup_seconds,
+                 "CPU" if self.cpu else self.accelerator or "GPU")
 
     def _pack_loaded(self, pack: Path) -> bool:
         dirs = {os.path.realpath(d) for d in self._nodes.LOADED_MODULE_DIRS.values()}

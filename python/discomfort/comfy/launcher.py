@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import ComfyConnectionError
-from ._common import default_node_pack, make_custom_nodes_dir, resolve_node_packs
+from . import _startup
+from ._common import default_node_pack, make_custom_nodes_dir
 from .client import ComfyServer
 
 __all__ = ["launch_server", "free_port"]
@@ -51,6 +53,18 @@ def _pythonpath_with_package(env: dict) -> str:
     if pkg_parent.name not in ("site-packages", "dist-packages") and str(pkg_parent) not in parts:
         parts.insert(0, str(pkg_parent))
     return os.pathsep.join(parts)
+
+
+def _tree_output_dir(comfy_path: Path, extra_args: Sequence[str]) -> Path:
+    """Where a server of the tree writes its outputs: ``--output-directory`` if given, else the
+    tree's ``output/`` (folder_paths' default)."""
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        if arg == "--output-directory" and i + 1 < len(args):
+            return Path(args[i + 1]).resolve()
+        if arg.startswith("--output-directory="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    return comfy_path / "output"
 
 
 def _stop(proc: subprocess.Popen, grace: float) -> None:
@@ -97,6 +111,33 @@ def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, deadline: floa
     return "did not answer in time"
 
 
+def server_args(comfy_path: Path, work: Path, packs: Sequence[Path], *, isolated: bool, cpu: bool,
+                api_nodes: bool) -> list[str]:
+    """``main.py``'s arguments besides the address: with ``isolated``, only ``packs`` and the
+    folders in ``work``; otherwise the tree's own folders and database, ``packs`` added to its
+    custom nodes, and only the temp folder in ``work`` (ComfyUI empties it at start and exit:
+    another server on the same tree keeps its own)."""
+    args = ["--cpu"] if cpu else []
+    if packs or isolated:
+        nodes_dir = make_custom_nodes_dir(packs, work)
+        config = work / "extra_model_paths.yaml"
+        # JSON is YAML: no quoting issues with odd paths. The tree's own extra_model_paths.yaml
+        # is read by main.py as well.
+        config.write_text(json.dumps({"discomfort": {"custom_nodes": str(nodes_dir)}}))
+        args += ["--extra-model-paths-config", str(config)]
+    (work / "temp").mkdir(parents=True, exist_ok=True)
+    args += ["--temp-directory", str(work / "temp")]
+    if isolated:
+        for sub in ("output", "input", "user"):
+            (work / sub).mkdir(exist_ok=True)
+        args += ["--output-directory", str(work / "output"), "--input-directory", str(work / "input"),
+                 "--user-directory", str(work / "user"), "--database-url", "sqlite:///:memory:"]
+        # Not the tree's own custom nodes: only the linked packs, by their folder names.
+        linked = sorted(entry.name for entry in (work / "custom_nodes").iterdir())
+        args += ["--disable-all-custom-nodes", *(["--whitelist-custom-nodes", *linked] if linked else [])]
+    return [*args, *([] if api_nodes else ["--disable-api-nodes"]), "--disable-auto-launch"]
+
+
 @contextlib.contextmanager
 def launch_server(
     comfy_path: os.PathLike | str,
@@ -110,28 +151,35 @@ def launch_server(
     work_dir: os.PathLike | str | None = None,
     log_path: os.PathLike | str | None = None,
     env: dict | None = None,
-    cpu: bool = True,
+    cpu: bool | None = None,
     api_nodes: bool = True,
+    isolated: bool = False,
 ) -> Iterator[ComfyServer]:
-    """Start ``main.py --listen 127.0.0.1 --port P`` (with ``--cpu`` unless ``cpu=False``) and
-    yield a :class:`ComfyServer`.
+    """Start the ComfyUI tree at ``comfy_path`` as ``python main.py`` would, listening on
+    127.0.0.1:``port`` (default: a free one), and yield a :class:`ComfyServer`.
+
+    By default: on the GPU where the torch of ``python`` sees one, with ``--cpu`` only where it
+    sees none (``cpu=True`` / ``False`` forces either); the tree's own ``custom_nodes/``,
+    ``models/``, ``extra_model_paths.yaml``, ``input/``, ``output/``, ``user/`` folders and
+    database; this project's node pack added where the tree lacks it, and ``custom_nodes`` added
+    to the tree's packs. ``isolated=True`` (what tests use): only ``custom_nodes`` (default: this
+    project's pack), with output/temp/input/user folders in ``work_dir`` and an in-memory
+    database. ``work_dir`` (default: a temporary folder) always holds the log, the temp folder and
+    the links to the added packs.
 
     The server runs in ``python`` (default: this interpreter) through
-    ``python -m discomfort.comfy.serve`` (the torchvision shim, then ComfyUI's own ``main.py``),
-    with the node pack(s) on its custom_nodes path and its output/temp/user folders and database
-    in a temporary work directory. It must load ``DiscomfortPort`` (checked on
-    ``/object_info/DiscomfortPort`` when the default pack is used). On exit it gets SIGTERM, then
-    SIGKILL after ``stop_timeout`` seconds. The log goes to ``log_path`` (default: in the work
-    directory); errors quote its tail. ``api_nodes`` as in ComfyUI (default True: its API
-    nodes are loaded, with no network until one runs); ``api_nodes=False`` passes
+    ``python -m discomfort.comfy.serve`` (the torchvision shim, then ComfyUI's own ``main.py``).
+    It must load ``DiscomfortPort`` (checked on ``/object_info/DiscomfortPort``). On exit it gets
+    SIGTERM, then SIGKILL after ``stop_timeout`` seconds. The log goes to ``log_path`` (default:
+    in the work directory); errors quote its tail. ``api_nodes`` as in ComfyUI (default True: its
+    API nodes are loaded, with no network until one runs); ``api_nodes=False`` passes
     ``--disable-api-nodes``, a faster start for servers that never run them.
     """
     comfy_path = Path(comfy_path).expanduser().resolve()
     if not (comfy_path / "main.py").is_file():
         raise FileNotFoundError(f"{comfy_path} is not a ComfyUI tree (no main.py)")
-    packs = resolve_node_packs(custom_nodes)
-    default_pack = default_node_pack()
-    check_port_node = any(p == default_pack or p.name == "comfy_nodes" for p in packs)
+    packs = _startup.packs_to_add(comfy_path, custom_nodes, isolated)
+    check_port_node = isolated is False or any(p == default_node_pack() or p.name == "comfy_nodes" for p in packs)
     python = python or sys.executable
 
     with contextlib.ExitStack() as stack:
@@ -140,14 +188,6 @@ def launch_server(
         else:
             work = Path(work_dir).resolve()
             work.mkdir(parents=True, exist_ok=True)
-        nodes_dir = make_custom_nodes_dir(packs, work)
-        config = work / "extra_model_paths.yaml"
-        # JSON is YAML: no quoting issues with odd paths.
-        import json
-
-        config.write_text(json.dumps({"discomfort": {"custom_nodes": str(nodes_dir)}}))
-        for sub in ("output", "temp", "input", "user"):
-            (work / sub).mkdir(exist_ok=True)
         log_file = Path(log_path) if log_path else work / "comfyui.log"
 
         child_env = dict(os.environ if env is None else env)
@@ -157,24 +197,17 @@ def launch_server(
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         child_env.setdefault("HF_HUB_OFFLINE", "1")
         child_env.setdefault("DO_NOT_TRACK", "1")
+        accelerator = None if cpu is True else _startup.probe_accelerator(python, child_env)
+        main_args = server_args(comfy_path, work, packs, isolated=isolated,
+                                cpu=_startup.use_cpu(cpu, accelerator), api_nodes=api_nodes)
 
         attempts = 1 if port else 2
         last_error = None
         for _attempt in range(attempts):
             p = port or free_port()
             url = f"http://127.0.0.1:{p}"
-            cmd = [
-                python, "-m", "discomfort.comfy.serve", str(comfy_path),
-                *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(p),
-                "--extra-model-paths-config", str(config),
-                "--output-directory", str(work / "output"),
-                "--temp-directory", str(work / "temp"),
-                "--input-directory", str(work / "input"),
-                "--user-directory", str(work / "user"),
-                "--database-url", "sqlite:///:memory:",
-                *([] if api_nodes else ["--disable-api-nodes"]), "--disable-auto-launch",
-                *extra_args,
-            ]
+            cmd = [python, "-m", "discomfort.comfy.serve", str(comfy_path), "--listen", "127.0.0.1",
+                   "--port", str(p), *main_args, *extra_args]
             log_start = log_file.stat().st_size if log_file.exists() else 0
             t0 = time.monotonic()
             proc = _start(cmd, comfy_path, child_env, log_file)
@@ -207,7 +240,8 @@ def launch_server(
         server.process = proc
         server.log_path = log_file
         server.work_dir = work
-        server.output_dir = work / "output"
+        server.output_dir = work / "output" if isolated else _tree_output_dir(comfy_path, extra_args)
+        server.accelerator = accelerator
         server.startup_seconds = time.monotonic() - t0
         try:
             if check_port_node:

@@ -85,7 +85,8 @@ class ComfyServerActor:
     """Runs one ComfyUI server on the node it is placed on (used as a Ray actor)."""
 
     def __init__(self, comfy_path: str, custom_nodes: Sequence[str] | None = None, extra_args: Sequence[str] = (),
-                 startup_timeout: float = 180.0, env: dict | None = None, gpu: bool = False) -> None:
+                 startup_timeout: float = 180.0, env: dict | None = None, gpu: bool = False,
+                 isolated: bool = False) -> None:
         from ..comfy import launch_server
 
         t0 = time.monotonic()
@@ -103,10 +104,11 @@ class ComfyServerActor:
         child_env.update(env or {})
         child_env["RAY_ADDRESS"] = context.gcs_address
         child_env[_ray.ENV_NODE_IP] = self.node_ip
-        kwargs: dict[str, Any] = {"cpu": not gpu}
+        # The GPU this actor holds (Ray set CUDA_VISIBLE_DEVICES), else --cpu: Ray's accounting decides.
         self.server = self._stack.enter_context(launch_server(
             comfy_path, custom_nodes=custom_nodes, extra_args=tuple(extra_args), python=str(wrapper),
-            startup_timeout=startup_timeout, env=child_env, work_dir=work / "server", **kwargs,
+            startup_timeout=startup_timeout, env=child_env, work_dir=work / "server", cpu=not gpu,
+            isolated=isolated,
         ))
         self.seconds = time.monotonic() - t0
         self._running: dict[str, CancelToken] = {}  # by the call id of each execute() that can be cut
@@ -115,7 +117,7 @@ class ComfyServerActor:
     def describe(self) -> dict:
         return {"url": self.server.url, "pid": self.server.process.pid, "node_id": self.node_id,
                 "node_ip": self.node_ip, "actor_pid": os.getpid(), "startup_seconds": self.seconds,
-                "log_path": str(self.server.log_path)}
+                "log_path": str(self.server.log_path), "output_dir": str(self.server.output_dir)}
 
     def alive(self) -> bool:
         process = self.server.process
@@ -206,15 +208,19 @@ class RayComfyPool:
     ``$DISCOMFORT_COMFYUI``). ``size``: how many servers (default: one per alive node, or one
     per GPU with ``per="gpu"``). ``num_cpus`` / ``num_gpus``: what each server's actor reserves
     (``per="gpu"``: one GPU each, and Ray sets ``CUDA_VISIBLE_DEVICES`` for the server).
-    ``custom_nodes`` / ``extra_args`` / ``env`` / ``startup_timeout``: passed to
-    :func:`~discomfort.comfy.launch_server` on the node. Servers start in parallel on
+    ``custom_nodes`` / ``extra_args`` / ``env`` / ``startup_timeout`` / ``isolated``: passed to
+    :func:`~discomfort.comfy.launch_server` on the node: by default each server runs the node's
+    tree as its ``main.py`` would (its custom nodes, models and folders), on the GPU its actor
+    holds and with ``--cpu`` where it holds none; ``isolated=True`` loads only the given packs with
+    temporary folders. Servers start in parallel on
     :meth:`start` (or ``with``); :meth:`close` stops them.
     """
 
     def __init__(self, comfy_path: str | os.PathLike | None = None, size: int | None = None, *,
                  per: str = "auto", num_cpus: float = 1, num_gpus: float | None = None,
                  custom_nodes: Sequence[str | os.PathLike] | None = None, extra_args: Sequence[str] = (),
-                 env: dict | None = None, startup_timeout: float = 180.0, address: str | None = None) -> None:
+                 env: dict | None = None, startup_timeout: float = 180.0, address: str | None = None,
+                 isolated: bool = False) -> None:
         path = comfy_path or os.environ.get("DISCOMFORT_COMFYUI")
         if not path:
             raise ValueError("no comfy_path given and DISCOMFORT_COMFYUI is not set")
@@ -229,6 +235,7 @@ class RayComfyPool:
         self.extra_args = tuple(extra_args)
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
+        self.isolated = bool(isolated)
         self.address = address
         self.slots: list[_Slot] = []
         self.started_seconds: float | None = None
@@ -253,7 +260,8 @@ class RayComfyPool:
         else:
             options["scheduling_strategy"] = "SPREAD"
         return self._actor_class().options(**options).remote(
-            self.comfy_path, self.custom_nodes, self.extra_args, self.startup_timeout, self.env, gpus > 0)
+            self.comfy_path, self.custom_nodes, self.extra_args, self.startup_timeout, self.env, gpus > 0,
+            self.isolated)
 
     def start(self) -> RayComfyPool:
         if self.slots:
