@@ -119,6 +119,12 @@ def test_a_runs_widgets_go_on_across_calls_by_workflow_identity():
     assert [controls.values(p, _prompt())["3.seed"] for p in twice] == [9, 5]  # the second copy is another widget
     fixed = controls.plan([item], [_prompt()], found, "fixed", INFO)
     assert fixed[0][0].mode == "fixed"
+    huge = _prompt(seed=JS_LIMIT * 4)  # "fixed" as a widget's mode clamps it (the frontend does); "fixed" as
+    for option, expected in [("fixed", JS_LIMIT * 4), (None, JS_LIMIT)]:  # the option changes nothing at all
+        plan = Controls().plan([item], [huge], [[Control("3", "seed", "fixed", SEED)]], option, INFO)
+        c = Controls()
+        c.advance(plan[0], c.values(plan[0], huge))
+        assert c.values(plan[0], huge) == {"3.seed": expected}
 
 
 def test_the_option_names_nodes_by_id_or_title():

@@ -44,6 +44,7 @@ class WidgetControl:
     spec: InputDef | None
     filter: str
     key: tuple
+    frozen: bool = False  # controls="fixed": the value never changes (not even clamped, as "fixed" is)
 
     @property
     def name(self) -> str:
@@ -202,8 +203,8 @@ class Controls:
             seen[ident] = seen.get(ident, -1) + 1
             idents.append((ident, seen[ident]))
         out = [[WidgetControl(c.node, c.input, "fixed" if option == "fixed" else c.mode, c.spec, c.filter,
-                              (*idents[k], c.node, c.input)) for c in (found[k] if k < len(found) else [])]
-               for k in range(len(prompts))]
+                              (*idents[k], c.node, c.input), option == "fixed")
+                for c in (found[k] if k < len(found) else [])] for k in range(len(prompts))]
         if isinstance(option, dict):
             for name, mode in option.items():
                 self._override(name, mode, prompts, idents, out, object_info)
@@ -246,7 +247,8 @@ class Controls:
     def advance(self, controls: list[WidgetControl], used: Mapping[str, Any]) -> None:
         """After a queue: each widget's next value."""
         for c in controls:
-            self._values[c.key] = next_value(used[c.name], c.mode, c.spec, c.filter, self.rng)
+            value = used[c.name]
+            self._values[c.key] = value if c.frozen else next_value(value, c.mode, c.spec, c.filter, self.rng)
 
 
 def with_values(prompt: Mapping, controls: list[WidgetControl], values: Mapping[str, Any]) -> dict:
