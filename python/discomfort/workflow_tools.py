@@ -56,8 +56,9 @@ class Executor(Protocol):
 def resolve_executor(executor: Any = None) -> Any:
     """An executor from ``executor``: an object with ``execute``, a server URL, or None.
 
-    None means ComfyUI in this process, from ``$DISCOMFORT_COMFYUI`` (the path
-    ``scripts/setup_comfyui.py`` prints).
+    None means ComfyUI in this process, from ``$DISCOMFORT_COMFYUI``, run as its ``main.py`` would
+    run it (:class:`~discomfort.comfy.InProcessComfy`: its GPU, custom nodes, models and folders;
+    see docs/COMFYUI.md), or the one this process has already loaded.
     """
     if executor is None:
         path = os.environ.get("DISCOMFORT_COMFYUI")
