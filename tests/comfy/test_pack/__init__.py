@@ -179,7 +179,27 @@ class DiscomfortTestBusy:
         return (value,)
 
 
+class DiscomfortTestChoices:
+    """Widgets with a "control after generate" of each kind the frontend has: a COMBO (with its
+    filter list) and an INT on a step of 3 from 1, for the seed-control parity test."""
+
+    CATEGORY = "discomfort/test"
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "pick"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "choice": (["a.png", "B.PNG", "c.jpg", "d.png", "e.webp"], {"control_after_generate": True}),
+            "stepped": ("INT", {"default": 7, "min": 1, "max": 40, "step": 3, "control_after_generate": True}),
+        }}
+
+    def pick(self, choice, stepped):
+        return (f"{choice}:{stepped}",)
+
+
 NODE_CLASS_MAPPINGS = {
+    "DiscomfortTestChoices": DiscomfortTestChoices,
     "DiscomfortTestSleep": DiscomfortTestSleep,
     "DiscomfortTestBusy": DiscomfortTestBusy,
     "DiscomfortTestMeanAbove": DiscomfortTestMeanAbove,
