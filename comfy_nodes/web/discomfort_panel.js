@@ -3,7 +3,8 @@
 // Plain JS, no build step: the frontend imports this file from /extensions/<pack>/.
 // A run belongs to its token (returned when it starts, kept in this tab's sessionStorage): the
 // panel reads, follows (long poll of /runs/{id}/events) and cancels a run with it. Each progress
-// event is also dispatched on window as a "discomfort.progress" CustomEvent.
+// event is also dispatched on window as a "discomfort.progress" CustomEvent. Each iteration's
+// outputs show as they arrive ("iteration" events; the run's "history" when events were missed).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -112,6 +113,7 @@ async function follow(runId) {
         await new Promise((ok) => setTimeout(ok, Math.min(5000, 250 * 2 ** failures)));
         continue;
       }
+      if (r.dropped) await catchUp(runId, token); // events were missed: the run's history has them
       for (const d of r.events) {
         onEvent(d);
         window.dispatchEvent(new CustomEvent(EVENT, { detail: d }));
@@ -122,6 +124,14 @@ async function follow(runId) {
   } finally {
     following.delete(runId);
   }
+}
+
+async function catchUp(runId, token) {
+  const s = await call("GET", `/discomfort/panel/runs/${runId}`, undefined, token).catch(() => null);
+  if (!s || state.run?.run_id !== runId) return;
+  state.run.history = s.history;
+  state.run.history_note = s.history_note;
+  renderHistory();
 }
 
 function viewURL(o) {
@@ -237,7 +247,7 @@ function showError() {
 
 function onEvent(d) {
   if (d.kind === "start") {
-    state.run = { ...(state.run || {}), ...d, state: "running", outputs: [] };
+    state.run = { ...(state.run || {}), ...d, state: "running", outputs: [], history: [], history_note: null };
     render();
     return;
   }
@@ -247,6 +257,15 @@ function onEvent(d) {
     else if (d.state === "cancelled") toast("warn", "Discomfort", "Run cancelled", 3000);
     else toast("error", "Discomfort: run failed", d.error, 8000);
     render();
+    return;
+  }
+  if (d.kind === "iteration") {
+    if (state.run?.run_id !== d.run_id) return;
+    const item = { iteration: d.iteration, outputs: d.outputs, files: d.files, note: d.note };
+    const history = (state.run.history ||= []);
+    if (!history.some((x) => x.iteration === item.iteration)) history.push(item);
+    if (d.note) state.run.history_note = d.note;
+    renderHistory();
     return;
   }
   state.progress = d;
@@ -318,6 +337,39 @@ function renderProgress() {
   if (cancelBtn) cancelBtn.disabled = !running();
 }
 
+// One output of an iteration: a value the run wrote (o.key) or a file a ComfyUI output node wrote (o.node).
+function thumb(o, iteration) {
+  const name = o.key ?? `node ${o.node}`;
+  const label = `${name}, iteration ${iteration + 1}`;
+  const isImage = o.kind ? o.kind === "image" || o.kind === "mask" : /\.(png|jpe?g|webp|gif)$/i.test(o.filename || "");
+  return h("figure", { "data-key": o.key, "data-node": o.node, "data-kind": o.kind || "file" },
+    !o.filename ? h("span", { className: "dcf-muted", title: o.note || "" }, "not saved")
+      : isImage ? h("a", { href: viewURL(o), target: "_blank" }, h("img", { src: viewURL(o), alt: label, title: label, loading: "lazy" }))
+        : h("a", { href: viewURL(o), target: "_blank", className: "dcf-file", title: label }, o.filename),
+    h("figcaption", {}, name));
+}
+
+function historyView() {
+  const run = state.run;
+  const history = run?.history || [];
+  if (!history.length) {
+    return h("div", { className: "dcf-muted", "data-dcf": "history" },
+      run?.state === "running" ? "Each iteration's outputs show here as it ends" : "No iteration outputs yet");
+  }
+  // Newest first: the iteration that just ended is at the top.
+  return h("div", { "data-dcf": "history" },
+    run.history_note ? h("div", { className: "dcf-muted", "data-dcf": "history-note" }, run.history_note) : null,
+    [...history].reverse().map((it) =>
+      h("div", { className: "dcf-iteration", "data-dcf": "iteration-outputs", "data-iteration": it.iteration + 1 },
+        h("div", { className: "dcf-iteration-title" }, `Iteration ${it.iteration + 1}`),
+        h("div", { className: "dcf-outputs" }, [...(it.outputs || []), ...(it.files || [])].map((o) => thumb(o, it.iteration))))));
+}
+
+function renderHistory() {
+  const slot = root?.querySelector("[data-dcf-slot=history]");
+  if (slot) slot.replaceChildren(historyView());
+}
+
 function outputsView() {
   const outs = state.run?.state !== "running" ? state.run?.outputs || [] : [];
   if (!outs.length) return h("div", { className: "dcf-muted" }, "Outputs of a finished run show here");
@@ -370,7 +422,8 @@ function render() {
         h("i", { className: "pi pi-play" }), " Run"),
       h("button", { "data-dcf": "cancel", disabled: !running(), onclick: cancel }, h("i", { className: "pi pi-stop" }), " Cancel")),
     section("Progress", h("div", { "data-dcf-slot": "progress" }, progressView())),
-    section("Outputs", outputsView()));
+    section("Outputs", outputsView()),
+    section("Iterations", h("div", { "data-dcf-slot": "history" }, historyView())));
   root.replaceChildren(body);
 }
 
@@ -406,6 +459,10 @@ const CSS = `
   border: 1px solid var(--border-color); border-radius: 4px; image-rendering: pixelated; }
 .dcf-outputs figcaption { font-size: 0.75rem; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .dcf-file { word-break: break-all; color: var(--p-primary-color); }
+.dcf-iteration { display: flex; gap: 0.5rem; align-items: center; margin-bottom: 0.35rem; }
+.dcf-iteration-title { min-width: 4.5rem; font-size: 0.75rem; color: var(--descrip-text); }
+.dcf-iteration .dcf-outputs { display: flex; flex-wrap: wrap; gap: 0.3rem; }
+.dcf-iteration .dcf-outputs figure { width: 56px; }
 `;
 
 app.registerExtension({

@@ -36,8 +36,9 @@ from typing import Iterator, Sequence
 import pytest
 
 TEST_PACK = Path(__file__).resolve().parent / "test_pack"
-#: What the panel tests need of the server they share with the editor tests.
-PANEL_ENV = {"DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS": "1"}
+#: What the panel tests need of the server they share with the editor tests:
+#: One run per address (the 429 test); 8 per-iteration files a run (the cap test: 4 iterations of 2 keys).
+PANEL_ENV = {"DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS": "1", "DISCOMFORT_PANEL_HISTORY_FILES": "8"}
 
 
 def _site_packages() -> Path:

@@ -6,7 +6,7 @@
 ``GET  /discomfort/panel/inputs``                   files of ComfyUI's input folder
 ``POST /discomfort/panel/runs``                     start a run (202 ``{"run_id", "token", ...}``)
 ``GET  /discomfort/panel/runs``                     the runs whose tokens the request presents
-``GET  /discomfort/panel/runs/{run_id}``            one run: state, progress, outputs, error
+``GET  /discomfort/panel/runs/{run_id}``            one run: state, progress, outputs, history, error
 ``GET  /discomfort/panel/runs/{run_id}/events``     ``?after=N``: its progress events (long poll)
 ``POST /discomfort/panel/runs/{run_id}/cancel``     cancel it
 ==================================================  ==============================================
@@ -16,8 +16,12 @@ is this same server (``ComfyServer(<its own URL>)``, values in shared memory): e
 queued with ``/prompt`` like the editor's own, and shows in ComfyUI's queue. Starting a run
 returns its token (header ``X-Discomfort-Panel-Token``, see :mod:`.panel_runs`): reading,
 cancelling and following it need that token. Progress events (``kind``: start, workflow_start,
-node, step, workflow_done, finished) are read from the run's own event route, not ComfyUI's
-websocket; results land in ``<output>/discomfort/<run_id>/`` (served by ComfyUI's ``/view``).
+node, step, workflow_done, iteration, finished) are read from the run's own event route, not
+ComfyUI's websocket; results land in ``<output>/discomfort/<run_id>/`` (served by ComfyUI's
+``/view``). After each iteration its written values are saved into ``<run_id>/<iteration>/`` and
+announced with ComfyUI's own output files of that iteration (an ``iteration`` event, and the run's
+``history``), until the run's cap of files and bytes (``DISCOMFORT_PANEL_HISTORY_FILES``,
+``DISCOMFORT_PANEL_HISTORY_BYTES``) is spent.
 
 Starting a run needs no token, like ComfyUI's ``/prompt``: it runs the user's own saved workflows
 on their own server. Every name is checked (:func:`.panel_io.safe_file`), values are data only (no
@@ -40,7 +44,7 @@ from aiohttp import web
 
 from ..remote.limits import client_address
 from ..remote.server import HTTPRefusal, error_response, read_json_object
-from .panel_io import (INPUT_EXTENSIONS, PanelLimits, check_subgraphs, input_bytes, list_files, load_input, read_json, safe_file,
+from .panel_io import (INPUT_EXTENSIONS, OutputBudget, PanelLimits, check_subgraphs, input_bytes, list_files, load_input, read_json, safe_file,
                        save_outputs, typed_value)
 from .panel_cache import release_run_outputs
 from .panel_runs import TOKEN_HEADER, PanelRun, RunBook, new_token
@@ -346,10 +350,10 @@ class PanelServer:
             entry.progress = data
             entry.publish(data)
 
-        def written() -> Any:
+        def written(load: Any) -> Any:
             for uid in plan["written"]:
                 try:
-                    value = run.load(uid)
+                    value = load(uid)
                 except errors.ReferenceUnavailableError:
                     continue  # an object of this process's (a model): no file form
                 except KeyError:
@@ -357,13 +361,43 @@ class PanelServer:
                 yield uid, value
                 del value
 
+        subfolder = f"discomfort/{entry.run_id}"
+        out_dir = os.path.join(folder_paths.get_output_directory(), "discomfort", entry.run_id)
+        budget = OutputBudget.history(self.limits)
+
+        def on_iteration(iteration: int, values: Any) -> None:
+            """Save this iteration's written values and list ComfyUI's files of it, within the budget;
+            once the budget is spent, say so once and save no more (the run goes on)."""
+            if entry.history_note is not None:
+                return
+            item: dict = {"iteration": iteration, "outputs": [], "files": []}
+            full = budget.note(self.limits)
+            try:
+                if not budget.spent:
+                    sub = f"{iteration + 1:05d}"
+                    item["outputs"] = save_outputs(written(values.__getitem__), plan["types"],
+                                                   os.path.join(out_dir, sub), f"{subfolder}/{sub}", self.limits, budget)
+                    item["files"] = [{k: f[k] for k in ("node", "filename", "subfolder", "type", "workflow")}
+                                     for f in getattr(values, "files", [])
+                                     if f.get("type") in ("output", "temp") and budget.take(0)]
+                if any(o.get("note") == full for o in item["outputs"]):
+                    entry.history_note = f"iteration {iteration + 1} and later: {full}"
+                elif budget.spent:
+                    entry.history_note = f"iterations after {iteration + 1}: {full}"
+            except OSError as exc:  # a full disk stops the history, not the run
+                entry.history_note = f"iteration {iteration + 1} and later: not saved ({exc})"
+            if entry.history_note is not None:
+                item["note"] = entry.history_note
+            if item["outputs"] or item["files"] or "note" in item:
+                entry.history.append(item)
+                entry.publish({"kind": "iteration", "run_id": entry.run_id, **item})
+
         try:
             with run:
                 result = run.execute(plan["prompts"], None, entry.iterations, until=plan["until"], outputs=[],
-                                     cancel=entry.cancel, progress=False, on_progress=on_progress, timeout=None)
-                subfolder = f"discomfort/{entry.run_id}"
-                out_dir = os.path.join(folder_paths.get_output_directory(), "discomfort", entry.run_id)
-                entry.outputs = save_outputs(written(), plan["types"], out_dir, subfolder, self.limits)
+                                     cancel=entry.cancel, progress=False, on_progress=on_progress, timeout=None,
+                                     on_iteration=on_iteration)
+                entry.outputs = save_outputs(written(run.load), plan["types"], out_dir, subfolder, self.limits)
                 entry.progress = {**entry.progress, "iterations_run": result.iterations, "stopped": result.stopped}
             entry.state = "finished"
         except errors.RunCancelled as exc:

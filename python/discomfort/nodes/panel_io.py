@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from .. import errors
 
-__all__ = ["PanelLimits", "InvalidName", "safe_file", "list_files", "load_input", "input_bytes", "read_json",
+__all__ = ["PanelLimits", "OutputBudget", "InvalidName", "safe_file", "list_files", "load_input", "input_bytes", "read_json",
            "json_depth", "check_subgraphs", "typed_value", "save_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -58,6 +58,8 @@ class PanelLimits:
     max_workflow_file: int = 16 << 20  # bytes of a saved workflow
     max_listed: int = 2000  # files a listing returns
     max_output_files: int = 512  # files one run writes
+    history_files: int = 256  # DISCOMFORT_PANEL_HISTORY_FILES: per-iteration output files one run shows
+    history_bytes: int = 256 << 20  # DISCOMFORT_PANEL_HISTORY_BYTES: bytes of per-iteration files one run writes
     kept_runs: int = 32  # finished runs remembered for listing, per server
 
     @classmethod
@@ -69,7 +71,9 @@ class PanelLimits:
                           ("max_runs_per_address", "DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS"),
                           ("cancel_grace", "DISCOMFORT_PANEL_CANCEL_GRACE"),
                           ("max_input_file", "DISCOMFORT_PANEL_MAX_INPUT_FILE"),
-                          ("max_run_input_bytes", "DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES")):
+                          ("max_run_input_bytes", "DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES"),
+                          ("history_files", "DISCOMFORT_PANEL_HISTORY_FILES"),
+                          ("history_bytes", "DISCOMFORT_PANEL_HISTORY_BYTES")):
             raw = os.environ.get(env)
             if raw:
                 from ..sysinfo import parse_size
@@ -77,6 +81,33 @@ class PanelLimits:
                 kind = type(getattr(lim, attr))
                 setattr(lim, attr, int(parse_size(raw)) if attr.endswith(("_file", "_bytes")) else kind(raw))
         return lim
+
+
+class OutputBudget:
+    """What a run may still write of its per-iteration outputs: files and bytes (its history)."""
+
+    def __init__(self, files: int, nbytes: int) -> None:
+        self.files, self.bytes = files, nbytes
+
+    @classmethod
+    def history(cls, limits: PanelLimits) -> "OutputBudget":
+        return cls(limits.history_files, limits.history_bytes)
+
+    @property
+    def spent(self) -> bool:
+        return self.files < 1 or self.bytes < 1
+
+    def take(self, nbytes: int) -> bool:
+        """Count one file of ``nbytes`` if it fits; False (and nothing counted) if not."""
+        if self.files < 1 or nbytes > self.bytes:
+            return False
+        self.files -= 1
+        self.bytes -= nbytes
+        return True
+
+    def note(self, limits: PanelLimits) -> str:
+        return (f"not saved: over the run's {limits.history_files} files or {limits.history_bytes} bytes of "
+                "per-iteration outputs (DISCOMFORT_PANEL_HISTORY_FILES, DISCOMFORT_PANEL_HISTORY_BYTES)")
 
 
 def safe_file(root: str | os.PathLike, name: Any, what: str, limits: PanelLimits,
@@ -406,11 +437,15 @@ def _to_uint8(item: Any) -> Any:
     return out
 
 
-def save_outputs(values: Any, types: dict, out_dir: str, subfolder: str, limits: PanelLimits) -> list[dict]:
+def save_outputs(values: Any, types: dict, out_dir: str, subfolder: str, limits: PanelLimits,
+                 budget: OutputBudget | None = None) -> list[dict]:
     """Write a run's results into ``out_dir`` (in ComfyUI's output folder, ``subfolder`` of it):
     images and masks as PNG (one per batch item), other arrays as ``.npy``, strings as ``.txt``,
     other JSON values as ``.json``. ``values``: a dict, or ``(key, value)`` pairs loaded one at a
-    time (each dropped before the next). Returns what was written, and what could not be."""
+    time (each dropped before the next). With a ``budget``, a file that does not fit it is not
+    written (its size is known before it is). Returns what was written, and what could not be."""
+    import io
+
     import numpy as np
     from PIL import Image
 
@@ -422,6 +457,15 @@ def save_outputs(values: Any, types: dict, out_dir: str, subfolder: str, limits:
     def entry(key: str, kind: str, filename: str | None, note: str | None = None) -> None:
         listed.append({"key": key, "kind": kind, "filename": filename, "subfolder": subfolder,
                        "type": "output", **({"note": note} if note else {})})
+
+    def put(key: str, kind: str, filename: str, data: bytes) -> bool:
+        if budget is not None and not budget.take(len(data)):
+            entry(key, "skipped", None, budget.note(limits))
+            return False
+        with open(os.path.join(out_dir, filename), "wb") as f:
+            f.write(data)
+        entry(key, kind, filename)
+        return True
 
     for key, value in (values.items() if isinstance(values, dict) else values):
         port_type = types.get(key, "*")
@@ -441,27 +485,26 @@ def save_outputs(values: Any, types: dict, out_dir: str, subfolder: str, limits:
                     if kind == "image" and pixels.shape[-1] == 1:
                         pixels = pixels[..., 0]
                     fn = f"{stem}.png" if len(batch) == 1 else f"{stem}_{i:05d}.png"
-                    Image.fromarray(pixels).save(os.path.join(out_dir, fn), compress_level=4)
-                    entry(key, kind, fn)
-                    count += 1
+                    png = io.BytesIO()
+                    Image.fromarray(pixels).save(png, format="PNG", compress_level=4)
+                    count += put(key, kind, fn, png.getvalue())
                 continue
             fn = f"{stem}.npy"
+            if budget is not None and not budget.take(arr.nbytes + 4096):  # the .npy header is smaller
+                entry(key, "skipped", None, budget.note(limits))
+                continue
             np.save(os.path.join(out_dir, fn), np.ascontiguousarray(arr), allow_pickle=False)
             entry(key, "npy", fn)
         elif isinstance(value, str):
-            fn = f"{stem}.txt"
-            with open(os.path.join(out_dir, fn), "w", encoding="utf-8") as f:
-                f.write(value)
-            entry(key, "txt", fn)
+            if not put(key, "txt", f"{stem}.txt", value.encode("utf-8")):
+                continue
         else:
             try:
                 text = json.dumps(value, allow_nan=False)
             except (TypeError, ValueError):
                 entry(key, "skipped", None, f"not saved: a {type(value).__name__} has no file form")
                 continue
-            fn = f"{stem}.json"
-            with open(os.path.join(out_dir, fn), "w", encoding="utf-8") as f:
-                f.write(text)
-            entry(key, "json", fn)
+            if not put(key, "json", f"{stem}.json", text.encode("utf-8")):
+                continue
         count += 1
     return listed

@@ -49,6 +49,8 @@ class PanelRun:
     state: str = "running"  # running, finished, cancelled, failed
     progress: dict = field(default_factory=dict)
     outputs: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # per iteration: {"iteration", "outputs", "files"}, bounded
+    history_note: str | None = None  # why later iterations show nothing (the history cap)
     error: str | None = None
     error_type: str | None = None
     started: float = field(default_factory=time.time)
@@ -67,7 +69,8 @@ class PanelRun:
     def summary(self) -> dict:
         return {"run_id": self.run_id, "state": self.state, "workflows": self.workflows,
                 "iterations": self.iterations, "until": self.until, "progress": self.progress,
-                "outputs": self.outputs, "error": self.error, "error_type": self.error_type,
+                "outputs": self.outputs, "history": self.history, "history_note": self.history_note,
+                "error": self.error, "error_type": self.error_type,
                 "started": self.started, "ended": self.ended}
 
     def owned_by(self, token: str | None) -> bool:
