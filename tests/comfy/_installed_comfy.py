@@ -42,9 +42,10 @@ PANEL_ENV = {"DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS": "1", "DISCOMFORT_PANEL_HIS
 
 
 def _site_packages() -> Path:
-    import discomfort
+    """This interpreter's site-packages (where torch, aiohttp and ComfyUI's requirements are)."""
+    import sysconfig
 
-    return Path(discomfort.__file__).resolve().parents[1]
+    return Path(sysconfig.get_paths()["purelib"]).resolve()
 
 
 @dataclass
@@ -149,7 +150,9 @@ def make_copy(comfy_path: Path, work: Path, wheel: str | None) -> ComfyCopy:
         (base / entry.name).symlink_to(entry)
     shim = work / "shim"
     shim.mkdir()
-    shutil.copyfile(site / "discomfort" / "comfy" / "_tvshim.py", shim / "_dcf_test_tvshim.py")
+    import discomfort.comfy._tvshim as tvshim
+
+    shutil.copyfile(tvshim.__file__, shim / "_dcf_test_tvshim.py")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
     venv_python = root / "venv" / "bin" / "python"
     venv_site = Path(subprocess.run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

@@ -101,6 +101,20 @@ def blend_workflow() -> dict:
     return g.json()
 
 
+def save_workflow() -> dict:
+    """D: image = invert(image) (a loop: each iteration's input differs, so ComfyUI's cache does
+    not answer for it), the same picture through ComfyUI's SaveImage."""
+    g = UIGraph()
+    src = g.port("image")
+    inv = g.node("ImageInvert", [], [("image", "IMAGE")], [("IMAGE", "IMAGE")])
+    save = g.node("SaveImage", ["dcf_panel_save"], [("images", "IMAGE")], [])
+    out = g.port("image")
+    g.link(src, 0, inv, 0)
+    g.link(inv, 0, save, 0)
+    g.link(inv, 0, out, 0)
+    return g.json()
+
+
 def hold_workflow(fifo: str, release: str) -> dict:
     """C: image -> DiscomfortTestGate (tells the FIFO it started, holds until ``release`` exists) -> held."""
     g = UIGraph()
@@ -167,6 +181,7 @@ def panel(copy_server, tmp_path_factory):
     (workflows / "invert.json").write_text(json.dumps(invert_workflow()))
     (workflows / "blend.json").write_text(json.dumps(blend_workflow()))
     (workflows / "broken.json").write_text("{not json")
+    (workflows / "save.json").write_text(json.dumps(save_workflow()))
     Image.fromarray(np.full((8, 8, 3), START, np.uint8)).save(work / "input" / "start.png")
     (work / "input" / "notes.txt").write_text("hello")
     secret = tmp_path_factory.mktemp("outside") / "secret.json"
@@ -337,6 +352,30 @@ def check_history(panel, seen: list[dict], iterations: int) -> None:
             got = pixels(Path(panel.work_dir) / "output" / o["subfolder"] / o["filename"])
             assert abs(int(got.max()) - want[o["key"]]) <= 1 and got.min() == got.max(), (o, got.max(), want)
     assert [h["iteration"] for h in seen[-1]["history"]] == list(range(iterations))
+
+
+def test_output_node_files_per_iteration(panel, http):
+    """The files ComfyUI's own SaveImage wrote in each iteration are listed with it (where
+    ComfyUI put them, no copy), beside the values the run wrote."""
+    resp = http("POST", "/discomfort/panel/runs", json=start_body(["save"], iterations=2))
+    assert resp.status_code == 202, resp.text
+    run_id, token = resp.json()["run_id"], resp.json()["token"]
+    seen = until_finished(http, run_id, token)
+    assert seen[-1]["state"] == "finished", seen[-1]
+    events = [e for e in seen if e["kind"] == "iteration"]
+    assert [e["iteration"] for e in events] == [0, 1]
+    names = []
+    for ev, want in zip(events, (255 - START, START)):  # inverted once, then back
+        assert [o["key"] for o in ev["outputs"]] == ["image"]
+        [f] = ev["files"]
+        assert (f["node"], f["type"], f["workflow"]) == ("3", "output", 0) and "path" not in f, f
+        assert f["filename"].startswith("dcf_panel_save_") and f["filename"] not in names
+        names.append(f["filename"])
+        for where in (Path(f["subfolder"]) / f["filename"], Path(ev["outputs"][0]["subfolder"]) / "image.png"):
+            got = pixels(Path(panel.work_dir) / "output" / where)
+            assert got.min() == got.max() and abs(int(got.max()) - want) <= 1, (where, got.max(), want)
+    view = http("GET", "/view", params={"filename": names[1], "subfolder": "", "type": "output"})
+    assert view.status_code == 200 and view.content[:4] == b"\x89PNG"
 
 
 def test_history_is_capped(panel, http):
