@@ -144,8 +144,28 @@ class WorkflowContext(RunBase):
             version = put(unique_id, _TAG_VALUE + encoded[0], encoded[1])
             REFERENCES.drop(self.run_id, unique_id)
             return version
+        kept = self._kept_version(store, unique_id, data, guarded)
+        if kept is not None:
+            return kept
         marker = REFERENCES.keep(self.run_id, unique_id, data)
         return put(unique_id, _TAG_REF + json.dumps(marker).encode(), [])
+
+    def _kept_version(self, store: Any, unique_id: str, data: Any, guarded: bool) -> int | None:
+        """The version ``unique_id`` keeps when it already holds ``data`` itself by reference in this
+        process: saving the very object again changes nothing, and a new version would make
+        ComfyUI run every node downstream of its loaders again (their fingerprint is the version).
+        A value is always stored anew: a tensor changed in place must never come from a cache."""
+        try:
+            meta, _views, info = store.get_guarded(unique_id) if guarded else store.get(unique_id)
+        except UnknownKeyError:
+            return None
+        if bytes(meta[:1]) != _TAG_REF:
+            return None
+        try:
+            marker = json.loads(bytes(meta[1:]))
+        except ValueError:
+            return None
+        return int(info["version"]) if REFERENCES.holds(self.run_id, unique_id, data, marker) else None
 
     def reserve_data(self, unique_id: str, meta: bytes, sizes: list[int]) -> Any:
         """Room for a value in the data-only encoding (:mod:`discomfort.datacodec`).
@@ -250,8 +270,18 @@ class WorkflowContext(RunBase):
         return unique_id != _PROMPTS_KEY and self._check().contains(unique_id)
 
     def info(self, unique_id: str) -> dict[str, Any]:
-        """Tier, size and version (store-wide, never repeated) of the stored object."""
-        return self._check().info(unique_id)
+        """Tier, size and version (store-wide, never repeated) of the stored object, and its
+        ``kind``: "ref" (an object kept by reference in the process that saved it) or "value"."""
+        store = self._check()
+        out: dict[str, Any] = dict(store.info(unique_id))
+        kind = "value"
+        if out["nbuf"] == 0:  # a reference has no buffers: its tag is read from its small meta
+            try:
+                kind = _KINDS.get(bytes(store.get_guarded(unique_id)[0][:1]), "value")
+            except UnknownKeyError:  # deleted in between
+                pass
+        out["kind"] = "ref" if kind == "ref" else "value"
+        return out
 
     def stats(self) -> dict[str, Any]:
         out = self._check().stats()

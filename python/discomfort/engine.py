@@ -20,6 +20,8 @@ from .errors import ReferenceUnavailableError, RunCancelled, RunInterrupted, Wor
 from .history import OnIteration, Recorder, check_keep, ram_budget_of
 from .prompt_forms import prompt_as_run
 from .recipes import Recipe, RecipeError, check_recipe, extract, stitch_recipe
+from .reuse import Reuse, wrote
+from .reuse import is_reference as _is_reference
 from .run_control import (
     CancelToken,
     ProgressEvent,
@@ -57,6 +59,7 @@ class Result(dict):
 
     iterations: int = 0
     stopped: str = "iterations"
+    reused: list[tuple[int, int]] = []  # (iteration, workflow) not queued again (discomfort.reuse)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -161,6 +164,7 @@ class RunEngine:
         self._infos: dict[str, Mapping | None] = {}  # where -> its /object_info
         self._places: dict[str, tuple[Any, Any]] = {}  # where -> (placement, slot) there
         self._controls = Controls()  # controlled widgets' values, across calls
+        self._reuse = Reuse()  # the prompts this run ran, for workflows that need not run again
 
     # ---- the run's values ----------------------------------------------------------------------
     @property
@@ -224,12 +228,13 @@ class RunEngine:
                  release_unused: bool = False, cancel: CancelToken | None = None, progress: bool | None = None,
                  on_progress: Callable[[ProgressEvent], Any] | None = None, placement: Any = None,
                  names: list[str] | None = None, controls: Any = None, on_iteration: OnIteration | None = None,
-                 keep: Iterable[str] | None = None) -> Result:
+                 keep: Iterable[str] | None = None, rerun: str = "auto") -> Result:
         """The loop: run ``workflows`` one after the other on ``placement`` (default: the run's),
         ``iterations`` times (or until ``until``); returns the values the ports wrote in this call
         (or ``outputs``). The options are :func:`~discomfort.sequential.run_sequential`'s."""
         iterations = check_bounds(iterations, until)
         kept = check_keep(keep)
+        self._reuse.begin(rerun)
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress= is True, False or None (a bar on stderr), not {progress!r}: a function "
                             "that hears each workflow is on_progress=")
@@ -276,6 +281,7 @@ class RunEngine:
             state.at(None, None)
             result.update(self._collect(plan.written, plan.wanted))
             result.iterations = iteration
+            result.reused = self._reuse.reused
             return result
         except RunCancelled as exc:
             raise state.cut(RunCancelled, cancel.reason if cancel is not None else None,
@@ -334,8 +340,9 @@ class RunEngine:
             raise missing_inputs_error(k, missing, ctx.run_id)
         state.describe(placement.describe(slot))
         state.emit("workflow_start")
-        attempts = 0
-        while True:
+        attempts, outputs = 0, None
+        reuse = self._reuse.consider(ctx, prompt, placement, slot, outs, iteration, k)  # discomfort.reuse
+        while not reuse.skip:
             attempts += 1
             try:
                 state.inside = True
@@ -347,11 +354,12 @@ class RunEngine:
                 state.inside = False
                 after = key_versions(ctx, outs)
                 for uid in outs:
-                    if after[uid] is None or after[uid] == have[uid]:
+                    if not wrote(ctx, uid, have[uid], after[uid]):
                         raise WorkflowError(
                             f"workflow {k}: the port(s) {', '.join(plan.port_keys[k][uid].output_node_ids)} "
                             f"writing {uid!r} did not save a value in run {ctx.run_id}"
                         )
+                reuse.ran(after)
                 placement.settle(ctx, slot, outs)
                 break
             except Exception as exc:  # noqa: BLE001 - the placement says whether it can run it again
@@ -443,16 +451,6 @@ class _Plan:
         if not self.bounded and iteration > 0:
             iteration = 1  # planned for 3 iterations: the middle one stands for every later one
         return iteration * n + k + 1
-
-
-def _is_reference(ctx: Any, uid: str) -> bool:
-    """Whether ``uid`` holds a reference to an object living in the process that saved it."""
-    if uid not in ctx:
-        return False
-    encoded = getattr(ctx, "load_encoded", None)
-    if encoded is not None:
-        return encoded(uid)[0] == "ref"
-    return ctx.info(uid).get("kind") == "ref"
 
 
 def _release(ctx: Any, keys: list[str]) -> None:

@@ -168,6 +168,14 @@ class References:
             except KeyError:
                 raise ReferenceUnavailableError(f"{key!r} in run {run_id!r}: the referenced object is gone") from None
 
+    def holds(self, run_id: str, key: str, obj: Any, marker: Any) -> bool:
+        """Whether ``marker`` (a key's stored marker) names this process and ``obj`` is the very
+        object kept for the key."""
+        if not isinstance(marker, dict) or marker.get("process") != self.token:
+            return False
+        with self._lock:
+            return self._objects.get((run_id, key), _NOTHING) is obj
+
     def drop(self, run_id: str, key: str) -> None:
         with self._lock:
             self._objects.pop((run_id, key), None)
@@ -184,6 +192,7 @@ class References:
         self.token = secrets.token_hex(16)
 
 
+_NOTHING = object()
 REFERENCES = References()
 if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=REFERENCES.after_fork)

@@ -57,7 +57,7 @@ class Run(RunEngine):
                 release_unused: bool = False, cancel: CancelToken | None = None, progress: bool | None = None,
                 on_progress: Callable[[ProgressEvent], Any] | None = None, executor: Any = None,
                 controls: ControlsOption = None, on_iteration: OnIteration | None = None,
-                keep: Iterable[str] | None = None) -> Result:
+                keep: Iterable[str] | None = None, rerun: str = "auto") -> Result:
         """Run ``workflows`` one after the other, ``iterations`` times (or until ``until``); returns
         the values the ports wrote in this call (or ``outputs``). See :func:`run_sequential`.
 
@@ -77,7 +77,7 @@ class Run(RunEngine):
                 placement = LocalPlacement(executor)
         return self.run_loop(workflows, inputs, iterations, until=until, timeout=timeout, outputs=outputs,
                          release_unused=release_unused, cancel=cancel, progress=progress, on_progress=on_progress,
-                         placement=placement, controls=controls, on_iteration=on_iteration, keep=keep)
+                         placement=placement, controls=controls, on_iteration=on_iteration, keep=keep, rerun=rerun)
 
     def __enter__(self) -> "Run":
         return self
@@ -106,6 +106,7 @@ def run_sequential(
     controls: ControlsOption = None,
     on_iteration: OnIteration | None = None,
     keep: Iterable[str] | None = None,
+    rerun: str = "auto",
 ) -> Result:
     """Run ``workflows`` one after the other, ``iterations`` times; returns ``{unique_id: value}``.
 
@@ -169,6 +170,12 @@ def run_sequential(
     {"node", "filename", "subfolder", "type", "workflow", "path"} (``path``: absolute when the
     executor's output folder is known, else None).
 
+    ``rerun``: "auto" (default): a workflow whose prompt is the same as when it last ran in this
+    run (same nodes, widget values and inputs by version), whose ports wrote references still
+    held, with no output node and no node that defines ``IS_CHANGED`` (``LoadImage``...), is not
+    queued again (:mod:`discomfort.reuse`; ``result.reused`` lists them as (iteration, workflow));
+    "always": every workflow is queued.
+
     The result stays valid after the run's store is gone. The store lives only inside this call;
     hold a :class:`Run` to keep values and models across calls.
     """
@@ -178,7 +185,8 @@ def run_sequential(
         run._removes_store_on_cancel = True
         return run.execute(workflows, inputs, iterations, until=until, timeout=timeout, outputs=outputs,
                            release_unused=release_unused, cancel=cancel, progress=progress,
-                           on_progress=on_progress, controls=controls, on_iteration=on_iteration, keep=keep)
+                           on_progress=on_progress, controls=controls, on_iteration=on_iteration, keep=keep,
+                           rerun=rerun)
 
 
 # ---- the transport -----------------------------------------------------------------------------------

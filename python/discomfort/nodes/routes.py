@@ -6,6 +6,9 @@
 * ``/discomfort/runs...``: runs owned by this server process, for orchestrators that cannot share
   memory with it (see :mod:`discomfort.remote.server`).
 * ``/discomfort/panel/...``: the editor panel's runner (see :mod:`discomfort.nodes.panel`).
+* ``GET /discomfort/node_fingerprints``: the node classes ComfyUI asks for a fingerprint
+  (``IS_CHANGED``): an orchestrator never skips a prompt holding one (:mod:`discomfort.reuse`).
+  Public facts, as ``/object_info``.
 
 Every one of them first checks the request's ``Host`` and ``Origin`` (:mod:`discomfort.remote.origin`):
 a page of another site that rebinds its name to this machine gets a 403.
@@ -17,6 +20,7 @@ from typing import Any
 
 from ..remote.origin import guard_routes
 from ..remote.server import add_routes
+from ..reuse import FINGERPRINTS_ROUTE, fingerprinted_classes
 from ..sysinfo import host_info
 from .panel import add_panel_routes
 
@@ -52,6 +56,12 @@ def register(routes: Any = None) -> bool:
         except ValueError as exc:
             return web.json_response({"error": f"GET /discomfort/host_info?nonce=<hex>: {exc}",
                                       "type": "ValueError"}, status=400)
+
+    @routes.get(FINGERPRINTS_ROUTE)
+    async def discomfort_node_fingerprints(request: Any) -> Any:
+        import nodes  # type: ignore[import-not-found]  # ComfyUI's: the classes loaded now
+
+        return web.json_response({"is_changed": fingerprinted_classes(nodes.NODE_CLASS_MAPPINGS)})
 
     add_routes(routes)
     add_panel_routes(routes)
