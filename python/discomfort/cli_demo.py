@@ -163,7 +163,7 @@ def demo_command(args: argparse.Namespace) -> int:
     for i, image in enumerate(result.history["image"]):
         for path in write_output("image", image, out_dir / "kept", stem=f"image_{i + 1}"):
             _say(f"  {path}")
-    _say(f"done. Next: start that ComfyUI (cd {comfy} && {Path(sys.executable).name} main.py) and open the "
+    _say(f"done. Next: start that ComfyUI (cd {comfy} && {sys.executable} main.py) and open the "
          "Discomfort tab in its editor's sidebar; `discomfort bench --quick` measures the store; the "
          "project's examples/ folder holds more loops.")
     return 0
