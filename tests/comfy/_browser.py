@@ -45,18 +45,38 @@ def launch(pw: Any) -> Any:
     return pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
 
 
+_TEMPLATES_DUE: dict[int, bool] = {}  # id(page) -> whether its Templates dialog will open
+
+
+def _templates_due(url: str) -> bool:
+    """Whether the editor will open its Templates dialog: only while the user's setting
+    ``Comfy.TutorialCompleted`` is not set (the frontend sets it as it opens the dialog)."""
+    import requests
+
+    try:
+        resp = requests.get(url + "/settings/Comfy.TutorialCompleted", timeout=30)
+        return not (resp.status_code == 200 and resp.json() is True)
+    except (requests.RequestException, ValueError):
+        return True
+
+
 def open_editor(browser: Any, url: str, ready: str = "window.app && window.app.graph",
                 viewport: tuple[int, int] = (1500, 950)) -> Any:
     """A page on the editor at ``url``, once ``ready`` (a JS expression) holds."""
+    due = _templates_due(url)
     page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    _TEMPLATES_DUE[id(page)] = due
     page.goto(url)
     page.wait_for_function(ready, timeout=120_000)
     return page
 
 
 def close_templates(pg: Any) -> None:
-    """A fresh profile (every test server's) opens the Templates dialog over the canvas, once the
-    page has loaded its settings: wait for it, close it."""
+    """A fresh profile (a new server's) opens the Templates dialog over the canvas, once the page
+    has loaded its settings: wait for it, close it. A page whose server's settings say it was
+    shown (another test opened the editor on the same server) gets none: nothing to wait for."""
+    if _TEMPLATES_DUE.pop(id(pg), True) is False:
+        return
     dialog = pg.locator(".p-dialog")
     try:
         dialog.first.wait_for(state="visible", timeout=60_000)
