@@ -114,14 +114,14 @@ def _place_pack(comfy: Path) -> None:
 def demo_command(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         raise CommandError(f"--iterations must be at least 1, not {args.iterations}")
+    comfy = Path(args.comfyui).expanduser().resolve() if args.comfyui else None
+    if comfy is not None and not (comfy / "main.py").is_file():
+        raise CommandError(f"--comfyui {args.comfyui}: not a ComfyUI folder (no main.py)")
     try:
         import torch
     except ImportError:
         raise CommandError('the demo needs torch, as ComfyUI does: pip install "discomfort[torch]"') from None
-    if args.comfyui:
-        comfy = Path(args.comfyui).expanduser().resolve()
-        if not (comfy / "main.py").is_file():
-            raise CommandError(f"--comfyui {args.comfyui}: not a ComfyUI folder (no main.py)")
+    if comfy is not None:
         _say(f"ComfyUI: {comfy} (run with {sys.executable})")
     else:
         from .comfy.fetch import default_cache
