@@ -55,11 +55,12 @@ def namespace() -> dict[str, Any]:
 
 @pytest.mark.comfy
 @pytest.mark.parametrize("index", range(len(PY_BLOCKS)), ids=[f"README.md:{line}" for _, line in PY_BLOCKS])
-def test_readme_python_block(index, server, namespace, monkeypatch):
+def test_readme_python_block(index, request, namespace, monkeypatch):
     code, line = PY_BLOCKS[index]
     first = code.lstrip().splitlines()[0] if code.strip() else ""
     if first.startswith(NOT_RUN):
         pytest.skip(f"README.md line {line}: {first[len(NOT_RUN):].strip()}")
+    server = request.getfixturevalue("server")
     monkeypatch.chdir(REPO)
     source = code.replace(DEFAULT_URL, server.url)
     exec(compile(source, f"README.md:{line}", "exec"), namespace)  # noqa: S102 - the README's own code
@@ -79,6 +80,18 @@ def test_every_example_is_listed_in_its_readme():
     assert EXAMPLES and all(f"`{p.name}`" in listed for p in EXAMPLES)
     for wf in (REPO / "examples" / "workflows").glob("*.json"):
         assert f"`{wf.name}`" in listed, wf.name
+
+
+def test_relative_links_lead_to_files():
+    """Every relative link of README.md, examples/README.md and docs/*.md names a file that exists."""
+    pages = [README, REPO / "examples" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    dead = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#", 1)[0]
+            if path and "://" not in path and not (page.parent / path).exists():
+                dead.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not dead, dead
 
 
 def _discomfort_commands() -> list[list[str]]:
