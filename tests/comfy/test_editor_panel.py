@@ -450,9 +450,14 @@ def open_panel(pg) -> None:
 
 
 def listen(pg) -> None:
-    """Collect the panel's progress events of this page (and any that ComfyUI's socket would bring)."""
-    pg.evaluate("""() => { window.__dcf = [];
+    """Collect the panel's progress events of this page (and any that ComfyUI's socket would bring),
+    and how many iterations' outputs the panel showed when each workflow started (the panel
+    handles an event before it dispatches it)."""
+    pg.evaluate("""() => { window.__dcf = []; window.__dcfShown = [];
         window.addEventListener('discomfort.progress', e => window.__dcf.push(e.detail));
+        window.addEventListener('discomfort.progress', e => { if (e.detail.kind === 'workflow_start')
+            window.__dcfShown.push([e.detail.run_id, e.detail.iteration,
+                                    document.querySelectorAll('[data-dcf=iteration-outputs]').length]); });
         window.comfyAPI.api.api.addEventListener('discomfort.progress', e => window.__dcf.push(e.detail)); }""")
 
 
@@ -515,6 +520,9 @@ def test_panel_in_the_editor(panel, page, tmp_path):
         got = pixels(Path(panel.work_dir) / "output" / o["subfolder"] / o["filename"])
         assert abs(int(got.max()) - want[o["key"]]) <= 1 and got.min() == got.max(), (o, got.max(), want)
     check_history(panel, seen, 3)
+    # As they arrived: when iteration k's first workflow started, the panel showed k iterations' outputs.
+    shown = pg.evaluate("(id) => window.__dcfShown.filter(r => r[0] === id).map(r => [r[1], r[2]])", run_id)
+    assert shown == [[0, 0], [0, 0], [1, 1], [1, 1], [2, 2], [2, 2]], shown
 
     # A second run, held by the gate, cancelled from the panel.
     fifo = Fifo(tmp_path / "started")
