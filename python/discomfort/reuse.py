@@ -115,6 +115,8 @@ class Reuse:
                  k: int) -> "Decision":
         """Whether workflow ``k``'s ``prompt`` may be skipped now, and what to remember if it runs."""
         where = placement.where(slot)
+        if not outs:  # writes nothing: nothing to reuse, nothing to warn about
+            return Decision(self, ctx, None, where, outs, False, iteration, k)
         target = placement.prompt_target(slot)
         try:
             digest = run_digests(prompt_as_run(prompt, target), ctx.run_id, lambda keys: key_versions(ctx, keys))[0]
@@ -133,7 +135,7 @@ class Reuse:
                  before: tuple[str, dict[str, int | None]] | None) -> str | None:
         if self.rerun == "always":
             return "rerun='always'"
-        if before is None or before[0] != where or not outs:
+        if before is None or before[0] != where:
             return "not run before here"
         now = key_versions(ctx, outs)
         if any(now[uid] is None or now[uid] != before[1].get(uid) for uid in outs):

@@ -143,3 +143,24 @@ def test_the_server_lists_its_fingerprinted_nodes(probe_server):
     names = set(probe_server.get_json(FINGERPRINTS_ROUTE)["is_changed"])
     assert {"LoadImage", "DiscomfortPort", "DiscomfortDataLoader", "DiscomfortTestGate"} <= names
     assert not names & {"CheckpointLoaderSimple", "KSampler", "DiscomfortTestModelLoader", "DiscomfortProbeBox"}
+
+
+def test_a_widget_that_changes_per_iteration_makes_a_new_prompt(probe_server):
+    """A seed control (here "increment" on EmptyImage's color) changes the prompt each iteration:
+    nothing is reused; with "fixed" the box is made once."""
+    boxed = {
+        "9": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 5}},
+        "2": {"class_type": "DiscomfortProbeBox", "inputs": {"value": ["9", 0]}},
+        "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "box", "input_data": ["2", 0]}},
+    }
+    unbox = {
+        "1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "box"}},
+        "2": {"class_type": "DiscomfortProbeUnbox", "inputs": {"box": ["1", 0]}},
+        "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "serial", "input_data": ["2", 1]}},
+    }
+    moving = run_sequential([boxed, unbox], iterations=3, executor=probe_server, keep=["serial"],
+                            controls={"9.color": "increment"})
+    assert moving.reused == [] and len(set(moving.history["serial"])) == 3
+    assert [c[0]["9.color"] for c in moving.controls] == [5, 6, 7]
+    fixed = run_sequential([boxed, unbox], iterations=3, executor=probe_server, keep=["serial"], controls="fixed")
+    assert fixed.reused == [(1, 0), (2, 0)] and len(set(fixed.history["serial"])) == 1
