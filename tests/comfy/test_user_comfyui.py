@@ -139,6 +139,14 @@ def test_isolated_loads_only_the_given_packs(comfy_path, tmp_path):
     assert mine == ["--temp-directory", str(tmp_path / "work2" / "temp"), "--disable-auto-launch"]
 
 
+def test_isolated_warns_of_a_tree_pack_of_the_same_name(comfy_path, tmp_path, caplog):
+    tree = user_tree(comfy_path, tmp_path / "ComfyUI")
+    (tree / "custom_nodes" / "discomfort_nodes").mkdir()
+    with caplog.at_level("WARNING", logger="discomfort.comfy.launcher"):
+        server_args(tree, tmp_path / "work", [NODE_PACK], isolated=True, cpu=True, api_nodes=False)
+    assert "['discomfort_nodes']" in caplog.text and "loads those as well" in caplog.text
+
+
 # ------------------------------------------------------------------------------- --cpu or the GPU
 
 

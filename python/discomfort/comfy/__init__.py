@@ -4,7 +4,11 @@ Nothing here imports ComfyUI (or requests) until it is used.
 
 * :class:`InProcessComfy` runs ComfyUI's own ``PromptExecutor`` in this process.
 * :class:`ComfyServer` talks to a running server (``POST /prompt``, ``/ws``).
-* :func:`launch_server` starts a local server with the node pack loaded.
+* :func:`launch_server` starts a local server.
+
+Both that start ComfyUI run the given tree as its ``main.py`` would (its GPU, custom nodes,
+models and folders; this project's node pack added where the tree lacks it), or with
+``isolated=True`` only the given packs with temporary folders: see docs/COMFYUI.md.
 * :func:`install_torchvision_shim` makes torchvision importable with the CPU torch.
 """
 

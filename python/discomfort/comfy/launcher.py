@@ -1,9 +1,10 @@
-"""Launch a local ComfyUI server with the Discomfort node pack loaded."""
+"""Launch a local ComfyUI server: the user's tree as its ``main.py`` runs it, or isolated."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ from ._common import default_node_pack, make_custom_nodes_dir
 from .client import ComfyServer
 
 __all__ = ["launch_server", "free_port"]
+
+log = logging.getLogger(__name__)
 
 _BIND_FAILURE_MARKERS = ("address already in use", "errno 98", "error while attempting to bind")
 
@@ -134,6 +137,10 @@ def server_args(comfy_path: Path, work: Path, packs: Sequence[Path], *, isolated
                  "--user-directory", str(work / "user"), "--database-url", "sqlite:///:memory:"]
         # Not the tree's own custom nodes: only the linked packs, by their folder names.
         linked = sorted(entry.name for entry in (work / "custom_nodes").iterdir())
+        clash = [name for name in linked if (comfy_path / "custom_nodes" / name).exists()]
+        if clash:
+            log.warning("the ComfyUI tree's custom_nodes has %s too: an isolated server loads those as well "
+                        "(ComfyUI whitelists packs by folder name)", clash)
         args += ["--disable-all-custom-nodes", *(["--whitelist-custom-nodes", *linked] if linked else [])]
     return [*args, *([] if api_nodes else ["--disable-api-nodes"]), "--disable-auto-launch"]
 
