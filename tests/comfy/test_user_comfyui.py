@@ -187,3 +187,13 @@ def test_an_accelerator_seen_means_no_cpu_flag(comfy_path, tmp_path, monkeypatch
         with launch_server(comfy_path, isolated=True, custom_nodes=[NODE_PACK], api_nodes=False, work_dir=tmp_path):
             pass
     assert " --cpu " not in str(info.value).split("--- log tail")[0]
+
+
+def test_the_loaded_inprocess_comfy_refuses_another_setup(inprocess, comfy_path):
+    from discomfort.comfy import InProcessComfy
+
+    assert InProcessComfy(comfy_path) is inprocess  # left out: what is loaded (the tests' isolated one)
+    with pytest.raises(RuntimeError, match="already loaded in this process with isolated=True"):
+        InProcessComfy(comfy_path, isolated=False)
+    with pytest.raises(RuntimeError, match=f"already loaded in this process with cpu={inprocess.cpu}"):
+        InProcessComfy(comfy_path, cpu=not inprocess.cpu)
