@@ -28,6 +28,24 @@ USE = {  # which instance it was given, and how many were built so far
 }
 
 
+UNBOX = {  # the boxed value and the box's serial (which box it was)
+    "1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "box"}},
+    "2": {"class_type": "DiscomfortProbeUnbox", "inputs": {"box": ["1", 0]}},
+    "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "image", "input_data": ["2", 0]}},
+    "4": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "serial", "input_data": ["2", 1]}},
+}
+
+
+def _boxed(source: dict) -> dict:
+    """``source`` (node "9") boxed into the port ``box``: a reference, as a model is."""
+    return {"9": source, "2": {"class_type": "DiscomfortProbeBox", "inputs": {"value": ["9", 0]}},
+            "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "box", "input_data": ["2", 0]}}}
+
+
+def _empty_image(color: int) -> dict:
+    return {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}}
+
+
 def _serials(history: list[str]) -> list[int]:
     return [int(re.search(r"serial=(\d+)", h).group(1)) for h in history]
 
@@ -98,33 +116,22 @@ def test_a_workflow_fed_by_load_image_runs_again_when_its_file_changed(probe_ser
     """LoadImage defines IS_CHANGED (the file's hash): the orchestrator cannot tell whether the
     file changed, so such a workflow is always queued, and the new file's pixels come out."""
     _image(probe_server, "reuse.png", (255, 0, 0))
-    boxed = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "reuse.png"}},
-        "2": {"class_type": "DiscomfortProbeBox", "inputs": {"value": ["1", 0]}},
-        "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "box", "input_data": ["2", 0]}},
-    }
-    unbox = {
-        "1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "box"}},
-        "2": {"class_type": "DiscomfortProbeUnbox", "inputs": {"box": ["1", 0]}},
-        "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "image", "input_data": ["2", 0]}},
-        "4": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "serial", "input_data": ["2", 1]}},
-    }
+    boxed = _boxed({"class_type": "LoadImage", "inputs": {"image": "reuse.png"}})
     with Run(probe_server) as run:
-        first = run.execute([boxed, unbox])
-        again = run.execute([boxed, unbox])
+        first = run.execute([boxed, UNBOX])
+        again = run.execute([boxed, UNBOX])
         _image(probe_server, "reuse.png", (0, 0, 255))
-        changed = run.execute([boxed, unbox])
+        changed = run.execute([boxed, UNBOX])
     assert first.reused == again.reused == changed.reused == []
     assert np.asarray(first["image"])[0, 0, 0].tolist() == [1.0, 0.0, 0.0]
     assert np.asarray(changed["image"])[0, 0, 0].tolist() == [0.0, 0.0, 1.0]
     assert len({first["serial"], again["serial"], changed["serial"]}) == 3
 
     # The same workflow fed by a node without IS_CHANGED is reused: the box is not made again.
-    plain = {**boxed, "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
-                                                                 "color": 255}}}
+    plain = _boxed(_empty_image(255))
     with Run(probe_server) as run:
-        first = run.execute([plain, unbox])
-        again = run.execute([plain, unbox])
+        first = run.execute([plain, UNBOX])
+        again = run.execute([plain, UNBOX])
     assert first.reused == [] and again.reused == [(0, 0)]
     assert first["serial"] == again["serial"]
 
@@ -148,19 +155,10 @@ def test_the_server_lists_its_fingerprinted_nodes(probe_server):
 def test_a_widget_that_changes_per_iteration_makes_a_new_prompt(probe_server):
     """A seed control (here "increment" on EmptyImage's color) changes the prompt each iteration:
     nothing is reused; with "fixed" the box is made once."""
-    boxed = {
-        "9": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 5}},
-        "2": {"class_type": "DiscomfortProbeBox", "inputs": {"value": ["9", 0]}},
-        "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "box", "input_data": ["2", 0]}},
-    }
-    unbox = {
-        "1": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "box"}},
-        "2": {"class_type": "DiscomfortProbeUnbox", "inputs": {"box": ["1", 0]}},
-        "3": {"class_type": "DiscomfortPort", "inputs": {"unique_id": "serial", "input_data": ["2", 1]}},
-    }
-    moving = run_sequential([boxed, unbox], iterations=3, executor=probe_server, keep=["serial"],
+    boxed = _boxed(_empty_image(5))
+    moving = run_sequential([boxed, UNBOX], iterations=3, executor=probe_server, keep=["serial"],
                             controls={"9.color": "increment"})
     assert moving.reused == [] and len(set(moving.history["serial"])) == 3
     assert [c[0]["9.color"] for c in moving.controls] == [5, 6, 7]
-    fixed = run_sequential([boxed, unbox], iterations=3, executor=probe_server, keep=["serial"], controls="fixed")
+    fixed = run_sequential([boxed, UNBOX], iterations=3, executor=probe_server, keep=["serial"], controls="fixed")
     assert fixed.reused == [(1, 0), (2, 0)] and len(set(fixed.history["serial"])) == 1
