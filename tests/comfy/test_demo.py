@@ -63,3 +63,17 @@ def test_demo_refuses_a_folder_that_is_not_comfyui(tmp_path):
     proc = _demo("--comfyui", str(tmp_path), timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"discomfort demo: error: --comfyui {tmp_path}: not a ComfyUI folder (no main.py)"
+
+
+def test_the_demo_keeps_the_torch_it_finds():
+    """The demo installs ComfyUI's requirements under a pin of the torch and torchvision this
+    Python has (the tests pin the project's own), so pip never swaps them."""
+    torch = pytest.importorskip("torch")
+    from discomfort.comfy import fetch
+
+    pins = fetch.installed_torch_pins(sys.executable)
+    assert f"torch=={torch.__version__}" in pins
+    text = "torch\ntorchvision\ntorchaudio\nnumpy>=1.25.0\n"
+    assert fetch.adapted_requirements(text, replace={}) == ["torch", "torchvision", "numpy>=1.25.0", "requests",
+                                                           "websocket-client"]
+    assert fetch.adapted_requirements(text)[1] == "torchvision==0.28.0"
