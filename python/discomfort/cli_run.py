@@ -314,7 +314,8 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--server", metavar="URL", help="a running ComfyUI server with the discomfort node pack")
     where.add_argument("--comfyui", metavar="PATH",
-                       help="run ComfyUI from this tree in this process (default: $DISCOMFORT_COMFYUI)")
+                       help="run this ComfyUI tree in this process as its main.py would: its GPU, custom "
+                            "nodes and folders (default: $DISCOMFORT_COMFYUI)")
     p.add_argument("--transport", choices=["auto", "shm", "http"], default=None,
                    help="how values reach a server (default: auto, or $DISCOMFORT_TRANSPORT)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds allowed per workflow")

@@ -116,8 +116,10 @@ def run_sequential(
     outputs of workflow k feed workflow k+1, and those of iteration N feed iteration N+1. A value
     saved again under its key replaces the old one, whose space the store reuses.
     ``executor``: an :class:`~discomfort.comfy.InProcessComfy`, a
-    :class:`~discomfort.comfy.ComfyServer`, a server URL, or None (ComfyUI in this process, from
-    ``$DISCOMFORT_COMFYUI``).
+    :class:`~discomfort.comfy.ComfyServer`, a server URL, or None: ComfyUI in this process from
+    ``$DISCOMFORT_COMFYUI``, run as its ``main.py`` runs it: its GPU (``--cpu`` only where torch
+    sees none), its custom nodes, models, ``input/``/``output/``/``user/`` folders and database,
+    with this project's node pack added where the tree lacks it (docs/COMFYUI.md).
 
     ``until``: stop after the iteration in which it holds: a key an output port writes (a BOOLEAN
     or INT value; true or non-zero stops), or ``fn(iteration, values)`` returning True to stop
