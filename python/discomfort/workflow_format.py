@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -170,8 +171,8 @@ def ui_to_api(workflow: Mapping, object_info: Mapping, *, controls: list[Control
     _refuse_group_nodes(workflow)
     net = Network(workflow, object_info)
     executables = net.flatten()
-    for view in net.all_views():
-        _check_node_type(view)
+    for dto in executables.values():
+        _check_node_type(dto.view)
     net.apply_primitives()
     replacement_nodes = net.replacement_nodes()
     prompt: dict[str, dict] = {}
@@ -190,11 +191,48 @@ def ui_to_api(workflow: Mapping, object_info: Mapping, *, controls: list[Control
             else:
                 inputs[inp.name] = resolved
         prompt[dto.id] = {"inputs": _drop_undefined(inputs), "class_type": view.type,
-                          "_meta": {"title": view.title}}
+                          "_meta": {"title": view.title, **node_pack_meta(view.node)}}
         if controls is not None:
             controls.extend(_controls_of(dto.id, view, prompt[dto.id]["inputs"]))
     _drop_links_to_missing(prompt)
     return prompt
+
+
+_PACK_ID = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9._-]*[a-zA-Z0-9])?$")
+_GITHUB_USER = re.compile(r"^(?!-)(?!.*--)[a-zA-Z0-9-]+(?<!-)$")
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([\da-z-]+(?:\.[\da-z-]+)*))?"
+                     r"(?:\+([\da-z-]+(?:\.[\da-z-]+)*))?$")
+_COMMIT = re.compile(r"^[0-9a-f]{4,40}$", re.IGNORECASE)
+
+
+def node_pack_meta(node: Mapping) -> dict[str, str]:
+    """The node pack fields 1.58.1 copies from a node's properties into ``_meta`` (each only when
+    its value is valid: a registry id, ``github-user/repo``, a semantic version or commit hash
+    with any leading ``v`` dropped, or ``unknown``)."""
+    props = node.get("properties")
+    if not isinstance(props, Mapping):
+        return {}
+    out = {}
+    cnr = props.get("cnr_id")
+    if isinstance(cnr, str) and _valid_pack_id(cnr):
+        out["cnr_id"] = cnr
+    aux = props.get("aux_id")
+    if isinstance(aux, str) and re.fullmatch(r"[^/]+/[^/]+", aux):
+        user, repo = aux.split("/")
+        if 1 <= len(user) <= 39 and _GITHUB_USER.fullmatch(user) and _valid_pack_id(repo):
+            out["aux_id"] = aux
+    ver = props.get("ver")
+    if isinstance(ver, str):
+        bare = ver[1:] if ver.startswith("v") else ver
+        if _SEMVER.fullmatch(bare) or _COMMIT.fullmatch(bare):
+            out["ver"] = bare
+        elif ver == "unknown":
+            out["ver"] = ver
+    return out
+
+
+def _valid_pack_id(text: str) -> bool:
+    return 1 <= len(text) <= 100 and bool(_PACK_ID.fullmatch(text)) and not re.search(r"^[_.-]|[_.-]$", text)
 
 
 def _controls_of(node_id: str, view: NodeView, inputs: Mapping) -> list[Control]:
@@ -207,8 +245,11 @@ def _controls_of(node_id: str, view: NodeView, inputs: Mapping) -> list[Control]
 
 
 def _refuse_group_nodes(workflow: Mapping) -> None:
-    """Legacy group nodes ("workflow>..."): the frontend expands them with its own code."""
-    group_nodes = set(((workflow.get("extra") or {}).get("groupNodes") or {}).keys())
+    """Legacy group nodes ("workflow>..."): 1.32.9 expands them with its own code (or throws),
+    1.58.1 drops them and sends their consumers without the input."""
+    extra = workflow.get("extra")
+    group_nodes = extra.get("groupNodes") if isinstance(extra, Mapping) else None
+    group_nodes = set(group_nodes) if isinstance(group_nodes, Mapping) else set()
     for node in workflow.get("nodes") or ():
         typ = node.get("type")
         if isinstance(typ, str) and (typ.startswith("workflow>") or typ.startswith("workflow/")) \

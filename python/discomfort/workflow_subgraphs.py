@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+from . import workflow_ids
 from . import workflow_widgets as ww
 from .errors import UnsupportedWorkflowError
 
@@ -121,11 +122,6 @@ def parse_graph(data: Mapping, graph_id: Any = None) -> Graph:
                  list(data.get("outputs") or ()))
 
 
-def subgraph_definitions(workflow: Mapping) -> dict[Any, Mapping]:
-    defs = (workflow.get("definitions") or {}).get("subgraphs") or ()
-    return {sg["id"]: sg for sg in defs if isinstance(sg, Mapping) and "id" in sg}
-
-
 # ---------------------------------------------------------------------------------------------
 # Rebuilding nodes
 
@@ -135,8 +131,9 @@ class Network:
 
     def __init__(self, workflow: Mapping, object_info: Mapping):
         self.object_info = object_info
-        self.definitions = subgraph_definitions(workflow)
-        self.root = parse_graph(workflow)
+        root_nodes, definitions = workflow_ids.normalise(workflow)
+        self.definitions = {sg["id"]: sg for sg in definitions}
+        self.root = parse_graph(dict(workflow, nodes=root_nodes))
         self.subgraphs = {sid: parse_graph(sg, sid) for sid, sg in self.definitions.items()}
         self.views: dict[tuple, NodeView] = {}
         self._building: set = set()
@@ -231,8 +228,8 @@ class Network:
         view = self.view(graph, node_id)
         dto = Executable(view, path, container)
         self.executables[dto.id] = dto
-        if view.kind != "subgraph":
-            return
+        if view.kind != "subgraph" or view.mode in (MODE_NEVER, MODE_BYPASS):
+            return  # a disabled subgraph's nodes do not run (1.58.1 at the root; here at any depth)
         if view.type in visiting:
             raise unsupported(view.node, "a subgraph that contains itself")
         inner = self.subgraphs[view.type]
@@ -288,6 +285,8 @@ class Network:
             raise unsupported(dto.view.node, f"circular link through output {slot}")
         visited.add(key)
         view = dto.view
+        if view.mode == MODE_NEVER:
+            return None
         if view.mode == MODE_BYPASS:
             index = bypass_slot(view, slot, want)
             return None if index < 0 else self.resolve_input(dto, index, visited)

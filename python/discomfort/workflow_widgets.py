@@ -244,8 +244,9 @@ def _widgets_for(d: InputDef) -> list[Widget]:
 def node_widgets(class_type: str, info: Mapping) -> list[Widget]:
     """Every widget the frontend creates for a node of this type, in order."""
     widgets = [w for d in ordered_inputs(class_type, info) if d.is_widget for w in _widgets_for(d)]
-    if class_type == "PreviewAny":
-        widgets.append(Widget("preview", "MARKDOWN", "", saved=False))
+    if class_type == "PreviewAny":  # 1.58.1: two display widgets, neither saved nor sent (1.32.9 sent "preview": "")
+        widgets += [Widget("preview_text", "MARKDOWN", "", saved=False, sent=False),
+                    Widget("preview_mode", "TOGGLE", False, saved=False, sent=False)]
     if class_type == "WebcamCapture":
         widgets.append(Widget("waiting for camera...", "BUTTON", "capture"))
     return widgets

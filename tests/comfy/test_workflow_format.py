@@ -47,7 +47,15 @@ CONVERTIBLE = [
     "ui_bypass",  # mode 4: inputs passed through to outputs of the same type
     "ui_ports",  # DiscomfortPort nodes
     "ui_subgraph_nested",  # subgraph in a subgraph, promoted widgets, bypass inside, links across
+    # Expected prompts recorded from frontend 1.58.1 (tests/comfy/record_frontend_fixtures.py):
+    "ui_subgraph_bypassed",  # a bypassed subgraph node: none of its nodes, IMAGE passed through
+    "ui_subgraph_muted",  # a muted subgraph node: none of its nodes, links to it dropped
+    "ui_subgraph_bypassed_nested",  # bypassed inside another subgraph (its preview node does not run)
+    "ui_subgraph_muted_nested",
+    "ui_subgraph_ids_collide",  # inner ids taken by outer nodes, two levels deep: renumbered on load
+    "ui_preview_any",  # PreviewAny sends no preview; node pack ids in _meta
 ]
+SAVED_BY_NEWEST = sorted(p.stem for p in (WORKFLOWS / "saved-1.58.1").glob("*.json"))
 
 
 @pytest.mark.parametrize("name", CONVERTIBLE)
@@ -55,6 +63,18 @@ def test_ui_to_api_matches_expected(name, object_info):
     converted = load_workflow(WORKFLOWS / f"{name}.json", object_info)
     expected = _load(f"{name}.api.json")
     assert converted == expected
+
+
+@pytest.mark.parametrize("name", SAVED_BY_NEWEST)
+def test_workflows_saved_by_the_newest_frontend_convert(name, object_info):
+    """The fixtures as frontend 1.58.1 saves them after loading (renumbered ids, widgets_values_named,
+    localized slot names) give the same prompt as the fixtures."""
+    saved = _load(f"saved-1.58.1/{name}.json")
+    assert load_workflow(saved, object_info) == _load(f"{name}.api.json")
+
+
+def test_saved_by_the_newest_frontend_are_all_checked():
+    assert len(SAVED_BY_NEWEST) == 6 and set(SAVED_BY_NEWEST) <= set(CONVERTIBLE)
 
 
 @pytest.mark.parametrize("name", CONVERTIBLE)
@@ -345,7 +365,8 @@ def test_moonvalley_stale_control_value_is_refused(values, input_name, bad, obje
     ("Preview3D", ["", ""], {"model_file": "", "image": ""}),  # the 3D viewer's own value
     ("SaveGLB", ["mesh/ComfyUI", ""], {"filename_prefix": "mesh/ComfyUI", "image": ""}),
     ("GetImageSize", ["width: 1365, height: 768\n batch size: 1"], {}),  # its size display
-    ("PreviewAny", [], {"preview": ""}),  # (f) the preview widget is sent, as ""
+    ("PreviewAny", [], {}),  # (f) 1.58.1 sends no preview (1.32.9 sent "preview": "")
+    ("PreviewAny", ["old text"], {}),  # a value saved by an older frontend is not a widget's
     ("PreviewImage", ["extra", 1, 2], {}),  # trailing values the frontend ignores
 ])
 def test_frontend_only_widget_values(typ, values, expected, object_info):
