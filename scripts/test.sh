@@ -98,6 +98,11 @@ DISCOMFORT_TEMPLATES=$(timeout 600 "$VENV/bin/python" "$ROOT/scripts/fetch_templ
     --python "$VENV/bin/python" | tail -n 1)
 export DISCOMFORT_TEMPLATES
 
+step "the newest ComfyUI frontend, a second oracle (unpacked into the cache, not installed)"
+DISCOMFORT_FRONTEND_NEWEST=$(timeout 600 "$VENV/bin/python" "$ROOT/scripts/fetch_frontend.py" \
+    --python "$VENV/bin/python" | tail -n 1)
+export DISCOMFORT_FRONTEND_NEWEST
+
 step "store tests against the core built with ASan and UBSan"
 PYTHON="$VENV/bin/python" timeout 900 bash "$ROOT/scripts/sanitize.sh"
 
