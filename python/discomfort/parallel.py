@@ -418,6 +418,8 @@ def run_parallel(
     object_info: Mapping | None = None,
     ram_budget: int | str | None = None,
     disk_dir: str | os.PathLike | None = None,
+    controls: Any = None,
+    keep: Iterable[str] | None = None,
 ) -> Any:
     """Run ``workflows`` once per mapping in ``inputs``, the runs at once on several ComfyUIs.
 
@@ -446,8 +448,9 @@ def run_parallel(
     retry. ``on_progress``: each run's :class:`~discomfort.run_control.ProgressEvent` (its
     ``run_id`` and ``server`` say which); callbacks are called one at a time, from the workers'
     threads. ``iterations``, ``until``, ``timeout``, ``outputs``, ``release_unused``, ``transport``
-    (chosen once per server), ``object_info``, ``ram_budget``, ``disk_dir``: as in
-    run_sequential, for each run.
+    (chosen once per server), ``object_info``, ``ram_budget``, ``disk_dir``, ``controls``, ``keep``:
+    as in run_sequential, for each run (each run starts from the workflows' saved widget values, and
+    its result carries its own ``history``, ``files`` and ``controls``).
     """
     iterations = check_bounds(iterations, until)
     if isinstance(inputs, Mapping) or isinstance(inputs, (str, bytes)):
@@ -468,7 +471,7 @@ def run_parallel(
     if bar is not None:
         bar.unit = "run"
     options = {"iterations": iterations, "until": until, "timeout": timeout, "outputs": outputs,
-               "release_unused": release_unused, "progress": False}
+               "release_unused": release_unused, "progress": False, "controls": controls, "keep": keep}
     batch = _Batch(items, names, runs, slots, options, retries, on_run, on_progress, bar)
     stream = batch.results(raise_first, cancel)
     if as_completed:

@@ -137,6 +137,26 @@ def test_as_completed_yields_runs_as_they_end(server, second, opened, tmp_path):
     assert on == {0: server.url, 1: second.url, 2: second.url, 3: second.url}
 
 
+def test_each_run_has_its_controls_and_its_kept_history(server, second):
+    """controls= and keep= reach every run of a batch: each run advances its seed from the
+    workflow's saved value and keeps each iteration's value."""
+    from test_loops import noise_workflow, seeds
+
+    results = discomfort.run_parallel([noise_workflow(seed=40, control="increment", prefix="parallel")], [{}, {}],
+                                      [server, second], iterations=3, keep=["noisy"], timeout=120)
+    for result in results:
+        assert not isinstance(result, Exception), result
+        assert seeds(result) == [40, 41, 42]
+        assert len(result.history["noisy"]) == 3
+        assert torch.equal(result.history["noisy"][-1], result["noisy"])
+        assert not torch.equal(result.history["noisy"][0], result.history["noisy"][1])
+    assert torch.equal(results[0]["noisy"], results[1]["noisy"])  # same seeds, same noise
+    fixed = discomfort.run_parallel([noise_workflow(seed=40, control="increment", prefix="parallel")], [{}],
+                                    [server], iterations=2, controls="fixed", keep=["noisy"], timeout=120)[0]
+    assert seeds(fixed) == [40, 40]
+    assert torch.equal(fixed.history["noisy"][0], fixed.history["noisy"][1])
+
+
 def test_cancel_stops_every_run(server, second, tmp_path):
     fifos = [Fifo(tmp_path / f"started-{k}") for k in range(2)]
     never = str(tmp_path / "never")
@@ -270,3 +290,4 @@ def test_a_ray_server_killed_mid_batch_is_replaced_and_its_run_goes_on(pool, ope
         assert torch.equal(result["out"], 1.0 - inputs[i]["image"]), (i, result)
     assert sorted(ev.attempts for ev in done) == [1, 1, 2]  # run 0's workflow ran again on the new server 0
     assert pool.servers[0]["replaced"] == 1 and pool.servers[0]["pid"] != old_pid
+
