@@ -109,6 +109,11 @@ PYTHON="$VENV/bin/python" timeout 900 bash "$ROOT/scripts/sanitize.sh"
 step "benchmark guard (reported, not a gate: shared machines are noisy)"
 (cd "$ROOT" && timeout 600 "$VENV/bin/python" benchmarks/guard.py) || echo "benchmark guard: see above"
 
+step "a loop on an SD1.5-shaped model against one prompt (reported, not a gate; docs/REAL_MODELS.md)"
+# Builds the random-weight checkpoint beside ComfyUI on first use (2.1 GB, ~40 s); the tests reuse it.
+(cd "$ROOT" && timeout 900 "$VENV/bin/python" benchmarks/real_model_loop.py --iterations 4) \
+    || echo "real-model benchmark: see above"
+
 step "tests (installed package, both backends)"
 export DISCOMFORT_REQUIRE_NATIVE=1
 cd "$ROOT/tests"
