@@ -5,7 +5,8 @@ built wheel by ``install-comfyui``, ``_installed_comfy``), a second server of it
 ``main.py`` with ``--front-end-root`` on the newest frontend (``_frontend_oracle``), in headless
 Chromium. Elements are found as a user finds them: the node search by its accessible name ("Add a
 node..."), the Discomfort tab by its button's name (1.58.1's sidebar buttons have no
-``<tab id>-tab-button`` class). DiscomfortPort is added from the search, wired, saved with
+``<tab id>-tab-button`` class). DiscomfortPort is added from the search, wired, a unique_id edited
+in the canvas' prompt dialog, saved with
 ``app.graph.serialize()`` and run; the panel runs two saved workflows in a loop. Screenshots go to
 ``$DISCOMFORT_ARTIFACTS``.
 """
@@ -21,7 +22,7 @@ import pytest
 from _browser import artifacts_dir, launch, open_editor, require_browser
 from _frontend_oracle import NEWEST, VERSION_JS, server_args
 from _installed_comfy import PANEL_ENV
-from test_editor import BUILD_JS
+from test_editor import BUILD_JS, edit_unique_id
 from test_editor_panel import blend_workflow, expected_values, finished_event, invert_workflow, listen, open_panel, pixels
 
 pytestmark = pytest.mark.comfy
@@ -56,7 +57,7 @@ def newest(comfy_copy):
 
 def add_from_search(pg, text: str, x: int = 700, y: int = 400) -> list[str]:
     """Double click the canvas, type into the search box (found by its accessible name), take the
-    first option with Enter; the options it showed."""
+    first option with Enter, place the node with a click; the options the search showed."""
     box = pg.get_by_role("combobox", name="Add a node...")
     for _attempt in range(5):  # two clicks seen too far apart by a loaded page are no double click
         pg.mouse.dblclick(x, y)
@@ -69,14 +70,18 @@ def add_from_search(pg, text: str, x: int = 700, y: int = 400) -> list[str]:
     pg.wait_for_function("(t) => { const o = [...document.querySelectorAll('[role=option]')];"
                          " return o.length && o[0].textContent.startsWith(t); }", arg=text)
     options = pg.evaluate("() => [...document.querySelectorAll('[role=option]')].map(e => e.textContent.trim())")
+    count = pg.evaluate("() => app.graph._nodes.length")
     box.press("Enter")
     box.wait_for(state="hidden")
+    pg.wait_for_function("(n) => app.graph._nodes.length === n + 1", arg=count)
+    # 1.58.1 then lets the new node follow the pointer until a click places it (Escape drops it).
+    pg.mouse.click(x, y)
     return options
 
 
 def test_port_in_the_newest_editor(newest):
     """DiscomfortPort from the search (the deprecated loader hidden), wired to IMAGE/LATENT/any
-    inputs, the saved graph run with run_sequential."""
+    inputs, a unique_id edited on the canvas, the saved graph run with run_sequential."""
     import torch
 
     from discomfort import run_sequential
@@ -88,12 +93,10 @@ def test_port_in_the_newest_editor(newest):
     pg.wait_for_function("() => app.graph._nodes.length === 1")
     first = pg.evaluate("() => app.graph._nodes[0].id")
     assert pg.evaluate("() => app.graph._nodes[0].type") == "DiscomfortPort"
-    # 1.58.1 does not draw a node where a script moves it after adding it (BUILD_JS moves the
-    # searched port): keep it where the search put it. Its unique_id is set on the widget (the
-    # canvas' prompt dialog, which test_editor drives under 1.32.9, did not open here on a click).
-    built = pg.evaluate(BUILD_JS.replace("first.pos = [60, 160];", ""))
+    built = pg.evaluate(BUILD_JS)
     assert all(built["linked"].values()) and built["refused"], built
-    pg.evaluate("(id) => { app.graph.getNodeById(id).widgets[0].value = 'image'; }", first)
+    edit_unique_id(pg, first, "image")
+    assert pg.evaluate("(id) => app.graph.getNodeById(id).widgets[0].value", first) == "image"
     pg.screenshot(path=str(artifacts_dir() / f"editor_ports_{NEWEST}.png"))
 
     workflow = pg.evaluate("() => app.graph.serialize()")
