@@ -158,8 +158,12 @@ def _inprocess(comfy_path: Path, out: Path) -> None:
     folder_paths.add_model_folder_path("loras", str(models / "loras"))
     t0 = time.monotonic()
     with Run(executor) as run:
-        loop = run.execute([LOAD, SAMPLE], {"latent": first_latent()}, ITERATIONS)
+        # Only these: in process the references could come back too, and would keep the model alive.
+        loop = run.execute([LOAD, SAMPLE], {"latent": first_latent()}, ITERATIONS, outputs=["latent", "image"])
     loop_seconds = time.monotonic() - t0
+    import resource
+
+    loop_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     loop_calls = calls(log)
     executor.free()  # the loop's model goes before the single prompt loads its own
     import gc
@@ -175,7 +179,8 @@ def _inprocess(comfy_path: Path, out: Path) -> None:
     np.savez(out / "single.npz", **arrays(single))
     (out / "report.json").write_text(json.dumps({
         "reused": loop.reused, "loop_calls": loop_calls, "single_calls": minus(calls(log), loop_calls),
-        "loop_seconds": loop_seconds, "single_seconds": single_seconds}))
+        "loop_seconds": loop_seconds, "single_seconds": single_seconds, "loop_peak_rss": loop_peak,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
 if __name__ == "__main__":

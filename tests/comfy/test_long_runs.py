@@ -412,9 +412,16 @@ def test_model_saved_by_reference_is_reused_without_reloading(inprocess):
     model = result["model"]
     assert type(model).__name__ == "CountingModel" and model.name == "inprocess-reuse"
     assert result["report"] == f"name=inprocess-reuse serial={model.serial} constructed={model.serial} same=True"
-    # ComfyUI's default cache keeps only the last prompt's outputs: the loader of workflow 0 runs
-    # once per iteration, and workflow 1 never loads anything.
-    first = model.serial - 2
+    # Workflow 0's prompt does not change and its port holds the model: it runs once
+    # (discomfort.reuse), and workflow 1 never loads anything.
+    assert result.reused == [(1, 0), (2, 0)]
+    assert reports == [f"name=inprocess-reuse serial={model.serial} constructed={model.serial} same=True"] * 3
+    # Queued every iteration, on ComfyUI's default cache (only the last prompt's outputs) the
+    # loader runs every time.
+    reports.clear()
+    again = run_sequential(_model_workflows("inprocess-reuse"), iterations=3, executor=inprocess, timeout=120,
+                           outputs=["model"], on_progress=_reports(reports), rerun="always")
+    first = again["model"].serial - 2
     assert reports == [f"name=inprocess-reuse serial={first + i} constructed={first + i} same=True" for i in range(3)]
     # With an LRU cache (a server's --cache-lru) the model is built once for the whole loop.
     inprocess.set_cache(lru=16)
