@@ -203,7 +203,8 @@ class Controls:
             seen[ident] = seen.get(ident, -1) + 1
             idents.append((ident, seen[ident]))
         out = [[WidgetControl(c.node, c.input, "fixed" if option == "fixed" else c.mode, c.spec, c.filter,
-                              (*idents[k], c.node, c.input), option == "fixed")
+                              (*idents[k], "primitive", c.group) if c.group else (*idents[k], c.node, c.input),
+                              option == "fixed")
                 for c in (found[k] if k < len(found) else [])] for k in range(len(prompts))]
         if isinstance(option, dict):
             for name, mode in option.items():
@@ -245,8 +246,12 @@ class Controls:
                 for c in controls}
 
     def advance(self, controls: list[WidgetControl], used: Mapping[str, Any]) -> None:
-        """After a queue: each widget's next value."""
+        """After a queue: each widget's next value (once per PrimitiveNode that feeds several)."""
+        done = set()
         for c in controls:
+            if c.key in done:
+                continue
+            done.add(c.key)
             value = used[c.name]
             self._values[c.key] = value if c.frozen else next_value(value, c.mode, c.spec, c.filter, self.rng)
 

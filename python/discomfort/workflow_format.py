@@ -150,13 +150,15 @@ class Control:
     """A widget's "control after generate" in a converted prompt: what the frontend does to
     ``prompt[node]["inputs"][input]`` after each queue (``mode``: fixed, increment,
     increment-wrap, decrement, randomize); ``spec`` holds min/max/step or a combo's choices,
-    ``filter`` a combo control's filter text."""
+    ``filter`` a combo control's filter text. ``group``: the PrimitiveNode whose control it is
+    (every widget it feeds gets the one value), else ""."""
 
     node: str
     input: str
     mode: str
     spec: InputDef
     filter: str = ""
+    group: str = ""
 
 
 def ui_to_api(workflow: Mapping, object_info: Mapping, *, controls: list[Control] | None = None) -> dict:
@@ -236,12 +238,20 @@ def _valid_pack_id(text: str) -> bool:
 
 
 def _controls_of(node_id: str, view: NodeView, inputs: Mapping) -> list[Control]:
-    """The controls of a node's widgets whose value is sent as a literal."""
+    """The controls of a node's widgets whose value is sent as a literal. A widget a PrimitiveNode
+    feeds follows the primitive's control: the primitive writes its value into the widget before
+    each queue, over whatever the widget's own control did."""
     filters = {w.controls: str(w.value) for w in view.widgets if w.kind == "FILTER" and w.controls}
-    return [Control(node_id, w.controls, str(w.value), w.input, filters.get(w.controls, ""))
-            for w in view.widgets
-            if w.kind == "CONTROL" and w.controls and w.input is not None and w.controls in inputs
-            and not is_link(inputs[w.controls]) and isinstance(w.value, str)]
+    driven = {w.name: w for w in view.widgets if w.driven_by is not None and w.input is not None}
+    out = [Control(node_id, w.controls, str(w.value), w.input, filters.get(w.controls, ""))
+           for w in view.widgets
+           if w.kind == "CONTROL" and w.controls and w.controls not in driven and w.input is not None
+           and w.controls in inputs and not is_link(inputs[w.controls]) and isinstance(w.value, str)]
+    for name, w in driven.items():
+        if name in inputs and not is_link(inputs[name]):
+            group, mode, text = w.driven_by  # type: ignore[misc]
+            out.append(Control(node_id, name, mode, w.input, text, group))  # type: ignore[arg-type]
+    return out
 
 
 def _refuse_group_nodes(workflow: Mapping) -> None:

@@ -328,10 +328,12 @@ class Network:
             value = values[0]
             if value and (view.node.get("properties") or {}).get("Run widget replace on values"):
                 value = ww.text_replacements(value, self.replacement_nodes())
+            control = (dto.id, values[1] if len(values) > 1 and isinstance(values[1], str) else "fixed",
+                       values[2] if len(values) > 2 and isinstance(values[2], str) else "")
             for link_id in link_ids:
-                self._apply_primitive_link(view, link_id, value)
+                self._apply_primitive_link(view, link_id, value, control)
 
-    def _apply_primitive_link(self, view: NodeView, link_id: Any, value: Any) -> None:
+    def _apply_primitive_link(self, view: NodeView, link_id: Any, value: Any, control: tuple) -> None:
         link = self.root.links.get(link_id)  # the frontend looks in the root graph, even in a subgraph
         if link is None:
             raise unsupported(view.node, f"its link {link_id} is not in the root graph (the frontend fails here)")
@@ -342,6 +344,8 @@ class Network:
         widget = target.widget(slot.widget) if slot is not None else None
         if widget is not None:
             widget.value = value
+            if widget.kind in ("INT", "FLOAT", "COMBO"):  # the primitive's own control drives it after a queue
+                widget.driven_by = control
 
     def replacement_nodes(self) -> list[dict]:
         """What ``%Node.widget%`` replacements look up: every node, its S&R name and title."""

@@ -91,6 +91,7 @@ class Widget:
     controls: str | None = None  # a control widget: the widget it drives
     value: Any = field(default=UNDEFINED)
     from_file: bool = False  # the value came from widgets_values
+    driven_by: tuple | None = None  # (PrimitiveNode id, its control, its filter): the primitive sets the value
 
     def __post_init__(self) -> None:
         if self.value is UNDEFINED:

@@ -54,7 +54,16 @@ CASES = [
     ("ImageAddNoise", [0, "randomize", 0.5]),
     ("DiscomfortTestChoices", ["a.png", "randomize", "", 7, "randomize"]),
 ]
-RANDOM = {str(i + 2) for i, case in enumerate(CASES) if "randomize" in case[1]}
+#: PrimitiveNodes, each feeding the seeds of two ImageAddNoise nodes whose own controls say otherwise:
+#: (primitive's widgets_values, the targets' own controls). The primitive's control wins.
+PRIMITIVES = [
+    ([10, "increment"], ("randomize", "decrement")),
+    ([7, "randomize"], ("increment", "fixed")),
+]
+FIRST_PRIMITIVE = len(CASES) + 2  # node ids: the primitive, then its two targets
+RANDOM = {str(i + 2) for i, case in enumerate(CASES) if "randomize" in case[1]} | {
+    str(FIRST_PRIMITIVE + 3 * i + t) for i, (values, _own) in enumerate(PRIMITIVES) if "randomize" in values
+    for t in (1, 2)}
 
 
 def controls_workflow() -> dict:
@@ -69,6 +78,22 @@ def controls_workflow() -> dict:
             nodes[0]["outputs"][0]["links"].append(len(links))
             inputs = [("image", "IMAGE", len(links))]
         nodes.append(_ui_node(nid, typ, copy.deepcopy(widgets), inputs=inputs))
+    for i, (values, own) in enumerate(PRIMITIVES):
+        pid = FIRST_PRIMITIVE + 3 * i
+        seed_links = []
+        for t, control in enumerate(own, start=1):
+            links.append([len(links) + 1, 1, 0, pid + t, 0, "IMAGE"])
+            nodes[0]["outputs"][0]["links"].append(len(links))
+            links.append([len(links) + 1, pid, 0, pid + t, 1, "INT"])
+            seed_links.append(len(links))
+            node = _ui_node(pid + t, "ImageAddNoise", [0, control, 0.5],
+                            inputs=[("image", "IMAGE", len(links) - 1), ("seed", "INT", len(links))])
+            node["inputs"][1]["widget"] = {"name": "seed"}
+            nodes.append(node)
+        primitive = _ui_node(pid, "PrimitiveNode", list(values), outputs=[("INT", "INT", seed_links)])
+        primitive["outputs"][0]["widget"] = {"name": "seed"}
+        primitive["properties"] = {"Run widget replace on values": False}
+        nodes.append(primitive)
     return {"id": "00000000-0000-4000-8000-0000000c0a25", "revision": 0, "last_node_id": len(nodes),
             "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {},
             "version": 0.4}
@@ -122,6 +147,14 @@ def test_a_loops_controls_are_the_editors_queue(editor):
     assert [(v["choice"], v["stepped"]) for v in column["8"]] == \
         [("a.png", 7), ("B.PNG", 10), ("d.png", 13), ("d.png", 16), ("d.png", 19)]
     assert [(v["choice"], v["stepped"]) for v in column["9"]][:3] == [("d.png", 8), ("e.webp", 4), ("a.png", 1)]
+    # a PrimitiveNode's control drives every widget it feeds, one value for all, over their own controls
+    first = FIRST_PRIMITIVE
+    assert [p[str(first + 1)]["inputs"]["seed"] for p in ours] == [10, 11, 12, 13, 14]
+    assert [p[str(first + 2)]["inputs"]["seed"] for p in ours] == [10, 11, 12, 13, 14]
+    for prompts in (theirs, ours):
+        shared = [p[str(first + 4)]["inputs"]["seed"] for p in prompts]
+        assert shared == [p[str(first + 5)]["inputs"]["seed"] for p in prompts]
+        assert shared[0] == 7 and len(set(shared[1:])) == ROUNDS - 1
     # randomized: each iteration a value within the range, on the grid, from the choices, and not one value
     for prompts in (theirs, ours):
         seeds = [p["13"]["inputs"]["seed"] for p in prompts]
