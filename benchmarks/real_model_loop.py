@@ -7,9 +7,10 @@ once and cached beside the test ComfyUI), 64x64, 4 steps, CPU, ComfyUI's default
 launched server, after a warm-up prompt that loads the model:
 
 * the single prompt's per-iteration time: (time of an N-iteration prompt - time of a 1-iteration
-  one) / (N - 1), each iteration a KSampler and a VAEDecode, as the loop's;
+  one) / (N - 1), each iteration a KSampler and a VAEDecode, as the loop's; the median of
+  ``--repeats`` such pairs (a shared machine's noise lands on one pair, not on the median);
 * the loop (a held Run, shared memory: the load workflow, then the sample workflow, the latent
-  fed back), N iterations: the mean time of iterations 2..N, and the same with ``rerun="always"``
+  fed back), N iterations: the median time of iterations 2..N, and the same with ``rerun="always"``
   (the load workflow queued every iteration, as before discomfort.reuse);
 * the server's peak RSS in each phase (VmHWM, reset between phases through /proc/PID/clear_refs).
 
@@ -75,7 +76,7 @@ def _loop(server, iterations: int, rerun: str) -> list[float]:
     return [b - a for a, b in zip([t0, *marks], marks)]
 
 
-def measure(iterations: int) -> dict:
+def measure(iterations: int, repeats: int = 3) -> dict:
     comfy = Path(os.environ["DISCOMFORT_COMFYUI"])
     models, _built = rm.ensure_models(comfy)
     out: dict = {"iterations": iterations, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
@@ -86,16 +87,20 @@ def measure(iterations: int) -> dict:
             pid = server.process.pid
             out["warm_up_s"] = _timed(lambda: server.execute(_seeded(rm.single_prompt(1), 1), timeout=1800))
             _reset_peak(pid)
-            one = _timed(lambda: server.execute(_seeded(rm.single_prompt(1), 2), timeout=1800))
-            many = _timed(lambda: server.execute(_seeded(rm.single_prompt(iterations), 3), timeout=1800))
-            out["single_1_s"], out["single_n_s"] = one, many
-            out["single_per_iteration_s"] = (many - one) / (iterations - 1)
+            pairs = []
+            for r in range(repeats):  # new seeds each time: ComfyUI's cache answers none of them
+                one = _timed(lambda: server.execute(_seeded(rm.single_prompt(1), 2 + 2 * r), timeout=1800))
+                many = _timed(lambda: server.execute(_seeded(rm.single_prompt(iterations), 3 + 2 * r),
+                                                     timeout=1800))
+                pairs.append((one, many))
+            out["single_pairs_s"] = pairs
+            out["single_per_iteration_s"] = statistics.median((m - o) / (iterations - 1) for o, m in pairs)
             out["single_peak_rss"] = _peak(pid)
             for rerun in ("auto", "always"):
                 _reset_peak(pid)
                 times = _loop(server, iterations, rerun)
                 out[f"loop_{rerun}_iterations_s"] = times
-                out[f"loop_{rerun}_per_iteration_s"] = statistics.mean(times[1:])
+                out[f"loop_{rerun}_per_iteration_s"] = statistics.median(times[1:])
                 out[f"loop_{rerun}_peak_rss"] = _peak(pid)
     return out
 
@@ -115,14 +120,18 @@ def table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="single-prompt pairs timed (their median is used)")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
     if args.iterations < 2:
         parser.error("--iterations must be 2 or more (the per-iteration time needs two prompts)")
-    result = measure(args.iterations)
+    if args.repeats < 1:
+        parser.error("--repeats must be 1 or more")
+    result = measure(args.iterations, args.repeats)
     print(table(result))
-    print(f"\n({result['machine']}; loop iterations: auto {result['loop_auto_iterations_s']}, "
-          f"always {result['loop_always_iterations_s']})")
+    print(f"\n({result['machine']}; single prompt (1, {args.iterations} iterations): {result['single_pairs_s']}; "
+          f"loop iterations: auto {result['loop_auto_iterations_s']}, always {result['loop_always_iterations_s']}; "
+          "medians used)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
