@@ -21,6 +21,19 @@ except ImportError:  # require_browser() says how to install it
         """Never raised: Playwright is missing and the browser tests fail before using it."""
 
 
+def until_visible(act: Any, locator: Any, attempts: int, timeout_ms: int) -> None:
+    """Do ``act()`` until ``locator`` shows, at most ``attempts`` times: a loaded page may take two
+    clicks for a double click, or a double click for two clicks."""
+    for attempt in range(attempts):
+        act()
+        try:
+            locator.wait_for(state="visible", timeout=timeout_ms)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+
+
 def artifacts_dir() -> Path:
     """Where screenshots and summaries are kept: ``$DISCOMFORT_ARTIFACTS``, else /tmp/discomfort-artifacts."""
     path = Path(os.environ.get("DISCOMFORT_ARTIFACTS") or "/tmp/discomfort-artifacts")

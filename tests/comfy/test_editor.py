@@ -17,7 +17,7 @@ import json
 import numpy as np
 import pytest
 
-from _browser import PlaywrightTimeout, artifacts_dir, close_templates, launch, open_editor, require_browser
+from _browser import PlaywrightTimeout, artifacts_dir, close_templates, launch, open_editor, require_browser, until_visible
 
 pytestmark = pytest.mark.comfy
 
@@ -123,13 +123,9 @@ def edit_unique_id(pg, node_id: int, value: str) -> None:
         return {widget: at(n.pos[0] + n.size[0] / 2, n.pos[1] + w.y + 10)}; }""", node_id)
     pg.evaluate("(id) => app.canvas.selectNode(app.graph.getNodeById(id))", node_id)
     field = pg.locator(".graphdialog input.value")
-    for _attempt in range(3):  # a click too close to an earlier one counts as a double click
-        pg.mouse.click(*where["widget"])  # a click on a selected node's text widget opens its prompt
-        try:
-            field.wait_for(state="visible", timeout=5_000)
-            break
-        except Exception:  # noqa: BLE001 - click again
-            continue
+    # a click on a selected node's text widget opens its prompt; one too close to an earlier click
+    # counts as a double click
+    until_visible(lambda: pg.mouse.click(*where["widget"]), field, 3, 5_000)
     field.fill(value)
     field.press("Enter")
     field.wait_for(state="detached")

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _browser import artifacts_dir, launch, open_editor, require_browser
+from _browser import artifacts_dir, launch, open_editor, require_browser, until_visible
 from _frontend_oracle import NEWEST, VERSION_JS, server_args
 from _installed_comfy import PANEL_ENV
 from test_editor import BUILD_JS, edit_unique_id
-from test_editor_panel import blend_workflow, expected_values, finished_event, invert_workflow, listen, open_panel, pixels
+from test_editor_panel import add_workflows, blend_workflow, expected_values, finished_event, invert_workflow, listen, open_panel, pixels
 
 pytestmark = pytest.mark.comfy
 
@@ -59,13 +59,7 @@ def add_from_search(pg, text: str, x: int = 700, y: int = 400) -> list[str]:
     """Double click the canvas, type into the search box (found by its accessible name), take the
     first option with Enter, place the node with a click; the options the search showed."""
     box = pg.get_by_role("combobox", name="Add a node...")
-    for _attempt in range(5):  # two clicks seen too far apart by a loaded page are no double click
-        pg.mouse.dblclick(x, y)
-        try:
-            box.wait_for(state="visible", timeout=6_000)
-            break
-        except Exception:  # noqa: BLE001 - click again
-            continue
+    until_visible(lambda: pg.mouse.dblclick(x, y), box, 5, 6_000)
     box.fill(text)
     pg.wait_for_function("(t) => { const o = [...document.querySelectorAll('[role=option]')];"
                          " return o.length && o[0].textContent.startsWith(t); }", arg=text)
@@ -120,9 +114,7 @@ def test_panel_run_in_the_newest_editor(newest):
     server, pg = newest
     open_panel(pg)
     pg.wait_for_selector("[data-dcf=workflow-select] option[value='newest_blend.json']", state="attached")
-    for name in ("newest_invert.json", "newest_blend.json"):
-        pg.select_option("[data-dcf=workflow-select]", name)
-        pg.click("[data-dcf=add-workflow]")
+    add_workflows(pg, ("newest_invert.json", "newest_blend.json"))
     pg.wait_for_selector("li[data-workflow='newest_invert.json'] .dcf-ports li[data-key=image]")
     pg.select_option("[data-dcf=input-file-image]", "newest_start.png")
     pg.fill("[data-dcf=iterations]", "3")

@@ -444,6 +444,13 @@ def page(panel):
         browser.close()
 
 
+def add_workflows(pg, names) -> None:
+    """Add saved workflows to the panel's list, in order, as a user picks them."""
+    for name in names:
+        pg.select_option("[data-dcf=workflow-select]", name)
+        pg.click("[data-dcf=add-workflow]")
+
+
 def open_panel(pg) -> None:
     """Open the Discomfort tab of the sidebar as a user does: its button, named by its tooltip."""
     pg.get_by_role("button", name=re.compile(r"^Discomfort: run saved workflows")).click()
@@ -480,9 +487,7 @@ def test_panel_in_the_editor(panel, page, tmp_path):
     art = artifacts_dir()
     open_panel(pg)
     pg.wait_for_selector("[data-dcf=workflow-select] option[value='blend.json']", state="attached")
-    for name in ("invert.json", "blend.json"):
-        pg.select_option("[data-dcf=workflow-select]", name)
-        pg.click("[data-dcf=add-workflow]")
+    add_workflows(pg, ("invert.json", "blend.json"))
     pg.wait_for_selector("li[data-workflow='blend.json'] .dcf-ports li[data-key=inverted]")
     pg.wait_for_selector("li[data-workflow='invert.json'] .dcf-ports li[data-key=image]")
     chips = pg.locator("li[data-workflow='invert.json'] .dcf-ports li").all_inner_texts()
@@ -533,8 +538,7 @@ def test_panel_in_the_editor(panel, page, tmp_path):
         pg.wait_for_selector("[data-dcf=workflow-select] option[value='hold_panel.json']", state="attached")
         while pg.locator("[data-dcf=remove]").count():
             pg.locator("[data-dcf=remove]").first.click()
-        pg.select_option("[data-dcf=workflow-select]", "hold_panel.json")
-        pg.click("[data-dcf=add-workflow]")
+        add_workflows(pg, ["hold_panel.json"])
         pg.wait_for_selector("li[data-workflow='hold_panel.json'] .dcf-ports li[data-key=held]")
         pg.select_option("[data-dcf=input-file-image]", "start.png")
         pg.click("[data-dcf=run]")
