@@ -342,11 +342,14 @@ class RunEngine:
         state.emit("workflow_start")
         attempts, outputs = 0, None
         reuse = self._reuse.consider(ctx, prompt, placement, slot, outs, iteration, k)  # discomfort.reuse
+        form = reuse.form  # the prompt as the nodes get it, once
         while not reuse.skip:
             attempts += 1
             try:
                 state.inside = True
-                digest = ctx.allow_prompt(prompt_as_run(prompt, placement.prompt_target(slot)))  # issue 23
+                if form is None:
+                    form = prompt_as_run(prompt, placement.prompt_target(slot))
+                digest = ctx.allow_prompt(form)  # issue 23
                 try:
                     outputs = placement.execute(slot, prompt, timeout, cancel, on_event)
                 finally:
@@ -365,6 +368,7 @@ class RunEngine:
             except Exception as exc:  # noqa: BLE001 - the placement says whether it can run it again
                 if not placement.recover(slot, exc, attempts, ctx.run_id, iteration, k):
                     raise
+                form = None  # the slot's server was replaced: its node types, again
                 state.describe(placement.describe(slot))
         for uid in outs:
             if uid not in plan.written:

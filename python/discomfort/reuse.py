@@ -119,7 +119,8 @@ class Reuse:
             return Decision(self, ctx, None, where, outs, False, iteration, k)
         target = placement.prompt_target(slot)
         try:
-            digest = run_digests(prompt_as_run(prompt, target), ctx.run_id, lambda keys: key_versions(ctx, keys))[0]
+            form = prompt_as_run(prompt, target)
+            digest = run_digests(form, ctx.run_id, lambda keys: key_versions(ctx, keys))[0]
         except (TypeError, ValueError):
             return Decision(self, ctx, None, where, outs, False, iteration, k)
         before = self._ran.get(digest)
@@ -129,7 +130,7 @@ class Reuse:
             self.reused.append((iteration, k))
             log.info("discomfort: run %s: iteration %d, workflow %d: not queued again: the same prompt wrote %s, "
                      "still held", ctx.run_id, iteration + 1, k + 1, ", ".join(map(repr, outs)))
-        return Decision(self, ctx, digest, where, outs, skip, iteration, k, before)
+        return Decision(self, ctx, digest, where, outs, skip, iteration, k, before, form)
 
     def _why_not(self, ctx: Any, prompt: dict, target: Any, where: str, outs: list[str],
                  before: tuple[str, dict[str, int | None]] | None) -> str | None:
@@ -179,12 +180,15 @@ class Reuse:
 
 
 class Decision:
-    """One workflow's answer from :meth:`Reuse.consider`: ``skip`` it, else :meth:`ran` after it."""
+    """One workflow's answer from :meth:`Reuse.consider`: ``skip`` it, else :meth:`ran` after it.
+    ``form``: the prompt as the nodes get it (:func:`~discomfort.prompt_forms.prompt_as_run`),
+    when the decision made it (None otherwise), for the run to register without making it again."""
 
     def __init__(self, reuse: Reuse, ctx: Any, digest: str | None, where: str, outs: list[str], skip: bool,
-                 iteration: int, k: int, before: tuple[str, dict[str, int | None]] | None = None) -> None:
+                 iteration: int, k: int, before: tuple[str, dict[str, int | None]] | None = None,
+                 form: dict | None = None) -> None:
         self.reuse, self.ctx, self.digest, self.where, self.outs = reuse, ctx, digest, where, outs
-        self.skip, self.iteration, self.k, self.before = skip, iteration, k, before
+        self.skip, self.iteration, self.k, self.before, self.form = skip, iteration, k, before, form
 
     def ran(self, after: dict[str, int | None]) -> None:
         self.reuse.ran(self, after)
