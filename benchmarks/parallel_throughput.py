@@ -29,7 +29,7 @@ import torch
 
 from discomfort import WorkflowContext, run_parallel
 from discomfort.comfy import launch_server
-from discomfort.workflow_tools import choose_transport
+from discomfort.workflows.tools import choose_transport
 
 REPO = Path(__file__).resolve().parents[1]
 PACKS = [REPO / "comfy_nodes", REPO / "tests" / "comfy" / "test_pack"]

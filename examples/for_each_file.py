@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from discomfort import run_sequential
-from discomfort.cli_run import load_input, write_output
+from discomfort.cli.run import load_input, write_output
 
 HERE = Path(__file__).resolve().parent / "workflows"
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

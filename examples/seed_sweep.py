@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from discomfort import Run, run_sequential
-from discomfort.cli_run import write_output
+from discomfort.cli.run import write_output
 
 HERE = Path(__file__).resolve().parent / "workflows"
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

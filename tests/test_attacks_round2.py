@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from discomfort.nodes.panel_io import PanelLimits, input_bytes
+from discomfort.panel.io import PanelLimits, input_bytes
 from discomfort.recipes import Recipe, RecipeError, check_recipe, types_digest
 from discomfort.remote.origin import refusal
 
@@ -166,8 +166,8 @@ class _Request:
 def test_one_ipv6_client_takes_no_more_panel_slots_than_one_address():
     """A client handed a /64 (any IPv6 machine) may source each request from another address of
     it, and a dual-stack server sees an IPv4 client as ::ffff:a.b.c.d: each counts as one client."""
-    from discomfort.nodes.panel import PanelServer
-    from discomfort.nodes.panel_runs import PanelRun, RunBook
+    from discomfort.panel.runner import PanelServer
+    from discomfort.panel.runs import PanelRun, RunBook
     from discomfort.remote.limits import HTTPRefusal, client_address
 
     book = RunBook(max_runs=16, per_address=2, kept=32, cancel_grace=30.0)
@@ -349,7 +349,7 @@ def test_panel_input_names_cannot_leave_the_input_folder(tmp_path):
     a drive or a backslash: none is read, none is listed."""
     import os
 
-    from discomfort.nodes.panel_io import InvalidName, list_files, safe_file
+    from discomfort.panel.io import InvalidName, list_files, safe_file
 
     inputs, secret = tmp_path / "input", tmp_path / "secret"
     inputs.mkdir()
@@ -385,7 +385,7 @@ def test_a_panel_image_is_read_only_as_its_extension_says(tmp_path, monkeypatch,
     from PIL import EpsImagePlugin, Image
 
     from discomfort.errors import DiscomfortError
-    from discomfort.nodes.panel_io import load_input
+    from discomfort.panel.io import load_input
 
     ran: list = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or Image.new("RGB", (1, 1)).im)
@@ -407,7 +407,7 @@ def test_long_polls_on_one_run_are_capped():
     are answered by the next event, and a poll after them waits again."""
     import asyncio
 
-    from discomfort.nodes.panel_runs import MAX_POLLS, PanelRun
+    from discomfort.panel.runs import MAX_POLLS, PanelRun
     from discomfort.remote.limits import HTTPRefusal
 
     async def attack() -> tuple[list, BaseException | None, int]:

@@ -9,8 +9,8 @@ import random
 import pytest
 
 from discomfort.controls import JS_LIMIT, Controls, check_controls, next_value, with_values
-from discomfort.workflow_format import Control
-from discomfort.workflow_widgets import InputDef
+from discomfort.workflows.format import Control
+from discomfort.workflows.widgets import InputDef
 
 
 def INT(**opts) -> InputDef:

@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("aiohttp")  # the route modules are aiohttp handlers (the suite on 3.10/3.13 has none)
 
 from discomfort import errors  # noqa: E402
-from discomfort.nodes.panel_io import (PanelLimits, _to_uint8, check_subgraphs, input_bytes, json_depth, load_input,
+from discomfort.panel.io import (PanelLimits, _to_uint8, check_subgraphs, input_bytes, json_depth, load_input,
                                        read_json)
-from discomfort.nodes.panel_runs import EVENTS_KEPT, PanelRun, RunBook
+from discomfort.panel.runs import EVENTS_KEPT, PanelRun, RunBook
 from discomfort.remote.origin import refusal
 from discomfort.remote.server import HTTPRefusal
 

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("PIL", reason="the panel saves images with Pillow")
 
-from discomfort.nodes.panel_io import OutputBudget, PanelLimits, save_outputs  # noqa: E402
+from discomfort.panel.io import OutputBudget, PanelLimits, save_outputs  # noqa: E402
 
 
 def written_bytes(folder) -> int:

@@ -246,7 +246,7 @@ def test_malformed_recipe_json_is_a_recipe_error():
 
 
 def test_the_cli_writes_a_recipe_as_json_and_reads_json_back_as_data(tmp_path):
-    from discomfort.cli_run import load_input, write_output
+    from discomfort.cli.run import load_input, write_output
 
     r = extract(PRODUCER, "4", "model", INFO)
     [path] = write_output("model", r, tmp_path)

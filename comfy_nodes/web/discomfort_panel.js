@@ -1,5 +1,5 @@
 // The Discomfort panel: a sidebar tab of the ComfyUI editor that runs saved workflows in sequence
-// and in loops on this server (routes /discomfort/panel/..., see discomfort.nodes.panel).
+// and in loops on this server (routes /discomfort/panel/..., see discomfort.panel.runner).
 // Plain JS, no build step: the frontend imports this file from /extensions/<pack>/.
 // A run belongs to its token (returned when it starts, kept in this tab's sessionStorage): the
 // panel reads, follows (long poll of /runs/{id}/events) and cancels a run with it. Each progress

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from . import _backend, errors
+from . import _aliases, _backend, errors
 from ._version import __version__
 from .errors import *  # noqa: F403
+
+_aliases.install()  # discomfort.cli_run, discomfort.workflow_format, ...: see _aliases.MOVED
 
 backend: str = _backend.name()
 """Which store implementation is active: "native" (the C++ core) or "python"."""

@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .workflow_format import Control, is_link
-from .workflow_widgets import InputDef, input_defs
+from .workflows.format import Control, is_link
+from .workflows.widgets import InputDef, input_defs
 
 __all__ = ["MODES", "JS_LIMIT", "ControlsOption", "WidgetControl", "Controls", "next_value", "check_controls", "with_values",
            "find_node"]

@@ -34,8 +34,8 @@ from .run_control import (
     until_holds,
 )
 from .runs import key_versions
-from .workflow_format import is_ui_format
-from .workflow_tools import (
+from .workflows.format import is_ui_format
+from .workflows.tools import (
     missing_inputs_error,
     plan_workflows,
     port_io,

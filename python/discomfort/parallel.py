@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from .engine import LocalPlacement, RunEngine, executor_where
 from .errors import ComfyConnectionError, RunCancelled, WorkflowError
 from .run_control import CancelToken, ProgressEvent, Until, check_bounds, progress_bar
-from .workflow_tools import choose_transport, read_workflows, resolve_executor, workflow_names
+from .workflows.tools import choose_transport, read_workflows, resolve_executor, workflow_names
 
 __all__ = ["run_parallel", "RunEvent"]
 
@@ -147,7 +147,7 @@ class _RaySlot:
         self.label: Any = index
 
     def open(self) -> RunEngine:
-        from .distributed import RayRun
+        from .distributed._runner import RayRun
 
         run = RayRun(self.pool, assign=lambda _it, _k: self.index, retries=self.retries,
                      object_info=self.object_info)

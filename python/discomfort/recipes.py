@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RunCancelled, WorkflowError
-from .workflow_format import INPUT, LOADER_CLASS, PORT_CLASS, PORT_DATA_INPUT, is_link, port_mode_in_prompt
+from .workflows.format import INPUT, LOADER_CLASS, PORT_CLASS, PORT_DATA_INPUT, is_link, port_mode_in_prompt
 
 __all__ = ["Recipe", "RecipeError", "extract", "stitch_recipe", "check_recipe", "MAX_NODES", "MAX_STITCHED",
            "MAX_DEPTH"]

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 
 from .prompt_forms import node_types, prompt_as_run
 from .runs import key_versions, run_digests
-from .workflow_format import LOADER_CLASS, PORT_CLASS
+from .workflows.format import LOADER_CLASS, PORT_CLASS
 
 __all__ = ["Reuse", "Decision", "RERUN", "fingerprinted_classes", "FINGERPRINTS_ROUTE", "is_reference", "wrote"]
 

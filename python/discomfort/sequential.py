@@ -19,7 +19,7 @@ from .controls import ControlsOption
 from .engine import LocalPlacement, Result, RunEngine, executor_where
 from .history import OnIteration
 from .run_control import CancelToken, ProgressEvent, Until, check_bounds
-from .workflow_tools import choose_transport, resolve_executor
+from .workflows.tools import choose_transport, resolve_executor
 
 __all__ = ["Run", "Result", "run_sequential"]
 
@@ -128,7 +128,7 @@ def run_sequential(
     many ran and ``stopped`` why ("until" or "iterations").
 
     ``transport``: how values reach the ComfyUI nodes (default "auto", or
-    ``$DISCOMFORT_TRANSPORT``; see :func:`~discomfort.workflow_tools.choose_transport`). "shm":
+    ``$DISCOMFORT_TRANSPORT``; see :func:`~discomfort.workflows.tools.choose_transport`). "shm":
     the run is a :class:`~discomfort.WorkflowContext` in this process's shared memory, which the
     server's nodes attach to. "http": the ComfyUI server creates and owns the run, inputs are sent
     to it and results fetched from it as binary HTTP bodies (:mod:`discomfort.remote`);

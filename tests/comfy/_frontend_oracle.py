@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import pytest
 
-from discomfort import workflow_ids
+from discomfort.workflows import ids as workflow_ids
 
 REPO = Path(__file__).resolve().parents[2]
 PINNED, NEWEST = "1.32.9", "1.58.1"

@@ -28,7 +28,7 @@ from discomfort import WorkflowContext, run_sequential
 from discomfort.prompt_forms import node_types, prompt_as_run, validated_form
 from discomfort.remote import RemoteContext
 from discomfort.runs import prompt_digest
-from discomfort.workflow_tools import prepare_prompt
+from discomfort.workflows.tools import prepare_prompt
 
 pytestmark = pytest.mark.comfy
 HERE = Path(__file__).resolve().parent

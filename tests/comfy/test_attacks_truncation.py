@@ -15,7 +15,7 @@ import torch
 
 from discomfort import WorkflowContext
 from discomfort.errors import NodeExecutionError
-from discomfort.workflow_tools import prepare_prompt
+from discomfort.workflows.tools import prepare_prompt
 
 pytestmark = pytest.mark.comfy
 

@@ -73,7 +73,7 @@ def _base_python() -> str:
 
 
 def test_install_comfyui_into_a_fresh_venv(comfy_path, tmp_path):
-    from discomfort import cli_install
+    from discomfort.cli import install as cli_install
 
     if cli_install._this_checkout() is None and cli_install._installed_from() is None:  # noqa: SLF001
         pytest.skip("this discomfort was not installed from a wheel file or checkout that still exists")

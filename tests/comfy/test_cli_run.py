@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from discomfort import cli
-from discomfort.cli_run import load_input, parse_input_spec, write_output, write_outputs
+from discomfort.cli.run import load_input, parse_input_spec, write_output, write_outputs
 
 Image = pytest.importorskip("PIL.Image")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -18,7 +18,7 @@ from _browser import launch, open_editor, require_browser
 from test_loops import _ui_node
 
 from discomfort.controls import JS_LIMIT, Controls, with_values
-from discomfort.workflow_tools import plan_workflows
+from discomfort.workflows.tools import plan_workflows
 
 pytestmark = pytest.mark.comfy
 

@@ -11,7 +11,7 @@ import discomfort
 from discomfort.comfy import InProcessComfy, launch_server
 from discomfort.sysinfo import host_info, same_host
 from discomfort.errors import ComfyConnectionError, NodeExecutionError, PromptValidationError
-from discomfort.workflow_format import load_workflow
+from discomfort.workflows.format import load_workflow
 
 pytestmark = pytest.mark.comfy
 

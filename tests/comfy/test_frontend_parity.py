@@ -34,9 +34,9 @@ from _frontend_oracle import (CONVERT_AND_SAVE_JS, CONVERT_JS, NEWEST, PINNED, V
                               server_args, without_disabled)
 
 from discomfort.errors import UnsupportedWorkflowError
-from discomfort.workflow_format import is_ui_format, ui_to_api
-from discomfort.workflow_subgraphs import Network
-from discomfort.workflow_widgets import UNDEFINED, WidgetMismatchError, node_widgets
+from discomfort.workflows.format import is_ui_format, ui_to_api
+from discomfort.workflows.subgraphs import Network
+from discomfort.workflows.widgets import UNDEFINED, WidgetMismatchError, node_widgets
 
 pytestmark = pytest.mark.comfy
 

@@ -30,7 +30,7 @@ from discomfort.remote import FrameBody, RemoteContext, TransportWarning, frame_
 from discomfort.remote.framing import TOKEN_HEADER
 from discomfort.sequential import run_sequential
 from discomfort.sysinfo import host_differences, host_facts, host_info, new_nonce, same_host
-from discomfort.workflow_tools import choose_transport
+from discomfort.workflows.tools import choose_transport
 
 from _helpers import leftovers
 

@@ -13,9 +13,9 @@ import torch
 from discomfort import WorkflowContext
 from discomfort.comfy import cached_nodes
 from discomfort.errors import NodeExecutionError, UnknownKeyError
-from discomfort.workflow_format import stitch
+from discomfort.workflows.format import stitch
 from discomfort.sequential import run_sequential
-from discomfort.workflow_tools import prepare_prompt
+from discomfort.workflows.tools import prepare_prompt
 
 from _helpers import leftovers
 

@@ -85,7 +85,7 @@ _IN_PROCESS = r"""
 import json, os, sys
 from pathlib import Path
 from discomfort.comfy import InProcessComfy
-from discomfort.workflow_tools import resolve_executor
+from discomfort.workflows.tools import resolve_executor
 
 tree, prompt = sys.argv[1], json.loads(sys.argv[2])
 comfy = resolve_executor(None)  # what run_sequential(executor=None) uses: $DISCOMFORT_COMFYUI

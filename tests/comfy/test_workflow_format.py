@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from discomfort.errors import UnsupportedWorkflowError
-from discomfort.workflow_widgets import WidgetMismatchError
-from discomfort.workflow_format import (
+from discomfort.workflows.widgets import WidgetMismatchError
+from discomfort.workflows.format import (
     INPUT,
     OUTPUT,
     PASSTHRU,

@@ -9,8 +9,8 @@ import pytest
 
 from test_workflow_format import _load, object_info  # noqa: F401 - the fixtures' object_info, shared
 
-from discomfort.workflow_format import Control, load_workflow, node_pack_meta, ui_to_api
-from discomfort.workflow_ids import normalise
+from discomfort.workflows.format import Control, load_workflow, node_pack_meta, ui_to_api
+from discomfort.workflows.ids import normalise
 
 
 def _inner_ids(workflow):

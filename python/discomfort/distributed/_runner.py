@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 from ..engine import Result, RunEngine
 from ..errors import WorkflowError
 from ..run_control import CancelToken, ProgressEvent, Until, check_bounds
-from ..workflow_tools import read_workflows, workflow_names
+from ..workflows.tools import read_workflows, workflow_names
 from . import _ray
 from ._context import RayContext
 from ._pool import RayComfyPool, ServerDiedError

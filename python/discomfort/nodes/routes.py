@@ -5,7 +5,7 @@
   the server revealing its uid, pid or boot id.
 * ``/discomfort/runs...``: runs owned by this server process, for orchestrators that cannot share
   memory with it (see :mod:`discomfort.remote.server`).
-* ``/discomfort/panel/...``: the editor panel's runner (see :mod:`discomfort.nodes.panel`).
+* ``/discomfort/panel/...``: the editor panel's runner (see :mod:`discomfort.panel.runner`).
 * ``GET /discomfort/node_fingerprints``: the node classes ComfyUI asks for a fingerprint
   (``IS_CHANGED``): an orchestrator never skips a prompt holding one (:mod:`discomfort.reuse`).
   Public facts, as ``/object_info``.
@@ -22,7 +22,7 @@ from ..remote.origin import guard_routes
 from ..remote.server import add_routes
 from ..reuse import FINGERPRINTS_ROUTE, fingerprinted_classes
 from ..sysinfo import host_info
-from .panel import add_panel_routes
+from ..panel.runner import add_panel_routes
 
 __all__ = ["register"]
 

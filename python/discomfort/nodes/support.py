@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 from ..context import get_context
-from ..workflow_format import LOADER_CLASS, PORT_CLASS, port_mode_in_prompt
+from ..workflows.format import LOADER_CLASS, PORT_CLASS, port_mode_in_prompt
 
 __all__ = ["AnyType", "ANY", "port_mode", "get_handler", "load_value", "save_value", "always_changed_token",
            "PORT_CLASS", "LOADER_CLASS"]

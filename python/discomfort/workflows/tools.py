@@ -12,8 +12,8 @@ import logging
 import os
 from typing import Any, Mapping, Protocol
 
-from .errors import UnknownKeyError, WorkflowError
-from .workflow_format import (
+from ..errors import UnknownKeyError, WorkflowError
+from .format import (
     INPUT,
     LOADER_CLASS,
     PORT_CLASS,
@@ -67,12 +67,12 @@ def resolve_executor(executor: Any = None) -> Any:
                 "no executor given and DISCOMFORT_COMFYUI is not set: pass executor=InProcessComfy(path), "
                 "a ComfyServer, or a server URL"
             )
-        from .comfy import InProcessComfy
+        from ..comfy import InProcessComfy
 
         return InProcessComfy(path)
     if isinstance(executor, str):
         if executor.startswith(("http://", "https://")):
-            from .comfy import ComfyServer
+            from ..comfy import ComfyServer
 
             return ComfyServer(executor)
         raise ValueError(f"executor {executor!r}: expected a server URL (http://...) or an executor object")
@@ -191,7 +191,7 @@ def choose_transport(executor: Any, transport: str | None = None) -> tuple[str, 
         if not url:
             raise ValueError(f"transport='http': the executor {executor!r} has no server url")
         return "http", "transport='http' was requested"
-    from .sysinfo import host_differences, host_info
+    from ..sysinfo import host_differences, host_info
 
     try:
         remote = ask()

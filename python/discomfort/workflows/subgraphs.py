@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from . import workflow_ids
-from . import workflow_widgets as ww
-from .errors import UnsupportedWorkflowError
+from . import ids as workflow_ids
+from . import widgets as ww
+from ..errors import UnsupportedWorkflowError
 
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 SUBGRAPH_INPUT_ID, SUBGRAPH_OUTPUT_ID = -10, -20

@@ -57,10 +57,10 @@ def input_dir_jobs(specs: list[str], inputs: dict, extensions: tuple[str, ...]) 
 def apply_sets(paths: list, sets: list[tuple[str, str, Any]], object_info: dict) -> tuple[list[dict], dict]:
     """The workflows as API prompts with ``--set``'s values, and the UI widgets' controls (by
     "NODE.INPUT", as ``controls=`` takes them)."""
-    from .controls import find_node
-    from .workflow_format import is_link, is_ui_format, load_workflow, ui_to_api
-    from .workflow_tools import read_workflows
-    from .workflow_widgets import input_defs
+    from ..controls import find_node
+    from ..workflows.format import is_link, is_ui_format, load_workflow, ui_to_api
+    from ..workflows.tools import read_workflows
+    from ..workflows.widgets import input_defs
 
     prompts: list[dict] = []
     controls: dict[str, str] = {}

@@ -27,7 +27,7 @@ def check_output_path(option: str, path: str) -> None:
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line: its first line, with its type where the message alone says little."""
-    from .errors import DiscomfortError
+    from ..errors import DiscomfortError
 
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""

@@ -35,9 +35,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from .cli_common import check_output_path, read_json_file
-from .cli_loops import apply_sets, input_dir_jobs, parse_set_spec
-from .recipes import Recipe
+from .common import check_output_path, read_json_file
+from .loops import apply_sets, input_dir_jobs, parse_set_spec
+from ..recipes import Recipe
 
 __all__ = ["add_run_parser", "run_command", "load_input", "parse_input_spec", "write_output",
            "write_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
@@ -344,7 +344,7 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _executor(args: argparse.Namespace) -> Any:
     if args.server:
-        from .comfy import ComfyServer
+        from ..comfy import ComfyServer
 
         return ComfyServer(args.server)
     path = args.comfyui or os.environ.get("DISCOMFORT_COMFYUI")
@@ -353,7 +353,7 @@ def _executor(args: argparse.Namespace) -> Any:
             where = "--comfyui" if args.comfyui else "DISCOMFORT_COMFYUI="
             raise ValueError(f"{where}{'' if where.endswith('=') else ' '}{path}: no such folder; give the "
                              "ComfyUI folder (the one with main.py)")
-        from .comfy import InProcessComfy
+        from ..comfy import InProcessComfy
 
         return InProcessComfy(path)
     raise ValueError("give --server URL (a running ComfyUI) or --comfyui PATH (ComfyUI in this process), "
@@ -457,7 +457,7 @@ def _cli_wording(text: str) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from .errors import DiscomfortError, RunInterrupted
+    from ..errors import DiscomfortError, RunInterrupted
 
     log = _ComfyLog(args)
     ok = False
@@ -484,7 +484,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .sequential import Run
+    from ..sequential import Run
 
     if args.iterations is not None and args.iterations < 1:
         raise ValueError(f"--iterations must be at least 1, not {args.iterations}")

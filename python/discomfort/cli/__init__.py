@@ -13,7 +13,7 @@ import re
 import sys
 from typing import NoReturn
 
-from .cli_common import CommandError, check_output_path, one_line
+from .common import CommandError, check_output_path, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +38,7 @@ _SIZE_ARG = re.compile(r"^\s*(\d+)\s*mib\s*$", re.IGNORECASE)
 
 def bench_sizes(values: list[str]) -> tuple[str, ...]:
     """``["12 MiB", "192MiB"]`` or ``["1MiB,12MiB"]`` (as DISCOMFORT_BENCH_SIZES) -> bench.SIZES keys."""
-    from . import bench
+    from .. import bench
 
     out: list[str] = []
     for value in values:
@@ -54,7 +54,7 @@ def bench_sizes(values: list[str]) -> tuple[str, ...]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import _backend, bench
+    from .. import _backend, bench
 
     available = _backend.available()
     if args.backend and args.backend not in available:
@@ -102,7 +102,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from . import doctor
+    from .. import doctor
 
     report = doctor.collect(disk_root=args.disk_dir)
     print(doctor.format_report(report))
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from .cli_demo import add_demo_parser
+    from .demo import add_demo_parser
 
     add_demo_parser(sub)
 
@@ -139,15 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-dir", default=None, help="disk root to check (default: the one runs use)")
     p.set_defaults(func=_cmd_doctor)
 
-    from .cli_run import add_run_parser
+    from .run import add_run_parser
 
     add_run_parser(sub)
 
-    from .cli_convert import add_convert_parser
+    from .convert import add_convert_parser
 
     add_convert_parser(sub)
 
-    from .cli_install import add_install_parser
+    from .install import add_install_parser
 
     add_install_parser(sub)
     return parser
@@ -168,6 +168,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: error: {one_line(exc)}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_common import read_json_file
-from .errors import UnsupportedWorkflowError
+from .common import read_json_file
+from ..errors import UnsupportedWorkflowError
 
 
 def add_convert_parser(sub) -> None:
@@ -47,14 +47,14 @@ def _object_info(args: argparse.Namespace) -> dict:
 
 def convert_command(args: argparse.Namespace) -> int:
     """Exit 0 with the prompt; 1 (one line on stderr) when refused or unreadable."""
-    from .workflow_format import load_workflow
+    from ..workflows.format import load_workflow
 
     try:
         workflow = read_json_file(args.workflow, "workflow file")
         if not isinstance(workflow, dict):
             raise ValueError(f"workflow file {args.workflow} holds no workflow (a JSON object)")
         if args.output:
-            from .cli_common import check_output_path
+            from .common import check_output_path
 
             check_output_path("-o", args.output)
         prompt = load_workflow(workflow, _object_info(args))
@@ -62,7 +62,7 @@ def convert_command(args: argparse.Namespace) -> int:
         print(f"discomfort convert: {e}".splitlines()[0], file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        from .cli_common import one_line
+        from .common import one_line
 
         print(f"discomfort convert: {one_line(e)}", file=sys.stderr)
         return 1

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import UnsupportedWorkflowError
-from .workflow_subgraphs import MODE_BYPASS, MODE_NEVER, Network, NodeView
-from .workflow_widgets import UNDEFINED, InputDef, node_widgets, serialise
+from ..errors import UnsupportedWorkflowError
+from .subgraphs import MODE_BYPASS, MODE_NEVER, Network, NodeView
+from .widgets import UNDEFINED, InputDef, node_widgets, serialise
 
 __all__ = [
     "Port",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from .cli_common import CommandError
+from .common import CommandError
 
 __all__ = ["add_install_parser", "install_command", "find_comfy_python", "PACK_NAME"]
 
@@ -255,7 +255,7 @@ def install_command(args: argparse.Namespace) -> int:
         before: dict | None = _run_python(python, _CHECK)
     except _ChildFailed:
         before = None
-    from ._version import __version__
+    from .._version import __version__
 
     if same_env and before and before["version"] == __version__ and not args.wheel:
         # ComfyUI runs in this very environment, which has this very package: nothing to install,

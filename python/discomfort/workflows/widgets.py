@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from .errors import UnsupportedWorkflowError
+from ..errors import UnsupportedWorkflowError
 
 UNDEFINED: Any = type("Undefined", (), {"__repr__": lambda self: "undefined", "__copy__": lambda self: self,
                                          "__deepcopy__": lambda self, memo: self})()

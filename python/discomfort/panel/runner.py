@@ -44,10 +44,10 @@ from aiohttp import web
 
 from ..remote.limits import client_address
 from ..remote.server import HTTPRefusal, error_response, read_json_object
-from .panel_io import (INPUT_EXTENSIONS, OutputBudget, PanelLimits, check_subgraphs, input_bytes, list_files, load_input, read_json, safe_file,
+from .io import (INPUT_EXTENSIONS, OutputBudget, PanelLimits, check_subgraphs, input_bytes, list_files, load_input, read_json, safe_file,
                        save_outputs, typed_value)
-from .panel_cache import release_run_outputs
-from .panel_runs import TOKEN_HEADER, PanelRun, RunBook, new_token
+from .cache import release_run_outputs
+from .runs import TOKEN_HEADER, PanelRun, RunBook, new_token
 
 __all__ = ["PanelServer", "panel_server", "add_panel_routes", "own_url"]
 
@@ -160,7 +160,7 @@ class PanelServer:
 
     def _read_workflow(self, path: str, name: str) -> tuple[dict, dict]:
         """A saved workflow as an API prompt and its ports by key."""
-        from ..workflow_format import discover_ports, is_api_format, is_ui_format, load_workflow
+        from ..workflows.format import discover_ports, is_api_format, is_ui_format, load_workflow
 
         size = os.path.getsize(path)
         if size > self.limits.max_workflow_file:
