@@ -17,15 +17,12 @@ import threading
 from types import ModuleType
 
 from ._platform import MODE, PLATFORM
+from .errors import BackendUnavailableError
 
 VALID = ("auto", "native", "python")
 
 _chosen: ModuleType | None = None
 _chosen_lock = threading.Lock()
-
-
-class BackendUnavailableError(ImportError):
-    """The requested backend cannot be loaded."""
 
 
 def _require_native() -> bool:

@@ -1,11 +1,14 @@
 """Exception classes, defined once here and raised by every backend.
 
-The C++ core looks these classes up by name, so each one keeps its name for good.
+The C++ core looks these classes up by name, so each one keeps its name for good. Every public
+exception (and warning) of the package lives here; the modules that raise one re-export it where
+users imported it before (``discomfort.distributed.ServerDiedError`` is this module's class).
 """
 
 from __future__ import annotations
 
 import errno as _errno
+from typing import Any as _Any, Mapping as _Mapping
 
 __all__ = [
     "DiscomfortError",
@@ -34,6 +37,14 @@ __all__ = [
     "PromptNotAllowedError",
     "AuthenticationError",
     "RemoteLimitError",
+    "RecipeError",
+    "WidgetMismatchError",
+    "ValueLostError",
+    "ServerDiedError",
+    "InvalidName",
+    "BackendUnavailableError",
+    "CommandError",
+    "TransportWarning",
 ]
 
 
@@ -195,3 +206,44 @@ class RunInterrupted(_WhereCut, KeyboardInterrupt):
 
     A KeyboardInterrupt, not an Exception, so ``except Exception`` does not swallow a Ctrl-C.
     """
+
+
+class RecipeError(WorkflowError):
+    """A reference that cannot be rebuilt elsewhere: the error names the key and the node."""
+
+
+class WidgetMismatchError(UnsupportedWorkflowError):
+    """A saved widget value that cannot belong to its widget: ``widgets_values`` do not line up.
+
+    The frontend would send it anyway (the server then rejects it, or runs something else).
+    ``node_id``, ``node_type``, ``input`` and ``value`` say where and what.
+    """
+
+    def __init__(self, node: _Mapping, input_name: str, value: _Any, message: str):
+        super().__init__(message)
+        self.node_id, self.node_type = str(node.get("id")), node.get("type")
+        self.input, self.value = input_name, value
+
+
+class ValueLostError(UnknownKeyError):
+    """The key exists but Ray lost its value: the process that owned it (or its node) died."""
+
+
+class ServerDiedError(ComfyConnectionError):
+    """A pool's ComfyUI server (or its actor) died while it ran a workflow."""
+
+
+class InvalidName(DiscomfortError):
+    """A name that is not a plain relative name inside its folder (answered 400)."""
+
+
+class BackendUnavailableError(ImportError):
+    """The requested backend cannot be loaded."""
+
+
+class CommandError(Exception):
+    """A problem the user can fix, said in one line (no traceback)."""
+
+
+class TransportWarning(UserWarning):
+    """Shown once per run_sequential call that moves its values over HTTP."""

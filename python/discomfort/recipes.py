@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RunCancelled, WorkflowError
+from .errors import RecipeError, RunCancelled, WorkflowError
 from .workflows.format import INPUT, LOADER_CLASS, PORT_CLASS, PORT_DATA_INPUT, is_link, port_mode_in_prompt
 
 __all__ = ["Recipe", "RecipeError", "extract", "stitch_recipe", "check_recipe", "MAX_NODES", "MAX_STITCHED",
@@ -50,10 +50,6 @@ DENIED_TYPES = frozenset({
 UNBOUNDED_TYPES = frozenset({"RegexExtract", "RegexMatch", "RegexReplace"})
 _FILE_FLAGS = ("image_upload", "audio_upload", "video_upload", "file_upload", "upload", "image_folder", "remote")
 _FILE_INPUT_TYPES = frozenset({"WEBCAM", "LOAD_3D", "AUDIO_RECORD"})  # widgets whose value names a file
-
-
-class RecipeError(WorkflowError):
-    """A reference that cannot be rebuilt elsewhere: the error names the key and the node."""
 
 
 @dataclass

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import CommandError
+
 __all__ = ["CommandError", "check_output_path", "one_line", "read_json_file"]
-
-
-class CommandError(Exception):
-    """A problem the user can fix, said in one line (no traceback)."""
 
 
 def check_output_path(option: str, path: str) -> None:

@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from ..context import RAY_RUN_PREFIX
-from ..errors import UnknownRunError
+from ..errors import ServerDiedError, UnknownRunError, ValueLostError
 
 __all__ = [
     "RAY_RUN_PREFIX",
@@ -43,9 +43,7 @@ __all__ = [
 
 _LAZY = {
     "RayContext": "._context",
-    "ValueLostError": "._context",
     "RayComfyPool": "._pool",
-    "ServerDiedError": "._pool",
     "run_sequential_ray": "._runner",
     "RayRun": "._runner",
     "RayPlacement": "._runner",

@@ -29,6 +29,7 @@ from ..errors import (
     StoreFullError,
     UnknownKeyError,
     UnknownRunError,
+    ValueLostError,
 )
 from . import _ray
 from ._directory import FINISHED, RunDirectory
@@ -44,10 +45,6 @@ _last_sweep = [0.0]
 SWEEP_INTERVAL = 30.0  # seconds between checks that attached runs still exist
 
 _actor_class: Any = None
-
-
-class ValueLostError(UnknownKeyError):
-    """The key exists but Ray lost its value: the process that owned it (or its node) died."""
 
 
 def _directory_actor() -> Any:

@@ -29,7 +29,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..errors import ComfyConnectionError, WorkflowError
+from ..errors import ComfyConnectionError, ServerDiedError, WorkflowError
 from ..run_control import CancelToken
 from . import _ray
 
@@ -75,10 +75,6 @@ def _sweep_work_dirs() -> None:
                 shutil.rmtree(path, ignore_errors=True)
         except OSError:
             pass
-
-
-class ServerDiedError(ComfyConnectionError):
-    """A pool's ComfyUI server (or its actor) died while it ran a workflow."""
 
 
 class ComfyServerActor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .. import errors
+from ..errors import InvalidName
 
 __all__ = ["PanelLimits", "OutputBudget", "InvalidName", "safe_file", "list_files", "load_input", "input_bytes", "read_json",
            "json_depth", "check_subgraphs", "typed_value", "save_outputs", "IMAGE_EXTENSIONS", "INPUT_EXTENSIONS"]
@@ -29,10 +30,6 @@ INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".npy", ".json", ".txt")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-
-
-class InvalidName(errors.DiscomfortError):
-    """A name that is not a plain relative name inside its folder (answered 400)."""
 
 
 @dataclass

@@ -10,7 +10,8 @@ from urllib.parse import quote
 from .. import codecs, datacodec, errors
 from .._platform import receive_buffer
 from ..runs import RunBase
-from ..errors import ComfyConnectionError, ReferenceUnavailableError, SerializationError, UnknownKeyError
+from ..errors import (ComfyConnectionError, ReferenceUnavailableError, SerializationError, TransportWarning,
+                      UnknownKeyError)
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, FrameBody, frame_length,
                       parse_fixed, parse_sizes)
 
@@ -22,10 +23,6 @@ _STATUS_ERRORS: dict[int, type[Exception]] = {401: errors.AuthenticationError, 4
                                               408: errors.RemoteLimitError, 411: errors.RemoteLimitError,
                                               413: errors.RemoteLimitError, 429: errors.RemoteLimitError,
                                               503: errors.RemoteLimitError}
-
-
-class TransportWarning(UserWarning):
-    """Shown once per run_sequential call that moves its values over HTTP."""
 
 
 def encode_for_http(data: Any, pass_by: str, unique_id: str, where: str,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from ..errors import UnsupportedWorkflowError
+from ..errors import UnsupportedWorkflowError, WidgetMismatchError
 
 UNDEFINED: Any = type("Undefined", (), {"__repr__": lambda self: "undefined", "__copy__": lambda self: self,
                                          "__deepcopy__": lambda self, memo: self})()
@@ -44,19 +44,6 @@ EXTENSION_WIDGET_TYPES = frozenset({"AUDIO_UI", "AUDIOUPLOAD", "AUDIO_RECORD", "
 WIDGET_TYPES = CORE_WIDGET_TYPES | EXTENSION_WIDGET_TYPES
 # Widgets whose value the browser produces when queueing (a capture, a recording, an upload).
 BROWSER_VALUE_TYPES = frozenset({"WEBCAM", "LOAD_3D", "AUDIO_RECORD"})
-
-
-class WidgetMismatchError(UnsupportedWorkflowError):
-    """A saved widget value that cannot belong to its widget: ``widgets_values`` do not line up.
-
-    The frontend would send it anyway (the server then rejects it, or runs something else).
-    ``node_id``, ``node_type``, ``input`` and ``value`` say where and what.
-    """
-
-    def __init__(self, node: Mapping, input_name: str, value: Any, message: str):
-        super().__init__(message)
-        self.node_id, self.node_type = str(node.get("id")), node.get("type")
-        self.input, self.value = input_name, value
 
 
 @dataclass(frozen=True)
