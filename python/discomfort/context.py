@@ -26,7 +26,7 @@ from .errors import (
     UnknownKeyError,
     UnknownRunError,
 )
-from .runs import REFERENCES, PassBy, RunBase, prompt_digest, resolver_for
+from .runs import REFERENCES, PassBy, RunBase, SharedRunContext, prompt_digest, resolver_for
 
 __all__ = ["WorkflowContext", "get_context", "release_finished", "active_runs", "release_pool",
            "install_signal_handler", "RAY_RUN_PREFIX"]
@@ -290,7 +290,7 @@ class WorkflowContext(RunBase):
         return out
 
 
-def get_context(run_id: str) -> Any:
+def get_context(run_id: str) -> SharedRunContext:
     """The context of `run_id` registered in this process, else an attachment to it.
 
     Attachments of runs that have finished are dropped here, so a long-lived server that serves

@@ -33,7 +33,7 @@ from .run_control import (
     progress_bar,
     until_holds,
 )
-from .runs import key_versions
+from .runs import PassBy, RunContext, key_versions
 from .workflows.format import is_ui_format
 from .workflows.tools import (
     missing_inputs_error,
@@ -151,7 +151,7 @@ class RunEngine:
     """A run: its values (``context``), the recipes given for keys, which workflow wrote each key,
     and :meth:`execute`, the loop. Subclasses choose the context and the default placement."""
 
-    context: Any
+    context: RunContext
     placement: Any
     object_info: Mapping | None = None
     _removes_store_on_cancel = False  # run_sequential: a cut call ends the run too
@@ -171,7 +171,7 @@ class RunEngine:
     def run_id(self) -> str:
         return self.context.run_id
 
-    def save(self, unique_id: str, value: Any, pass_by: str = "auto") -> int | None:
+    def save(self, unique_id: str, value: Any, pass_by: PassBy = "auto") -> int | None:
         """Store a value. A :class:`~discomfort.recipes.Recipe` object goes to :meth:`save_recipe`;
         anything else is data, a mapping shaped like a recipe's JSON included."""
         if isinstance(value, Recipe):

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Literal, Protocol, runtime_checkable
 
 from .errors import ReferenceUnavailableError, RunFinishedError, UnknownKeyError
 
-__all__ = ["RunContext", "RunBase", "References", "REFERENCES", "PassBy", "prompt_digest", "run_digests",
+__all__ = ["RunContext", "SharedRunContext", "RunBase", "References", "REFERENCES", "PassBy", "prompt_digest", "run_digests",
            "key_versions", "register_resolver", "resolver_for"]
 
 log = logging.getLogger("discomfort")
@@ -52,7 +52,16 @@ class RunContext(Protocol):
     def revoke_prompt(self, digest: str) -> None: ...
     def shutdown(self) -> None: ...
     def __enter__(self) -> Any: ...
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None: ...
+
+
+@runtime_checkable
+class SharedRunContext(RunContext, Protocol):
+    """A run that another process finds by its id (:func:`~discomfort.get_context`): a
+    :class:`~discomfort.WorkflowContext` or a :class:`~discomfort.distributed.RayContext`. Its
+    nodes check first that the prompt may use it."""
+
+    def check_prompt(self, prompt: Any) -> None: ...
 
 
 class RunBase:
@@ -317,10 +326,10 @@ def _encoded(key: Any) -> bytes:
 
 
 # Run-id prefix -> "module:function" (imported on first use) or a callable, giving the context.
-_RESOLVERS: dict[str, str | Callable[[str], Any]] = {}
+_RESOLVERS: dict[str, str | Callable[[str], SharedRunContext]] = {}
 
 
-def register_resolver(prefix: str, target: str | Callable[[str], Any]) -> None:
+def register_resolver(prefix: str, target: str | Callable[[str], SharedRunContext]) -> None:
     """Let ``get_context`` hand run ids starting with ``prefix`` to ``target``.
 
     ``target`` is a callable or ``"package.module:function"``, imported only when such an id is
@@ -329,7 +338,7 @@ def register_resolver(prefix: str, target: str | Callable[[str], Any]) -> None:
     _RESOLVERS[prefix] = target
 
 
-def resolver_for(run_id: str) -> Callable[[str], Any] | None:
+def resolver_for(run_id: str) -> Callable[[str], SharedRunContext] | None:
     for prefix, target in _RESOLVERS.items():
         if run_id.startswith(prefix):
             if isinstance(target, str):

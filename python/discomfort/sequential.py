@@ -19,6 +19,7 @@ from .controls import ControlsOption
 from .engine import LocalPlacement, Result, RunEngine, executor_where
 from .history import OnIteration
 from .run_control import CancelToken, ProgressEvent, Until, check_bounds
+from .runs import RunContext
 from .workflows.tools import choose_transport, resolve_executor
 
 __all__ = ["Run", "Result", "run_sequential"]
@@ -45,7 +46,7 @@ class Run(RunEngine):
         if self.transport == "http":
             from .remote import RemoteContext
 
-            self.context: Any = RemoteContext(self.executor.url, ram_budget=ram_budget)
+            self.context: RunContext = RemoteContext(self.executor.url, ram_budget=ram_budget)
         else:
             from .context import WorkflowContext
 

@@ -21,10 +21,13 @@ Ray is optional (``pip install "ray[default]"``); nothing here imports it until 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..context import RAY_RUN_PREFIX
 from ..errors import ServerDiedError, UnknownRunError, ValueLostError
+
+if TYPE_CHECKING:  # the module imports Ray
+    from ._context import RayContext
 
 __all__ = [
     "RAY_RUN_PREFIX",
@@ -65,7 +68,7 @@ def ray_available() -> bool:
     return True
 
 
-def get_ray_context(run_id: str) -> Any:
+def get_ray_context(run_id: str) -> RayContext:
     """The :class:`RayContext` of a Ray run: held by this process, else attached by its id.
 
     This is what ``discomfort.get_context`` calls for ``ray-`` ids (from inside a ComfyUI node,

@@ -237,6 +237,7 @@ class RayRun(RunEngine):
     """
 
     _bar_name = "discomfort ray run"
+    context: RayContext
 
     def __init__(self, servers: RayComfyPool, *, run_id: str | None = None,
                  assign: str | Callable[[int, int], int] = "workflow", retries: int = 1, adopt: bool = True,

@@ -329,10 +329,12 @@ class PanelServer:
 
     def _open_run(self) -> Any:
         from ..comfy import ComfyServer
+        from ..context import WorkflowContext
         from ..sequential import Run
 
         executor = ComfyServer(own_url(), request_timeout=60)
         run = Run(executor, transport="shm", object_info=self._info[1] if self._info else None)
+        assert isinstance(run.context, WorkflowContext)  # transport="shm"
         run.context.guard_nodes = True  # a chunk another process cut fails the run, not the server
         return run
 
