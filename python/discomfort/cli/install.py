@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import ntpath
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import ParseResult, unquote, urlparse
 
+from .._platform import PLATFORM
 from .common import CommandError
 
 __all__ = ["add_install_parser", "install_command", "find_comfy_python", "PACK_NAME"]
@@ -62,6 +65,8 @@ def _comfy_folder(path: str) -> Path:
     if not folder.is_dir():
         raise CommandError(f"{path}: no such folder; give the ComfyUI folder (the one with main.py)")
     folder = folder.resolve()
+    if not (folder / "main.py").is_file() and (folder / "ComfyUI" / "main.py").is_file():
+        folder = folder / "ComfyUI"  # the portable build's folder (ComfyUI_windows_portable): its ComfyUI
     if not (folder / "main.py").is_file():
         raise CommandError(f"{folder} is not a ComfyUI folder (no main.py); give the folder that holds "
                            "ComfyUI's main.py")
@@ -123,9 +128,9 @@ def _last_line(text: str) -> str:
 
 def _this_checkout() -> Path | None:
     """The source tree this package runs from (PYTHONPATH=python), or None."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]  # python/discomfort/cli/install.py
     if (root / "pyproject.toml").is_file() and (root / "comfy_nodes" / "__init__.py").is_file() \
-            and (root / "python" / "discomfort" / "cli_install.py").is_file():
+            and (root / "python" / "discomfort" / "cli" / "install.py").is_file():
         return root
     return None
 
@@ -147,12 +152,25 @@ def _installed_from() -> tuple[str, Path] | None:
     url = urlparse(info.get("url", ""))
     if url.scheme != "file":
         return None
-    path = Path(unquote(url.path))
+    path = Path(_file_url_path(url))
     if path.is_file() and path.suffix == ".whl":
         return "wheel", path
     if path.is_dir() and (path / "pyproject.toml").is_file():
         return "checkout", path
     return None
+
+
+def _file_url_path(url: ParseResult) -> str:
+    """The path of a file: URL as pip records it. Windows: file:///C:/x/a.whl is C:\\x\\a.whl, and
+    file://server/share/a.whl is \\\\server\\share\\a.whl (a UNC path)."""
+    path = unquote(url.path)
+    if PLATFORM != "win32":
+        return path
+    if re.match(r"/[A-Za-z]:", path):
+        path = path[1:]
+    elif url.netloc and url.netloc.lower() != "localhost":
+        path = f"//{url.netloc}{path}"
+    return ntpath.normpath(path)
 
 
 def _wheel_fits(wheel: Path, version: list[int]) -> bool:
@@ -280,7 +298,12 @@ def install_command(args: argparse.Namespace) -> int:
     custom_nodes.mkdir(exist_ok=True)
     _remove_pack(dest)
     if args.link:
-        dest.symlink_to(pack_source, target_is_directory=True)
+        try:
+            dest.symlink_to(pack_source, target_is_directory=True)
+        except OSError as exc:
+            why = " (Windows lets only administrators and Developer Mode make links)" if PLATFORM == "win32" else ""
+            raise CommandError(f"cannot link {dest} to {pack_source}: {exc.strerror or exc}{why}; leave out --link "
+                               "to copy the node pack instead") from None
         placed = f"linked {dest} -> {pack_source}"
     else:
         shutil.copytree(pack_source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

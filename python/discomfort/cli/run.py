@@ -30,13 +30,13 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 from .common import check_output_path, read_json_file
 from .loops import apply_sets, input_dir_jobs, parse_set_spec
+from .._names import safe_file_stem, unique_stem
 from ..recipes import Recipe
 
 __all__ = ["add_run_parser", "run_command", "load_input", "parse_input_spec", "write_output",
@@ -141,8 +141,8 @@ def _load_safetensors(path: Path) -> Any:
 
 
 def _safe_stem(key: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(key)).strip("._") or "value"
-    return stem[:120]
+    """A file stem for a key or an input's name: the same on every system, valid on Windows."""
+    return safe_file_stem(key, 120)
 
 
 def _is_jsonable(value: Any, depth: int = 0) -> bool:
@@ -282,16 +282,10 @@ def write_output(key: str, value: Any, out_dir: os.PathLike | str, stem: str | N
 
 def write_outputs(results: dict, out_dir: os.PathLike | str) -> dict[str, list[Path]]:
     """Write every result; keys that map to the same file name get a numeric suffix."""
-    used: set[str] = set()
+    used: set[str] = set()  # ignoring case: "Image" and "image" are one file on Windows and macOS
     written = {}
     for key, value in results.items():
-        stem = base = _safe_stem(key)
-        i = 1
-        while stem in used:
-            i += 1
-            stem = f"{base}-{i}"
-        used.add(stem)
-        written[key] = write_output(key, value, out_dir, stem=stem)
+        written[key] = write_output(key, value, out_dir, stem=unique_stem(_safe_stem(key), used))
     return written
 
 
@@ -509,9 +503,10 @@ def _run(args: argparse.Namespace) -> int:
     if sets:
         workflows, found = apply_sets(workflows, sets, executor.object_info())
         controls = controls or found or None
+    folders: set[str] = set()  # one folder per input name, also where two names differ in case only
     with Run(executor, transport=args.transport) as run:
         for name, files in jobs:
-            out = Path(args.output_dir) / _safe_stem(name) if name else Path(args.output_dir)
+            out = Path(args.output_dir) / unique_stem(_safe_stem(name), folders) if name else Path(args.output_dir)
             if name:
                 print(f"{name}: {', '.join(str(p) for p in files.values())}")
             job_inputs = {**inputs, **{key: load_input(p) for key, p in files.items()}}
@@ -530,9 +525,11 @@ def _report(args: argparse.Namespace, results: Any, out: Path) -> None:
         for p in paths:
             print(f"{key}: {p} ({_describe(results[key])})")
             count += 1
-    for key in args.keep:
+    kept: set[str] = set()
+    for key in dict.fromkeys(args.keep):
+        stem = unique_stem(_safe_stem(key), kept)
         for i, value in enumerate(results.history.get(key, [])):
-            for p in write_output(key, value, out, stem=f"{_safe_stem(key)}_it{i + 1:03d}"):
+            for p in write_output(key, value, out, stem=f"{stem}_it{i + 1:03d}"):
                 print(f"{key} (iteration {i + 1}): {p} ({_describe(value)})")
                 count += 1
     print(f"{count} file(s) written to {out}")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .. import errors
+from .._names import safe_file_stem, unique_stem, windows_name_problem
+from .._platform import PLATFORM
 from ..errors import InvalidName
 
 __all__ = ["PanelLimits", "OutputBudget", "InvalidName", "safe_file", "list_files", "load_input", "input_bytes", "read_json",
@@ -28,7 +30,6 @@ _PIL_FORMATS = {".png": ["PNG"], ".jpg": ["JPEG"], ".jpeg": ["JPEG"], ".webp": [
                 ".gif": ["GIF"]}
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".npy", ".json", ".txt")
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
@@ -122,6 +123,11 @@ def safe_file(root: str | os.PathLike, name: Any, what: str, limits: PanelLimits
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise InvalidName(f"{what} {name!r}: '..', '.' and empty parts are not allowed in a name")
+    if PLATFORM == "win32":  # Windows would open a device, a stream or another file instead
+        for part in parts:
+            problem = windows_name_problem(part)
+            if problem:
+                raise InvalidName(f"{what} {name!r}: {problem}")
     if extensions is not None and not name.lower().endswith(tuple(extensions)):
         raise InvalidName(f"{what} {name!r}: expected one of {', '.join(extensions)}")
     base = os.path.realpath(root)
@@ -381,14 +387,8 @@ def typed_value(value: Any, port_type: str, key: str, limits: PanelLimits) -> An
 
 
 def _safe_stem(key: str, taken: set[str]) -> str:
-    stem = _SAFE_KEY.sub("_", key).strip("._") or "value"
-    stem = stem[:80]
-    name, n = stem, 1
-    while name in taken:
-        n += 1
-        name = f"{stem}_{n}"
-    taken.add(name)
-    return name
+    """A key's file stem, valid on Windows and unique in ``taken`` ignoring case (_names)."""
+    return unique_stem(safe_file_stem(key, 80), taken, "_")
 
 
 def _to_numpy(value: Any) -> Any:
