@@ -14,7 +14,7 @@
 A run is a :class:`discomfort.Run` on a background thread of the server process, whose executor
 is this same server (``ComfyServer(<its own URL>)``, values in shared memory): each workflow is
 queued with ``/prompt`` like the editor's own, and shows in ComfyUI's queue. Starting a run
-returns its token (header ``X-Discomfort-Panel-Token``, see :mod:`.panel_runs`): reading,
+returns its token (header ``X-Discomfort-Panel-Token``, see :mod:`.runs`): reading,
 cancelling and following it need that token. Progress events (``kind``: start, workflow_start,
 node, step, workflow_done, iteration, finished) are read from the run's own event route, not
 ComfyUI's websocket; results land in ``<output>/discomfort/<run_id>/`` (served by ComfyUI's
@@ -24,9 +24,9 @@ announced with ComfyUI's own output files of that iteration (an ``iteration`` ev
 ``DISCOMFORT_PANEL_HISTORY_BYTES``) is spent.
 
 Starting a run needs no token, like ComfyUI's ``/prompt``: it runs the user's own saved workflows
-on their own server. Every name is checked (:func:`.panel_io.safe_file`), values are data only (no
+on their own server. Every name is checked (:func:`.io.safe_file`), values are data only (no
 pickles), inputs are sized from their headers before any is decoded, requests have limits
-(:class:`.panel_io.PanelLimits`), and errors are JSON ``{"error", "type"}`` with a 4xx status.
+(:class:`.io.PanelLimits`), and errors are JSON ``{"error", "type"}`` with a 4xx status.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .. import errors
 from aiohttp import web
 
 from ..remote.limits import client_address
-from ..remote.server import HTTPRefusal, error_response, read_json_object
+from ..remote.web import HTTPRefusal, add_route_table, answers_errors, read_json_object
 from .io import (INPUT_EXTENSIONS, OutputBudget, PanelLimits, check_subgraphs, input_bytes, list_files, load_input, read_json, safe_file,
                        save_outputs, typed_value)
 from .cache import release_run_outputs
@@ -55,18 +55,9 @@ log = logging.getLogger("discomfort")
 
 _RUN_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
-#: Exception class -> HTTP status, first match wins.
-STATUS: list[tuple[type[BaseException], int]] = [
-    (FileNotFoundError, 404),
-    (errors.UnknownRunError, 404),
-    (errors.ComfyConnectionError, 502),
-    (errors.RemoteLimitError, 413),
-    (errors.DiscomfortError, 400),
-    (RecursionError, 400),
-    (ValueError, 400),
-    (TypeError, 400),
-    (KeyError, 400),
-]
+#: A panel route's errors: JSON ``{"error", "type"}``, with the path's ``run_id`` where it has one.
+_answered = answers_errors("a panel route")
+_answered_run = answers_errors("a panel route", "run_id")
 
 
 def own_url() -> str:
@@ -108,10 +99,6 @@ class PanelServer:
         self._info: tuple[float, dict] | None = None
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _error(exc: BaseException, run_id: str | None = None) -> Any:
-        return error_response(exc, STATUS, "a panel route", **({} if run_id is None else {"run_id": run_id}))
 
     async def _body(self, request: Any) -> dict:
         return await read_json_object(request, self.limits.max_body, "a panel request's body")
@@ -181,61 +168,53 @@ class PanelServer:
 
     # -- handlers --------------------------------------------------------------------------------
 
+    @_answered
     async def workflows(self, request: Any) -> Any:
-        try:
-            root = self._workflows_dir(request)
-            files = await asyncio.to_thread(list_files, root, (".json",), self.limits)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc)
+        root = self._workflows_dir(request)
+        files = await asyncio.to_thread(list_files, root, (".json",), self.limits)
         return web.json_response({"workflows": files})
 
+    @_answered
     async def inputs(self, request: Any) -> Any:
-        try:
-            import folder_paths  # type: ignore[import-not-found]
+        import folder_paths  # type: ignore[import-not-found]
 
-            files = await asyncio.to_thread(list_files, folder_paths.get_input_directory(), INPUT_EXTENSIONS,
-                                            self.limits)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc)
+        files = await asyncio.to_thread(list_files, folder_paths.get_input_directory(), INPUT_EXTENSIONS,
+                                        self.limits)
         return web.json_response({"files": files})
 
+    @_answered
     async def ports(self, request: Any) -> Any:
-        try:
-            name, path = self._workflow_path(request, request.query.get("workflow"))
-            _, ports = await asyncio.to_thread(self._read_workflow, path, name)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc)
+        name, path = self._workflow_path(request, request.query.get("workflow"))
+        _, ports = await asyncio.to_thread(self._read_workflow, path, name)
         return web.json_response({"workflow": name, "ports": [
             {"unique_id": uid, "type": p.type, "mode": p.mode, "reads": p.reads and bool(p.consumers),
              "writes": p.writes} for uid, p in ports.items()]})
 
+    @_answered
     async def start(self, request: Any) -> Any:
         address = self._address(request)
-        try:
-            body = await self._body(request)
-            names = body.get("workflows")
-            lim = self.limits
-            if not isinstance(names, list) or not names:
-                raise ValueError("workflows must be a non-empty list of saved workflow names")
-            if len(names) > lim.max_workflows:
-                raise HTTPRefusal(413, f"{len(names)} workflows: at most {lim.max_workflows} in one run "
-                                       "(DISCOMFORT_PANEL_MAX_WORKFLOWS)", errors.RemoteLimitError)
-            iterations = body.get("iterations", 1)
-            if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-                raise ValueError(f"iterations must be a positive integer, not {iterations!r:.40}")
-            if iterations > lim.max_iterations:
-                raise HTTPRefusal(413, f"iterations={iterations}: at most {lim.max_iterations} "
-                                       "(DISCOMFORT_PANEL_MAX_ITERATIONS)", errors.RemoteLimitError)
-            until = body.get("until") or None
-            if until is not None and not isinstance(until, str):
-                raise ValueError("until must be a key (a string) or empty")
-            bindings = body.get("inputs") or {}
-            if not isinstance(bindings, dict) or len(bindings) > lim.max_inputs:
-                raise ValueError(f"inputs must be an object of at most {lim.max_inputs} keys")
-            paths = [self._workflow_path(request, n) for n in names]
-            self.book.check_room(address)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc)
+        body = await self._body(request)
+        names = body.get("workflows")
+        lim = self.limits
+        if not isinstance(names, list) or not names:
+            raise ValueError("workflows must be a non-empty list of saved workflow names")
+        if len(names) > lim.max_workflows:
+            raise HTTPRefusal(413, f"{len(names)} workflows: at most {lim.max_workflows} in one run "
+                                   "(DISCOMFORT_PANEL_MAX_WORKFLOWS)", errors.RemoteLimitError)
+        iterations = body.get("iterations", 1)
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be a positive integer, not {iterations!r:.40}")
+        if iterations > lim.max_iterations:
+            raise HTTPRefusal(413, f"iterations={iterations}: at most {lim.max_iterations} "
+                                   "(DISCOMFORT_PANEL_MAX_ITERATIONS)", errors.RemoteLimitError)
+        until = body.get("until") or None
+        if until is not None and not isinstance(until, str):
+            raise ValueError("until must be a key (a string) or empty")
+        bindings = body.get("inputs") or {}
+        if not isinstance(bindings, dict) or len(bindings) > lim.max_inputs:
+            raise ValueError(f"inputs must be an object of at most {lim.max_inputs} keys")
+        paths = [self._workflow_path(request, n) for n in names]
+        self.book.check_room(address)
         self.book.starting[address] += 1  # holds the slot while the run is prepared
         try:
             plan = await asyncio.to_thread(self._prepare, paths, bindings, until)
@@ -248,8 +227,6 @@ class PanelServer:
             entry = PanelRun(run.run_id, new_token(), address, [n for n, _ in paths], iterations, until,
                              loop=asyncio.get_running_loop())
             self.book.add(entry)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc)
         finally:
             self.book.starting[address] -= 1
             if self.book.starting[address] <= 0:
@@ -420,44 +397,35 @@ class PanelServer:
             entry.ended = time.time()
             entry.publish({"kind": "finished", **entry.summary()})
 
+    @_answered
     async def list_runs(self, request: Any) -> Any:
         tokens = request.headers.get(TOKEN_HEADER, "").replace(" ", "").split(",")
         return web.json_response({"runs": [r.summary() for r in self.book.owned(tokens)]})
 
+    @_answered_run
     async def get_run(self, request: Any) -> Any:
-        try:
-            entry = self._find(request)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, request.match_info["run_id"])
-        return web.json_response(entry.summary())
+        return web.json_response(self._find(request).summary())
 
+    @_answered_run
     async def events(self, request: Any) -> Any:
         """Long poll: the run's events numbered after ``after``, waiting up to ``wait`` seconds
         (default 25, at most 30) for one; ``dropped`` counts those no longer kept, ``done`` says
         the "finished" event is out (no more will come)."""
+        entry = self._find(request)
+        after, wait = request.query.get("after", "0"), request.query.get("wait", "25")
+        if not after.isdigit() or len(after) > 12:
+            raise ValueError(f"after must be an event number (0 or more), not {after[:20]!r}")
         try:
-            entry = self._find(request)
-            after, wait = request.query.get("after", "0"), request.query.get("wait", "25")
-            if not after.isdigit() or len(after) > 12:
-                raise ValueError(f"after must be an event number (0 or more), not {after[:20]!r}")
-            try:
-                seconds = min(30.0, max(0.0, float(wait)))
-            except ValueError:
-                raise ValueError(f"wait must be a number of seconds, not {wait[:20]!r}") from None
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, request.match_info["run_id"])
-        try:
-            got, last, dropped = await entry.wait_after(int(after), seconds)
-        except HTTPRefusal as exc:
-            return self._error(exc, entry.run_id)
+            seconds = min(30.0, max(0.0, float(wait)))
+        except ValueError:
+            raise ValueError(f"wait must be a number of seconds, not {wait[:20]!r}") from None
+        got, last, dropped = await entry.wait_after(int(after), seconds)
         return web.json_response({"run_id": entry.run_id, "events": got, "next": last, "dropped": dropped,
                                   "state": entry.state, "done": entry.done})
 
+    @_answered_run
     async def cancel(self, request: Any) -> Any:
-        try:
-            entry = self._find(request)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, request.match_info["run_id"])
+        entry = self._find(request)
         if entry.state == "running":
             if entry.cancel_asked is None:
                 entry.cancel_asked = time.monotonic()
@@ -489,12 +457,13 @@ def panel_server() -> PanelServer:
 def add_panel_routes(routes: Any) -> None:
     """Register the panel routes on an aiohttp ``RouteTableDef`` (ComfyUI's ``PromptServer.instance.routes``)."""
     srv = panel_server()
-    base = "/discomfort/panel"
-    routes.get(base + "/workflows")(srv.workflows)
-    routes.get(base + "/inputs")(srv.inputs)
-    routes.get(base + "/ports")(srv.ports)
-    routes.post(base + "/runs")(srv.start)
-    routes.get(base + "/runs")(srv.list_runs)
-    routes.get(base + "/runs/{run_id}")(srv.get_run)
-    routes.get(base + "/runs/{run_id}/events")(srv.events)
-    routes.post(base + "/runs/{run_id}/cancel")(srv.cancel)
+    add_route_table(routes, "/discomfort/panel", [
+        ("GET", "/workflows", srv.workflows),
+        ("GET", "/inputs", srv.inputs),
+        ("GET", "/ports", srv.ports),
+        ("POST", "/runs", srv.start),
+        ("GET", "/runs", srv.list_runs),
+        ("GET", "/runs/{run_id}", srv.get_run),
+        ("GET", "/runs/{run_id}/events", srv.events),
+        ("POST", "/runs/{run_id}/cancel", srv.cancel),
+    ])

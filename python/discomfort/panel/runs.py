@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .. import errors
-from ..remote.server import HTTPRefusal
+from ..remote.web import HTTPRefusal
 
 __all__ = ["PanelRun", "RunBook", "TOKEN_HEADER", "EVENTS_KEPT", "MAX_POLLS", "new_token"]
 

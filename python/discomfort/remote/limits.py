@@ -16,20 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .. import datacodec, errors, sysinfo
+from .web import HTTPRefusal
 
-__all__ = ["HTTPRefusal", "client_address", "ServerLimits", "Arrival", "Upload", "Uploads", "extent_bytes", "uncancel"]
+__all__ = ["client_address", "ServerLimits", "Arrival", "Upload", "Uploads", "extent_bytes", "uncancel"]
 
 _PAGE = 4096
 _PAGE_ALIGNED = 65536  # buffers from this size start on a page in the store's extent
-
-
-class HTTPRefusal(errors.DiscomfortError):
-    """A refusal with its own status (401, 403, 408, 411, 413, 429, 503)."""
-
-    def __init__(self, status: int, message: str, kind: type[errors.DiscomfortError]):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
 
 
 def client_address(remote: str | None) -> str:

@@ -19,7 +19,7 @@ that listens on loopback only. The creator gets the run's token (256 random bits
 ``X-Discomfort-Token``), which every other route of the run requires; the run id that travels
 in prompts is not enough. Values are frames of the data-only :mod:`discomfort.datacodec`, never
 pickles, in both directions. Errors are JSON ``{"error", "type", "run_id", "unique_id"}`` with
-the status of :data:`STATUS`. What a server grants its clients, and how PUTs are counted while
+the status of :data:`.web.STATUS`. What a server grants its clients, and how PUTs are counted while
 they arrive, is :mod:`.limits`.
 """
 
@@ -44,29 +44,17 @@ from .. import codecs, datacodec, errors, sysinfo
 from ..context import WorkflowContext
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, frame_header, frame_length,
                       parse_fixed, parse_sizes)
-from .limits import Arrival, HTTPRefusal, ServerLimits, Upload, Uploads, client_address, extent_bytes, uncancel
+from .limits import Arrival, ServerLimits, Upload, Uploads, client_address, extent_bytes, uncancel
+from .web import HTTPRefusal, add_route_table, answers_errors, read_json_object
 
-__all__ = ["ServedContext", "RunServer", "ServerLimits", "HTTPRefusal", "run_server", "add_routes", "SECRET_ENV",
-           "error_response", "read_json_object"]
+__all__ = ["ServedContext", "RunServer", "ServerLimits", "run_server", "add_routes", "SECRET_ENV"]
 
 log = logging.getLogger("discomfort")
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 MAX_PROMPTS = 256  # prompts registered at once in one run (an orchestrator has a few in flight)
-
-
-#: Exception class -> HTTP status, first match wins. Anything else is a 500 (and a server bug).
-STATUS: list[tuple[type[BaseException], int]] = [
-    (errors.UnknownRunError, 404),  # RunFinishedError too
-    (errors.UnknownKeyError, 404),
-    (errors.ReferenceUnavailableError, 409),
-    (errors.StoreFullError, 507),
-    (errors.DiskFullError, 507),
-    (errors.CorruptedStoreError, 409),  # TruncatedStoreError too: another process cut the run's file
-    (errors.DiscomfortError, 400),  # invalid keys, bad frames, refused values
-    (ValueError, 400),
-    (TypeError, 400),
-]
+#: A run route's errors: JSON ``{"error", "type", "run_id", "unique_id"}`` (the path's, or null).
+_answered = answers_errors("a run route", "run_id", "unique_id")
 
 
 class ServedContext(WorkflowContext):
@@ -133,35 +121,6 @@ def parse_budget(value: Any, cap: int) -> int:
     if n < 0:
         raise ValueError(f"ram_budget must not be negative ({n})")
     return min(n, cap)
-
-
-def error_response(exc: BaseException, table: list[tuple[type[BaseException], int]], where: str,
-                   **fields: Any) -> Any:
-    """The JSON answer ``{"error", "type", **fields}`` for ``exc``: an HTTPRefusal's own status, else
-    the first match in ``table``; anything unmatched is a 500, logged as a bug of ``where``."""
-    if isinstance(exc, HTTPRefusal):
-        status, kind = exc.status, exc.kind.__name__
-    else:
-        status = next((s for cls, s in table if isinstance(exc, cls)), 500)
-        kind = type(exc).__name__
-        if status == 500:
-            log.exception("discomfort: unexpected error in %s", where, exc_info=exc)
-    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    return web.json_response({"error": message or kind, "type": kind, **fields}, status=status)
-
-
-async def read_json_object(request: Any, limit: int, what: str) -> dict:
-    """The request's body as a JSON object (an empty body is ``{}``), read up to ``limit`` bytes."""
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise HTTPRefusal(413, f"{what} is at most {limit} bytes", errors.RemoteLimitError)
-    try:
-        body = json.loads(raw) if raw.strip() else {}
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise ValueError(f"{what} must be a JSON object (or empty)")
-    return body
 
 
 # ------------------------------------------------------------------------------------ server
@@ -272,132 +231,106 @@ class RunServer:
             raise HTTPRefusal(403, f"runs are created for clients on loopback only (set {SECRET_ENV})",
                               errors.AuthenticationError)
 
-    # -- answers ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _error(exc: BaseException, run_id: str | None = None, key: str | None = None) -> Any:
-        return error_response(exc, STATUS, "a run route", run_id=run_id, unique_id=key)
-
     # -- handlers (aiohttp) ------------------------------------------------------------------------
 
+    @_answered
     async def create(self, request: Any) -> Any:
-        try:
-            self._may_create(request)
-            body = await read_json_object(request, 4096, "the body of POST /discomfort/runs")
-            self._expire()
-            client = client_address(request.remote)
-            if len(self.runs) >= self.limits.max_runs:
-                raise HTTPRefusal(503, f"this server holds {len(self.runs)} runs, its limit; try again once "
-                                       "some have ended", errors.RemoteLimitError)
-            if sum(c.client == client for c in self.runs.values()) >= self.limits.max_runs_per_client:
-                raise HTTPRefusal(429, f"{client} holds {self.limits.max_runs_per_client} runs on this server, "
-                                       "its limit per client; end some first", errors.RemoteLimitError)
-            cap = self.limits.max_budget or sysinfo.ram_budget(None)
-            budget = parse_budget(body.get("ram_budget"), cap)
-            ctx = ServedContext(client, ram_budget=budget)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc)
+        self._may_create(request)
+        body = await read_json_object(request, 4096, "the body of POST /discomfort/runs")
+        self._expire()
+        client = client_address(request.remote)
+        if len(self.runs) >= self.limits.max_runs:
+            raise HTTPRefusal(503, f"this server holds {len(self.runs)} runs, its limit; try again once "
+                                   "some have ended", errors.RemoteLimitError)
+        if sum(c.client == client for c in self.runs.values()) >= self.limits.max_runs_per_client:
+            raise HTTPRefusal(429, f"{client} holds {self.limits.max_runs_per_client} runs on this server, "
+                                   "its limit per client; end some first", errors.RemoteLimitError)
+        cap = self.limits.max_budget or sysinfo.ram_budget(None)
+        budget = parse_budget(body.get("ram_budget"), cap)
+        ctx = ServedContext(client, ram_budget=budget)
         self.runs[ctx.run_id] = ctx
         self._schedule_expiry()
         log.info("discomfort: run %s created for %s", ctx.run_id, client)
         return web.json_response({"run_id": ctx.run_id, "token": ctx.token, "backend": ctx.backend,
                                   "ram_budget": budget, "max_value": self.limits.max_value})
 
+    @_answered
     async def stats(self, request: Any) -> Any:
-        try:
-            ctx = self._authorize(request)
-            return web.json_response({**ctx.stats(), **self.uploads.summary(ctx.run_id)})
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, request.match_info["run_id"])
+        ctx = self._authorize(request)
+        return web.json_response({**ctx.stats(), **self.uploads.summary(ctx.run_id)})
 
+    @_answered
     async def end(self, request: Any) -> Any:
         run_id = request.match_info["run_id"]
-        try:
-            self._authorize(request)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id)
+        self._authorize(request)
         self._end(run_id)
         return web.json_response({"run_id": run_id, "ended": True})
 
+    @_answered
     async def keys(self, request: Any) -> Any:
-        try:
-            return web.json_response({"keys": self._authorize(request).keys()})
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, request.match_info["run_id"])
+        return web.json_response({"keys": self._authorize(request).keys()})
 
+    @_answered
     async def info(self, request: Any) -> Any:
-        run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
-        try:
-            return web.json_response(self._authorize(request).info(key))
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id, key)
+        return web.json_response(self._authorize(request).info(request.match_info["unique_id"]))
 
+    @_answered
     async def delete(self, request: Any) -> Any:
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
-        try:
-            if not self._authorize(request).delete(key):
-                raise errors.UnknownKeyError(f"no object {key!r} in run {run_id!r}")
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id, key)
+        if not self._authorize(request).delete(key):
+            raise errors.UnknownKeyError(f"no object {key!r} in run {run_id!r}")
         return web.json_response({"run_id": run_id, "unique_id": key, "deleted": True})
 
+    @_answered
     async def allow(self, request: Any) -> Any:
         run_id = request.match_info["run_id"]
+        ctx = self._authorize(request)
+        raw = await request.content.read(257)
         try:
-            ctx = self._authorize(request)
-            raw = await request.content.read(257)
-            try:
-                digest = json.loads(raw).get("digest")
-            except (ValueError, AttributeError):
-                digest = None
-            if not isinstance(digest, str) or not _DIGEST.match(digest):
-                raise ValueError("the body must be {\"digest\": <64 lowercase hex digits>}")
-            held = ctx.prompt_digests()
-            if digest not in held and len(held) >= MAX_PROMPTS:  # each one rewrites the whole set
-                raise HTTPRefusal(429, f"run {run_id!r} has {len(held)} prompts registered, its limit: revoke "
-                                       "those that have finished", errors.RemoteLimitError)
-            ctx.allow_digest(digest)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id)
+            digest = json.loads(raw).get("digest")
+        except (ValueError, AttributeError):
+            digest = None
+        if not isinstance(digest, str) or not _DIGEST.match(digest):
+            raise ValueError("the body must be {\"digest\": <64 lowercase hex digits>}")
+        held = ctx.prompt_digests()
+        if digest not in held and len(held) >= MAX_PROMPTS:  # each one rewrites the whole set
+            raise HTTPRefusal(429, f"run {run_id!r} has {len(held)} prompts registered, its limit: revoke "
+                                   "those that have finished", errors.RemoteLimitError)
+        ctx.allow_digest(digest)
         return web.json_response({"run_id": run_id, "digest": digest})
 
+    @_answered
     async def revoke(self, request: Any) -> Any:
         run_id, digest = request.match_info["run_id"], request.match_info["digest"]
-        try:
-            ctx = self._authorize(request)
-            ctx.revoke_prompt(digest)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id)
+        self._authorize(request).revoke_prompt(digest)
         return web.json_response({"run_id": run_id, "revoked": digest})
 
+    @_answered
     async def put(self, request: Any) -> Any:
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
         lim = self.limits
+        ctx = self._authorize(request)
+        length = request.content_length
+        if length is None:
+            raise HTTPRefusal(411, "send the value with a Content-Length (no chunked bodies)",
+                              errors.RemoteLimitError)
+        if length > lim.max_value:
+            raise HTTPRefusal(413, f"a value of {length} bytes is over this server's limit of "
+                                   f"{lim.max_value} (DISCOMFORT_REMOTE_MAX_VALUE)", errors.RemoteLimitError)
+        body = Arrival(request.content, lim)
         try:
-            ctx = self._authorize(request)
-            length = request.content_length
-            if length is None:
-                raise HTTPRefusal(411, "send the value with a Content-Length (no chunked bodies)",
-                                  errors.RemoteLimitError)
-            if length > lim.max_value:
-                raise HTTPRefusal(413, f"a value of {length} bytes is over this server's limit of "
-                                       f"{lim.max_value} (DISCOMFORT_REMOTE_MAX_VALUE)", errors.RemoteLimitError)
-            body = Arrival(request.content, lim)
+            up = self.uploads.open(ctx, key, body)  # counted from here until answered
             try:
-                up = self.uploads.open(ctx, key, body)  # counted from here until answered
-                try:
-                    version = await self._receive(ctx, up, length)
-                finally:
-                    self.uploads.close(up)
-            except asyncio.CancelledError:
-                if body.refusal is None:
-                    raise
-                uncancel()
-                raise body.refusal from None
+                version = await self._receive(ctx, up, length)
             finally:
-                body.close()
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id, key)
+                self.uploads.close(up)
+        except asyncio.CancelledError:
+            if body.refusal is None:
+                raise
+            uncancel()
+            raise body.refusal from None
+        finally:
+            body.close()
         return web.json_response({"run_id": run_id, "unique_id": key, "version": version})
 
     async def _receive(self, ctx: ServedContext, up: Upload, length: int) -> int:
@@ -423,45 +356,46 @@ class RunServer:
             res.abort()
             raise
 
+    @_answered
     async def get(self, request: Any) -> Any:
         """A value as a frame. The copy it is sent from is held until the client has read it, so a
         client sends few at once (429 over ``max_downloads_per_client``) and must read them at the
         rate a PUT must keep (``stall_seconds``, ``min_rate``), or the connection is cut."""
         run_id, key = request.match_info["run_id"], request.match_info["unique_id"]
-        try:
-            ctx = self._authorize(request)
-            client, cap = ctx.client, self.limits.max_downloads_per_client
-            if self.sending[client] >= cap:
-                raise HTTPRefusal(429, f"{client} has {cap} values being sent, its limit "
-                                       "(DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT); read them first",
-                                  errors.RemoteLimitError)
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id, key)
+        ctx = self._authorize(request)
+        client, cap = ctx.client, self.limits.max_downloads_per_client
+        if self.sending[client] >= cap:
+            raise HTTPRefusal(429, f"{client} has {cap} values being sent, its limit "
+                                   "(DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT); read them first",
+                              errors.RemoteLimitError)
         self.sending[client] += 1
-        try:
-            return await self._send_value(request, ctx, run_id, key)
+        try:  # (the frame's buffers are held by _send_value alone, and dropped once sent)
+            return await self._send_value(request, ctx, run_id, key, *self._encoded(ctx, run_id, key))
         finally:
             self.sending[client] -= 1
             if self.sending[client] <= 0:
                 del self.sending[client]
 
-    async def _send_value(self, request: Any, ctx: ServedContext, run_id: str, key: str) -> Any:
-        try:
-            kind, meta, views, info = ctx.load_encoded(key, guarded=True)
-            if kind == "ref":
-                marker = json.loads(meta)
-                raise errors.ReferenceUnavailableError(
-                    f"{key!r} in run {run_id!r} is a {marker.get('type')} saved by reference in the server "
-                    "process; references cannot travel over HTTP (save it by value to fetch it)")
-            if kind == "val":  # written by this server's own nodes: decode, re-encode as data only
-                value = codecs.decode(meta, views)
-                try:
-                    meta, views = datacodec.encode(value, self.limits.codec)
-                except errors.SerializationError as exc:
-                    raise errors.ReferenceUnavailableError(f"{key!r} in run {run_id!r} cannot be sent: {exc}") from None
-                del value
-        except Exception as exc:  # noqa: BLE001
-            return self._error(exc, run_id, key)
+    def _encoded(self, ctx: ServedContext, run_id: str, key: str) -> tuple[Any, list, dict]:
+        """The value as data only (meta, buffers, info): what a GET sends."""
+        kind, meta, views, info = ctx.load_encoded(key, guarded=True)
+        if kind == "ref":
+            marker = json.loads(meta)
+            raise errors.ReferenceUnavailableError(
+                f"{key!r} in run {run_id!r} is a {marker.get('type')} saved by reference in the server "
+                "process; references cannot travel over HTTP (save it by value to fetch it)")
+        if kind == "val":  # written by this server's own nodes: decode, re-encode as data only
+            value = codecs.decode(meta, views)
+            try:
+                meta, views = datacodec.encode(value, self.limits.codec)
+            except errors.SerializationError as exc:
+                raise errors.ReferenceUnavailableError(f"{key!r} in run {run_id!r} cannot be sent: {exc}") from None
+            del value
+        return meta, views, info
+
+    async def _send_value(self, request: Any, ctx: ServedContext, run_id: str, key: str, meta: Any, views: list,
+                          info: dict) -> Any:
+        """Stream the frame; once it has begun, a failure cuts the connection (no second answer)."""
         sizes = [v.nbytes for v in views]
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
                                            "X-Discomfort-Version": str(info.get("version"))})
@@ -484,6 +418,10 @@ class RunServer:
             if isinstance(exc, asyncio.TimeoutError):
                 log.warning("discomfort: run %s: %r not read fast enough by %s (DISCOMFORT_REMOTE_STALL, "
                             "DISCOMFORT_REMOTE_MIN_RATE): connection closed", run_id, key, ctx.client)
+            if request.transport is not None:
+                request.transport.abort()
+        except Exception:  # noqa: BLE001 - the answer has begun: no error answer can follow it
+            log.exception("discomfort: run %s: sending %r failed: connection closed", run_id, key)
             if request.transport is not None:
                 request.transport.abort()
         finally:
@@ -511,14 +449,15 @@ def add_routes(routes: Any) -> None:
     srv = run_server()
     open_to = srv.secret or comfy_listens_on_loopback_only()
     (log.info if open_to else log.warning)(srv.explain())
-    base = "/discomfort/runs"
-    routes.post(base)(srv.create)
-    routes.get(base + "/{run_id}")(srv.stats)
-    routes.delete(base + "/{run_id}")(srv.end)
-    routes.get(base + "/{run_id}/values")(srv.keys)
-    routes.get(base + "/{run_id}/values/{unique_id}/info")(srv.info)
-    routes.put(base + "/{run_id}/values/{unique_id}")(srv.put)
-    routes.get(base + "/{run_id}/values/{unique_id}")(srv.get)
-    routes.delete(base + "/{run_id}/values/{unique_id}")(srv.delete)
-    routes.post(base + "/{run_id}/prompts")(srv.allow)
-    routes.delete(base + "/{run_id}/prompts/{digest}")(srv.revoke)
+    add_route_table(routes, "/discomfort/runs", [
+        ("POST", "", srv.create),
+        ("GET", "/{run_id}", srv.stats),
+        ("DELETE", "/{run_id}", srv.end),
+        ("GET", "/{run_id}/values", srv.keys),
+        ("GET", "/{run_id}/values/{unique_id}/info", srv.info),
+        ("PUT", "/{run_id}/values/{unique_id}", srv.put),
+        ("GET", "/{run_id}/values/{unique_id}", srv.get),
+        ("DELETE", "/{run_id}/values/{unique_id}", srv.delete),
+        ("POST", "/{run_id}/prompts", srv.allow),
+        ("DELETE", "/{run_id}/prompts/{digest}", srv.revoke),
+    ])
