@@ -17,8 +17,7 @@ import struct
 
 from ._names import CONTROL_FILE, POOL_FILE, RUN_FILE, control_name
 from ._platform import SHM_DIR, fcntl
-from ._pystore.format import MAGIC, TOTAL
-from ._pystore.store import remove_run_files
+from ._runfiles import CONTROL_SIZE, MAGIC, remove_run_files
 
 
 def sweep(shm_dir: str = SHM_DIR) -> list[str]:
@@ -84,7 +83,7 @@ def _sweep_one(shm_dir: str, run_id: str) -> bool:
         return False
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_size != TOTAL:
+        if st.st_uid != os.geteuid() or st.st_size != CONTROL_SIZE:
             return False
         head = os.pread(fd, 1280, 0)
         if head[:8] != MAGIC:

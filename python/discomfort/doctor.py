@@ -16,7 +16,7 @@ from typing import Any
 from . import _backend, sysinfo
 from ._platform import MODE, PLATFORM, read_meminfo
 from ._version import __version__
-from ._pystore.sys import disk_root_problem
+from ._runfiles import disk_root_problem
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -9,11 +9,12 @@ import os
 import struct
 
 from .._names import object_file_name
+from .._runfiles import private_file_problem, unlink_own_leftover
 from ..errors import CorruptedStoreError, DiskFullError, StoreAccessError, TruncatedStoreError
 from . import pool
 from .format import CHUNK_OFF, CHUNK_STRUCT, MAX_CHUNKS, MIN_CHUNK, PAGE
 from .memprobe import memory_allows
-from .sys import fallocate, private_file_problem, unlink_own_leftover
+from .sys import fallocate
 from .table import TableStore
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import struct
 
+from .._runfiles import CONTROL_SIZE, MAGIC
 from .._types import Tier
 
 FORMAT_VERSION = 2
 SMALL_OBJECT_BYTES = 65536  # buffers from here are page-aligned; disk extents below come back as copies
 COPY_LOAD_BYTES = 128 << 10  # RAM extents below this come back as copies made under the lock (format.hpp)
 
-MAGIC = b"DCFSTORE"
 OBJ_MAGIC = 0x4F464344
 PAGE = 4096
 HEADER_SIZE = 4096
@@ -26,6 +26,7 @@ OBJ_OFF = 12288
 ENTRY = 320
 PIN_OFF = OBJ_OFF + TABLE_CAP * ENTRY
 TOTAL = PIN_OFF + PIN_CAP * 32
+assert TOTAL == CONTROL_SIZE, "discomfort._runfiles.CONTROL_SIZE is the size of this layout"
 LOCK_BYTE = 1 << 40
 SLOT_LOCK_BASE = LOCK_BYTE + 4096
 MIN_CHUNK = 64 << 20

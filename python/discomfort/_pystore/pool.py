@@ -9,8 +9,9 @@ import os
 import threading
 
 from .._platform import fcntl
+from .._runfiles import unlink_own_leftover
 from .._types import PoolFile, PoolInfo
-from .sys import drop_mapping, rename_noreplace, unlink_own_leftover, unlink_quiet
+from .sys import drop_mapping, rename_noreplace, unlink_quiet
 
 Leased = tuple[int, mmap.mmap, int]  # (fd, mapping, size)
 

@@ -9,8 +9,9 @@ import os
 import struct
 import time
 
-from .._names import check_run_id, control_name, is_run_file
+from .._names import check_run_id, control_name
 from .._platform import SHM_DIR, fcntl, prepare_shm_dir, require_local_store
+from .._runfiles import make_private_dir, open_disk_root, open_private_dir, remove_run_files, unlink_own_leftover
 from ..errors import (
     CorruptedStoreError, RunFinishedError, StoreAccessError, StoreClosedError, StoreFullError, UnknownRunError,
 )
@@ -24,7 +25,7 @@ from .lock import Locked, lock_try
 from .memprobe import memory_allows
 from .objects import ObjectStore
 from .pool import POOL, release_pool
-from .sys import fallocate, make_private_dir, open_disk_root, open_private_dir, unlink_own_leftover
+from .sys import fallocate
 
 
 class Store(ObjectStore):
@@ -340,45 +341,3 @@ def validate_header(head: bytes, file_size: int, run_id: str) -> None:
     stored = head[112:176].rstrip(b"\0")
     if stored != run_id.encode():
         raise CorruptedStoreError(f"run {run_id!r}: header names run {stored!r}")
-
-
-def remove_run_files(shm_dir: str, run_id: str, disk_dir: str | None, disk_fd: int = -1) -> None:
-    """Unlink a run's chunks, lock files (portable mode), disk directory and control segment: only
-    our own names, and only files of ours (a name another user planted stays; it must not stop
-    the removal of the rest). `disk_fd`: the run directory, when the caller has it open.
-
-    The control segment goes last, so a sweep that dies half-way is finished by the next one.
-    """
-    try:
-        names = os.listdir(shm_dir)
-    except FileNotFoundError:
-        names = []
-    for name in names:
-        if is_run_file(name, run_id):
-            unlink_own_leftover(os.path.join(shm_dir, name))
-    if disk_dir and os.path.basename(disk_dir) == control_name(run_id):
-        opened = -1
-        if disk_fd < 0:
-            try:
-                disk_fd = opened = open_private_dir(disk_dir)  # never a directory others could change
-            except OSError:  # UnsafeDirectoryError included
-                pass
-        if disk_fd >= 0:
-            try:
-                for name in os.listdir(disk_fd):
-                    if name.endswith(".obj"):
-                        try:
-                            os.unlink(name, dir_fd=disk_fd)
-                        except OSError:
-                            pass
-                try:
-                    os.rmdir(disk_dir)
-                except OSError:
-                    pass  # someone left other files there
-            finally:
-                if opened >= 0:
-                    os.close(opened)
-    try:
-        os.unlink(os.path.join(shm_dir, control_name(run_id)))
-    except FileNotFoundError:
-        pass
