@@ -41,6 +41,6 @@ def __getattr__(name: str):
 __all__ = [
     "backend", "store_mode", "Store", "WorkflowContext", "RunContext", "get_context", "release_pool",
     "run_sequential", "Run", "run_parallel", "RunEvent",
-    "CancelToken", "ProgressEvent", "errors", "__version__",
+    "CancelToken", "ProgressEvent", "register_resolver", "errors", "__version__",
     *errors.__all__,
 ]

@@ -1,4 +1,4 @@
-"""`discomfort bench`: what saving and loading cost here, as ratios to one memcpy.
+"""Internal: `discomfort bench`: what saving and loading cost here, as ratios to one memcpy.
 
 Every figure is a median of several rounds, measured in the same run as the memcpy reference
 (one single-threaded copy into memory that is already faulted in), because only ratios hold on a

@@ -1,4 +1,4 @@
-"""`discomfort doctor`: what a run would get on this machine, plain advice, and a check.
+"""Internal: `discomfort doctor`: what a run would get on this machine, plain advice, and a check.
 
 The check does what a run does: it reads the settings (``DISCOMFORT_RAM_BUDGET``,
 ``DISCOMFORT_DISK_DIR``, ``DISCOMFORT_TRANSPORT``), checks the disk root's type, owner and mode,

@@ -22,7 +22,7 @@ from .run_control import CancelToken, ProgressEvent, Until, check_bounds
 from .runs import RunContext
 from .workflows.tools import choose_transport, resolve_executor
 
-__all__ = ["Run", "Result", "run_sequential"]
+__all__ = ["Run", "run_sequential"]  # Result: engine.Result
 
 log = logging.getLogger("discomfort")
 

@@ -1,4 +1,4 @@
-"""What the machine offers a run: memory, /dev/shm (or the portable mode's segment directory),
+"""Internal: what the machine offers a run: memory, /dev/shm (or the portable mode's segment directory),
 cgroup limits, and the RAM budget from them; and whether another process shares this host.
 
 Used to size a context's RAM tier and by `discomfort doctor`. Every reader takes its path as an

@@ -15,6 +15,8 @@ from typing import NoReturn
 
 from .common import CommandError, check_output_path, one_line
 
+__all__ = ["main"]
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a wrong command line is one line (plus where to look), not the whole usage."""

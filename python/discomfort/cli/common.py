@@ -1,4 +1,4 @@
-"""What the command line's subcommands share: one-line errors and checks made before any work."""
+"""Internal: what the command line's subcommands share: one-line errors and checks made before any work."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``discomfort convert``: a UI-format workflow to the API prompt ComfyUI's editor would queue."""
+"""Internal: ``discomfort convert``: a UI-format workflow to the API prompt ComfyUI's editor would queue."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``discomfort demo``: the job itself, from nothing to a loop with ports, in one command.
+"""Internal: ``discomfort demo``: the job itself, from nothing to a loop with ports, in one command.
 
     discomfort demo [--comfyui PATH] [--cache-dir DIR] [--iterations N]
 

@@ -1,4 +1,4 @@
-"""``discomfort install-comfyui``: put discomfort and its node pack into a user's ComfyUI.
+"""Internal: ``discomfort install-comfyui``: put discomfort and its node pack into a user's ComfyUI.
 
     discomfort install-comfyui COMFYUI_PATH [--python PY] [--link] [--wheel FILE] [--remove]
 

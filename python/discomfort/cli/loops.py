@@ -1,4 +1,4 @@
-"""``discomfort run``'s loops over files and widgets: ``--input-dir`` (one run per input file)
+"""Internal: ``discomfort run``'s loops over files and widgets: ``--input-dir`` (one run per input file)
 and ``--set NODE.INPUT=VALUE`` (a widget of a node named by id or title, in every workflow)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run ComfyUI's ``main.py`` with the torchvision shim active (used by :func:`launch_server`).
+"""Internal: run ComfyUI's ``main.py`` with the torchvision shim active (used by :func:`launch_server`).
 
     python -m discomfort.comfy.serve COMFY_PATH [main.py arguments...]
 

@@ -1,4 +1,4 @@
-"""Benchmark: the Ray backend against the shared-memory store, as ratios measured in one run.
+"""Internal: benchmark: the Ray backend against the shared-memory store, as ratios measured in one run.
 
     python -m discomfort.distributed.bench [--sizes "12 MiB,192 MiB"] [--rounds 7] [--address ADDR] [--json FILE]
 

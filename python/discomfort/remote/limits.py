@@ -1,4 +1,4 @@
-"""What a run server grants its HTTP clients, and how uploads are held to it while they arrive.
+"""Internal: what a run server grants its HTTP clients, and how uploads are held to it while they arrive.
 
 A PUT's bytes count from the moment its frame's sizes are known, not when it is sealed: until it
 is stored or dropped, its extent is charged to its run and to the client that created the run,

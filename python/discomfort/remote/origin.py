@@ -1,4 +1,4 @@
-"""Which ``Host`` and ``Origin`` a request to a ``/discomfort/*`` route may carry (DNS rebinding).
+"""Internal: which ``Host`` and ``Origin`` a request to a ``/discomfort/*`` route may carry (DNS rebinding).
 
 A page of another site can make a browser send requests to ``http://evil.example:8188`` after
 pointing that name at the user's own machine; the request then carries ``Host: evil.example``.

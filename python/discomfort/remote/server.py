@@ -1,4 +1,4 @@
-"""The node pack's run routes: runs owned by a ComfyUI server process, for HTTP clients.
+"""Internal: the node pack's run routes: runs owned by a ComfyUI server process, for HTTP clients.
 
 ======================================================  ==========================================
 ``POST   /discomfort/runs``                             create a run: ``{"run_id", "token", ...}``

@@ -1,4 +1,4 @@
-"""The run routes on a plain aiohttp server, without ComfyUI: for the transport's tests and its
+"""Internal: the run routes on a plain aiohttp server, without ComfyUI: for the transport's tests and its
 benchmark rows, and for trying a client against a server.
 
     python -m discomfort.remote.standalone [--host 127.0.0.1] [--port 0]

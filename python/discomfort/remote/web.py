@@ -1,4 +1,4 @@
-"""What the node pack's HTTP routes share: the run routes (:mod:`.server`) and the editor panel's
+"""Internal: what the node pack's HTTP routes share: the run routes (:mod:`.server`) and the editor panel's
 (:mod:`discomfort.panel.runner`).
 
 One table from an exception to its HTTP status (:data:`STATUS`), one JSON error answer

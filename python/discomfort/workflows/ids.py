@@ -1,4 +1,4 @@
-"""Subgraph definitions as ComfyUI's newer frontends load them: nested definitions flattened, node
+"""Internal: subgraph definitions as ComfyUI's newer frontends load them: nested definitions flattened, node
 ids unique across the whole workflow.
 
 Frontend 1.58.1 (``normalizeSubgraphDefinitions`` when the root graph is configured) renumbers a

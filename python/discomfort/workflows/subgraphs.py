@@ -1,4 +1,4 @@
-"""A UI-format workflow as the frontend's execution graph: nodes, subgraphs flattened, links resolved.
+"""Internal: a UI-format workflow as the frontend's execution graph: nodes, subgraphs flattened, links resolved.
 
 This follows ComfyUI frontend 1.32.9's ``ExecutableNodeDTO`` / ``SubgraphNode.getInnerNodes``: every
 node inside a subgraph instance becomes one executable node with the id ``"<outer>:<inner>"`` (any

@@ -23,16 +23,13 @@ from .format import (
     discover_ports,
     is_ui_format,
     load_workflow,
-    stitch,
+    stitch,  # noqa: F401  (discover_ports, load_workflow, stitch: format's, also importable from here as before)
     ui_to_api,
 )
 
 __all__ = [
     "Executor",
     "prepare_prompt",
-    "discover_ports",
-    "stitch",
-    "load_workflow",
     "resolve_executor",
     "choose_transport",
     "read_workflows",

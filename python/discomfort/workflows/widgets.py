@@ -1,4 +1,4 @@
-"""The widgets ComfyUI's frontend gives a node, decided from ``/object_info`` as the frontend does.
+"""Internal: the widgets ComfyUI's frontend gives a node, decided from ``/object_info`` as the frontend does.
 
 A UI-format workflow stores a node's widget values by position (``widgets_values``), one per
 widget the frontend created for the node, including widgets that never reach the API prompt
