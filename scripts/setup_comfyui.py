@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import sys
 import time
@@ -46,7 +47,13 @@ def _load_fetch():
 
 fetch = _load_fetch()
 COMFYUI_VERSION = fetch.COMFYUI_VERSION
-default_cache = fetch.default_cache
+
+
+def default_cache() -> Path:
+    """``$DISCOMFORT_CACHE``, else ``~/.cache/discomfort``."""
+    return fetch.default_cache(os.environ.get("DISCOMFORT_CACHE"))
+
+
 adapted_requirements = fetch.adapted_requirements
 
 

@@ -12,31 +12,25 @@ objects (`store.backend`). `module()` is the backend this process chose, `module
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 from types import ModuleType
 
+from . import _settings
 from ._platform import MODE, PLATFORM
 from .errors import BackendUnavailableError
 
-VALID = ("auto", "native", "python")
+VALID = _settings.BACKENDS  # DISCOMFORT_BACKEND
 
 _chosen: ModuleType | None = None
 _chosen_lock = threading.Lock()
 
 
 def _require_native() -> bool:
-    return os.environ.get("DISCOMFORT_REQUIRE_NATIVE", "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(_settings.get("DISCOMFORT_REQUIRE_NATIVE"))
 
 
 def requested() -> str:
-    value = os.environ.get("DISCOMFORT_BACKEND", "auto").strip().lower() or "auto"
-    if value not in VALID:
-        raise ValueError(
-            f"DISCOMFORT_BACKEND={os.environ.get('DISCOMFORT_BACKEND')!r} is not valid; "
-            f"use one of: {', '.join(VALID)}"
-        )
-    return value
+    return str(_settings.get("DISCOMFORT_BACKEND"))  # ValueError naming it and the valid ones
 
 
 def _import_core() -> ModuleType:

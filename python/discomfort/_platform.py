@@ -1,5 +1,5 @@
 """Facts about the system a run lives on: the store mode, where segments go, private
-directories, the host's memory, and memory for bytes arriving from a socket. The bottom layer: imports nothing of discomfort but errors.
+directories, the host's memory, and memory for bytes arriving from a socket. The bottom layer: imports nothing of discomfort but errors and _settings.
 
 Test hook: DISCOMFORT_TEST_PLATFORM=darwin|win32 behaves as on that system (read once at import;
 sets PLATFORM, hence MODE): "darwin" runs the portable mode on Linux, "win32" refuses local stores.
@@ -20,9 +20,10 @@ try:
 except ImportError:  # Windows: no local store there (MODE "unsupported")
     fcntl = None  # type: ignore[assignment]
 
+from . import _settings
 from .errors import UnsupportedPlatformError
 
-PLATFORM = os.environ.get("DISCOMFORT_TEST_PLATFORM", "").strip() or sys.platform
+PLATFORM = _settings.get("DISCOMFORT_TEST_PLATFORM") or sys.platform
 
 
 def _store_mode() -> str:

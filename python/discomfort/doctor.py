@@ -13,7 +13,7 @@ import os
 import shutil
 from typing import Any
 
-from . import _backend, sysinfo
+from . import _backend, _settings, sysinfo
 from ._platform import MODE, PLATFORM, read_meminfo
 from ._version import __version__
 from ._runfiles import disk_root_problem
@@ -41,19 +41,21 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
         shm_size = shm_free = None
     problems: list[str] = []
     notes: list[str] = []
-    budget_env = os.environ.get("DISCOMFORT_RAM_BUDGET")
+    budget_env = _settings.raw("DISCOMFORT_RAM_BUDGET")
     if budget_env:
         try:
-            sysinfo.parse_size(budget_env)
+            _settings.get("DISCOMFORT_RAM_BUDGET")
         except ValueError:
             problems.append(f"DISCOMFORT_RAM_BUDGET={budget_env!r} is not a size, so every run fails; "
                             "set it to bytes or a K/M/G/T size (e.g. DISCOMFORT_RAM_BUDGET=8G) or unset it")
-    transport = os.environ.get("DISCOMFORT_TRANSPORT")
-    if transport and transport.strip().lower() not in ("auto", "shm", "http"):
-        problems.append(f"DISCOMFORT_TRANSPORT={transport!r} is not a transport, so runs on a server fail; "
-                        "set it to auto, shm or http, or unset it")
+    try:
+        _settings.get("DISCOMFORT_TRANSPORT")
+    except ValueError:
+        *some, last = _settings.TRANSPORTS
+        problems.append(f"DISCOMFORT_TRANSPORT={_settings.raw('DISCOMFORT_TRANSPORT')!r} is not a transport, so runs "
+                        f"on a server fail; set it to {', '.join(some)} or {last}, or unset it")
     where = "--disk-dir" if disk_root is not None else (
-        "DISCOMFORT_DISK_DIR" if os.environ.get("DISCOMFORT_DISK_DIR") else "the default disk root")
+        "DISCOMFORT_DISK_DIR" if _settings.is_set("DISCOMFORT_DISK_DIR") else "the default disk root")
     try:
         root = sysinfo.disk_root(disk_root)
     except OSError as exc:

@@ -13,21 +13,13 @@ import re
 import secrets
 from typing import Any
 
+from . import _settings
 from ._platform import (  # noqa: F401  (Cgroup and cgroup_memory are part of this module's API)
     SHM_DIR, Cgroup, cgroup_memory, prepare_shm_dir, private_dir, read_meminfo, user_temp_dir,
 )
 
 BUDGET_FRACTION = 0.5  # of what is available: the rest stays for the workflows themselves
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'512M', '2GiB', '1048576' -> bytes."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"not a size: {text!r} (use bytes or a K/M/G/T suffix)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+parse_size = _settings.parse_size  # '512M', '2GiB', '1048576' -> bytes (the settings' size parser)
 
 
 def shm_space(shm_dir: str = SHM_DIR) -> tuple[int, int]:
@@ -53,9 +45,9 @@ def ram_budget(explicit: int | str | None = None, shm_dir: str = SHM_DIR) -> int
     """The constructor argument wins, then DISCOMFORT_RAM_BUDGET, then the machine's default."""
     if explicit is not None:
         return parse_size(explicit) if isinstance(explicit, str) else int(explicit)
-    env = os.environ.get("DISCOMFORT_RAM_BUDGET")
-    if env:
-        return parse_size(env)
+    env = _settings.get("DISCOMFORT_RAM_BUDGET")
+    if env is not None:
+        return int(env)
     return default_ram_budget(shm_dir)
 
 
@@ -63,9 +55,9 @@ def disk_root(explicit: str | os.PathLike | None = None) -> str:
     """Where runs put their disk tier: argument, DISCOMFORT_DISK_DIR, or a private temp folder."""
     if explicit is not None:
         return os.fspath(explicit)
-    env = os.environ.get("DISCOMFORT_DISK_DIR")
+    env = _settings.get("DISCOMFORT_DISK_DIR")
     if env:
-        return env
+        return str(env)
     try:
         return private_dir(user_temp_dir())
     except PermissionError as exc:

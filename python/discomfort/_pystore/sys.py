@@ -18,11 +18,12 @@ import os
 import time
 from typing import Any, Callable
 
+from .. import _settings
 from .._platform import PLATFORM
 from ..errors import DiskFullError
 from .format import PAGE
 
-_KILLPOINT = os.environ.get("DISCOMFORT_TEST_KILLPOINT", "")
+_KILLPOINT = _settings.get("DISCOMFORT_TEST_KILLPOINT") or ""
 
 
 # ---- the process id -----------------------------------------------------------------------------
@@ -53,9 +54,9 @@ def killpoint(name: str) -> None:
     """Test-only: park the process at a named point so a test can SIGKILL it there."""
     if _KILLPOINT != name:
         return
-    fd = os.environ.get("DISCOMFORT_TEST_KILLPOINT_FD")
-    if fd:
-        os.write(int(fd), b"K")
+    fd = _settings.get("DISCOMFORT_TEST_KILLPOINT_FD")
+    if fd is not None:
+        os.write(fd, b"K")
     while True:
         time.sleep(3600)  # parked until the test kills us; never a synchronisation sleep
 
@@ -69,7 +70,7 @@ def fallocate(fd: int, offset: int, length: int) -> None:
     DISCOMFORT_TEST_FAIL_NEXT_WRITE=ENOSPC|ENOMEM[#tag] fails the next reservation of space in
     this process with that errno, once per distinct value."""
     global _injected_consumed
-    value = os.environ.get("DISCOMFORT_TEST_FAIL_NEXT_WRITE", "")
+    value = _settings.get("DISCOMFORT_TEST_FAIL_NEXT_WRITE") or ""
     if value and value != _injected_consumed:
         _injected_consumed = value
         code = {"ENOSPC": errno.ENOSPC, "ENOMEM": errno.ENOMEM}.get(value.split("#", 1)[0])

@@ -8,11 +8,11 @@ non-zero exit: 2 for a wrong command line, 1 for anything else, 130 for Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import NoReturn
 
+from .. import _settings
 from .common import CommandError, check_output_path, one_line
 
 __all__ = ["main"]
@@ -106,6 +106,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .. import doctor
 
+    if args.settings:
+        print("\n".join(_settings.report()))
+        bad = _settings.problems()
+        for problem in bad:
+            print(f"discomfort doctor: {problem}", file=sys.stderr)
+        return 1 if bad else 0
+
     report = doctor.collect(disk_root=args.disk_dir)
     print(doctor.format_report(report))
     for problem in report.get("problems", []):
@@ -139,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="what this machine offers a run, checked by a tiny run; exit 1 on a problem")
     p.add_argument("--disk-dir", default=None, help="disk root to check (default: the one runs use)")
+    p.add_argument("--settings", action="store_true",
+                   help="print every setting (environment variable) with its value in force and where it came "
+                        "from, nothing else (docs/SETTINGS.md); exit 1 when one is not valid")
     p.set_defaults(func=_cmd_doctor)
 
     from .run import add_run_parser
@@ -159,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     name = f"discomfort {args.command}"
-    if os.environ.get("DISCOMFORT_DEBUG"):
+    try:
+        debug = _settings.get("DISCOMFORT_DEBUG")
+    except ValueError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    if debug:
         return args.func(args)
     try:
         return args.func(args)

@@ -124,9 +124,11 @@ def demo_command(args: argparse.Namespace) -> int:
     if comfy is not None:
         _say(f"ComfyUI: {comfy} (run with {sys.executable})")
     else:
+        from .. import _settings
         from ..comfy.fetch import default_cache
 
-        comfy = _fetched_comfy(Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache())
+        comfy = _fetched_comfy(Path(args.cache_dir).expanduser().resolve() if args.cache_dir
+                               else default_cache(_settings.get("DISCOMFORT_CACHE")))
     _place_pack(comfy)
 
     from ..sequential import run_sequential

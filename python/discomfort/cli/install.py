@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import ParseResult, unquote, urlparse
 
+from .. import _settings
 from .._platform import PLATFORM
 from .common import CommandError
 
@@ -93,7 +94,7 @@ def find_comfy_python(comfy: Path, explicit: str | None = None) -> Path:
 
 def _child_env() -> dict[str, str]:
     """The target Python on its own: nothing of this process's import path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env = _settings.child_env(drop=("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"))
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     return env
 

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from .. import _settings
 from .common import check_output_path, read_json_file
 from .loops import apply_sets, input_dir_jobs, parse_set_spec
 from .._names import safe_file_stem, unique_stem
@@ -310,7 +311,7 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     where.add_argument("--comfyui", metavar="PATH",
                        help="run this ComfyUI tree in this process as its main.py would: its GPU, custom "
                             "nodes and folders (default: $DISCOMFORT_COMFYUI)")
-    p.add_argument("--transport", choices=["auto", "shm", "http"], default=None,
+    p.add_argument("--transport", choices=_settings.TRANSPORTS, default=None,
                    help="how values reach a server (default: auto, or $DISCOMFORT_TRANSPORT)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds allowed per workflow")
     p.add_argument("--keep", action="append", default=[], metavar="KEY",
@@ -341,7 +342,7 @@ def _executor(args: argparse.Namespace) -> Any:
         from ..comfy import ComfyServer
 
         return ComfyServer(args.server)
-    path = args.comfyui or os.environ.get("DISCOMFORT_COMFYUI")
+    path = args.comfyui or _settings.get("DISCOMFORT_COMFYUI")
     if path:
         if not Path(path).expanduser().is_dir():
             where = "--comfyui" if args.comfyui else "DISCOMFORT_COMFYUI="

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .. import _settings
 from ..errors import NodeExecutionError, PromptValidationError
 
 #: Folder name the repository's node pack gets inside a generated custom_nodes directory.
@@ -17,7 +18,7 @@ PACK_LINK_NAME = "discomfort_nodes"
 def default_node_pack() -> Path | None:
     """``$DISCOMFORT_COMFY_NODES``, else the copy installed with the wheel
     (``discomfort/node_pack``), else the repository's ``comfy_nodes/`` folder."""
-    env = os.environ.get("DISCOMFORT_COMFY_NODES")
+    env = _settings.get("DISCOMFORT_COMFY_NODES")
     if env:
         return Path(env).expanduser().resolve()
     here = Path(__file__).resolve()

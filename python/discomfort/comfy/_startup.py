@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
+from .. import _settings
 from ._common import default_node_pack, resolve_node_packs
 
 __all__ = ["probe_accelerator", "use_cpu", "tree_node_pack", "packs_to_add"]
@@ -64,7 +65,7 @@ def probe_accelerator(python: str | None = None, env: dict | None = None) -> str
         except ImportError:
             return None
         return scope["probe"]()
-    env = dict(os.environ if env is None else env)
+    env = _settings.child_env(env)
     key = (os.path.realpath(python), tuple(env.get(k) for k in _DEVICE_ENV))
     if key not in _answers:
         _answers[key] = _probe_child(python, env)

@@ -55,9 +55,9 @@ def _stderr_log(msg: str) -> None:
     print(f"[setup_comfyui] {msg}", file=sys.stderr, flush=True)
 
 
-def default_cache() -> Path:
-    """``$DISCOMFORT_CACHE``, else ``~/.cache/discomfort``."""
-    env = os.environ.get("DISCOMFORT_CACHE")
+def default_cache(env: str | None = None) -> Path:
+    """``env`` (``$DISCOMFORT_CACHE``, which the caller reads: this file runs without the package
+    too), else ``~/.cache/discomfort``."""
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "discomfort"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .. import _settings
 from ..errors import ComfyConnectionError
 from . import _startup
 from ._common import default_node_pack, make_custom_nodes_dir
@@ -197,7 +198,7 @@ def launch_server(
             work.mkdir(parents=True, exist_ok=True)
         log_file = Path(log_path) if log_path else work / "comfyui.log"
 
-        child_env = dict(os.environ if env is None else env)
+        child_env = _settings.child_env(env)
         pythonpath = _pythonpath_with_package(child_env)
         if pythonpath:
             child_env["PYTHONPATH"] = pythonpath

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 from ray.exceptions import ObjectLostError, ObjectStoreFullError, RayActorError
 
-from .. import codecs
+from .. import _settings, codecs
 from .._names import check_key, check_run_id
 from ..context import RAY_RUN_PREFIX, install_signal_handler
 from ..runs import REFERENCES, PassBy, RunBase, prompt_digest
@@ -57,10 +57,7 @@ def _directory_actor() -> Any:
 def _load_mode(copy: bool | None) -> bool:
     if copy is not None:
         return bool(copy)
-    mode = (os.environ.get("DISCOMFORT_RAY_LOAD") or "view").strip().lower()
-    if mode not in ("view", "copy"):
-        raise ValueError(f"DISCOMFORT_RAY_LOAD must be 'view' or 'copy', not {mode!r}")
-    return mode == "copy"
+    return bool(_settings.get("DISCOMFORT_RAY_LOAD") == "copy")  # ValueError naming it unless view or copy
 
 
 class RayContext(RunBase):

@@ -29,6 +29,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .. import _settings
 from ..errors import ComfyConnectionError, ServerDiedError, WorkflowError
 from ..run_control import CancelToken
 from . import _ray
@@ -96,7 +97,7 @@ class ComfyServerActor:
         wrapper = work / "python"
         wrapper.write_text(_WRAPPER.format(python=sys.executable, parent=os.getpid()))
         wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-        child_env = {k: v for k, v in os.environ.items() if k not in _WORKER_ONLY_ENV}
+        child_env = _settings.child_env(drop=_WORKER_ONLY_ENV)
         child_env.update(env or {})
         child_env["RAY_ADDRESS"] = context.gcs_address
         child_env[_ray.ENV_NODE_IP] = self.node_ip
@@ -217,7 +218,7 @@ class RayComfyPool:
                  custom_nodes: Sequence[str | os.PathLike] | None = None, extra_args: Sequence[str] = (),
                  env: dict | None = None, startup_timeout: float = 180.0, address: str | None = None,
                  isolated: bool = False) -> None:
-        path = comfy_path or os.environ.get("DISCOMFORT_COMFYUI")
+        path = comfy_path or _settings.get("DISCOMFORT_COMFYUI")
         if not path:
             raise ValueError("no comfy_path given and DISCOMFORT_COMFYUI is not set")
         if per not in ("auto", "node", "gpu"):

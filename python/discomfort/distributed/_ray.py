@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
+
+from .. import _settings
 
 NAMESPACE = "discomfort"
 """Ray namespace of the run directories (every process looks them up there explicitly)."""
@@ -45,11 +46,11 @@ def ensure_connected(address: str | None = None, *, start_local: bool = True, qu
     with _lock:
         if ray.is_initialized():
             return ray
-        target = address or os.environ.get("RAY_ADDRESS") or None
+        target = address or _settings.get("RAY_ADDRESS")
         if target is None and not start_local:
             raise ConnectionError("this process is not connected to a Ray cluster and RAY_ADDRESS is not set")
         kwargs: dict[str, Any] = {}
-        node_ip = os.environ.get(ENV_NODE_IP)
+        node_ip = _settings.get(ENV_NODE_IP)
         if target is not None and node_ip:
             kwargs["_node_ip_address"] = node_ip
         if quiet:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .. import errors
+from .. import _settings, errors
 from .._names import safe_file_stem, unique_stem, windows_name_problem
 from .._platform import PLATFORM
 from ..errors import InvalidName
@@ -33,16 +33,20 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
+_setting = _settings.setting_field  # a field whose default is the setting's (discomfort._settings)
+
+
 @dataclass
 class PanelLimits:
-    """What one panel request may ask; each has an environment variable."""
+    """What one panel request may ask: the fields made with ``_setting`` are settings, their
+    defaults written once in discomfort._settings (docs/SETTINGS.md); :meth:`from_env` reads them."""
 
-    max_workflows: int = 16  # DISCOMFORT_PANEL_MAX_WORKFLOWS: workflows in one run
-    max_iterations: int = 1000  # DISCOMFORT_PANEL_MAX_ITERATIONS
-    max_runs: int = 4  # DISCOMFORT_PANEL_MAX_RUNS: runs going at once, all clients together
-    max_runs_per_address: int = 2  # DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS: runs going from one client address
-    cancel_grace: float = 30.0  # DISCOMFORT_PANEL_CANCEL_GRACE: seconds a cancelled run may hold its slot
-    max_run_input_bytes: int = 1 << 30  # DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES: decoded inputs of one run
+    max_workflows: int = _setting("DISCOMFORT_PANEL_MAX_WORKFLOWS")  # workflows in one run
+    max_iterations: int = _setting("DISCOMFORT_PANEL_MAX_ITERATIONS")
+    max_runs: int = _setting("DISCOMFORT_PANEL_MAX_RUNS")  # runs going at once, all clients together
+    max_runs_per_address: int = _setting("DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS")  # from one client address
+    cancel_grace: float = _setting("DISCOMFORT_PANEL_CANCEL_GRACE")  # seconds a cancelled run may hold its slot
+    max_run_input_bytes: int = _setting("DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES")  # decoded inputs of one run
     max_json_file: int = 16 << 20  # bytes of a .json input
     max_json_depth: int = 64  # nesting of a .json input or a saved workflow
     max_subgraph_depth: int = 32  # subgraphs inside subgraphs in a saved workflow
@@ -50,34 +54,19 @@ class PanelLimits:
     max_body: int = 64 << 10  # bytes of a request's JSON body
     max_name: int = 255  # characters of a file name (with its folders)
     max_inputs: int = 64  # bound inputs of one run
-    max_input_file: int = 256 << 20  # DISCOMFORT_PANEL_MAX_INPUT_FILE: bytes of one input file
+    max_input_file: int = _setting("DISCOMFORT_PANEL_MAX_INPUT_FILE")  # bytes of one input file
     max_pixels: int = 64 << 20  # pixels of one input image
     max_value_chars: int = 64 << 10  # characters of a typed value
     max_workflow_file: int = 16 << 20  # bytes of a saved workflow
     max_listed: int = 2000  # files a listing returns
     max_output_files: int = 512  # files one run writes
-    history_files: int = 256  # DISCOMFORT_PANEL_HISTORY_FILES: per-iteration output files one run shows
-    history_bytes: int = 256 << 20  # DISCOMFORT_PANEL_HISTORY_BYTES: bytes of per-iteration files one run writes
+    history_files: int = _setting("DISCOMFORT_PANEL_HISTORY_FILES")  # per-iteration output files one run shows
+    history_bytes: int = _setting("DISCOMFORT_PANEL_HISTORY_BYTES")  # bytes of per-iteration files one run writes
     kept_runs: int = 32  # finished runs remembered for listing, per server
 
     @classmethod
     def from_env(cls) -> "PanelLimits":
-        lim = cls()
-        for attr, env in (("max_workflows", "DISCOMFORT_PANEL_MAX_WORKFLOWS"),
-                          ("max_iterations", "DISCOMFORT_PANEL_MAX_ITERATIONS"),
-                          ("max_runs", "DISCOMFORT_PANEL_MAX_RUNS"),
-                          ("max_runs_per_address", "DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS"),
-                          ("cancel_grace", "DISCOMFORT_PANEL_CANCEL_GRACE"),
-                          ("max_input_file", "DISCOMFORT_PANEL_MAX_INPUT_FILE"),
-                          ("max_run_input_bytes", "DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES"),
-                          ("history_files", "DISCOMFORT_PANEL_HISTORY_FILES"),
-                          ("history_bytes", "DISCOMFORT_PANEL_HISTORY_BYTES")):
-            raw = os.environ.get(env)
-            if raw:
-                from ..sysinfo import parse_size
-
-                kind = type(getattr(lim, attr))
-                setattr(lim, attr, int(parse_size(raw)) if attr.endswith(("_file", "_bytes")) else kind(raw))
+        lim: PanelLimits = _settings.from_settings(cls)
         return lim
 
 

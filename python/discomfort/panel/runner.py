@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Any
 
-from .. import errors
+from .. import _settings, errors
 from aiohttp import web
 
 from ..remote.limits import client_address
@@ -63,7 +63,7 @@ _answered_run = answers_errors("a panel route", "run_id")
 def own_url() -> str:
     """This ComfyUI server's URL, as a client on this host reaches it (``$DISCOMFORT_PANEL_URL``
     overrides it): the address it listens on (loopback when it listens everywhere) and its port."""
-    env = os.environ.get("DISCOMFORT_PANEL_URL")
+    env = _settings.get("DISCOMFORT_PANEL_URL")
     if env:
         return env.rstrip("/")
     from comfy.cli_args import args  # type: ignore[import-not-found]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 from urllib.parse import quote
 
-from .. import codecs, datacodec, errors
+from .. import _settings, codecs, datacodec, errors
 from .._platform import receive_buffer
 from ..runs import RunBase
 from ..errors import (ComfyConnectionError, ReferenceUnavailableError, SerializationError, TransportWarning,
@@ -74,7 +73,7 @@ class RemoteContext(RunBase):
         self._start(owner=True)
         self.run_id = ""
         self._token = ""
-        secret = secret if secret is not None else os.environ.get(SECRET_ENV)
+        secret = secret if secret is not None else _settings.get(SECRET_ENV)
         headers = {SECRET_HEADER: secret} if secret else {}
         body = {} if ram_budget is None else {"ram_budget": ram_budget}
         try:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .. import datacodec, errors, sysinfo
+from .. import _settings, datacodec, errors
 from .web import HTTPRefusal
 
 __all__ = ["client_address", "ServerLimits", "Arrival", "Upload", "Uploads", "extent_bytes", "uncancel"]
@@ -41,49 +40,33 @@ def client_address(remote: str | None) -> str:
     return str(ip)
 
 
-def _env_size(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return sysinfo.parse_size(raw) if raw else default
+_setting = _settings.setting_field  # a field whose default is the setting's (discomfort._settings)
 
 
 @dataclass
 class ServerLimits:
-    """What one server grants its HTTP clients; each has an environment variable."""
+    """What one server grants its HTTP clients: each limit but ``codec`` is a setting, its default
+    written once in discomfort._settings (docs/SETTINGS.md); :meth:`from_env` reads them all."""
 
-    max_runs: int = 32  # DISCOMFORT_REMOTE_MAX_RUNS
-    max_runs_per_client: int = 8  # DISCOMFORT_REMOTE_MAX_RUNS_PER_CLIENT (by address)
-    max_budget: int = 0  # DISCOMFORT_REMOTE_MAX_BUDGET; 0: this machine's default RAM budget
-    max_value: int = 8 << 30  # DISCOMFORT_REMOTE_MAX_VALUE: bytes of one frame
-    max_run_bytes: int = 16 << 30  # DISCOMFORT_REMOTE_MAX_RUN_BYTES: bytes a run holds, both tiers
-    max_client_bytes: int = 32 << 30  # DISCOMFORT_REMOTE_MAX_CLIENT_BYTES: all runs of one client
-    max_uploads_per_run: int = 4  # DISCOMFORT_REMOTE_MAX_UPLOADS_PER_RUN: PUTs arriving at once
-    max_uploads_per_client: int = 8  # DISCOMFORT_REMOTE_MAX_UPLOADS_PER_CLIENT
+    max_runs: int = _setting("DISCOMFORT_REMOTE_MAX_RUNS")
+    max_runs_per_client: int = _setting("DISCOMFORT_REMOTE_MAX_RUNS_PER_CLIENT")  # by address
+    max_budget: int = _setting("DISCOMFORT_REMOTE_MAX_BUDGET")  # 0: this machine's default RAM budget
+    max_value: int = _setting("DISCOMFORT_REMOTE_MAX_VALUE")  # bytes of one frame
+    max_run_bytes: int = _setting("DISCOMFORT_REMOTE_MAX_RUN_BYTES")  # bytes a run holds, both tiers
+    max_client_bytes: int = _setting("DISCOMFORT_REMOTE_MAX_CLIENT_BYTES")  # all runs of one client
+    max_uploads_per_run: int = _setting("DISCOMFORT_REMOTE_MAX_UPLOADS_PER_RUN")  # PUTs arriving at once
+    max_uploads_per_client: int = _setting("DISCOMFORT_REMOTE_MAX_UPLOADS_PER_CLIENT")
     # GETs being sent at once by one client: each holds a copy of its value until it is sent
-    max_downloads_per_client: int = 4  # DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT
-    idle_seconds: float = 900.0  # DISCOMFORT_REMOTE_RUN_TTL: a run nobody used for this long ends
-    stall_seconds: float = 60.0  # DISCOMFORT_REMOTE_STALL: a body that sends nothing this long is a 408
-    min_rate: int = 64 << 10  # DISCOMFORT_REMOTE_MIN_RATE: bytes/s a body averages after the grace; 0: none
-    rate_grace: float = 30.0  # DISCOMFORT_REMOTE_RATE_GRACE: seconds before the rate counts
+    max_downloads_per_client: int = _setting("DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT")
+    idle_seconds: float = _setting("DISCOMFORT_REMOTE_RUN_TTL")  # a run nobody used for this long ends
+    stall_seconds: float = _setting("DISCOMFORT_REMOTE_STALL")  # a body that sends nothing this long: 408
+    min_rate: int = _setting("DISCOMFORT_REMOTE_MIN_RATE")  # bytes/s a body averages after the grace; 0: none
+    rate_grace: float = _setting("DISCOMFORT_REMOTE_RATE_GRACE")  # seconds before the rate counts
     codec: datacodec.Limits = field(default_factory=datacodec.Limits)
 
     @classmethod
     def from_env(cls) -> "ServerLimits":
-        env = os.environ.get
-        lim = cls(
-            max_runs=int(env("DISCOMFORT_REMOTE_MAX_RUNS", 32)),
-            max_runs_per_client=int(env("DISCOMFORT_REMOTE_MAX_RUNS_PER_CLIENT", 8)),
-            max_budget=_env_size("DISCOMFORT_REMOTE_MAX_BUDGET", 0),
-            max_value=_env_size("DISCOMFORT_REMOTE_MAX_VALUE", 8 << 30),
-            max_run_bytes=_env_size("DISCOMFORT_REMOTE_MAX_RUN_BYTES", 16 << 30),
-            max_client_bytes=_env_size("DISCOMFORT_REMOTE_MAX_CLIENT_BYTES", 32 << 30),
-            max_uploads_per_run=int(env("DISCOMFORT_REMOTE_MAX_UPLOADS_PER_RUN", 4)),
-            max_uploads_per_client=int(env("DISCOMFORT_REMOTE_MAX_UPLOADS_PER_CLIENT", 8)),
-            max_downloads_per_client=int(env("DISCOMFORT_REMOTE_MAX_DOWNLOADS_PER_CLIENT", 4)),
-            idle_seconds=float(env("DISCOMFORT_REMOTE_RUN_TTL", 900)),
-            stall_seconds=float(env("DISCOMFORT_REMOTE_STALL", 60)),
-            min_rate=_env_size("DISCOMFORT_REMOTE_MIN_RATE", 64 << 10),
-            rate_grace=float(env("DISCOMFORT_REMOTE_RATE_GRACE", 30)),
-        )
+        lim: ServerLimits = _settings.from_settings(cls)
         lim.codec = datacodec.Limits(max_bytes=lim.max_value)
         return lim
 

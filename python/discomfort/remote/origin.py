@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import os
 from typing import Any, Callable
 from urllib.parse import urlsplit
+
+from .. import _settings
 
 __all__ = ["ALLOWED_HOSTS_ENV", "ALLOWED_ORIGINS_ENV", "allowed_names", "allowed_origins", "refusal", "guard",
            "guard_routes"]
@@ -43,7 +44,7 @@ def allowed_names() -> set[str]:
     """Host names (lower case) allowed besides IP literals and ``localhost``: the environment's
     list and the names given to ComfyUI's ``--listen`` when running inside ComfyUI."""
     names = {"localhost"}
-    names |= {n.strip().lower().rstrip(".") for n in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if n.strip()}
+    names |= {n.lower().rstrip(".") for n in _settings.get(ALLOWED_HOSTS_ENV)}
     names |= {n.strip().lower().rstrip(".") for n in str(getattr(_comfy_args(), "listen", "") or "").split(",")
               if n.strip()}
     return names
@@ -51,7 +52,7 @@ def allowed_names() -> set[str]:
 
 def allowed_origins() -> set[str]:
     """Origins (lower case, no trailing slash) allowed besides the server's own."""
-    raw = os.environ.get(ALLOWED_ORIGINS_ENV, "").split(",")
+    raw = list(_settings.get(ALLOWED_ORIGINS_ENV))
     raw.append(str(getattr(_comfy_args(), "enable_cors_header", "") or ""))
     return {o.strip().lower().rstrip("/") for o in raw if o.strip() and o.strip() != "*"}
 

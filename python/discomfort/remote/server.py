@@ -31,7 +31,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import re
 import secrets
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import codecs, datacodec, errors, sysinfo
+from .. import _settings, codecs, datacodec, errors, sysinfo
 from ..context import WorkflowContext
 from .framing import (CHUNK, HEAD, SECRET_ENV, SECRET_HEADER, SIZE, TOKEN_HEADER, frame_header, frame_length,
                       parse_fixed, parse_sizes)
@@ -132,7 +131,7 @@ class RunServer:
     def __init__(self, limits: ServerLimits | None = None, secret: str | None = None) -> None:
         self.runs: dict[str, ServedContext] = {}
         self.limits = limits or ServerLimits.from_env()
-        self.secret = (secret if secret is not None else os.environ.get(SECRET_ENV)) or None
+        self.secret = (secret if secret is not None else _settings.get(SECRET_ENV)) or None
         if self.secret is not None and len(self.secret) < 16:
             raise ValueError(f"{SECRET_ENV} must be at least 16 characters")
         self._timer: asyncio.TimerHandle | None = None

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import subprocess
 import sys
 from typing import IO, Iterator, Mapping
 
+from .. import _settings
 from .framing import SECRET_ENV
 
 
@@ -27,7 +27,7 @@ def start(secret: str, env: Mapping[str, str] | None = None, stderr: IO | None =
           timeout: float = 60) -> Iterator[tuple[str, subprocess.Popen]]:
     """A run server in a process of its own on a free loopback port, for the block: (its URL,
     the process). Leaving the block closes its standard input and waits for it to end."""
-    env = {**(os.environ if env is None else env), SECRET_ENV: secret}
+    env = _settings.child_env(env, **{SECRET_ENV: secret})
     proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=stderr, text=True, env=env)
     assert proc.stdin is not None and proc.stdout is not None

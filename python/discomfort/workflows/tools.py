@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any, Mapping, Protocol
 
+from .. import _settings
 from ..errors import UnknownKeyError, WorkflowError
 from .format import (
     INPUT,
@@ -41,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger("discomfort")
 
-TRANSPORTS = ("auto", "shm", "http")
+TRANSPORTS = _settings.TRANSPORTS
 
 
 class Executor(Protocol):
@@ -58,7 +59,7 @@ def resolve_executor(executor: Any = None) -> Any:
     see docs/COMFYUI.md), or the one this process has already loaded.
     """
     if executor is None:
-        path = os.environ.get("DISCOMFORT_COMFYUI")
+        path = _settings.get("DISCOMFORT_COMFYUI")
         if not path:
             raise ValueError(
                 "no executor given and DISCOMFORT_COMFYUI is not set: pass executor=InProcessComfy(path), "
@@ -171,7 +172,7 @@ def choose_transport(executor: Any, transport: str | None = None) -> tuple[str, 
     "http" uses the HTTP routes without asking; "shm" raises
     :class:`~discomfort.errors.WorkflowError` when the server says it cannot share memory.
     """
-    requested = transport if transport is not None else (os.environ.get("DISCOMFORT_TRANSPORT") or "auto")
+    requested = transport if transport is not None else _settings.get("DISCOMFORT_TRANSPORT")
     requested = str(requested).strip().lower()
     if requested not in TRANSPORTS:
         raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {requested!r}")
