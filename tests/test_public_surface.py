@@ -17,10 +17,8 @@ import pytest
 
 import discomfort
 from discomfort import errors
+from test_architecture import MODULES  # module name -> its installed file
 
-SPEC = importlib.util.find_spec("discomfort")
-assert SPEC is not None and SPEC.submodule_search_locations
-ROOT = Path(list(SPEC.submodule_search_locations)[0])
 REPO = Path(__file__).resolve().parents[1]
 ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
 
@@ -44,17 +42,6 @@ OLD_HOMES = [
 ]
 
 
-def _modules() -> dict[str, Path]:
-    out = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        rel = path.relative_to(ROOT.parent).with_suffix("")
-        if "node_pack" in rel.parts:  # the ComfyUI folder shipped as data, loaded by ComfyUI
-            continue
-        out[".".join(rel.parts).removesuffix(".__init__")] = path
-    return out
-
-
-MODULES = _modules()
 TREES = {m: ast.parse(p.read_text()) for m, p in MODULES.items()}
 
 
