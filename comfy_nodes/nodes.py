@@ -1,6 +1,6 @@
 """DiscomfortPort: where a value enters (INPUT) or leaves (OUTPUT) a workflow, keyed by unique_id."""
 
-from discomfort.nodes.support import ANY, always_changed_token, get_handler, save_value
+from discomfort.nodes.support import ANY, always_changed_token, context_for, save_value
 from discomfort.nodes.support import port_mode as _resolve_mode
 
 
@@ -51,7 +51,7 @@ class DiscomfortPort:
         if run_id:
             mode = _resolve_mode(prompt, node_id, port_mode)
             if mode in ("OUTPUT", "PASSTHRU"):
-                save_value(get_handler(run_id, prompt), unique_id, input_data)
+                save_value(context_for(run_id, prompt), unique_id, input_data)
         return (input_data,)
 
 

@@ -1,6 +1,6 @@
 """DiscomfortDataLoader: what run_sequential puts in place of an INPUT port."""
 
-from discomfort.nodes.support import ANY, get_handler, load_value
+from discomfort.nodes.support import ANY, context_for, load_value
 
 
 def _describe(exc, run_id, unique_id):
@@ -53,8 +53,8 @@ class DiscomfortDataLoader:
         import discomfort.errors as errors
 
         try:
-            handler = get_handler(run_id, prompt)
-            return (load_value(handler, unique_id),)
+            ctx = context_for(run_id, prompt)
+            return (load_value(ctx, unique_id),)
         except errors.UnknownKeyError as exc:
             raise errors.UnknownKeyError(_describe(exc, run_id, unique_id)) from exc
         except (errors.UnknownRunError, errors.CorruptedStoreError) as exc:  # a truncated chunk among them

@@ -32,8 +32,8 @@ __all__ = ["WorkflowContext", "get_context", "release_finished", "active_runs", 
            "install_signal_handler", "RAY_RUN_PREFIX"]
 
 # The seed's registry: run_id -> the context this process holds for it.
-_active_handlers: dict[str, WorkflowContext] = {}
-_handler_lock = threading.Lock()
+_contexts: dict[str, WorkflowContext] = {}
+_contexts_lock = threading.Lock()
 
 _TAG_VALUE = b"V"  # a pickle this user's own process wrote
 _TAG_REF = b"R"  # a JSON marker of an object kept in the saving process
@@ -84,8 +84,8 @@ class WorkflowContext(RunBase):
         )
         self._pid = os.getpid()
         install_signal_handler()
-        with _handler_lock:
-            _active_handlers[self.run_id] = self
+        with _contexts_lock:
+            _contexts[self.run_id] = self
 
     # ---- attaching ---------------------------------------------------------------------------
     @classmethod
@@ -111,9 +111,9 @@ class WorkflowContext(RunBase):
             self._store.close()
 
     def _forget(self) -> None:
-        with _handler_lock:
-            if _active_handlers.get(self.run_id) is self:
-                del _active_handlers[self.run_id]
+        with _contexts_lock:
+            if _contexts.get(self.run_id) is self:
+                del _contexts[self.run_id]
         super()._forget()
 
     def _check(self) -> Any:
@@ -301,28 +301,28 @@ def get_context(run_id: str) -> SharedRunContext:
     resolve = resolver_for(run_id)  # e.g. a Ray run: found through the cluster, not /dev/shm
     if resolve is not None:
         return resolve(run_id)
-    with _handler_lock:
+    with _contexts_lock:
         _drop_finished_locked()
-        ctx = _active_handlers.get(run_id)
+        ctx = _contexts.get(run_id)
         if ctx is not None:
             return ctx
         try:
             ctx = WorkflowContext.attach(run_id)
         except StoreClosedError as exc:
             raise RunFinishedError(f"run {run_id!r} has finished") from exc
-        _active_handlers[run_id] = ctx
+        _contexts[run_id] = ctx
         return ctx
 
 
 def release_finished() -> int:
     """Detach from every attached run that has finished; returns how many."""
-    with _handler_lock:
+    with _contexts_lock:
         return _drop_finished_locked()
 
 
 def _drop_finished_locked() -> int:
     dropped = 0
-    for rid, ctx in list(_active_handlers.items()):
+    for rid, ctx in list(_contexts.items()):
         if ctx._owner:
             continue
         try:
@@ -330,7 +330,7 @@ def _drop_finished_locked() -> int:
         except Exception:
             finished = True
         if finished:
-            del _active_handlers[rid]
+            del _contexts[rid]
             ctx._closed = True
             ctx._store.close()
             REFERENCES.drop_run(rid)  # what this process's nodes kept by reference for that run
@@ -339,8 +339,8 @@ def _drop_finished_locked() -> int:
 
 
 def active_runs() -> list[str]:
-    with _handler_lock:
-        return sorted(_active_handlers)
+    with _contexts_lock:
+        return sorted(_contexts)
 
 
 def release_pool() -> int:
@@ -356,8 +356,8 @@ def release_pool() -> int:
 
 # ---- process lifecycle: exit, SIGTERM, fork -------------------------------------------------------
 def _shutdown_all() -> None:
-    with _handler_lock:
-        contexts = list(_active_handlers.values())
+    with _contexts_lock:
+        contexts = list(_contexts.values())
     for ctx in contexts:
         try:
             ctx.shutdown()
@@ -393,12 +393,12 @@ def install_signal_handler() -> None:
 
 def _after_fork_in_child() -> None:
     """A forked child inherits no ownership: it must never unlink its parent's runs."""
-    global _handler_lock
-    _handler_lock = threading.Lock()
-    for ctx in _active_handlers.values():
+    global _contexts_lock
+    _contexts_lock = threading.Lock()
+    for ctx in _contexts.values():
         ctx._owner = False
         ctx._closed = True
-    _active_handlers.clear()
+    _contexts.clear()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows

@@ -13,7 +13,7 @@ from ..context import get_context
 from ..runs import SharedRunContext
 from ..workflows.format import LOADER_CLASS, PORT_CLASS, port_mode_in_prompt
 
-__all__ = ["AnyType", "ANY", "port_mode", "get_handler", "load_value", "save_value", "always_changed_token",
+__all__ = ["AnyType", "ANY", "port_mode", "context_for", "load_value", "save_value", "always_changed_token",
            "PORT_CLASS", "LOADER_CLASS"]
 
 
@@ -50,7 +50,7 @@ def port_mode(prompt: dict | None, node_id: str | None, declared: str | None = N
     return port_mode_in_prompt(prompt, str(node_id))
 
 
-def get_handler(run_id: str, prompt: Any = None) -> SharedRunContext:
+def context_for(run_id: str, prompt: Any = None) -> SharedRunContext:
     """The run's context, for a node of ``prompt`` (ComfyUI's hidden PROMPT input).
 
     Registered in this process or attached; raises if the run is unknown, or if the run's
