@@ -7,6 +7,10 @@ FLOAT ``float()``, STRING ``str()``, BOOLEAN ``bool()``; a cast that fails leave
 the prompt is refused). Nodes digest exactly what they are handed (:func:`runs.prompt_digest`),
 so an orchestrator registers :func:`prompt_as_run` of what it queues: the same changes, made to a
 copy, with the input types the executor declares.
+
+Which node classes ComfyUI fingerprints before it trusts its cache (:func:`fingerprinted_classes`)
+is told by the node side (``GET`` :data:`FINGERPRINTS_ROUTE`) and read by the orchestrator's
+:mod:`discomfort.reuse`: both sides' fact, so it lives here, below both.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import copy
 import inspect
 import json
 import logging
+import sys
 import weakref
 from typing import Any, Callable, Mapping
 
-__all__ = ["NodeTypes", "validated_form", "prompt_as_run", "node_types"]
+__all__ = ["NodeTypes", "validated_form", "prompt_as_run", "node_types", "fingerprinted_classes", "FINGERPRINTS_ROUTE"]
 
 log = logging.getLogger("discomfort")
 
@@ -175,3 +180,31 @@ def _parameters(fn: Callable) -> set[str]:
         return set(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+#: The node pack's route listing the node classes ComfyUI fingerprints (GET, no arguments).
+FINGERPRINTS_ROUTE = "/discomfort/node_fingerprints"
+
+
+def fingerprinted_classes(mappings: Mapping[str, Any]) -> list[str]:
+    """The node classes of ``mappings`` (ComfyUI's ``NODE_CLASS_MAPPINGS``) that ComfyUI asks for
+    a fingerprint before it trusts its cache: ``IS_CHANGED``, or a V3 node's own
+    ``fingerprint_inputs``, as ``execution.IsChangedCache`` decides. Runs inside ComfyUI."""
+    internal = sys.modules.get("comfy_api.internal")
+    base = getattr(internal, "_ComfyNodeInternal", None)
+    override = getattr(internal, "first_real_override", None)
+    out = []
+    for name, cls in mappings.items():
+        if hasattr(cls, "IS_CHANGED"):
+            out.append(name)
+            continue
+        if not hasattr(cls, "fingerprint_inputs"):
+            continue
+        try:
+            if base is not None and override is not None and issubclass(cls, base):
+                if override(cls, "fingerprint_inputs") is None:
+                    continue
+        except Exception:  # noqa: BLE001  (cannot tell: taken as fingerprinted, never reused)
+            pass
+        out.append(name)
+    return sorted(out)

@@ -30,46 +30,19 @@ once, naming ``--cache-lru`` and a held ``Run``.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, Mapping
 
-from .prompt_forms import node_types, prompt_as_run
+from .prompt_forms import FINGERPRINTS_ROUTE, fingerprinted_classes, node_types, prompt_as_run
 from .runs import key_versions, run_digests
 from .workflows.format import LOADER_CLASS, PORT_CLASS
 
-__all__ = ["Reuse", "Decision", "RERUN", "fingerprinted_classes", "FINGERPRINTS_ROUTE", "is_reference", "wrote"]
+__all__ = ["Reuse", "Decision", "RERUN", "is_reference", "wrote"]
 
 log = logging.getLogger("discomfort")
 
 #: ``rerun=`` values: "auto" (reuse what :class:`Reuse` allows) or "always" (queue every workflow).
 RERUN = ("auto", "always")
-#: The node pack's route listing the node classes ComfyUI fingerprints (GET, no arguments).
-FINGERPRINTS_ROUTE = "/discomfort/node_fingerprints"
 _OURS = (PORT_CLASS, LOADER_CLASS)
-
-
-def fingerprinted_classes(mappings: Mapping[str, Any]) -> list[str]:
-    """The node classes of ``mappings`` (ComfyUI's ``NODE_CLASS_MAPPINGS``) that ComfyUI asks for
-    a fingerprint before it trusts its cache: ``IS_CHANGED``, or a V3 node's own
-    ``fingerprint_inputs``, as ``execution.IsChangedCache`` decides. Runs inside ComfyUI."""
-    internal = sys.modules.get("comfy_api.internal")
-    base = getattr(internal, "_ComfyNodeInternal", None)
-    override = getattr(internal, "first_real_override", None)
-    out = []
-    for name, cls in mappings.items():
-        if hasattr(cls, "IS_CHANGED"):
-            out.append(name)
-            continue
-        if not hasattr(cls, "fingerprint_inputs"):
-            continue
-        try:
-            if base is not None and override is not None and issubclass(cls, base):
-                if override(cls, "fingerprint_inputs") is None:
-                    continue
-        except Exception:  # noqa: BLE001  (cannot tell: taken as fingerprinted, never reused)
-            pass
-        out.append(name)
-    return sorted(out)
 
 
 def _fingerprints_of(target: Any) -> frozenset[str] | None:

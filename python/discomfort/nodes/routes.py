@@ -5,9 +5,12 @@
   the server revealing its uid, pid or boot id.
 * ``/discomfort/runs...``: runs owned by this server process, for orchestrators that cannot share
   memory with it (see :mod:`discomfort.remote.server`).
-* ``/discomfort/panel/...``: the editor panel's runner (see :mod:`discomfort.panel.runner`).
+* ``/discomfort/panel/...``: the editor panel's runner (:mod:`discomfort.panel.runner`), added by
+  the node pack folder through ``also``: the panel sits above both sides and the node side never
+  imports it.
 * ``GET /discomfort/node_fingerprints``: the node classes ComfyUI asks for a fingerprint
-  (``IS_CHANGED``): an orchestrator never skips a prompt holding one (:mod:`discomfort.reuse`).
+  (``IS_CHANGED``): an orchestrator never skips a prompt holding one (:mod:`discomfort.reuse`;
+  both sides take the route and the rule from :mod:`discomfort.prompt_forms`).
   Public facts, as ``/object_info``.
 
 Every one of them first checks the request's ``Host`` and ``Origin`` (:mod:`discomfort.remote.origin`):
@@ -16,22 +19,22 @@ a page of another site that rebinds its name to this machine gets a 403.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
+from ..prompt_forms import FINGERPRINTS_ROUTE, fingerprinted_classes
 from ..remote.origin import guard_routes
 from ..remote.server import add_routes
-from ..reuse import FINGERPRINTS_ROUTE, fingerprinted_classes
 from ..sysinfo import host_info
-from ..panel.runner import add_panel_routes
 
 __all__ = ["register"]
 
 _registered = False
 
 
-def register(routes: Any = None) -> bool:
+def register(routes: Any = None, also: Iterable[Callable[[Any], None]] = ()) -> bool:
     """Add the routes to ``routes`` (default: ComfyUI's ``PromptServer.instance.routes``, when
-    there is one); False when there is no server to add them to, or they are already there."""
+    there is one), and those each of ``also`` adds (behind the same Host and Origin checks); False
+    when there is no server to add them to, or they are already there."""
     global _registered
     if _registered:
         return False
@@ -64,6 +67,7 @@ def register(routes: Any = None) -> bool:
         return web.json_response({"is_changed": fingerprinted_classes(nodes.NODE_CLASS_MAPPINGS)})
 
     add_routes(routes)
-    add_panel_routes(routes)
+    for add in also:
+        add(routes)
     _registered = True
     return True
