@@ -88,7 +88,7 @@ class Placement(Protocol):
         """Run ``prompt`` there; ComfyUI's outputs of it, ``{node_id: ui_output}`` (None: not known).
         A placement may also have ``output_dir(slot)``: the folder those outputs' files are in."""
 
-    def settle(self, ctx: Any, slot: Any, written: list[str]) -> None:
+    def settle(self, ctx: RunContext, slot: Any, written: list[str]) -> None:
         """After the workflow wrote ``written``: e.g. make its values outlive its server."""
 
     def recover(self, slot: Any, exc: Exception, attempts: int, run_id: str, iteration: int, k: int) -> bool:
@@ -457,7 +457,7 @@ class _Plan:
         return iteration * n + k + 1
 
 
-def _release(ctx: Any, keys: list[str]) -> None:
+def _release(ctx: RunContext, keys: list[str]) -> None:
     for uid in keys:
         ctx.delete(uid)
 

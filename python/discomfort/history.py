@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import ReferenceUnavailableError, StoreFullError, UnknownKeyError, WorkflowError
 from .run_control import RunValues
+from .runs import RunContext
 
 __all__ = ["IterationValues", "Recorder", "OnIteration", "output_files", "owned_copy", "check_keep", "ram_budget_of"]
 
@@ -106,7 +107,7 @@ class IterationValues(RunValues):
     """What ``on_iteration(iteration, values)`` gets: the run's current values (read-only, loaded
     when asked for, as ``until``'s), with this iteration's ``files`` and ``controls``."""
 
-    def __init__(self, ctx: Any, iteration: int, files: list[dict], controls: list[dict]) -> None:
+    def __init__(self, ctx: RunContext, iteration: int, files: list[dict], controls: list[dict]) -> None:
         super().__init__(ctx)
         self.iteration = iteration
         self.files = files
@@ -116,7 +117,7 @@ class IterationValues(RunValues):
 class Recorder:
     """Collects a call's per-iteration results into its :class:`~discomfort.engine.Result`."""
 
-    def __init__(self, result: Any, ctx: Any, keep: list[str], on_iteration: OnIteration | None,
+    def __init__(self, result: Any, ctx: RunContext, keep: list[str], on_iteration: OnIteration | None,
                  load: Callable[[str], Any], budget: Callable[[], int]) -> None:
         if on_iteration is not None and not callable(on_iteration):
             raise TypeError(f"on_iteration= is a function (iteration, values), not {on_iteration!r}")
@@ -165,7 +166,7 @@ class Recorder:
         self.result.history[uid].append(kept)
 
 
-def ram_budget_of(ctx: Any) -> int:
+def ram_budget_of(ctx: RunContext) -> int:
     """The run's RAM budget (its store's; a Ray run: this machine's default)."""
     try:
         budget = ctx.stats().get("ram_budget")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import UnknownKeyError, WorkflowError
+from .runs import RunContext
 
 __all__ = ["CancelToken", "ProgressEvent", "plan_releases", "progress_bar", "accepts_keyword", "cut_error",
            "Until", "check_bounds", "until_holds", "RunValues"]
@@ -215,7 +216,7 @@ def check_bounds(iterations: int | None, until: Until | None) -> int | None:
 class RunValues(Mapping):
     """The run's current values, read-only, loaded when asked for (what an ``until`` function sees)."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: RunContext) -> None:
         self._ctx = ctx
 
     def __getitem__(self, key: str) -> Any:
@@ -234,7 +235,7 @@ class RunValues(Mapping):
         return key in self._ctx
 
 
-def until_holds(ctx: Any, until: Until, iteration: int) -> bool:
+def until_holds(ctx: RunContext, until: Until, iteration: int) -> bool:
     """Whether ``until`` holds after ``iteration``."""
     if callable(until):
         return bool(until(iteration, RunValues(ctx)))
