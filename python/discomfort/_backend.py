@@ -1,12 +1,15 @@
-"""Chooses the store implementation: the C++ core or the pure-Python twin.
+"""Chooses the store implementation: the C++ core, the pure-Python twin, or the process-local store.
 
-DISCOMFORT_BACKEND=auto|native|python picks one (auto: native when it loads).
+DISCOMFORT_BACKEND=auto|native|python picks the shared store's (auto: native when it loads).
 DISCOMFORT_REQUIRE_NATIVE=1 turns a missing core into an import error instead of a fallback.
-The core is for Linux with /dev/shm only: elsewhere (the store's portable mode on macOS, no local
-store on Windows; see _platform.MODE) it is never loaded, and auto means python.
+The core is for Linux with /dev/shm only: elsewhere (the store's portable mode on macOS; see
+_platform.MODE) it is never loaded, and auto means python. Where no shared store can run
+(Windows, MODE "local"), auto means "local": discomfort._localstore, whose runs stay in the
+process that creates them.
 
-Each backend module says which it is (BACKEND: "native" or "python"), and so do its Store
-objects (`store.backend`). `module()` is the backend this process chose, `module(name)` a named one.
+Each backend module says which it is (BACKEND: "native", "python" or "local"), and so do its
+Store objects (`store.backend`). `module()` is the backend this process chose, `module(name)` a
+named one.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 from types import ModuleType
 
 from . import _settings
-from ._platform import MODE, PLATFORM
+from ._platform import MODE, PLATFORM, SHARED
 from .errors import BackendUnavailableError
 
 VALID = _settings.BACKENDS  # DISCOMFORT_BACKEND
@@ -52,12 +55,14 @@ def _import_core() -> ModuleType:
 
 
 def load(name: str) -> ModuleType:
-    """Return the store module of backend `name` ("native" or "python")."""
+    """Return the store module of backend `name` ("native", "python" or "local")."""
     if name == "native":
         return _import_core()
     if name == "python":
         return importlib.import_module("discomfort._pystore")
-    raise ValueError(f"unknown backend {name!r}; use one of: native, python")
+    if name == "local":
+        return importlib.import_module("discomfort._localstore")
+    raise ValueError(f"unknown backend {name!r}; use one of: native, python, local")
 
 
 def select() -> tuple[str, ModuleType]:
@@ -74,6 +79,8 @@ def select() -> tuple[str, ModuleType]:
     except BackendUnavailableError:
         if want == "native" or _require_native():
             raise
+    if not SHARED:
+        return "local", load("local")
     return "python", load("python")
 
 
@@ -91,11 +98,14 @@ def module(name: str | None = None) -> ModuleType:
 
 
 def name() -> str:
-    """Which backend this process chose: "native" or "python"."""
+    """Which backend this process chose: "native", "python" or "local"."""
     return module().BACKEND
 
 
 def available() -> list[str]:
+    """The backends a run can use here: the shared store's that load, else (Windows) "local"."""
+    if not SHARED:
+        return ["local"]
     names = []
     for backend in ("native", "python"):
         try:

@@ -2,13 +2,15 @@
 directories, the host's memory, and memory for bytes arriving from a socket. The bottom layer: imports nothing of discomfort but errors and _settings.
 
 Test hook: DISCOMFORT_TEST_PLATFORM=darwin|win32 behaves as on that system (read once at import;
-sets PLATFORM, hence MODE): "darwin" runs the portable mode on Linux, "win32" refuses local stores.
+sets PLATFORM, hence MODE): "darwin" runs the portable mode on Linux, "win32" keeps every run in
+the process-local store (discomfort._localstore).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -17,7 +19,7 @@ from typing import Any
 
 try:
     import fcntl
-except ImportError:  # Windows: no local store there (MODE "unsupported")
+except ImportError:  # Windows: no shared store there (MODE "local")
     fcntl = None  # type: ignore[assignment]
 
 from . import _settings
@@ -27,26 +29,43 @@ PLATFORM = _settings.get("DISCOMFORT_TEST_PLATFORM") or sys.platform
 
 
 def _store_mode() -> str:
-    """How this system keeps a run (docs/FORMAT.md, "Portable mode"):
+    """How this system keeps a run (docs/FORMAT.md, "Portable mode"; docs/PLATFORMS.md):
 
     "shm": Linux: segments in /dev/shm, OFD byte-range locks, posix_fallocate.
     "portable": another POSIX system (macOS), or Linux without /dev/shm or OFD locks: segments are
         regular files in a private temp directory, locks are flock() on lock files.
-    "unsupported": Windows (no fcntl, no POSIX shared mappings): no local store.
+    "local": Windows (no fcntl, no POSIX shared mappings): no cross-process store; every run is
+        kept in the process that creates it (discomfort._localstore).
     """
     if PLATFORM == "win32" or fcntl is None:
-        return "unsupported"
+        return "local"
     if PLATFORM.startswith("linux") and hasattr(fcntl, "F_OFD_SETLK") and os.path.isdir("/dev/shm"):
         return "shm"
     return "portable"
 
 
 MODE = _store_mode()
+#: Whether another process can attach to this system's runs (the shared store runs here).
+SHARED = MODE != "local"
+
+
+def user_tag() -> str:
+    """This user, for names in the temp directory: the effective uid on POSIX, else (Windows) the
+    login name made safe for a file name."""
+    if hasattr(os, "geteuid"):
+        return str(os.geteuid())
+    try:
+        import getpass
+
+        name = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in the environment: the temp dir is the user's own
+        name = ""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64] or "user"
 
 
 def user_temp_dir() -> str:
     """This user's folder in the temp directory (not created here)."""
-    return os.path.join(tempfile.gettempdir(), f"discomfort-{os.geteuid()}")
+    return os.path.join(tempfile.gettempdir(), f"discomfort-{user_tag()}")
 
 
 #: Where runs keep their control segments and RAM chunks by default.
@@ -54,10 +73,12 @@ SHM_DIR = os.path.join(user_temp_dir(), "segments") if MODE == "portable" else "
 
 
 def private_dir(path: str) -> str:
-    """Make `path` (mode 0700) unless it exists; refuse it unless it is a real directory of ours."""
+    """Make `path` (mode 0700) unless it exists; refuse it unless it is a real directory of ours
+    (on Windows, where there are no uids, a real directory: the temp directory is the user's)."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.lstat(path)
-    if st.st_uid != os.geteuid() or not os.path.isdir(path) or os.path.islink(path):
+    mine = st.st_uid == os.geteuid() if hasattr(os, "geteuid") else True
+    if not mine or not os.path.isdir(path) or os.path.islink(path):
         raise PermissionError(f"{path} is not a private directory of this user")
     return path
 
@@ -70,14 +91,15 @@ def prepare_shm_dir(shm_dir: str) -> None:
 
 
 def require_local_store() -> None:
-    """Raise UnsupportedPlatformError where no local store can run (Windows)."""
-    if MODE == "unsupported":
+    """Raise UnsupportedPlatformError where no shared (cross-process) store can run (Windows)."""
+    if MODE == "local":
         name = "Windows" if PLATFORM == "win32" else PLATFORM
         raise UnsupportedPlatformError(
-            f"discomfort cannot keep a local store on {name} ({PLATFORM}): it needs POSIX shared "
-            "file mappings and fcntl locks. Run it under WSL2, or run ComfyUI on a Linux machine and "
-            "reach it over HTTP (discomfort.remote.RemoteContext, or run_sequential(..., "
-            "executor=SERVER_URL, transport='http'))"
+            f"discomfort cannot keep a shared (cross-process) store on {name} ({PLATFORM}): it needs POSIX "
+            "shared file mappings and fcntl locks. Runs there are kept in the process that creates them "
+            "(WorkflowContext(store='local'), the default there): use ComfyUI in that process "
+            "(discomfort.comfy.InProcessComfy), or reach a ComfyUI server over HTTP (run_sequential(..., "
+            "transport='http'), discomfort.remote.RemoteContext); or run discomfort under WSL2"
         )
 
 
@@ -106,6 +128,8 @@ class Cgroup:
 
 def cgroup_memory(root: str = "/sys/fs/cgroup") -> Cgroup:
     """The cgroup v2 memory limit and usage of this process, when there is a limit."""
+    if sys.platform == "win32":
+        return Cgroup(None, None)
     try:
         with open(os.path.join(root, "memory.max")) as fh:
             raw = fh.read().strip()
@@ -115,6 +139,31 @@ def cgroup_memory(root: str = "/sys/fs/cgroup") -> Cgroup:
         return Cgroup(limit, usage)
     except (OSError, ValueError):
         return Cgroup(None, None)
+
+
+def memory_available(meminfo: str = "/proc/meminfo") -> tuple[int | None, int | None]:
+    """(available, total) bytes of memory: ``meminfo`` (a file in /proc/meminfo format), or on
+    Windows, unless another file is named, GlobalMemoryStatusEx; (None, None) without an answer."""
+    if sys.platform != "win32" or meminfo != "/proc/meminfo":
+        info = read_meminfo(meminfo)
+        return info.get("MemAvailable"), info.get("MemTotal")
+    try:
+        import ctypes
+
+        class _Status(ctypes.Structure):
+            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+        status = _Status()
+        status.dwLength = ctypes.sizeof(_Status)
+        if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):  # type: ignore[attr-defined]
+            return None, None
+        return int(status.ullAvailPhys), int(status.ullTotalPhys)
+    except Exception:  # noqa: BLE001 - no answer: the caller's default applies
+        return None, None
 
 
 # Smaller buffers: a bytearray. glibc serves them from its heap up to its largest mmap threshold

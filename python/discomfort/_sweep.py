@@ -7,6 +7,12 @@ flock on it succeeds: the process that pools it holds a shared one until it exit
 Process ids are never used: they are reused, and containers have their own.
 In portable mode the same holds for the segment directory (regular files), whose runs also have
 lock files (dcf-{run_id}.lk, .lk{slot}): they go with their run.
+
+Process-local runs (discomfort._localstore) have only a directory in the disk root,
+dcf-{run_id}, with their object files and owner.lk, which the owner holds open (and flock'd
+where flock is: POSIX systems). One whose owner is gone is swept by the next local run created
+in that disk root: with flock, when an exclusive flock succeeds; on Windows, when owner.lk can
+be removed (Windows refuses while a process holds it open); elsewhere never.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import stat
 import struct
 
 from ._names import CONTROL_FILE, POOL_FILE, RUN_FILE, control_name
-from ._platform import SHM_DIR, fcntl
+from ._platform import PLATFORM, SHM_DIR, fcntl
 from ._runfiles import CONTROL_SIZE, MAGIC, remove_run_files
 
 
@@ -98,3 +104,90 @@ def _sweep_one(shm_dir: str, run_id: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+# ---- process-local runs ---------------------------------------------------------------------------
+LOCAL_LOCK = "owner.lk"
+_FLOCK = fcntl if fcntl is not None and PLATFORM != "win32" else None  # not where Windows is simulated
+_WINDOWS = os.name == "nt"
+_O_BIN = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def hold_local_run(path: str) -> int:
+    """Create the local run directory ``path``'s owner.lk and hold it (the descriptor) until
+    the run is removed."""
+    fd = os.open(os.path.join(path, LOCAL_LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_BIN, 0o600)
+    if _FLOCK is not None:
+        try:
+            _FLOCK.flock(fd, _FLOCK.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def remove_local_run(path: str, kept: set[int] | None = None) -> None:
+    """Unlink a local run directory's object files and owner.lk, then the directory (our names
+    only). ``kept``: receives the ids of object files the system refused to remove (Windows:
+    a live view maps them); the directory then stays until they go."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        if name.endswith(".obj") or name == LOCAL_LOCK:
+            try:
+                os.unlink(os.path.join(path, name))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if kept is not None and name.endswith(".obj"):
+                    try:
+                        kept.add(int(name[:-4], 16))
+                    except ValueError:
+                        pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # a file a live view maps (Windows) or someone else's file: the next sweep retries
+
+
+def _local_owner_gone(path: str) -> bool:
+    lock = os.path.join(path, LOCAL_LOCK)
+    if _FLOCK is not None:
+        try:
+            fd = os.open(lock, os.O_RDONLY | _O_BIN | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return False
+        try:
+            if hasattr(os, "geteuid") and os.fstat(fd).st_uid != os.geteuid():
+                return False
+            _FLOCK.flock(fd, _FLOCK.LOCK_EX | _FLOCK.LOCK_NB)
+            return True
+        except OSError:
+            return False  # held: its owner is alive
+        finally:
+            os.close(fd)
+    if _WINDOWS:
+        try:
+            os.unlink(lock)  # refused while the owner keeps it open
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def sweep_local(root: str) -> list[str]:
+    """Remove the local runs in disk root ``root`` whose owner is gone; their run ids."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    swept = []
+    for name in names:
+        m = CONTROL_FILE.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.lexists(os.path.join(path, LOCAL_LOCK)) and _local_owner_gone(path):
+            remove_local_run(path)
+            swept.append(m.group(1))
+    return swept

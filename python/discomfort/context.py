@@ -1,5 +1,7 @@
-"""WorkflowContext: one run's ephemeral object store in shared memory, its registry, and its lifecycle.
+"""WorkflowContext: one run's ephemeral object store, its registry, and its lifecycle.
 
+The store is shared memory other processes of the user attach to by run id, or (Windows, or
+``store="local"``) kept in the creating process (:mod:`discomfort._localstore`).
 `run_sequential` owns one context per call; ComfyUI nodes find it by `run_id` through the
 registry (in this process) or attach to it (in a ComfyUI server process).
 """
@@ -15,8 +17,9 @@ import sys
 import threading
 from typing import Any
 
-from . import _backend, codecs, datacodec, sysinfo
-from ._platform import require_local_store
+from . import _backend, _localstore, codecs, datacodec, sysinfo
+from ._names import control_name
+from ._platform import SHARED, require_local_store
 from ._sweep import sweep
 from .errors import (
     InvalidRunIdError,
@@ -29,7 +32,7 @@ from .errors import (
 from .runs import REFERENCES, PassBy, RunBase, SharedRunContext, prompt_digest, resolver_for
 
 __all__ = ["WorkflowContext", "get_context", "release_finished", "active_runs", "release_pool",
-           "install_signal_handler", "RAY_RUN_PREFIX"]
+           "install_signal_handler", "RAY_RUN_PREFIX", "STORES", "store_kind"]
 
 # The seed's registry: run_id -> the context this process holds for it.
 _contexts: dict[str, WorkflowContext] = {}
@@ -47,6 +50,27 @@ _PROMPTS_KEY = "\x1fdiscomfort.prompts"
 #: Run ids with this prefix live in a Ray cluster (discomfort.distributed.RayContext).
 RAY_RUN_PREFIX = "ray-"
 
+#: WorkflowContext(store=...): "shared" (other processes attach by run id), "local" (kept in
+#: this process), "auto" (shared where the system has a cross-process store, else local).
+STORES = ("auto", "shared", "local")
+
+
+def store_kind(store: str = "auto", backend: str | None = None) -> str:
+    """"shared" or "local": what ``WorkflowContext(store=store, backend=backend)`` creates."""
+    if store not in STORES:
+        raise ValueError(f"store must be one of {', '.join(STORES)}, not {store!r}")
+    if backend == "local":
+        if store == "shared":
+            raise ValueError("store='shared' with backend='local': the local store is not shared; "
+                             "leave one of them out")
+        return "local"
+    if store == "local" and backend is not None:
+        raise ValueError(f"store='local' with backend={backend!r}: backend names a shared store's "
+                         "implementation (native or python); leave it out")
+    if store == "auto":
+        return "shared" if SHARED or backend is not None else "local"
+    return store
+
 
 class WorkflowContext(RunBase):
     """A per-run object store: `save` values under unique ids, `load` them back zero-copy.
@@ -61,8 +85,13 @@ class WorkflowContext(RunBase):
     guard_nodes: bool = False
 
     def __init__(self, run_id: str | None = None, ram_budget: int | str | None = None,
-                 disk_dir: str | os.PathLike | None = None, *, backend: str | None = None,
+                 disk_dir: str | os.PathLike | None = None, *, store: str = "auto", backend: str | None = None,
                  shm_dir: str = sysinfo.SHM_DIR, _store: Any = None):
+        """``store``: "shared" (shared memory other processes attach to by run id: ComfyUI
+        servers on this host), "local" (kept in this process: ComfyUI in this process, or a
+        server reached over HTTP), or "auto" (shared where the system can, i.e. not on Windows).
+        ``backend``: the shared store's implementation ("native" or "python"; "local" means
+        ``store="local"``); None: the one this process chose."""
         if _store is not None:  # attach()
             self._start(owner=False)
             self._store = _store
@@ -70,18 +99,23 @@ class WorkflowContext(RunBase):
             return
         if run_id is not None and str(run_id).startswith(RAY_RUN_PREFIX):
             raise InvalidRunIdError(f"run id {run_id!r}: the prefix {RAY_RUN_PREFIX!r} is reserved for Ray runs")
+        kind = store_kind(store, backend)
         self._start(owner=True)
         self.run_id = run_id if run_id is not None else secrets.token_hex(16)
-        require_local_store()  # Windows: a clear error before anything touches the system
-        sweep(shm_dir)
-        module = _backend.module(backend)
-        self._store = module.Store.create(
-            self.run_id,
-            ram_budget=sysinfo.ram_budget(ram_budget, shm_dir),
-            disk_root=sysinfo.disk_root(disk_dir),
-            shm_dir=shm_dir,
-            pool=True,  # chunks of finished runs serve the next run of this process, prefaulted
-        )
+        if kind == "local":
+            self._store = _localstore.Store.create(
+                self.run_id, ram_budget=sysinfo.ram_budget(ram_budget, None), disk_root=sysinfo.disk_root(disk_dir))
+        else:
+            require_local_store()  # Windows: a clear error before anything touches the system
+            sweep(shm_dir)
+            module = _backend.module(backend)
+            self._store = module.Store.create(
+                self.run_id,
+                ram_budget=sysinfo.ram_budget(ram_budget, shm_dir),
+                disk_root=sysinfo.disk_root(disk_dir),
+                shm_dir=shm_dir,
+                pool=True,  # chunks of finished runs serve the next run of this process, prefaulted
+            )
         self._pid = os.getpid()
         install_signal_handler()
         with _contexts_lock:
@@ -91,8 +125,18 @@ class WorkflowContext(RunBase):
     @classmethod
     def attach(cls, run_id: str, *, backend: str | None = None,
                shm_dir: str = sysinfo.SHM_DIR) -> WorkflowContext:
-        """Open a run another process owns: same data, no ownership; `close()` detaches."""
-        store = _backend.module(backend).Store.attach(run_id, shm_dir=shm_dir)
+        """Open a run another process owns: same data, no ownership; `close()` detaches.
+
+        A run in a process-local store (every run on Windows) cannot be attached:
+        UnsupportedPlatformError says why and what works instead."""
+        if backend == "local" or (backend is None and not SHARED):
+            raise _localstore.attach_error(run_id)
+        try:
+            store = _backend.module(backend).Store.attach(run_id, shm_dir=shm_dir)
+        except UnknownRunError as exc:
+            if not isinstance(exc, RunFinishedError) and _is_local_run(run_id):
+                raise _localstore.attach_error(run_id) from None
+            raise
         return cls(_store=store)
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -288,6 +332,16 @@ class WorkflowContext(RunBase):
         out["backend"] = self.backend
         out["owner"] = self._owner
         return out
+
+
+def _is_local_run(run_id: str) -> bool:
+    """Whether a process-local run of this id lives in the default disk root (its directory and
+    owner's lock file are there), for attach()'s error."""
+    try:
+        path = os.path.join(sysinfo.disk_root(), control_name(run_id), _localstore.LOCK_NAME)
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False
 
 
 def get_context(run_id: str) -> SharedRunContext:

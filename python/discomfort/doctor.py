@@ -13,8 +13,8 @@ import os
 import shutil
 from typing import Any
 
-from . import _backend, _settings, sysinfo
-from ._platform import MODE, PLATFORM, read_meminfo
+from . import _backend, _localstore, _settings, sysinfo
+from ._platform import MODE, PLATFORM, SHARED, memory_available
 from ._version import __version__
 from ._runfiles import disk_root_problem
 
@@ -27,18 +27,14 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
     """What a run would get here; ``check``: also create and remove a tiny run (both tiers)."""
     backend = _backend.name()
     core_version = _backend.module().__version__ if backend == "native" else None
-    if MODE == "unsupported":  # nothing local to look at
-        return {"version": __version__, "backend": backend, "core_version": None,
-                "mode": MODE, "platform": PLATFORM, "shm_dir": None, "problems": [],
-                "advice": ["No local store on this system: run discomfort under WSL2, or reach a ComfyUI "
-                           "server on Linux with the HTTP transport (discomfort.remote.RemoteContext)."]}
-    mem = read_meminfo(meminfo)
-    shm_size: int | None
-    shm_free: int | None
-    try:
-        shm_size, shm_free = sysinfo.shm_space(shm_dir)
-    except OSError:
-        shm_size = shm_free = None
+    mem_available, mem_total = memory_available(meminfo)
+    shm_size: int | None = None
+    shm_free: int | None = None
+    if SHARED:
+        try:
+            shm_size, shm_free = sysinfo.shm_space(shm_dir)
+        except OSError:
+            pass
     problems: list[str] = []
     notes: list[str] = []
     budget_env = _settings.raw("DISCOMFORT_RAM_BUDGET")
@@ -73,11 +69,11 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
                                 "give a directory of your own (mode 0700)")
         elif not os.path.isdir(root) and not os.path.islink(root):
             problems.append(f"{where} {root} is not a directory; give a directory of your own (mode 0700)")
-        elif problem := disk_root_problem(root):
+        elif problem := (disk_root_problem(root) if SHARED else _localstore.root_problem(root)):
             problems.append(problem)
         try:
             disk_free = shutil.disk_usage(existing if os.path.isdir(existing) else os.path.dirname(existing)).free
-        except OSError:
+        except (OSError, AttributeError):  # AttributeError: a system without statvfs, as simulated
             disk_free = None
     cg = sysinfo.cgroup_memory(cgroup_root)
     if check and not problems and root is not None:
@@ -89,21 +85,23 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
         "backend": backend,
         "core_version": core_version,
         "mode": MODE,
+        "store": "shared" if SHARED else "local",
         "platform": PLATFORM,
-        "shm_dir": shm_dir,
+        "shm_dir": shm_dir if SHARED else None,
         "shm_size": shm_size,
         "shm_free": shm_free,
-        "mem_total": mem.get("MemTotal"),
-        "mem_available": mem.get("MemAvailable"),
+        "mem_total": mem_total,
+        "mem_available": mem_available,
         "cgroup_limit": cg.limit,
         "cgroup_usage": cg.usage,
         "disk_root": root,
         "disk_free": disk_free,
-        "ram_budget": sysinfo.default_ram_budget(shm_dir, meminfo, cgroup_root) if shm_size else 0,
+        "ram_budget": sysinfo.default_ram_budget(shm_dir if SHARED else None, meminfo, cgroup_root)
+        if shm_size or not SHARED else 0,
         "ram_budget_env": budget_env,
         "problems": problems,
         "checked": check and not problems and root is not None,
-        "advice": problems + notes + advice(shm_size, shm_free, mem.get("MemAvailable"), cg.limit, disk_free,
+        "advice": problems + notes + advice(shm_size, shm_free, mem_available, cg.limit, disk_free,
                                             mode=MODE, problems=bool(problems)),
     }
 
@@ -133,7 +131,7 @@ def try_a_run(root: str) -> str | None:
     step = "create a run"
     try:
         with WorkflowContext(ram_budget=MiB, disk_dir=root) as ctx:
-            step = "save a value in shared memory"
+            step = "save a value in memory"
             ctx.save("small", small)
             step = "save a value on the disk tier"
             ctx.save("big", big)
@@ -165,7 +163,12 @@ def try_a_run(root: str) -> str | None:
 def advice(shm_size: int | None, shm_free: int | None, avail: int | None, cg_limit: int | None,
            disk_free: int | None, mode: str = "shm", problems: bool = False) -> list[str]:
     out = []
-    if mode == "portable":
+    if mode == "local":
+        out.append("Process-local store (no shared memory on this system): a run stays in the process that creates "
+                   "it. ComfyUI in that process (InProcessComfy) and ComfyUI servers reached over HTTP (their node "
+                   "pack keeps the run in the server) work; another process cannot attach a run. Loads from the RAM "
+                   "tier are copies; loads from the disk tier are zero-copy mappings.")
+    elif mode == "portable":
         out.append("Portable mode (no Linux /dev/shm with OFD locks here): the RAM tier is made of files in the "
                    "segment directory, mapped shared, so the OS may write them back to its disk. Loads stay "
                    "zero-copy. This mode is exercised on Linux by simulation only.")
@@ -182,6 +185,8 @@ def advice(shm_size: int | None, shm_free: int | None, avail: int | None, cg_lim
         out.append(f"This process runs under a cgroup memory limit of {_fmt(cg_limit)}; the RAM budget respects it.")
     if disk_free is not None and disk_free < 4 * GiB:
         out.append(f"The disk root has {_fmt(disk_free)} free: set DISCOMFORT_DISK_DIR to a larger filesystem.")
+    if mode == "local" and not problems and len(out) == 1:
+        out.append("All good: values stay in this process's memory up to the RAM budget.")
     if not out and not problems:
         out.append("All good: values stay in shared memory up to the RAM budget.")
     return out
@@ -199,7 +204,7 @@ def _fmt(n: int | None) -> str:
 _MODES = {
     "shm": "POSIX shared memory (/dev/shm), OFD locks",
     "portable": "portable: file-backed segments in a private directory, flock lock files",
-    "unsupported": "none: no local store on this system",
+    "local": "process-local: runs stay in the process that creates them (no shared memory here)",
 }
 
 
@@ -209,10 +214,10 @@ def format_report(r: dict[str, Any]) -> str:
         + (f" (core {r['core_version']})" if r["core_version"] else " (pure Python)"),
         f"store mode     {_MODES[r['mode']]} [{r['platform']}]",
     ]
-    if r["mode"] == "unsupported":
-        return "\n".join(head + [""] + [f"- {a}" for a in r["advice"]])
+    segments = (f"{r['shm_dir']}: {_fmt(r['shm_size'])} total, {_fmt(r['shm_free'])} free" if r["shm_dir"]
+                else "none: values in RAM are held in the run's own process")
     lines = head + [
-        f"segments       {r['shm_dir']}: {_fmt(r['shm_size'])} total, {_fmt(r['shm_free'])} free",
+        f"segments       {segments}",
         f"memory         {_fmt(r['mem_available'])} available of {_fmt(r['mem_total'])}",
         f"cgroup limit   {_fmt(r['cgroup_limit']) if r['cgroup_limit'] else 'none'}",
         f"disk root      {r['disk_root']}: {_fmt(r['disk_free'])} free",

@@ -15,10 +15,12 @@ from typing import Any
 
 from . import _settings
 from ._platform import (  # noqa: F401  (Cgroup and cgroup_memory are part of this module's API)
-    SHM_DIR, Cgroup, cgroup_memory, prepare_shm_dir, private_dir, read_meminfo, user_temp_dir,
+    SHARED, SHM_DIR, Cgroup, cgroup_memory, memory_available, prepare_shm_dir, private_dir, read_meminfo,
+    user_temp_dir,
 )
 
 BUDGET_FRACTION = 0.5  # of what is available: the rest stays for the workflows themselves
+UNKNOWN_MEMORY_BUDGET = 1 << 30  # the budget where the system tells nothing of its memory
 parse_size = _settings.parse_size  # '512M', '2GiB', '1048576' -> bytes (the settings' size parser)
 
 
@@ -29,20 +31,26 @@ def shm_space(shm_dir: str = SHM_DIR) -> tuple[int, int]:
     return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
-def default_ram_budget(shm_dir: str = SHM_DIR, meminfo: str = "/proc/meminfo",
+def default_ram_budget(shm_dir: str | None = SHM_DIR, meminfo: str = "/proc/meminfo",
                        cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """Half of MemAvailable, bounded by /dev/shm's free space and the cgroup's headroom."""
-    avail = read_meminfo(meminfo).get("MemAvailable")
+    """Half of the available memory, bounded by /dev/shm's free space (``shm_dir`` None, or no
+    shared store on this system: a process-local store, not bounded by it) and the cgroup's
+    headroom; 1 GiB where the system tells nothing."""
+    avail = memory_available(meminfo)[0]
     candidates = [int(avail * BUDGET_FRACTION)] if avail is not None else []
-    candidates.append(shm_space(shm_dir)[1])
+    if shm_dir is not None and SHARED:
+        candidates.append(shm_space(shm_dir)[1])
     cg = cgroup_memory(cgroup_root)
     if cg.limit is not None and cg.usage is not None:
         candidates.append(max(0, int((cg.limit - cg.usage) * BUDGET_FRACTION)))
+    if not candidates:
+        candidates.append(UNKNOWN_MEMORY_BUDGET)
     return max(0, min(candidates)) // 4096 * 4096
 
 
-def ram_budget(explicit: int | str | None = None, shm_dir: str = SHM_DIR) -> int:
-    """The constructor argument wins, then DISCOMFORT_RAM_BUDGET, then the machine's default."""
+def ram_budget(explicit: int | str | None = None, shm_dir: str | None = SHM_DIR) -> int:
+    """The constructor argument wins, then DISCOMFORT_RAM_BUDGET, then the machine's default
+    (``shm_dir`` None: for a process-local store)."""
     if explicit is not None:
         return parse_size(explicit) if isinstance(explicit, str) else int(explicit)
     env = _settings.get("DISCOMFORT_RAM_BUDGET")
@@ -68,24 +76,35 @@ def disk_root(explicit: str | os.PathLike | None = None) -> str:
 
 def host_facts() -> dict[str, Any]:
     """What decides whether two processes can share this run's memory; never sent anywhere."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot_id: str | None = f.read().strip() or None
-    except OSError:
-        boot_id = None
-    try:
-        st = os.stat("/dev/shm")
-        shm: tuple[int, int] | None = (st.st_dev, st.st_ino)
-    except OSError:
-        shm = None
+    boot_id: str | None = None
+    if SHARED:  # (Windows has no /proc)
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                boot_id = f.read().strip() or None
+        except OSError:
+            pass
+    shm: tuple[int, int] | None = None
+    if SHARED:  # a process-local store has no /dev/shm to compare (Windows has none)
+        try:
+            st = os.stat("/dev/shm")
+            shm = (st.st_dev, st.st_ino)
+        except OSError:
+            pass
     return {"boot_id": boot_id, "uid": os.getuid() if hasattr(os, "getuid") else None, "shm": shm}
+
+
+#: This process, for host_info where runs are process-local (a new one after a fork).
+_PROCESS = [secrets.token_hex(16)]
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, secrets.token_hex(16)))
 
 
 _NONCE = re.compile(r"^[0-9a-f]{32,128}$")
 
 
 def host_info(nonce: str) -> dict[str, Any]:
-    """Keyed digests of this host, user and /dev/shm, for the same-host check over HTTP.
+    """Keyed digests of this host, user and /dev/shm (where runs are process-local: of this
+    process), for the same-host check over HTTP.
 
     Each digest mixes the asker's ``nonce`` with the boot id, which another machine cannot read:
     the asker compares them with its own :func:`host_info` of the same nonce, and learns only
@@ -105,9 +124,15 @@ def host_info(nonce: str) -> dict[str, Any]:
         "nonce": nonce,
         "host": digest("host"),
         "user": digest("user", facts["uid"]),
-        "shm": digest("shm", *(facts["shm"] or (None,))),
+        # Where a run's memory is: /dev/shm, or (a process-local store) this process: the same
+        # digest for the editor panel asking its own server, another for any other process.
+        "shm": digest("shm", *(facts["shm"] or (None,))) if SHARED else _process_digest(nonce),
         "version": _package_version(),
     }
+
+
+def _process_digest(nonce: str) -> str:
+    return hashlib.sha256(f"{nonce}\x00process\x00{_PROCESS[0]}".encode()).hexdigest()
 
 
 def _package_version() -> str | None:
@@ -133,6 +158,11 @@ def host_differences(a: dict, b: dict) -> list[str]:
     a, b = a or {}, b or {}
     if a.get("nonce") is None or a.get("nonce") != b.get("nonce"):
         return ["the answers were made for different nonces"]
+    if not SHARED:  # ``a`` is this process's answer (Windows: a process-local store)
+        if a.get("shm") is not None and a.get("shm") == b.get("shm"):
+            return []  # the same process: its runs are in its own memory
+        return ["this process keeps its runs in a process-local store (no shared memory on this system), "
+                "and the server is another process"]
     why = []
     if a.get("host") is None or a.get("host") != b.get("host"):
         why.append("another host or kernel (boot id differs)")
