@@ -314,6 +314,7 @@ class StoreBase:
         e = self._entry(index)
         problem = self._entry_problem(e)
         if problem:
+            self._c.cache_epoch = None  # written behind the protocol's back: rescan from now on
             raise CorruptedStoreError(f"run {self._run_id!r}: object table entry {index} is corrupted ({problem})")
         return e
 
@@ -343,7 +344,7 @@ class StoreBase:
         for i in nonempty:
             if states[i] in (RESERVED, SEALED):
                 live += 1
-                e = ENTRY_HEAD.unpack_from(c.mm, OBJ_OFF + i * ENTRY)
+                e = self._valid(i)  # an extent we cannot trust could overlap a new one
                 if e[1] == RAM:
                     extents = used.setdefault(e[7], {})
                     extents[(e[8], e[9])] = extents.get((e[8], e[9]), 0) + 1
