@@ -30,4 +30,4 @@ export PYTHONPATH=$PKG
 export DISCOMFORT_REQUIRE_NATIVE=1
 cd "$ROOT/tests"
 "$PY" -c "import discomfort; assert discomfort.backend == 'native'; print('sanitized core:', discomfort._backend.module().__file__)"
-"$PY" -m pytest -p no:cacheprovider -q -k "native" test_store.py test_core_native.py test_reliability.py test_pool.py test_disk_security.py "$@"
+"$PY" -m pytest -p no:cacheprovider -q -k "native" test_store.py test_store_*.py test_core_native.py test_reliability.py test_pool.py test_disk_security.py "$@"

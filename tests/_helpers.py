@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import select
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -11,7 +16,14 @@ import pytest
 
 from discomfort import _backend
 
+#: Every store backend the store tests run on: the conftest fixtures (`backend`, `store_mod`,
+#: `make_store`, `store`) take one each, cross-backend tests parametrise over this tuple.
 BACKENDS = ("native", "python")
+
+SHM = "/dev/shm"
+CONTROL_SIZE = 1454080  # the control segment's bytes (docs/FORMAT.md)
+OBJ_OFF = 12288  # where the object table starts in it
+ENTRY = 320  # the bytes of one object-table entry
 
 
 def load_backend(name: str):
@@ -75,3 +87,107 @@ def in_thread(fn, *args, **kwargs):
     t = threading.Thread(target=target, daemon=True)
     t.start()
     return t, box
+
+
+# ---- the store's files, read and damaged the way docs/FORMAT.md lays them out ------------------
+
+
+def stripes(n: int, seed: int = 0) -> bytes:
+    """n bytes of a cheap, seed-dependent pattern (numpy, so large ones are fast)."""
+    import numpy as np
+
+    return (np.arange(n, dtype=np.uint64) * 2654435761 + seed).astype(np.uint8).tobytes()
+
+
+def fnv1a64(data: bytes) -> int:
+    """The object table's key hash, written out here (not the backends') to check them against."""
+    h = 0xCBF29CE484222325
+    for c in data:
+        h = ((h ^ c) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def run_files(run_id: str) -> list[str]:
+    """The run's files in /dev/shm (by its own names only)."""
+    prefix = f"dcf-{run_id}"
+    return [n for n in os.listdir(SHM) if n == prefix or n.startswith(prefix + ".")]
+
+
+def control_path(run_id: str) -> str:
+    return os.path.join(SHM, f"dcf-{run_id}")
+
+
+def read_header_u32(run_id: str, offset: int) -> int:
+    with open(control_path(run_id), "rb") as fh:
+        fh.seek(offset)
+        return struct.unpack("<I", fh.read(4))[0]
+
+
+def entry_index(run_id: str, key: str) -> int:
+    """Index of the SEALED entry of `key` in the object table (read from the file)."""
+    raw = key.encode()
+    with open(control_path(run_id), "rb") as fh:
+        table = fh.read()[OBJ_OFF : OBJ_OFF + 4096 * ENTRY]
+    i = fnv1a64(raw) % 4096
+    while True:
+        state, _, _, key_len = struct.unpack_from("<IIII", table, i * ENTRY)
+        if state == 0:
+            raise KeyError(key)
+        if state == 2 and table[i * ENTRY + 64 : i * ENTRY + 64 + key_len] == raw:
+            return i
+        i = (i + 1) % 4096
+
+
+def patch_control(run_id: str, offset: int, data: bytes) -> None:
+    fd = os.open(control_path(run_id), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+# ---- child processes that attach to a run -------------------------------------------------------
+
+
+def run_child(code: str, env: dict | None = None, pass_fds=()) -> subprocess.Popen:
+    """A Python child running `code` (dedented) with the installed package first on its path."""
+    from discomfort import errors
+
+    full_env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(errors.__file__)))
+    full_env["PYTHONPATH"] = os.pathsep.join([package_root, full_env.get("PYTHONPATH", "")])
+    full_env.update(env or {})
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=full_env, pass_fds=pass_fds,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def park_child(backend: str, run_id: str, body: str, killpoint: str | None = None) -> subprocess.Popen:
+    """A child on `backend` (a name of BACKENDS) that attaches and runs `body`; returned once it
+    reports parked ('K' on a pipe): at the kill point, or after `body` when there is none."""
+    r, w = os.pipe()
+    env = {"DISCOMFORT_TEST_KILLPOINT_FD": str(w)}
+    if killpoint:
+        env["DISCOMFORT_TEST_KILLPOINT"] = killpoint
+    child = run_child(f"""
+        import os, signal
+        from discomfort import _backend
+        m = _backend.load({backend!r})
+        s = m.Store.attach({run_id!r})
+        {body}
+        os.write({w}, b"K")  # bodies without a kill point park here
+        signal.pause()
+    """, env=env, pass_fds=(w,))
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 60)
+        assert ready and os.read(r, 1) == b"K", child.stderr.read() if not ready else "child exited early"
+    finally:
+        os.close(r)
+    return child
+
+
+def kill_child(child: subprocess.Popen) -> None:
+    child.send_signal(signal.SIGKILL)
+    child.wait(30)
+    child.stdout.close()
+    child.stderr.close()

@@ -58,6 +58,7 @@ def test_round_trip_200mib(make_store):
     assert info["tier"] == "ram" and info["zero_copy"]
     assert np.array_equal(np.frombuffer(views[0], dtype=np.uint64), data)
     assert bytes(views[1]) == b"tail"
+    assert store.stats()["ram_capacity"] <= 512 * MiB
 
 
 def test_view_is_a_mapping_of_the_chunk(make_store):
@@ -109,16 +110,6 @@ def test_views_survive_close_and_destroy(make_store):
     assert leftovers(store.run_id) == []
     with pytest.raises(errors.StoreClosedError):
         store.get("k")
-
-
-def test_writing_into_a_view_is_private(make_store):
-    store = make_store()
-    store.put("big", b"", [bytes(MiB)])
-    store.put("small", b"", [bytes(100)])
-    for key in ("big", "small"):
-        _, views, _ = store.get(key)
-        views[0][:4] = b"\xff\xff\xff\xff"
-        assert bytes(store.get(key)[1][0][:4]) == bytes(4)
 
 
 def test_loop_with_one_old_view_per_key_stays_within_twice_live_data(make_store):
@@ -312,31 +303,6 @@ def test_reservation_two_phase(make_store):
     assert not store.contains("gone")
 
 
-@pytest.mark.parametrize("bad", ["", 5, None, b"bytes", "x" * 256, "é" * 128, "a\0b"])
-def test_invalid_keys(make_store, bad):
-    store = make_store()
-    with pytest.raises(errors.InvalidKeyError):
-        store.put(bad, b"", [b"x"])
-    with pytest.raises(errors.InvalidKeyError):
-        store.get(bad)
-
-
-def test_longest_key(make_store):
-    store = make_store()
-    key = "é" * 127 + "x"
-    store.put(key, b"", [b"1"])
-    assert store.keys() == [key]
-
-
-def test_unknown_key_names_key_and_run(make_store):
-    store = make_store()
-    with pytest.raises(errors.UnknownKeyError) as info:
-        store.get("missing")
-    assert "missing" in str(info.value) and store.run_id in str(info.value)
-    with pytest.raises(KeyError):
-        store.info("missing")
-
-
 def test_attach_errors(store_mod, make_store, tmp_path):
     with pytest.raises(errors.UnknownRunError, match="nope"):
         store_mod.Store.attach("nope")
@@ -403,27 +369,12 @@ def test_corrupted_entry_is_an_error_not_a_crash(store_mod, make_store):
     _refused_by_another_handle(store_mod, store, "entry")
 
 
-def test_truncated_chunk_is_an_error(store_mod, make_store):
-    store = make_store()
-    store.put("k", b"", [bytes(MiB)])
-    os.truncate(store.chunk_path(0), 4096)
-    _refused_by_another_handle(store_mod, store, "chunk")
-
-
 def test_closed_store_raises(make_store):
     store = make_store()
     store.close()
     store.close()
     with pytest.raises(errors.StoreClosedError):
         store.put("k", b"", [])
-
-
-def test_only_the_creator_destroys(store_mod, make_store):
-    store = make_store()
-    other = store_mod.Store.attach(store.run_id)
-    with pytest.raises(errors.StoreAccessError):
-        other.destroy()
-    other.close()
 
 
 def test_no_leftovers_after_destroy(make_store, tmp_path):
@@ -526,19 +477,6 @@ def _kill(proc) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     proc.stdin.close()
-
-
-@pytest.mark.parametrize("child", BACKENDS)
-def test_sigkill_while_holding_the_lock(store_mod, make_store, child):
-    load_backend(child)
-    store = make_store()
-    store.put("sealed", b"", [pattern(MiB)])
-    proc = _park(child, store.run_id, "lock", "after_lock")
-    _kill(proc)
-    assert bytes(store.get("sealed")[1][0]) == pattern(MiB)  # the lock came back; repair ran
-    store.put("after", b"", [b"ok"])
-    stats = store.stats()
-    assert store.keys() == ["after", "sealed"] and stats["reserved"] == 0 and stats["slots_used"] == 1
 
 
 @pytest.mark.parametrize("child", BACKENDS)
