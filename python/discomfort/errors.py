@@ -117,8 +117,10 @@ class StoreClosedError(DiscomfortError, ValueError):
 
 
 class UnsupportedPlatformError(DiscomfortError, OSError):
-    """No local store on this operating system (Windows): use WSL2, or the HTTP transport to a
-    ComfyUI server on Linux."""
+    """What needs a shared (cross-process) store where there is none: attaching from another
+    process a run kept in its creator's process-local store (every run on Windows), or
+    ``store="shared"`` on Windows. The message says what works: ComfyUI in the same process, or
+    the HTTP transport to a ComfyUI server."""
 
 
 class ReferenceUnavailableError(DiscomfortError):
