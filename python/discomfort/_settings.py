@@ -158,7 +158,7 @@ SETTINGS: dict[str, Setting] = _table(
     S("DISCOMFORT_COMFY_NODES", _text, None, "user",
       "the node pack folder given to ComfyUI processes discomfort starts; default: the installed copy"),
     S("DISCOMFORT_CACHE", _text, None, "user",
-      "where `discomfort demo` and `install-comfyui` keep ComfyUI; default: ~/.cache/discomfort"),
+      "where `discomfort demo` and scripts/setup_comfyui.py fetch ComfyUI to; default: ~/.cache/discomfort"),
     S("DISCOMFORT_DEBUG", _flag, False, "user",
       "1: the command line shows the whole traceback of an error, not one line"),
     # ---- server: the HTTP run routes (remote/server.py, remote/limits.py)
