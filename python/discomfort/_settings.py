@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["Setting", "SETTINGS", "SCOPES", "TRANSPORTS", "BACKENDS", "get", "raw", "is_set", "default", "setting_field",
-           "from_settings", "child_env", "parse_size", "report", "problems", "markdown"]
+__all__ = ["Setting", "SETTINGS", "SCOPES", "TRANSPORTS", "BACKENDS", "get", "raw", "is_set", "default",
+           "setting_field", "from_settings", "child_env", "parse_size", "report", "problems", "markdown"]
 
 BACKENDS = ("auto", "native", "python")
 TRANSPORTS = ("auto", "shm", "http")
@@ -101,8 +101,8 @@ def _choice(*valid: str) -> Callable[[str], str]:
     return parse
 
 
-_KINDS: dict[Callable[[str], Any], str] = {_text: "text", _word: "text", _flag: "flag", _count: "count", _seconds: "seconds", _size: "size",
-          _names: "names"}
+_KINDS: dict[Callable[[str], Any], str] = {
+    _text: "text", _word: "text", _flag: "flag", _count: "count", _seconds: "seconds", _size: "size", _names: "names"}
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def _table(*rows: Setting) -> dict[str, Setting]:
 
 
 S = Setting
-MiB, GiB = 1 << 20, 1 << 30
+_MIB, _GIB = 1 << 20, 1 << 30
 SETTINGS: dict[str, Setting] = _table(
     # ---- user: the store, runs, the command line
     S("DISCOMFORT_BACKEND", _choice(*BACKENDS), "auto", "user",
@@ -172,10 +172,10 @@ SETTINGS: dict[str, Setting] = _table(
     S("DISCOMFORT_REMOTE_MAX_RUNS_PER_CLIENT", _count, 8, "server", "HTTP runs alive at once per client address"),
     S("DISCOMFORT_REMOTE_MAX_BUDGET", _size, 0, "server",
       "largest RAM budget an HTTP run may ask; 0: this machine's default RAM budget"),
-    S("DISCOMFORT_REMOTE_MAX_VALUE", _size, 8 * GiB, "server", "bytes of one value (one frame)"),
-    S("DISCOMFORT_REMOTE_MAX_RUN_BYTES", _size, 16 * GiB, "server",
+    S("DISCOMFORT_REMOTE_MAX_VALUE", _size, 8 * _GIB, "server", "bytes of one value (one frame)"),
+    S("DISCOMFORT_REMOTE_MAX_RUN_BYTES", _size, 16 * _GIB, "server",
       "bytes one HTTP run holds, both tiers, stored and arriving"),
-    S("DISCOMFORT_REMOTE_MAX_CLIENT_BYTES", _size, 32 * GiB, "server",
+    S("DISCOMFORT_REMOTE_MAX_CLIENT_BYTES", _size, 32 * _GIB, "server",
       "bytes all runs of one client address hold, stored and arriving"),
     S("DISCOMFORT_REMOTE_MAX_UPLOADS_PER_RUN", _count, 4, "server", "values arriving at once in one run (429 over it)"),
     S("DISCOMFORT_REMOTE_MAX_UPLOADS_PER_CLIENT", _count, 8, "server",
@@ -195,10 +195,11 @@ SETTINGS: dict[str, Setting] = _table(
     S("DISCOMFORT_PANEL_MAX_RUNS", _count, 4, "panel", "panel runs going at once, all clients together"),
     S("DISCOMFORT_PANEL_MAX_RUNS_PER_ADDRESS", _count, 2, "panel", "panel runs going at once from one client address"),
     S("DISCOMFORT_PANEL_CANCEL_GRACE", _seconds, 30.0, "panel", "seconds a cancelled run may hold its slot"),
-    S("DISCOMFORT_PANEL_MAX_INPUT_FILE", _size, 256 * MiB, "panel", "bytes of one input file"),
-    S("DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES", _size, 1 * GiB, "panel", "decoded inputs of one run, in bytes"),
+    S("DISCOMFORT_PANEL_MAX_INPUT_FILE", _size, 256 * _MIB, "panel", "bytes of one input file"),
+    S("DISCOMFORT_PANEL_MAX_RUN_INPUT_BYTES", _size, 1 * _GIB, "panel", "decoded inputs of one run, in bytes"),
     S("DISCOMFORT_PANEL_HISTORY_FILES", _count, 256, "panel", "per-iteration output files one run keeps"),
-    S("DISCOMFORT_PANEL_HISTORY_BYTES", _size, 256 * MiB, "panel", "bytes of per-iteration output files one run keeps"),
+    S("DISCOMFORT_PANEL_HISTORY_BYTES", _size, 256 * _MIB, "panel",
+      "bytes of per-iteration output files one run keeps"),
     # ---- ray
     S("DISCOMFORT_RAY_LOAD", _choice("view", "copy"), "view", "ray",
       "what RayContext.load returns: read-only views of Ray's object store, or private copies"),
@@ -220,7 +221,8 @@ SETTINGS: dict[str, Setting] = _table(
     S("DISCOMFORT_SIM_LOG", _text, None, "test", "tests/_simplatform: the file the simulation logs what it refused to"),
     S("DISCOMFORT_TEMPLATES", _text, None, "test", "the workflow templates package the ComfyUI tests load"),
     S("DISCOMFORT_WHEEL", _text, None, "test", "the wheel the packaging tests install"),
-    S("DISCOMFORT_FRONTEND_NEWEST", _text, None, "test", "the newest ComfyUI frontend the conversion tests compare with"),
+    S("DISCOMFORT_FRONTEND_NEWEST", _text, None, "test",
+      "the newest ComfyUI frontend the conversion tests compare with"),
     S("DISCOMFORT_ARTIFACTS", _text, "/tmp/discomfort-artifacts", "test", "where the browser tests leave screenshots"),
     S("DISCOMFORT_SKIP_BROWSER", _flag, False, "test", "1: skip the browser tests"),
     S("DISCOMFORT_CHROMIUM", _text, "/usr/bin/chromium", "test", "the browser the browser tests drive"),
@@ -275,7 +277,8 @@ def from_settings(cls: Any, **given: Any) -> Any:
 
 def child_env(base: Mapping[str, str] | None = None, drop: Iterable[str] = (), **changes: str) -> dict[str, str]:
     """The environment for a child process: ``base`` (this process's), less ``drop``, with ``changes``."""
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in set(drop)}
+    dropped = set(drop)
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in dropped}
     env.update(changes)
     return env
 
