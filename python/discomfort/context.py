@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Any
 
-from . import _backend, _localstore, codecs, datacodec, sysinfo
+from . import _backend, codecs, datacodec, sysinfo
 from ._names import control_name
 from ._platform import SHARED, require_local_store
 from ._sweep import sweep
@@ -103,7 +103,7 @@ class WorkflowContext(RunBase):
         self._start(owner=True)
         self.run_id = run_id if run_id is not None else secrets.token_hex(16)
         if kind == "local":
-            self._store = _localstore.Store.create(
+            self._store = _backend.module("local").Store.create(  # loaded on first use
                 self.run_id, ram_budget=sysinfo.ram_budget(ram_budget, None), disk_root=sysinfo.disk_root(disk_dir))
         else:
             require_local_store()  # Windows: a clear error before anything touches the system
@@ -130,12 +130,12 @@ class WorkflowContext(RunBase):
         A run in a process-local store (every run on Windows) cannot be attached:
         UnsupportedPlatformError says why and what works instead."""
         if backend == "local" or (backend is None and not SHARED):
-            raise _localstore.attach_error(run_id)
+            raise _backend.module("local").attach_error(run_id)
         try:
             store = _backend.module(backend).Store.attach(run_id, shm_dir=shm_dir)
         except UnknownRunError as exc:
             if not isinstance(exc, RunFinishedError) and _is_local_run(run_id):
-                raise _localstore.attach_error(run_id) from None
+                raise _backend.module("local").attach_error(run_id) from None
             raise
         return cls(_store=store)
 
@@ -338,7 +338,7 @@ def _is_local_run(run_id: str) -> bool:
     """Whether a process-local run of this id lives in the default disk root (its directory and
     owner's lock file are there), for attach()'s error."""
     try:
-        path = os.path.join(sysinfo.disk_root(), control_name(run_id), _localstore.LOCK_NAME)
+        path = os.path.join(sysinfo.disk_root(), control_name(run_id), _backend.module("local").LOCK_NAME)
         return os.path.lexists(path)
     except (OSError, ValueError):
         return False
