@@ -6,15 +6,11 @@ but attaching: no other process can reach the run. Objects under the RAM budget 
 process's memory, in the shared store's extent layout (docs/FORMAT.md), one private buffer each;
 larger ones go to one file each in the run's disk directory (``<disk root>/dcf-<run_id>``, 0700).
 
-- A save copies; the stored bytes are never written again (a later save makes a new object).
-- A load of a RAM object is a private copy (no platform lets one process map its own anonymous
-  memory copy-on-write from pure Python); a disk object of 64 KiB or more is a private
-  copy-on-write mapping of its file (``mmap.ACCESS_COPY``: zero-copy on every system).
-  Either way a load is writable, and never changed by a later save or delete of its key.
-- A file a load still maps is removed as soon as the system allows: at once on POSIX, once the
-  mapping is gone on Windows (a mapped file cannot be deleted there).
-- The run's directory holds ``owner.lk``, which its owner holds: a directory whose owner is
-  gone (a crash) is swept by the next local run created in that disk root (discomfort._sweep).
+A save copies; stored bytes are never written again. A load of a RAM object is a private copy;
+of a disk object (64 KiB or more), a private copy-on-write mapping of its file (zero-copy on
+every system). A file a load maps is removed at once on POSIX, once the mapping is gone on
+Windows. The run's directory holds ``owner.lk``, which its owner holds: a run left by a crash is
+swept by the next local run created in that disk root (discomfort._sweep). docs/PLATFORMS.md.
 """
 
 from __future__ import annotations
@@ -48,6 +44,7 @@ BACKEND = "local"
 COPY_LOAD_BYTES = SMALL_OBJECT_BYTES  # disk objects below this come back as copies, not mappings
 _PROBE_FROM = 1 << 20  # RAM puts from this size ask the memory probe first
 _PROBE = None if sys.platform == "win32" else "/proc/meminfo"
+_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # run id -> this process's live store
 
 _O_BIN = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)  # Windows: no newline translation
 _WINDOWS = os.name == "nt"
@@ -56,13 +53,11 @@ _WINDOWS = os.name == "nt"
 def attach_error(run_id: str) -> UnsupportedPlatformError:
     """Why another process cannot open a process-local run, and what works instead."""
     return UnsupportedPlatformError(
-        f"run {run_id!r} is kept in a process-local store (on Windows every run is: no POSIX shared "
-        "memory there): only the process that created it can use it, so it cannot be attached from "
-        "another process. What works: ComfyUI in the same process (discomfort.comfy.InProcessComfy), "
-        "or a ComfyUI server reached over HTTP (run_sequential(..., transport='http') or "
-        "discomfort.remote.RemoteContext), whose node pack keeps the run in the server's own process; "
-        "or run discomfort under WSL2 (Linux: runs in shared memory)"
-    )
+        f"run {run_id!r} is kept in a process-local store (on Windows every run is: no POSIX shared memory there): "
+        "only the process that created it can use it, so it cannot be attached from another process. What works: "
+        "ComfyUI in the same process (discomfort.comfy.InProcessComfy), or a ComfyUI server reached over HTTP "
+        "(run_sequential(..., transport='http') or discomfort.remote.RemoteContext), whose node pack keeps the run "
+        "in the server's own process; or run discomfort under WSL2 (Linux: runs in shared memory)")
 
 
 def _buffer(n: int) -> memoryview:
@@ -117,8 +112,7 @@ class _Disk:
     """The run's directory and what outlives the store object: files views still map."""
 
     def __init__(self, path: str, lock_fd: int):
-        self.path = path
-        self.lock_fd = lock_fd
+        self.path, self.lock_fd = path, lock_fd
         self.doomed: set[int] = set()  # files of gone values a mapping still holds (Windows)
         self.gone = False  # the store is destroyed: a collected mapping removes its file itself
 
@@ -213,7 +207,7 @@ class Store:
         self._pinned_bytes = 0
         self._ram_used = 0  # RAM extents, reservations included
         self._next = 1  # versions and file ids, as the shared store takes them (two per save)
-        self._closed = False
+        self._closed = self._finished = False
         self._pid = os.getpid()
         self._cleanup = weakref.finalize(self, _cleanup_run, disk, self._pid)
 
@@ -227,6 +221,8 @@ class Store:
         check_run_id(run_id)
         if not isinstance(ram_budget, int) or isinstance(ram_budget, bool) or ram_budget < 0:
             raise ValueError(f"ram_budget must be a non-negative int, not {ram_budget!r}")
+        if _LIVE.get(run_id) is not None:
+            raise FileExistsError(errno.EEXIST, f"run {run_id!r} already exists in this process")
         disk = None
         if disk_root is not None:
             root = os.path.abspath(os.fspath(disk_root))
@@ -246,11 +242,12 @@ class Store:
                 remove_local_run(path)
                 raise
             disk = _Disk(path, fd)
-        return cls(run_id, ram_budget, disk, mem_probe)
+        _LIVE[run_id] = store = cls(run_id, ram_budget, disk, mem_probe)
+        return store
 
     @staticmethod
     def attach(run_id: str, **_: Any) -> Store:
-        raise attach_error(run_id)
+        raise attach_error(check_run_id(run_id))
 
     @property
     def run_id(self) -> str:
@@ -260,13 +257,14 @@ class Store:
     def closed(self) -> bool:
         return self._closed
 
-    finished = closed  # no other process can see the run: it ends when its store does
+    @property
+    def finished(self) -> bool:
+        return self._closed or self._finished
 
     @property
     def disk_dir(self) -> str | None:
         return self._disk.path if self._disk is not None else None
 
-    # ---- the lock, and what finalizers queued ---------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """The lock (StoreClosedError once closed), with what finalizers queued applied first."""
@@ -290,7 +288,7 @@ class Store:
 
     def _take_version(self) -> int:
         self._next += 1
-        return self._next - 1
+        return self._next - 1  # (under the lock)
 
     def _retire(self, file_id: int) -> None:
         """Under the lock: a reservation's space goes back (its file too)."""
@@ -300,7 +298,6 @@ class Store:
         elif self._disk is not None:
             self._disk.remove(file_id)
 
-    # ---- writes ---------------------------------------------------------------------------------
     def _new(self, key: str, meta: bytes, sizes: list[int]) -> tuple[_Obj, bytearray, list[int]]:
         """A reserved object of ``sizes`` in the tier it fits (its region made when in RAM); its
         header and meta, and the buffers' offsets."""
@@ -368,12 +365,9 @@ class Store:
             return obj.version
 
     def _abort(self, file_id: int) -> None:
-        try:
-            with self._locked():
-                if file_id in self._reserved:
-                    self._retire(file_id)
-        except StoreClosedError:
-            pass  # destroyed meanwhile: everything went with it
+        with contextlib.suppress(StoreClosedError), self._locked():  # (destroyed: everything went with it)
+            if file_id in self._reserved:
+                self._retire(file_id)
 
     def put(self, key: str, meta: bytes, buffers: Sequence[Any]) -> int:
         views = [_bytes_view(b) for b in buffers]
@@ -416,7 +410,6 @@ class Store:
         elif self._disk is not None:
             self._disk.remove(obj.file_id)
 
-    # ---- reads ------------------------------------------------------------------------------------
     def _find(self, key: str) -> _Obj:
         obj = self._objects.get(key)
         if obj is None:
@@ -515,8 +508,8 @@ class Store:
     def reclaim(self) -> int:
         return 0  # no other process can die holding anything of a local run
 
-    def mark_finished(self) -> None:
-        pass  # no other process can see the run: destroy() ends it
+    def mark_finished(self) -> None:  # only a flag: no other process can see the run
+        self._finished = True
 
     def destroy(self) -> None:
         """Remove everything of the run; loads handed out stay valid. Idempotent."""
@@ -524,6 +517,8 @@ class Store:
             if self._closed:
                 return
             self._closed = True
+            if _LIVE.get(self._run_id) is self:
+                del _LIVE[self._run_id]
             self._objects.clear()
             self._reserved.clear()
             self._ram_used = 0
