@@ -18,6 +18,7 @@ be removed (Windows refuses while a process holds it open); elsewhere never.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 
@@ -111,6 +112,7 @@ LOCAL_LOCK = "owner.lk"
 _FLOCK = fcntl if fcntl is not None and PLATFORM != "win32" else None  # not where Windows is simulated
 _WINDOWS = os.name == "nt"
 _O_BIN = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+_OBJECT_FILE = re.compile(r"^[0-9a-f]{16}\.obj$")  # _names.object_file_name
 
 
 def hold_local_run(path: str) -> int:
@@ -127,29 +129,34 @@ def hold_local_run(path: str) -> int:
 
 
 def remove_local_run(path: str, kept: set[int] | None = None) -> None:
-    """Unlink a local run directory's object files and owner.lk, then the directory (our names
-    only). ``kept``: receives the ids of object files the system refused to remove (Windows:
-    a live view maps them); the directory then stays until they go."""
+    """Unlink a local run directory's object files, then owner.lk and the directory (our names
+    only). ``kept``: receives the ids of object files the system refused to remove (Windows: a
+    live view maps them); owner.lk and the directory then stay, so that a sweep finds the run
+    if this process ends first."""
     try:
         names = os.listdir(path)
     except OSError:
         return
+    refused = False
     for name in names:
-        if name.endswith(".obj") or name == LOCAL_LOCK:
+        if _OBJECT_FILE.match(name):
             try:
                 os.unlink(os.path.join(path, name))
             except FileNotFoundError:
                 pass
             except OSError:
-                if kept is not None and name.endswith(".obj"):
-                    try:
-                        kept.add(int(name[:-4], 16))
-                    except ValueError:
-                        pass
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass  # a file a live view maps (Windows) or someone else's file: the next sweep retries
+                refused = True
+                if kept is not None:
+                    kept.add(int(name[:-4], 16))
+    if refused:
+        return
+    for remove, what in ((os.unlink, os.path.join(path, LOCAL_LOCK)), (os.rmdir, path)):
+        try:
+            remove(what)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # someone else's file in it: left alone
 
 
 def _local_owner_gone(path: str) -> bool:
