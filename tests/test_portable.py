@@ -2,8 +2,12 @@
 every check runs in fresh processes; this process keeps the Linux mode).
 
 darwin: the pure-Python store's portable mode (regular files in a private temp directory, flock
-on lock files, no posix_fallocate). win32: `import discomfort` and the HTTP client work without
-fcntl and the other POSIX-only calls, and creating a local store is a clear error.
+on lock files, no posix_fallocate). win32: `import discomfort`, the process-local store and the
+HTTP client work without fcntl and the other POSIX-only calls, and attaching a run from another
+process is a clear error.
+
+Every simulated process runs under the platform hook (tests/_simplatform): what that system lacks
+fails for discomfort's own code, so a stray POSIX call fails the test.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import pytest
 
 from discomfort import _platform
 from discomfort._pystore import lock as pslock, sys as pssys
+
+from _simplatform import simulated_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "_workers.py")
@@ -61,12 +67,11 @@ COMMON = textwrap.dedent("""
 
 
 def simulated(platform: str, tmp_path) -> dict[str, str]:
-    """The environment of a process that believes it runs on `platform`, with its own TMPDIR."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOMFORT_")}
+    """The environment of a process that believes it runs on `platform` (the platform hook
+    installed), with its own TMPDIR."""
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
-    env.update(DISCOMFORT_TEST_PLATFORM=platform, TMPDIR=str(tmp))
-    return env
+    return simulated_env(platform, tmpdir=tmp)
 
 
 def run(platform: str, tmp_path, code: str, *args: str, **extra: str) -> subprocess.CompletedProcess:
@@ -269,55 +274,50 @@ def test_darwin_sweeper_removes_a_dead_runs_files(tmp_path):
 
 # ---------------------------------------------------------------------------------------- win32
 
-# What Windows lacks, taken away before discomfort is imported: fcntl, resource and the POSIX-only
-# calls of os. Third-party modules are imported first (they have Windows code paths of their own).
-NO_POSIX = """
-    import sys
-    import cloudpickle, numpy, requests  # noqa: F401
-    sys.modules["fcntl"] = None
-    sys.modules["resource"] = None
-    import os
-    for name in ("fork", "register_at_fork", "geteuid", "getuid", "pread", "pwrite", "posix_fallocate",
-                 "statvfs", "O_CLOEXEC", "O_NOFOLLOW"):
-        if hasattr(os, name):
-            delattr(os, name)
-"""
-
-
 def run_windows(tmp_path, code: str, **extra: str) -> subprocess.CompletedProcess:
+    """A simulated Windows process: fcntl, resource, fork, the POSIX-only calls of os, /dev/shm and
+    /proc are gone for discomfort's code (the platform hook); third-party modules are untouched."""
     env = {**simulated("win32", tmp_path), **extra}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(NO_POSIX) + textwrap.dedent(code)],
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
                           capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_win32_imports_and_refuses_a_local_store_clearly(tmp_path):
+def test_win32_keeps_runs_local_and_refuses_attaching_clearly(tmp_path):
+    """Windows: every run is kept in the process that creates it (the process-local store);
+    attaching from another process is a clear error that says what works."""
     out = run_windows(tmp_path, """
         import json
+        import numpy as np
         import discomfort
         from discomfort import doctor, errors
         from discomfort.remote import RemoteContext
         assert discomfort._platform.fcntl is None
+        with discomfort.WorkflowContext(ram_budget=1 << 20) as ctx:
+            ctx.save("a", np.arange(5))
+            round_trip = ctx.load("a").tolist()
+            run_id, backend = ctx.run_id, ctx.backend
         seen = {}
-        for name, call in [("create", lambda: discomfort.WorkflowContext()),
-                           ("attach", lambda: discomfort.WorkflowContext.attach("abc")),
-                           ("get_context", lambda: discomfort.get_context("abc")),
-                           ("store", lambda: discomfort.Store.create("abc", ram_budget=1 << 20))]:
+        for name, call in [("attach", lambda: discomfort.WorkflowContext.attach(run_id)),
+                           ("get_context", lambda: discomfort.get_context(run_id))]:
             try:
                 call()
                 seen[name] = "no error"
             except errors.UnsupportedPlatformError as exc:
                 seen[name] = str(exc)
         print(json.dumps({"backend": discomfort.backend, "mode": discomfort.store_mode, "seen": seen,
+                          "round_trip": round_trip, "run_backend": backend,
                           "remote": RemoteContext.__name__, "doctor": doctor.format_report(doctor.collect()),
                           "is_discomfort_error": issubclass(errors.UnsupportedPlatformError, errors.DiscomfortError)}))
     """)
     res = last_json(out)
-    assert res["backend"] == "python" and res["mode"] == "unsupported" and res["remote"] == "RemoteContext"
+    assert res["backend"] == "local" and res["mode"] == "local" and res["remote"] == "RemoteContext"
+    assert res["round_trip"] == [0, 1, 2, 3, 4] and res["run_backend"] == "local"
     assert res["is_discomfort_error"]
     for name, message in res["seen"].items():
         assert "Windows" in message and "WSL2" in message and "HTTP" in message, name
-    assert "no local store" in res["doctor"] and "WSL2" in res["doctor"]
-    assert os.listdir(tmp_path / "tmp") == []  # nothing was made for a store
+    assert "Process-local store" in res["doctor"] and "another process cannot attach" in res["doctor"]
+    left = [os.path.join(d, n) for d, _, names in os.walk(tmp_path / "tmp") for n in names]
+    assert left == []  # the run's files went with it
     native = run_windows(tmp_path, "import discomfort", DISCOMFORT_BACKEND="native")
     assert native.returncode != 0 and "BackendUnavailableError" in native.stderr
 
