@@ -270,7 +270,7 @@ def test_the_old_import_paths_give_the_new_modules():
             continue
         assert importlib.import_module(old) is module and sys.modules[old] is module, old
         checked += 1
-    assert checked >= len([m for m in MOVED if "cli_" in m or "workflow_" in m]), "the portable ones at least"
+    assert checked >= len([m for m in MOVED if "workflow_" in m]), "the workflow format's need nothing else"
 
 
 #: Modules and packages at the top of python/discomfort/: 33 once the command line, the workflow
