@@ -21,10 +21,9 @@ import textwrap
 
 import pytest
 
+from _simplatform import simulated_env
 from discomfort._names import safe_file_stem, unique_stem, windows_name_problem
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-SIMHOOK = os.path.join(HERE, "_simplatform")
+from discomfort._platform import PLATFORM
 
 # (a name as given, the file stem it becomes)
 NAME_FORMS = [
@@ -37,13 +36,16 @@ NAME_FORMS = [
 ]
 
 
-def simulated(tmp_path, code: str, platform: str = "win32", **env: str) -> dict:
-    """Run ``code`` in a fresh process that takes this system for ``platform`` (with the test hook
-    of tests/_simplatform where it is there); its last stdout line is JSON."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DISCOMFORT_") and k not in ("TMPDIR", "TEMP", "TMP")}
-    if os.path.isfile(os.path.join(SIMHOOK, "sitecustomize.py")):
-        base["PYTHONPATH"] = os.pathsep.join(p for p in (SIMHOOK, os.environ.get("PYTHONPATH")) if p)
-    base.update(DISCOMFORT_TEST_PLATFORM=platform, **env)
+def simulated(tmp_path, code: str, platform: str | None = "win32", **env: str) -> dict:
+    """Run ``code`` in a fresh process that takes this system for ``platform`` (tests/_simplatform;
+    None: the system this process takes itself for), with no temp directory setting but ``env``'s;
+    its last stdout line is JSON."""
+    base = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
+    if platform is not None:
+        base = simulated_env(platform, base)
+    else:
+        base = {k: v for k, v in base.items() if not k.startswith("DISCOMFORT_") or k == "DISCOMFORT_TEST_PLATFORM"}
+    base.update(env)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env=base, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,10 +89,12 @@ def test_unique_stem_ignores_case_as_windows_and_macos_folders_do():
 DISK_KEYS = ["CON", "nul.", "aux.txt", "COM1", "C:\\x\\y", "..\\..\\evil", "a:b|c", "Image", "image"]
 
 
-@pytest.mark.parametrize("platform", ["linux"])
+@pytest.mark.parametrize("platform", ["win32", None], ids=["win32", "this-system"])
 def test_disk_tier_files_are_numbered_whatever_the_key(tmp_path, platform):
     """Every value over the RAM budget goes to a file named by its number; on Windows the disk
     tier lives in %TEMP% (TEMP, as Windows sets it; no TMPDIR there)."""
+    import discomfort
+
     temp = tmp_path / "temp"
     temp.mkdir()
     env = {"TEMP": str(temp)} if platform == "win32" else {"TMPDIR": str(temp)}
@@ -109,7 +113,7 @@ def test_disk_tier_files_are_numbered_whatever_the_key(tmp_path, platform):
         left = sorted(f for _, _, fs in os.walk(root) for f in fs)
         print(json.dumps({{"mode": discomfort.store_mode, "root": root, "files": files, "same": same, "left": left}}))
     """, platform, **env)
-    assert out["mode"] == ("local" if platform == "win32" else "shm")
+    assert out["mode"] == ("local" if platform == "win32" else discomfort.store_mode)
     assert os.path.commonpath([out["root"], str(temp)]) == str(temp), out["root"]
     objects = [f for f in out["files"] if re.fullmatch(r"[0-9a-f]{16}\.obj", f)]
     assert len(objects) == len(DISK_KEYS), out["files"]
@@ -125,8 +129,10 @@ ALWAYS_REFUSED = ["C:\\wf.json", "C:wf.json", "sub\\wf.json", "\\\\server\\share
 
 
 def _panel_folder(tmp_path):
+    """The workflows folder, with a file of each name where this system can hold them (Windows
+    refuses the names before looking for the files)."""
     root = tmp_path / "workflows"
-    for name in PANEL_NAMES + ["ok.json", "sub/ok.json"]:
+    for name in (PANEL_NAMES if sys.platform != "win32" else []) + ["ok.json", "sub/ok.json"]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("{}", encoding="utf-8")
     return root
@@ -134,12 +140,16 @@ def _panel_folder(tmp_path):
 
 def test_panel_names_windows_cannot_hold_are_refused_on_windows_only(tmp_path):
     """On Windows, "CON.json" would open the console and "ab:c.json" a stream of "ab": the panel
-    says so (400) there; here, on Linux, they are ordinary files."""
-    from discomfort.panel.io import PanelLimits, safe_file
+    says so (400) there, even where such a file exists; elsewhere they are ordinary files."""
+    from discomfort.panel.io import InvalidName, PanelLimits, safe_file
 
     root = _panel_folder(tmp_path)
     for name in PANEL_NAMES:
-        assert safe_file(root, name, "workflow", PanelLimits(), (".json",)) == os.path.realpath(root / name)
+        if PLATFORM == "win32":
+            with pytest.raises(InvalidName):
+                safe_file(root, name, "workflow", PanelLimits(), (".json",))
+        else:
+            assert safe_file(root, name, "workflow", PanelLimits(), (".json",)) == os.path.realpath(root / name)
     out = simulated(tmp_path, f"""
         import json
         from discomfort.panel.io import InvalidName, PanelLimits, safe_file
@@ -241,6 +251,7 @@ def test_install_comfyui_says_where_it_looked(tmp_path):
         find_comfy_python(tmp_path / "ComfyUI")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the embedded python.exe stand-in here is a shell script")
 def test_install_comfyui_into_the_portable_build_under_win32(tmp_path):
     """The whole command on the portable layout (given its top folder), simulated: the node pack
     lands in ComfyUI\\custom_nodes, and --remove takes it out again. The embedded python.exe runs
@@ -277,8 +288,9 @@ def test_install_comfyui_reads_a_windows_wheel_url(tmp_path):
     assert out[0] == "C:\\Users\\Me\\My Wheels\\discomfort-0.1.0-py3-none-win_amd64.whl"
     assert ntpath.splitdrive(out[1]) == ("\\\\server\\share", "\\w\\discomfort.whl")
     assert ntpath.splitdrive(out[2]) == ("D:", "\\w\\discomfort.whl")
-    from urllib.parse import urlparse
+    if PLATFORM != "win32":
+        from urllib.parse import urlparse
 
-    from discomfort.cli.install import _file_url_path
+        from discomfort.cli.install import _file_url_path
 
-    assert _file_url_path(urlparse("file:///home/me/My%20Wheels/d.whl")) == "/home/me/My Wheels/d.whl"
+        assert _file_url_path(urlparse("file:///home/me/My%20Wheels/d.whl")) == "/home/me/My Wheels/d.whl"
