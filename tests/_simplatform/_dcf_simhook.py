@@ -98,11 +98,10 @@ MAC_PAGE = 16384  # Apple silicon
 def _kind(filename: str) -> str:
     kind = _file_cache.get(filename)
     if kind is None:
-        real = os.path.realpath(filename) if filename.startswith("/") else filename
         if filename == _HOOK_FILE or filename.startswith("<frozen") or (
                 filename.startswith(_STDLIB) and "-packages/" not in filename):
-            kind = "std"
-        elif any(real.startswith(d) for d in _OWN_DIRS):
+            kind = "std"  # before realpath: on 3.10 it calls os.lstat, whose wrapper asks here again
+        elif any(os.path.realpath(filename).startswith(d) for d in _OWN_DIRS if filename.startswith("/")):
             kind = "own"
         else:
             kind = "other"
