@@ -214,6 +214,26 @@ def test_cli_inputs_keep_their_windows_drive_and_backslashes():
         input_dir_jobs(["image=D:\\photos"], {}, (".png",))
 
 
+def test_cli_input_dir_runs_get_one_windows_safe_folder_each(tmp_path):
+    """--input-dir: each input's outputs go to a folder named after it, made safe, and distinct
+    also where the names differ in case only or become the same stem."""
+    from discomfort.cli.loops import input_dir_jobs
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "Photo.png").write_bytes(b"1")
+    case_sensitive = not (photos / "photo.png").exists()
+    names = ["a b", "a_b", "Photo"] + (["photo"] if case_sensitive else []) + (["CON"] if sys.platform != "win32" else [])
+    for name in names:
+        (photos / f"{name}.png").write_bytes(b"1")
+    jobs = input_dir_jobs([f"image={photos}"], {}, (".png",))
+    folders = {name: folder for name, folder, _ in jobs}
+    expect = {"a b": "a_b", "a_b": "a_b-2", "Photo": "Photo", "photo": "photo-2", "CON": "_CON"}
+    assert folders == {n: expect[n] for n in names}
+    assert all(files == {"image": photos / f"{name}.png"} for name, _, files in jobs)
+    assert input_dir_jobs([], {}, (".png",)) == [(None, None, {})]
+
+
 # ---- install-comfyui: the portable build -------------------------------------------------------
 
 

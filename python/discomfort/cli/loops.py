@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._names import safe_file_stem, unique_stem
+
 __all__ = ["parse_set_spec", "input_dir_jobs", "apply_sets"]
 
 
@@ -23,11 +25,14 @@ def parse_set_spec(spec: str) -> tuple[str, str, Any]:
     return node, name, value
 
 
-def input_dir_jobs(specs: list[str], inputs: dict, extensions: tuple[str, ...]) -> list[tuple[str | None, dict[str, Path]]]:
+def input_dir_jobs(specs: list[str], inputs: dict,
+                   extensions: tuple[str, ...]) -> list[tuple[str | None, str | None, dict[str, Path]]]:
     """One job per input file (``--input-dir KEY=DIR``; several directories: files paired by
-    name without extension), or one job without files."""
+    name without extension), or one job without files: (name, the job's output subfolder, files).
+    The subfolder is the name made a file stem valid on every system (_names.safe_file_stem),
+    distinct ignoring case: "Photo" and "photo" would be one folder on Windows and macOS."""
     if not specs:
-        return [(None, {})]
+        return [(None, None, {})]
     dirs: dict[str, dict[str, Path]] = {}
     for spec in specs:
         key, sep, folder = spec.partition("=")
@@ -51,7 +56,9 @@ def input_dir_jobs(specs: list[str], inputs: dict, extensions: tuple[str, ...]) 
     if lonely:
         raise ValueError(f"--input-dir: the folders hold different names, e.g. {lonely[0]!r}: each run takes one "
                          "file of each folder, paired by name")
-    return [(name, {key: d[name] for key, d in dirs.items()}) for name in sorted(common)]
+    folders: set[str] = set()
+    return [(name, unique_stem(safe_file_stem(name), folders), {key: d[name] for key, d in dirs.items()})
+            for name in sorted(common)]
 
 
 def apply_sets(paths: list, sets: list[tuple[str, str, Any]], object_info: dict) -> tuple[list[dict], dict]:

@@ -504,10 +504,9 @@ def _run(args: argparse.Namespace) -> int:
     if sets:
         workflows, found = apply_sets(workflows, sets, executor.object_info())
         controls = controls or found or None
-    folders: set[str] = set()  # one folder per input name, also where two names differ in case only
     with Run(executor, transport=args.transport) as run:
-        for name, files in jobs:
-            out = Path(args.output_dir) / unique_stem(_safe_stem(name), folders) if name else Path(args.output_dir)
+        for name, folder, files in jobs:
+            out = Path(args.output_dir) / folder if folder else Path(args.output_dir)
             if name:
                 print(f"{name}: {', '.join(str(p) for p in files.values())}")
             job_inputs = {**inputs, **{key: load_input(p) for key, p in files.items()}}
