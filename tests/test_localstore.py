@@ -26,6 +26,7 @@ import pytest
 from _helpers import BACKENDS, leftovers, load_backend
 from _simplatform import simulated_env
 from discomfort import _localstore, errors
+from discomfort._sweep import LOCAL_LOCK
 from discomfort.context import WorkflowContext, get_context, store_kind
 
 MiB = 1 << 20
@@ -108,7 +109,7 @@ def test_the_disk_tier_files_are_private_and_go_with_the_run(make_local, tmp_pat
     assert store.get("small disk")[2]["zero_copy"]  # 1 MiB extent: mapped
     assert os.stat(store.disk_dir).st_mode & 0o777 == 0o700
     names = sorted(os.listdir(store.disk_dir))
-    assert len(names) == 3 and names[-1] == _localstore.LOCK_NAME
+    assert len(names) == 3 and names[-1] == LOCAL_LOCK
     for name in names:
         assert os.stat(os.path.join(store.disk_dir, name)).st_mode & 0o777 == 0o600
     assert store.delete("disk") and len(os.listdir(store.disk_dir)) == 2
@@ -169,7 +170,7 @@ def test_reservations_seal_abort_and_dropped(make_local):
     stats = store.stats()
     assert stats["reserved"] == 0 and stats["ram_capacity"] == store.info("ram")["size"]
     assert sorted(os.listdir(store.disk_dir)) == [f"{store.info('disk')['version'] - 1:016x}.obj",
-                                                  _localstore.LOCK_NAME]
+                                                  LOCAL_LOCK]
 
 
 def test_threads_save_load_delete(make_local):
@@ -193,7 +194,7 @@ def test_threads_save_load_delete(make_local):
     gc.collect()
     stats = store.stats()
     assert stats["reserved"] == 0 and stats["pins"] == 0
-    assert stats["ram_capacity"] == stats["bytes_ram"] <= 4 * MiB
+    assert stats["bytes_ram"] <= stats["ram_capacity"] <= 4 * MiB  # spare regions of replaced values count too
 
 
 OWNER = """

@@ -20,29 +20,27 @@ import contextlib
 import errno
 import mmap
 import os
-import stat
 import sys
 import threading
 import weakref
 from typing import Any, Iterator, Sequence
 
-from ._names import check_key, check_run_id, control_name, object_file_name
+from ._names import check_key, check_run_id, object_file_name
 from ._platform import PREFAULT_MIN
-from ._runfiles import disk_root_problem
 from ._pystore.format import BUFDESC, EXT_HEAD, OBJ_MAGIC, PAGE, SMALL_OBJECT_BYTES
 from ._pystore.layout import layout, parse_extent
 from ._pystore.memprobe import memory_allows
-from ._sweep import LOCAL_LOCK as LOCK_NAME, hold_local_run, remove_local_run, sweep_local
+from ._sweep import make_local_run, remove_local_run
 from ._types import LoadInfo, ObjectInfo, StoreStats
 from .errors import (
-    DiskFullError, StoreClosedError, StoreFullError, TruncatedStoreError, UnknownKeyError, UnsafeDirectoryError,
-    UnsupportedPlatformError,
+    DiskFullError, StoreClosedError, StoreFullError, TruncatedStoreError, UnknownKeyError, UnsupportedPlatformError,
 )
 
 #: Which backend this module is (the shared store's modules say "native" or "python").
 BACKEND = "local"
 COPY_LOAD_BYTES = SMALL_OBJECT_BYTES  # disk objects below this come back as copies, not mappings
 _PROBE_FROM = 1 << 20  # RAM puts from this size ask the memory probe first
+_HUGE_PAGE = 2 << 20
 _PROBE = None if sys.platform == "win32" else "/proc/meminfo"
 _LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # run id -> this process's live store
 
@@ -61,8 +59,13 @@ def attach_error(run_id: str) -> UnsupportedPlatformError:
 
 
 def _buffer(n: int) -> memoryview:
-    """Private, page-aligned, writable memory: a bytearray up to 32 MiB (the C heap serves it, often
-    with pages a freed value left faulted in), anonymous pages beyond."""
+    """Private, page-aligned, writable memory: from 2 MiB where there are huge pages, anonymous
+    pages advised huge (512 times fewer page faults); else a bytearray up to 32 MiB (the C heap
+    serves it, often with pages a freed value left faulted in), anonymous pages beyond."""
+    if n >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE)
+        mm.madvise(mmap.MADV_HUGEPAGE)  # a hint: ignored where transparent huge pages are off
+        return memoryview(mm)
     if n < PREFAULT_MIN:
         import ctypes
 
@@ -100,12 +103,13 @@ def _header(meta: bytes, sizes: Sequence[int]) -> tuple[bytearray, list[int], in
 class _Obj:
     """A sealed object: its region (RAM) or file id (disk), and what info() reports."""
 
-    __slots__ = ("tier", "version", "file_id", "length", "nbuf", "nbytes", "meta_len", "region")
+    __slots__ = ("tier", "version", "file_id", "length", "nbuf", "nbytes", "meta_len", "region", "readers")
 
     def __init__(self, tier: str, file_id: int, length: int, sizes: Sequence[int], meta_len: int,
                  region: memoryview | None):
         self.tier, self.file_id, self.length, self.region = tier, file_id, length, region
         self.nbuf, self.nbytes, self.meta_len, self.version = len(sizes), sum(sizes), meta_len, 0
+        self.readers = 0  # loads copying its region now: it is not reused meanwhile
 
 
 class _Disk:
@@ -205,7 +209,11 @@ class Store:
         self._reserved: dict[int, tuple[str, int]] = {}  # file_id -> (tier, length)
         self._pins: dict[int, int] = {}  # disk file_id -> live mappings of it
         self._pinned_bytes = 0
-        self._ram_used = 0  # RAM extents, reservations included
+        self._ram_used = 0  # RAM extents, reservations and spare regions included
+        # Regions of replaced or deleted values (from 1 MiB), by length: the next value of that
+        # length is copied into one, whose pages are faulted in already (a loop's steady state).
+        self._spare: dict[int, list[memoryview]] = {}
+        self._spare_bytes = 0
         self._next = 1  # versions and file ids, as the shared store takes them (two per save)
         self._closed = self._finished = False
         self._pid = os.getpid()
@@ -223,25 +231,7 @@ class Store:
             raise ValueError(f"ram_budget must be a non-negative int, not {ram_budget!r}")
         if _LIVE.get(run_id) is not None:
             raise FileExistsError(errno.EEXIST, f"run {run_id!r} already exists in this process")
-        disk = None
-        if disk_root is not None:
-            root = os.path.abspath(os.fspath(disk_root))
-            _make_root(root)
-            sweep_local(root)
-            path = os.path.join(root, control_name(run_id))
-            try:
-                os.mkdir(path, 0o700)
-            except FileExistsError:
-                raise FileExistsError(errno.EEXIST, f"disk directory {path} already exists (left by another run, "
-                                                    "or made by someone else); refusing to reuse it") from None
-            try:
-                if not _WINDOWS:
-                    os.chmod(path, 0o700)  # the umask may have taken bits; never adds any for others
-                fd = hold_local_run(path)
-            except BaseException:
-                remove_local_run(path)
-                raise
-            disk = _Disk(path, fd)
+        disk = _Disk(*make_local_run(os.fspath(disk_root), run_id)) if disk_root is not None else None
         _LIVE[run_id] = store = cls(run_id, ram_budget, disk, mem_probe)
         return store
 
@@ -304,28 +294,42 @@ class Store:
         check_key(key)
         meta = bytes(meta)
         head, offsets, length = _header(meta, sizes)
+        region = None
         with self._locked():
-            if self._ram_used + length <= self._budget and (
-                    length < _PROBE_FROM or self._disk is None or self._probe is None
-                    or memory_allows(self._probe, length)):
-                tier = "ram"
-                self._ram_used += length
-            elif self._disk is not None:
-                tier = "disk"
+            spares = self._spare.get(length)
+            if spares:
+                region, tier = spares.pop(), "ram"  # counted in _ram_used already
+                self._spare_bytes -= length
             else:
-                raise StoreFullError(f"run {self._run_id!r}: object {key!r} of {length} bytes does not fit the "
-                                     "RAM budget and the run has no disk tier")
+                if self._ram_used + length > self._budget and self._spare_bytes:
+                    self._free_spares()
+                if self._ram_used + length <= self._budget and (
+                        length < _PROBE_FROM or self._disk is None or self._probe is None
+                        or memory_allows(self._probe, length)):
+                    tier = "ram"
+                    self._ram_used += length
+                elif self._disk is not None:
+                    tier = "disk"
+                else:
+                    raise StoreFullError(f"run {self._run_id!r}: object {key!r} of {length} bytes does not fit the "
+                                         "RAM budget and the run has no disk tier")
             file_id = self._take_version()
             self._reserved[file_id] = (tier, length)
-        obj = _Obj(tier, file_id, length, sizes, len(meta), None)
+        obj = _Obj(tier, file_id, length, sizes, len(meta), region)
         if tier == "ram":
             try:
-                obj.region = _buffer(length)
+                obj.region = region if region is not None else _buffer(length)
             except BaseException:
                 self._abort(file_id)
                 raise
             obj.region[: len(head)] = head
         return obj, head, offsets
+
+    def _free_spares(self) -> None:
+        """Under the lock: the spare regions go (room for a value of another length)."""
+        self._ram_used -= self._spare_bytes
+        self._spare.clear()
+        self._spare_bytes = 0
 
     def reserve(self, key: str, meta: bytes, sizes: Sequence[int]) -> Reservation:
         sizes = [int(n) for n in sizes]
@@ -405,8 +409,12 @@ class Store:
     def _drop(self, obj: _Obj) -> None:
         """Under the lock: a sealed object replaced or deleted."""
         if obj.tier == "ram":
-            self._ram_used -= obj.length
-            obj.region = None
+            region, obj.region = obj.region, None
+            if region is not None and not obj.readers and obj.length >= _PROBE_FROM:
+                self._spare.setdefault(obj.length, []).append(region)
+                self._spare_bytes += obj.length
+            else:
+                self._ram_used -= obj.length
         elif self._disk is not None:
             self._disk.remove(obj.file_id)
 
@@ -431,16 +439,22 @@ class Store:
             obj = self._find(key)
             region, length, version, file_id = obj.region, obj.length, obj.version, obj.file_id
             fd, mapped = -1, False
-            if region is None:
+            if region is not None:
+                obj.readers += 1
+            else:
                 assert self._disk is not None
                 fd = os.open(self._disk.file(file_id), os.O_RDONLY | _O_BIN)
                 mapped = not guarded and length >= COPY_LOAD_BYTES
                 if mapped:
                     self._pins[file_id] = self._pins.get(file_id, 0) + 1
                     self._pinned_bytes += length
-        if region is not None:  # RAM: a sealed region is never written again: copied outside the lock
-            data = _buffer(length)
-            data[:] = region
+        if region is not None:  # RAM: copied outside the lock (no save reuses it while it is read)
+            try:
+                data = _buffer(length)
+                data[:] = region
+            finally:
+                with self._lock:
+                    obj.readers -= 1
             return _views(data, length, where, version, "ram", False)
         try:
             if os.fstat(fd).st_size < length:
@@ -521,7 +535,8 @@ class Store:
                 del _LIVE[self._run_id]
             self._objects.clear()
             self._reserved.clear()
-            self._ram_used = 0
+            self._spare.clear()
+            self._ram_used = self._spare_bytes = 0
         self._cleanup()
 
     close = destroy  # no other process can reach the run, so closing it ends it
@@ -536,40 +551,12 @@ class Store:
         return f"<discomfort._localstore.Store run_id={self._run_id!r} {'closed' if self._closed else 'owner'}>"
 
 
-def root_problem(root: str) -> str | None:
-    """Why create() would refuse ``root`` as a disk root (None: fine; a missing one is made): as
-    the shared store refuses one; without uids (Windows), a link or a non-directory only."""
-    if hasattr(os, "geteuid"):
-        return disk_root_problem(root)
-    try:
-        st = os.lstat(root)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        return (f"disk root {root} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'not a directory'}; "
-                "set disk_dir= or DISCOMFORT_DISK_DIR to a directory of your own")
-    return None
-
-
 def _bytes_view(buffer: Any) -> memoryview:
     """A flat byte view of a C-contiguous buffer (ValueError for any other)."""
     view = memoryview(buffer)
     if not view.c_contiguous:
         raise ValueError("put() needs C-contiguous buffers")
     return view.cast("B") if view.ndim != 1 or view.format != "B" else view
-
-
-def _make_root(root: str) -> None:
-    """The disk root, made (0700) when missing; refused as the shared store refuses one."""
-    if not os.path.lexists(root):
-        os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
-        try:
-            os.mkdir(root, 0o700)
-        except FileExistsError:
-            pass
-    problem = root_problem(root)
-    if problem:
-        raise UnsafeDirectoryError(problem)
 
 
 def _views(data: memoryview, length: int, where: str, version: int, tier: Any,

@@ -17,6 +17,7 @@ be removed (Windows refuses while a process holds it open); elsewhere never.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -24,7 +25,8 @@ import struct
 
 from ._names import CONTROL_FILE, POOL_FILE, RUN_FILE, control_name
 from ._platform import PLATFORM, SHM_DIR, fcntl
-from ._runfiles import CONTROL_SIZE, MAGIC, remove_run_files
+from ._runfiles import CONTROL_SIZE, MAGIC, disk_root_problem, remove_run_files
+from .errors import UnsafeDirectoryError
 
 
 def sweep(shm_dir: str = SHM_DIR) -> list[str]:
@@ -115,17 +117,56 @@ _O_BIN = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 _OBJECT_FILE = re.compile(r"^[0-9a-f]{16}\.obj$")  # _names.object_file_name
 
 
-def hold_local_run(path: str) -> int:
-    """Create the local run directory ``path``'s owner.lk and hold it (the descriptor) until
-    the run is removed."""
-    fd = os.open(os.path.join(path, LOCAL_LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_BIN, 0o600)
-    if _FLOCK is not None:
+def local_root_problem(root: str) -> str | None:
+    """Why a local run would refuse ``root`` as its disk root (None: fine; a missing one is made):
+    as the shared store refuses one; without uids (Windows), a link or a non-directory only."""
+    if hasattr(os, "geteuid"):
+        return disk_root_problem(root)
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return (f"disk root {root} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'not a directory'}; "
+                "set disk_dir= or DISCOMFORT_DISK_DIR to a directory of your own")
+    return None
+
+
+def make_local_run(disk_root: str, run_id: str) -> tuple[str, int]:
+    """The directory of a new local run in ``disk_root`` (made 0700 when missing, refused as the
+    shared store refuses one; local runs left there by processes that are gone are removed
+    first), made exclusively (0700), and its owner.lk, held (the descriptor) until the run is
+    removed: (its path, the descriptor)."""
+    root = os.path.abspath(disk_root)
+    if not os.path.lexists(root):
+        os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
         try:
+            os.mkdir(root, 0o700)
+        except FileExistsError:
+            pass
+    problem = local_root_problem(root)
+    if problem:
+        raise UnsafeDirectoryError(problem)
+    sweep_local(root)
+    path = os.path.join(root, control_name(run_id))
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, f"disk directory {path} already exists (left by another run, "
+                                            "or made by someone else); refusing to reuse it") from None
+    fd = -1
+    try:
+        if not _WINDOWS:
+            os.chmod(path, 0o700)  # the umask may have taken bits; never adds any for others
+        fd = os.open(os.path.join(path, LOCAL_LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_BIN, 0o600)
+        if _FLOCK is not None:
             _FLOCK.flock(fd, _FLOCK.LOCK_SH)
-        except BaseException:
+    except BaseException:
+        if fd >= 0:
             os.close(fd)
-            raise
-    return fd
+        remove_local_run(path)
+        raise
+    return path, fd
 
 
 def remove_local_run(path: str, kept: set[int] | None = None) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from . import _backend, codecs, datacodec, sysinfo
 from ._names import control_name
 from ._platform import SHARED, require_local_store
-from ._sweep import sweep
+from ._sweep import LOCAL_LOCK, sweep
 from .errors import (
     InvalidRunIdError,
     PromptNotAllowedError,
@@ -338,7 +338,7 @@ def _is_local_run(run_id: str) -> bool:
     """Whether a process-local run of this id lives in the default disk root (its directory and
     owner's lock file are there), for attach()'s error."""
     try:
-        path = os.path.join(sysinfo.disk_root(), control_name(run_id), _backend.module("local").LOCK_NAME)
+        path = os.path.join(sysinfo.disk_root(), control_name(run_id), LOCAL_LOCK)
         return os.path.lexists(path)
     except (OSError, ValueError):
         return False

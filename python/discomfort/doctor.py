@@ -17,6 +17,7 @@ from . import _backend, _settings, sysinfo
 from ._platform import MODE, PLATFORM, SHARED, memory_available
 from ._version import __version__
 from ._runfiles import disk_root_problem
+from ._sweep import local_root_problem
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -69,7 +70,7 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
                                 "give a directory of your own (mode 0700)")
         elif not os.path.isdir(root) and not os.path.islink(root):
             problems.append(f"{where} {root} is not a directory; give a directory of your own (mode 0700)")
-        elif problem := (disk_root_problem(root) if SHARED else _backend.module("local").root_problem(root)):
+        elif problem := (disk_root_problem(root) if SHARED else local_root_problem(root)):
             problems.append(problem)
         try:
             disk_free = shutil.disk_usage(existing if os.path.isdir(existing) else os.path.dirname(existing)).free
