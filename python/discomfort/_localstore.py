@@ -6,8 +6,8 @@ but attaching: no other process can reach the run. Objects under the RAM budget 
 process's memory, in the shared store's extent layout (docs/FORMAT.md), one private buffer each;
 larger ones go to one file each in the run's disk directory (``<disk root>/dcf-<run_id>``, 0700).
 
-A save copies; stored bytes are never written again. A load of a RAM object is a private copy;
-of a disk object (64 KiB or more), a private copy-on-write mapping of its file (zero-copy on
+A save copies; a value's bytes are never written while it is stored. A RAM load is a private
+copy; a disk load (64 KiB or more), a private copy-on-write mapping of its file (zero-copy on
 every system). A file a load maps is removed at once on POSIX, once the mapping is gone on
 Windows. The run's directory holds ``owner.lk``, which its owner holds: a run left by a crash is
 swept by the next local run created in that disk root (discomfort._sweep). docs/PLATFORMS.md.
