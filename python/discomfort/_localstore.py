@@ -272,8 +272,9 @@ class Store:
                 elif file_id in self._reserved:  # "drop": a reservation collected unsealed
                     self._retire(file_id)
             if self._disk is not None and self._disk.doomed:
-                for file_id in [f for f in self._disk.doomed if f not in self._pins]:
-                    self._disk.remove(file_id)
+                for file_id in list(self._disk.doomed):  # (one C-level copy: a finalizer may change the set)
+                    if file_id not in self._pins:
+                        self._disk.remove(file_id)
             yield
 
     def _take_version(self) -> int:
