@@ -127,8 +127,8 @@ class Cgroup:
 
 
 def cgroup_memory(root: str = "/sys/fs/cgroup") -> Cgroup:
-    """The cgroup v2 memory limit and usage of this process, when there is a limit."""
-    if sys.platform == "win32":
+    """The cgroup v2 memory limit and usage of this process, when there is a limit (Linux)."""
+    if not sys.platform.startswith("linux") and root == "/sys/fs/cgroup":
         return Cgroup(None, None)
     try:
         with open(os.path.join(root, "memory.max")) as fh:
@@ -144,9 +144,11 @@ def cgroup_memory(root: str = "/sys/fs/cgroup") -> Cgroup:
 def memory_available(meminfo: str = "/proc/meminfo") -> tuple[int | None, int | None]:
     """(available, total) bytes of memory: ``meminfo`` (a file in /proc/meminfo format), or on
     Windows, unless another file is named, GlobalMemoryStatusEx; (None, None) without an answer."""
-    if sys.platform != "win32" or meminfo != "/proc/meminfo":
+    if sys.platform.startswith("linux") or meminfo != "/proc/meminfo":
         info = read_meminfo(meminfo)
         return info.get("MemAvailable"), info.get("MemTotal")
+    if sys.platform != "win32":
+        return None, None  # (macOS: no /proc; its default budgets are bounded otherwise)
     try:
         import ctypes
 

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import secrets
+import sys
 from typing import Any
 
 from . import _settings
@@ -77,14 +78,14 @@ def disk_root(explicit: str | os.PathLike | None = None) -> str:
 def host_facts() -> dict[str, Any]:
     """What decides whether two processes can share this run's memory; never sent anywhere."""
     boot_id: str | None = None
-    if SHARED:  # (Windows has no /proc)
+    if sys.platform.startswith("linux"):  # (elsewhere there is no /proc)
         try:
             with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
                 boot_id = f.read().strip() or None
         except OSError:
             pass
     shm: tuple[int, int] | None = None
-    if SHARED:  # a process-local store has no /dev/shm to compare (Windows has none)
+    if SHARED and sys.platform.startswith("linux"):  # only Linux runs keep their memory in /dev/shm
         try:
             st = os.stat("/dev/shm")
             shm = (st.st_dev, st.st_ino)
