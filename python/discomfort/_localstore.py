@@ -51,11 +51,12 @@ _WINDOWS = os.name == "nt"
 def attach_error(run_id: str) -> UnsupportedPlatformError:
     """Why another process cannot open a process-local run, and what works instead."""
     return UnsupportedPlatformError(
-        f"run {run_id!r} is kept in a process-local store (on Windows every run is: no POSIX shared memory there): "
-        "only the process that created it can use it, so it cannot be attached from another process. What works: "
-        "ComfyUI in the same process (discomfort.comfy.InProcessComfy), or a ComfyUI server reached over HTTP "
-        "(run_sequential(..., transport='http') or discomfort.remote.RemoteContext), whose node pack keeps the run "
-        "in the server's own process; or run discomfort under WSL2 (Linux: runs in shared memory)")
+        f"run {run_id!r} is not a run of this process, and runs are kept in a process-local store (on Windows "
+        "every run is: no POSIX shared memory there): only the process that created a run can use it, so it cannot "
+        "be attached from another process (and a run that has ended is gone). What works: ComfyUI in the same "
+        "process (discomfort.comfy.InProcessComfy), or a ComfyUI server reached over HTTP (run_sequential(..., "
+        "transport='http') or discomfort.remote.RemoteContext), whose node pack keeps the run in the server's own "
+        "process; or run discomfort under WSL2 (Linux: runs in shared memory)")
 
 
 def _buffer(n: int) -> memoryview:
