@@ -41,7 +41,7 @@ BACKEND = "local"
 COPY_LOAD_BYTES = SMALL_OBJECT_BYTES  # disk objects below this come back as copies, not mappings
 _PROBE_FROM = 1 << 20  # RAM puts from this size ask the memory probe first
 _HUGE_PAGE = 2 << 20
-_PROBE = None if sys.platform == "win32" else "/proc/meminfo"
+_PROBE = "/proc/meminfo" if sys.platform.startswith("linux") else None
 _LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # run id -> this process's live store
 
 _O_BIN = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)  # Windows: no newline translation
