@@ -356,12 +356,20 @@ def test_win32_workflow_context_round_trips(tmp_path):
 
 
 WAIT = """
-    import sys
-    from discomfort import WorkflowContext
+    import json, sys
+    from discomfort import WorkflowContext, sysinfo
     with WorkflowContext(ram_budget=1 << 20) as ctx:
         ctx.save("k", b"v")
         print(ctx.run_id, flush=True)
+        print(json.dumps(sysinfo.host_info("ab" * 16)), flush=True)  # what its node pack's route answers
         sys.stdin.read()
+"""
+
+SAME_HOST = """
+    import json, sys
+    from discomfort import sysinfo
+    other, mine = json.loads(sys.argv[1]), sysinfo.host_info("ab" * 16)
+    print(json.dumps([sysinfo.host_differences(mine, other), sysinfo.host_differences(mine, mine)]))
 """
 
 
@@ -409,10 +417,15 @@ def test_win32_another_process_cannot_attach(tmp_path):
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WAIT)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, env=simulated_env("win32", tmpdir=tmp_path))
     try:
-        run_id = owner.stdout.readline().strip()
+        run_id, owner_host = owner.stdout.readline().strip(), owner.stdout.readline().strip()
         out = simulated_run(tmp_path, ATTACH, run_id)
+        hosts = simulated_run(tmp_path, SAME_HOST, owner_host)
     finally:
         owner.communicate("", timeout=60)
+    # The transports' same-host check: another process never shares a local run's memory (HTTP
+    # is chosen); the same process always does (the panel's run in its own server).
+    other, same = json.loads(hosts.stdout.splitlines()[-1])
+    assert len(other) == 1 and "process-local" in other[0] and same == []
     lines = out.stdout.splitlines()
     assert out.returncode == 0 and len(lines) == 2, out.stderr[-2000:]
     for line in lines:
