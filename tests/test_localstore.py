@@ -11,6 +11,7 @@ platform hook of tests/_simplatform): WorkflowContext round trips, attaching fro
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import os
 import re
@@ -441,8 +442,11 @@ def test_win32_doctor_and_bench_exit_0(tmp_path):
     assert doctor.returncode == 0, doctor.stderr[-2000:]
     assert "process-local" in doctor.stdout and "both tiers written and read back" in doctor.stdout
     bench = simulated_run(tmp_path, "from discomfort.cli import main; "
-                                    "raise SystemExit(main(['bench', '--quick', '--no-progress', '--rounds', '1']))")
+                                    "raise SystemExit(main(['bench', '--sizes', '64 KiB', '--no-progress', '--rounds', '1']))")
     assert bench.returncode == 0, bench.stderr[-2000:]
-    assert "local" in bench.stdout and "save [ram]" in bench.stdout and "handoff [ram]" not in bench.stdout
-    assert "left out for the local backend" in bench.stdout
+    rows = {" ".join(p[:2]) for p in map(str.split, bench.stdout.splitlines()) if p[2:3] == ["local"]}
+    assert rows == {"save [ram]", "load [ram]", "save+load [ram]", "save [disk]", "load [disk]", "save+load [disk]"}
+    assert "handoff [ram]" not in bench.stdout and "left out for the local backend" in bench.stdout
+    if all(importlib.util.find_spec(m) for m in ("aiohttp", "requests")):  # to a simulated server process
+        assert "http save" in bench.stdout and "http load" in bench.stdout
     assert refused(tmp_path) == []

@@ -136,13 +136,14 @@ def bench_store(backend: str, tensor: Any, rounds: int, disk: bool = False) -> d
         out = {"save": (median_ms_after(hold, save, rounds), False), "load": (median_ms(load, rounds), True),
                "save+load": (median_ms(round_trip, rounds), False)}
         loaded = ctx.load("image")
-        try:  # a mapping of the run's own files, as the system itself lists it
+        if ctx.backend == "local" or not sys.platform.startswith("linux"):  # no segments, or no /proc
+            zero_copy = bool(ctx.load_encoded("image")[3]["zero_copy"])  # the store's own word
+        else:  # a mapping of the run's own files, as the system itself lists it
             mapping = ctx.store.disk_dir if disk else ctx.store.shm_dir.rstrip("/") + "/"
             zero_copy = _lies_in(loaded.data_ptr(), mapping)
-        except (OSError, AttributeError):  # no /proc here, or a local store (no segments): its own word
-            zero_copy = bool(ctx.load_encoded("image")[3]["zero_copy"])
         out["load"] = (out["load"][0], zero_copy)
-        held.clear()
+        del loaded
+        held.clear()  # no view maps a file of the run when it ends (Windows cannot delete a mapped file)
         return out
 
 
