@@ -184,6 +184,31 @@ def test_package_code_on_a_linux_only_path_fails(platform, tmp_path):
         assert res["package shm_space"].startswith("FileNotFoundError")
 
 
+def test_windows_sharing_rule_in_the_local_store(tmp_path):
+    """Under simulated Windows a file that some process holds open or mapped cannot be deleted:
+    the local store's disk tier removes a value's file once the last load of it is gone."""
+    res = last_json(run_simulated("win32", tmp_path, """
+        import gc, json, os
+        import numpy as np
+        import discomfort
+        ctx = discomfort.WorkflowContext(ram_budget=1 << 20)
+        big = np.arange(1 << 20, dtype=np.float64)  # 8 MiB: over the budget, the disk tier
+        ctx.save("big", big)
+        view = ctx.load("big")  # a mapping of the value's file
+        run_dir = ctx.store.disk_dir
+        ctx.delete("big")
+        while_mapped = sorted(n for n in os.listdir(run_dir) if n.endswith(".obj"))
+        same = bool(np.array_equal(view, big))
+        ctx.shutdown()
+        del view
+        gc.collect()
+        print(json.dumps({"while_mapped": while_mapped, "same": same, "left": os.path.exists(run_dir)}))
+    """))
+    assert res["while_mapped"] and res["same"] and not res["left"]
+    log = (tmp_path / "refused.log").read_text()
+    assert "of a file held open at " in log and "/discomfort/_localstore.py:" in log
+
+
 STRAY = """
 import os
 

@@ -13,6 +13,7 @@ skipped or missing.
 from __future__ import annotations
 
 import collections
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -56,7 +57,14 @@ CLI = [
 ]
 # Outside tests/comfy, last: ComfyUI's package "comfy" must be imported (in process) before
 # anything imports tests/comfy under that name.
-PLAIN = ["test_panel_guards.py", "test_cli.py::test_doctor_reports_and_advises"]
+PLAIN = ["test_panel_guards.py", "test_cli.py::test_doctor_reports_and_advises", "test_localstore.py"]
+# Linux facts some tests check, which the simulated system has not: compared with the shared
+# store or the default store there; a mapped file removed at once (Windows removes it once unmapped).
+DESELECT = {"win32": ["test_localstore.py::test_versions_info_and_stats_are_the_shared_stores",
+                      "test_localstore.py::test_the_store_argument",
+                      "test_localstore.py::test_loads_survive_overwrite_delete_and_destroy[0]"]}
+# A skip allowed: the native core is not built off Linux.
+NO_CORE = "native core not available"
 # Through the server with the tests' Recorder, a wrapper without host_info(): taken for ComfyUI in
 # this process, so the run goes by shared memory, which macOS has (portable mode) and Windows has not.
 RECORDED = [
@@ -107,7 +115,8 @@ def test_suites_under_simulation(platform, comfy_path, tmp_path):
     junit = tmp_path / "junit.xml"
     selected = SUITES[platform]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--tb=short", "--durations=8",
-                           "--basetemp", str(tmp_path / "base"), "--junitxml", str(junit), *selected],
+                           "--basetemp", str(tmp_path / "base"), "--junitxml", str(junit), *selected,
+                           *(f"--deselect={TESTS.name}/{t}" for t in DESELECT.get(platform, ()))],  # rootdir: the repository
                           cwd=TESTS, env=env, capture_output=True, text=True, timeout=560)
     tail = proc.stdout[-8000:] + proc.stderr[-3000:]
     assert junit.exists(), tail
@@ -115,15 +124,17 @@ def test_suites_under_simulation(platform, comfy_path, tmp_path):
     want = expected_names(selected, results)
     assert want <= set(results) and len(results) >= len(selected), (sorted(want - set(results)), tail)
     known = KNOWN.get(platform, {})
-    wrong = {n: r for n, r in results.items() if r[0] != "passed" and n not in known}
+    wrong = {n: r for n, r in results.items() if r[0] != "passed" and n not in known
+             and not (r[0] == "skipped" and NO_CORE in r[1])}
     assert not wrong, (wrong, tail)
     for name, says in known.items():
         outcome, message = results[name]
         assert outcome == "failure" and says in message, (name, outcome, message[-2000:])
-    refused = collections.Counter(log.read_text().splitlines())
+    refused = collections.Counter(re.sub(r"\('[^']*'\)", "(...)", line) for line in log.read_text().splitlines())
     # The pytest process and the ComfyUI server it launched ran under the hook.
     assert refused[f"{platform}: hook installed in -m pytest -p"] == 1, refused
     assert refused[f"{platform}: hook installed in -m discomfort.comfy.serve {comfy_path}"] >= 1, refused
     passed = sum(r[0] == "passed" for r in results.values())
-    print(f"{platform}: {passed} passed, {len(known)} known failures; refused calls (each handled by the package, "
+    print(f"{platform}: {passed} passed, {len(known)} known failures, {len(results) - passed - len(known)} skipped "
+          f"(no native core); refused calls (each handled by the package, "
           "or a known failure):", *(f"{n:4d} {line}" for line, n in sorted(refused.items())), sep="\n  ")
