@@ -149,6 +149,18 @@ def _own_dirs() -> list[str]:
     return [d.rstrip("/") + "/" for d in dirs]
 
 
+def _put(module: types.ModuleType, name: str, wrapper) -> None:
+    """Replace ``module.name`` by ``wrapper``, as a staticmethod: callable like the builtin it
+    replaces and, like a builtin, not bound when a class keeps it (Python 3.10's pathlib keeps
+    ``stat = os.stat`` on a class). os.supports_* list the wrapper wherever they list the real one."""
+    real, wrapped = getattr(module, name), staticmethod(wrapper)
+    setattr(module, name, wrapped)
+    if module is os:
+        for group in (os.supports_fd, os.supports_dir_fd, os.supports_follow_symlinks, os.supports_effective_ids):
+            if real in group:
+                group.add(wrapped)
+
+
 def install(platform: str) -> None:
     """Take away what ``platform`` (win32 or darwin) lacks from the package's own code."""
     global PLATFORM
@@ -176,36 +188,38 @@ def install(platform: str) -> None:
     for name in ("stat", "lstat", "listdir", "scandir", "statvfs", "access", "mkdir", "rmdir", "truncate", "chmod",
                  "utime", "readlink", "chown", "makedirs"):
         if hasattr(os, name):
-            setattr(os, name, _path_wrapper(name))
+            _put(os, name, _path_wrapper(name))
     for name in ("unlink", "remove"):
-        setattr(os, name, _remove_wrapper(name))
+        _put(os, name, _remove_wrapper(name))
     for name in ("rename", "replace", "link", "symlink"):
-        setattr(os, name, _rename_wrapper(name))
-    os.open = _path_wrapper("open")
+        _put(os, name, _rename_wrapper(name))
+    _put(os, "open", _path_wrapper("open"))
     REAL["os_open"] = os.open
-    builtins.open = io.open = _open_builtin
+    _put(builtins, "open", _open_builtin)
+    io.open = builtins.open
     walked = ["fork", "forkpty", "memfd_create", "posix_fallocate"] if win else ["memfd_create", "posix_fallocate"]
     direct = ["register_at_fork", "geteuid", "getuid", "pread", "pwrite", "killpg", "setsid"] if win else []
     for name in walked + direct:
         if hasattr(os, name):
-            setattr(os, name, _absent("os", name, name in walked))
+            _put(os, name, _absent("os", name, name in walked))
     try:
         import _posixshmem
 
-        _posixshmem.shm_open = _shm_open_wrapper(_posixshmem.shm_open)
-        _posixshmem.shm_unlink = _shm_unlink_wrapper(_posixshmem.shm_unlink)
+        _put(_posixshmem, "shm_open", _shm_open_wrapper(_posixshmem.shm_open))
+        _put(_posixshmem, "shm_unlink", _shm_unlink_wrapper(_posixshmem.shm_unlink))
     except ImportError:
         pass
     if win:
-        os.kill = _kill
+        _put(os, "kill", _kill)
         REAL["send_signal"], REAL["Popen.__init__"] = subprocess.Popen.send_signal, subprocess.Popen.__init__
         subprocess.Popen.send_signal = _send_signal
         subprocess.Popen.__init__ = _popen_init
-        select.select = _select
-        os.read, os.write = _fd_io("read"), _fd_io("write")
-        os.close = _close
+        _put(select, "select", _select)
+        _put(os, "read", _fd_io("read"))
+        _put(os, "write", _fd_io("write"))
+        _put(os, "close", _close)
         for name in ("stat", "lstat", "fstat"):
-            setattr(os, name, _stat_for_package(name))
+            _put(os, name, _stat_for_package(name))
 
     # the package's own view of some modules (what `import X` in a package module gives)
     win_mmap, mac_mmap = _mmap_classes()
