@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 
 import pytest
 
 from _helpers import BACKENDS, SHM, leftovers, load_backend, run_files
+
+# A shell starts a background job (`cmd &`) with SIGINT ignored, and Python then keeps it ignored:
+# the Ctrl-C tests need what a Python at a terminal has, whoever launched the suite.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=BACKENDS)
