@@ -16,7 +16,7 @@ from typing import Any
 
 from . import _settings
 from ._platform import (  # noqa: F401  (Cgroup and cgroup_memory are part of this module's API)
-    SHARED, SHM_DIR, Cgroup, cgroup_memory, memory_available, prepare_shm_dir, private_dir, read_meminfo,
+    MODE, SHARED, SHM_DIR, Cgroup, cgroup_memory, memory_available, prepare_shm_dir, private_dir, read_meminfo,
     user_temp_dir,
 )
 
@@ -75,8 +75,20 @@ def disk_root(explicit: str | os.PathLike | None = None) -> str:
 
 # ---- is another process on this host, user and /dev/shm? -------------------------------------
 
+#: This process, for host_info where runs are process-local (a new one after a fork).
+_PROCESS = [secrets.token_hex(16)]
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, secrets.token_hex(16)))
+
+
 def host_facts() -> dict[str, Any]:
-    """What decides whether two processes can share this run's memory; never sent anywhere."""
+    """What decides whether two processes can share this run's memory; never sent anywhere.
+
+    "boot" is Linux's boot id; where the system has none (macOS, Windows) it is this process's
+    token, so only the same process is known to share memory (a server in a process of its own is
+    reached over HTTP). "shm" is the device and inode of where runs keep their segments: /dev/shm,
+    or the portable mode's segment folder.
+    """
     boot_id: str | None = None
     if sys.platform.startswith("linux"):  # (elsewhere there is no /proc)
         try:
@@ -85,19 +97,17 @@ def host_facts() -> dict[str, Any]:
         except OSError:
             pass
     shm: tuple[int, int] | None = None
-    if SHARED and sys.platform.startswith("linux"):  # only Linux runs keep their memory in /dev/shm
+    if SHARED:
+        where = "/dev/shm" if MODE == "shm" else SHM_DIR
         try:
-            st = os.stat("/dev/shm")
+            if where == SHM_DIR:
+                prepare_shm_dir(where)
+            st = os.stat(where)
             shm = (st.st_dev, st.st_ino)
         except OSError:
             pass
-    return {"boot_id": boot_id, "uid": os.getuid() if hasattr(os, "getuid") else None, "shm": shm}
-
-
-#: This process, for host_info where runs are process-local (a new one after a fork).
-_PROCESS = [secrets.token_hex(16)]
-if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, secrets.token_hex(16)))
+    return {"boot_id": boot_id or f"process\x00{_PROCESS[0]}", "process_scoped": boot_id is None,
+            "uid": os.getuid() if hasattr(os, "getuid") else None, "shm": shm}
 
 
 _NONCE = re.compile(r"^[0-9a-f]{32,128}$")
@@ -166,10 +176,11 @@ def host_differences(a: dict, b: dict) -> list[str]:
                 "and the server is another process"]
     why = []
     if a.get("host") is None or a.get("host") != b.get("host"):
-        why.append("another host or kernel (boot id differs)")
+        why.append("another process, and this system has no boot id to tell whether it is the same host"
+                   if host_facts()["process_scoped"] else "another host or kernel (boot id differs)")
     elif a.get("user") is None or a.get("user") != b.get("user"):
         why.append("another user")
     if a.get("host") is not None and a.get("host") == b.get("host") \
             and (a.get("shm") is None or a.get("shm") != b.get("shm")):
-        why.append("another /dev/shm (device or inode differs: a container?)")
+        why.append("another /dev/shm or segment folder (device or inode differs: a container?)")
     return why

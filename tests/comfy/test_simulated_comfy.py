@@ -73,13 +73,9 @@ RECORDED = [
 ]
 SUITES = {"win32": RUNS + PANEL + CLI + PLAIN, "darwin": RUNS + RECORDED + PANEL + CLI + PLAIN}
 # What fails under a simulation today, with the words its failure must carry (a fix makes the
-# test fail here: then move it to the passing set).
-KNOWN = {
-    # macOS has no /proc/sys/kernel/random/boot_id (sysinfo.host_facts): the panel's run in the
-    # server asks its own server with transport="shm" and is refused as "another host".
-    "darwin": {t: "boot id differs" for t in PANEL if t.split("::")[1] in (
-        "test_run_through_the_routes", "test_output_node_files_per_iteration", "test_history_is_capped")},
-}
+# test fail here: then move it to the passing set). Nothing, since the panel's run in its own
+# server is known to share memory on macOS too (the same process; sysinfo.host_facts).
+KNOWN: dict[str, dict[str, str]] = {}
 
 
 def junit_results(path: Path) -> dict[str, tuple[str, str]]:
