@@ -228,6 +228,13 @@ def test_doctor_settings_names_a_value_that_is_not_valid():
     assert "(not valid)" in line
 
 
+def test_plain_doctor_checks_every_setting(tmp_path):
+    """doctor without --settings also refuses a setting a run or the panel would fail on."""
+    proc = _discomfort("doctor", "--disk-dir", str(tmp_path), DISCOMFORT_PANEL_MAX_RUNS="many")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "DISCOMFORT_PANEL_MAX_RUNS='many' is not valid; use a whole number, 0 or more" in proc.stderr
+
+
 def test_debug_switch_that_is_not_valid_is_one_line():
     proc = _discomfort("doctor", "--settings", DISCOMFORT_DEBUG="maybe")
     assert proc.returncode == 2 and proc.stdout == ""
