@@ -167,10 +167,11 @@ class ComfyServerActor:
         """Drop ComfyUI's execution cache (and the object store views it holds) between prompts."""
         self.server.free(unload_models=unload_models, free_memory=True)
 
-    def kill_server(self, sig: int = signal.SIGKILL) -> int:
-        """Kill the ComfyUI process (tests: a server that dies); returns its pid."""
+    def kill_server(self, sig: int | None = None) -> int:
+        """Kill the ComfyUI process (tests: a server that dies; default SIGKILL); returns its pid.
+        (The default is looked up here: Windows has no SIGKILL, and this module must import there.)"""
         pid = self.server.process.pid
-        os.kill(pid, sig)
+        os.kill(pid, signal.SIGKILL if sig is None else sig)
         self.server.process.wait(timeout=30)
         return pid
 
