@@ -399,3 +399,15 @@ def test_cmake_builds_no_core_off_linux(tmp_path, system):
     assert "pure-Python" in plain.stderr
     required = configure("required", DISCOMFORT_REQUIRE_NATIVE="1")
     assert required.returncode != 0 and "DISCOMFORT_REQUIRE_NATIVE=1" in required.stderr
+
+
+def test_macos_default_budget_is_a_quarter_of_the_memory(monkeypatch, tmp_path):
+    """macOS has no /proc/meminfo: its memory's size comes from sysconf and the default budget is
+    half of half of it (not the 1 GiB of a system that tells nothing)."""
+    from discomfort import sysinfo
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _platform.memory_available() == (None, total)
+    budget = sysinfo.default_ram_budget(None, cgroup_root=str(tmp_path / "no-cgroup"))
+    assert budget == total // 4 // 4096 * 4096 and budget != sysinfo.UNKNOWN_MEMORY_BUDGET

@@ -148,7 +148,7 @@ def memory_available(meminfo: str = "/proc/meminfo") -> tuple[int | None, int | 
         info = read_meminfo(meminfo)
         return info.get("MemAvailable"), info.get("MemTotal")
     if sys.platform != "win32":
-        return None, None  # (macOS: no /proc; its default budgets are bounded otherwise)
+        return None, _physical_memory()  # macOS: no /proc; what is free is not told without vm_stat
     try:
         import ctypes
 
@@ -166,6 +166,15 @@ def memory_available(meminfo: str = "/proc/meminfo") -> tuple[int | None, int | 
         return int(status.ullAvailPhys), int(status.ullTotalPhys)
     except Exception:  # noqa: BLE001 - no answer: the caller's default applies
         return None, None
+
+
+def _physical_memory() -> int | None:
+    """The machine's memory from sysconf (macOS and other POSIX systems), None without an answer."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return total if total > 0 else None
 
 
 # Smaller buffers: a bytearray. glibc serves them from its heap up to its largest mmap threshold

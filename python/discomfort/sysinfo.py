@@ -36,8 +36,11 @@ def default_ram_budget(shm_dir: str | None = SHM_DIR, meminfo: str = "/proc/memi
                        cgroup_root: str = "/sys/fs/cgroup") -> int:
     """Half of the available memory, bounded by /dev/shm's free space (``shm_dir`` None, or no
     shared store on this system: a process-local store, not bounded by it) and the cgroup's
-    headroom; 1 GiB where the system tells nothing."""
-    avail = memory_available(meminfo)[0]
+    headroom; a quarter of the memory where the system tells its size only (macOS); 1 GiB where
+    it tells nothing."""
+    avail, total = memory_available(meminfo)
+    if avail is None and total is not None:
+        avail = int(total * BUDGET_FRACTION)  # taken as what is free: half, then half of that
     candidates = [int(avail * BUDGET_FRACTION)] if avail is not None else []
     if shm_dir is not None and SHARED:
         candidates.append(shm_space(shm_dir)[1])
