@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,7 @@ import pytest
 
 from _helpers import BACKENDS, load_backend
 from _simplatform import simulated_env
-from discomfort import _localstore, errors
+from discomfort import _localstore, _platform, errors
 from discomfort._sweep import LOCAL_LOCK
 from discomfort.context import WorkflowContext, get_context, store_kind
 
@@ -96,6 +95,10 @@ def test_loads_survive_overwrite_delete_and_destroy(make_local, tmp_path, budget
     assert bytes(held[0]) == first
     store.destroy()
     assert store.closed and bytes(held[0]) == first
+    if _platform.PLATFORM == "win32":  # Windows keeps a mapped file: it goes with the last load
+        assert budget or left(store.run_id, tmp_path)
+        del held
+        gc.collect()
     assert not left(store.run_id, tmp_path)  # POSIX removes a mapped file at once
     with pytest.raises(errors.StoreClosedError):
         store.get("other")
@@ -132,6 +135,8 @@ def test_the_disk_tier_files_are_private_and_go_with_the_run(make_local, tmp_pat
 def test_versions_info_and_stats_are_the_shared_stores(make_local, tmp_path, shared_backend):
     """The same operations on a local and a shared store give the same versions, and info()
     and stats() the same fields and figures (those that do not describe chunks or pins)."""
+    if not _platform.SHARED:
+        pytest.skip("no shared store on this system (Windows) to compare with")
     mod = load_backend(shared_backend)
     shared = mod.Store.create("s" + os.urandom(8).hex(), ram_budget=4 * MiB, disk_root=str(tmp_path / "shared"))
     local = make_local(ram_budget=4 * MiB)
@@ -227,7 +232,7 @@ def test_a_crashed_owners_run_is_swept_by_the_next_one(tmp_path):
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert procs[name].stdout.readline() == "ready\n"
     try:
-        procs["killed"].send_signal(signal.SIGKILL)
+        procs["killed"].kill()  # SIGKILL; TerminateProcess on Windows
         procs["killed"].wait(60)
         assert len(os.listdir(tmp_path / "dcf-killed")) == 2  # its object file and owner.lk stayed
         store = _localstore.Store.create("next", ram_budget=0, disk_root=str(tmp_path))
@@ -242,7 +247,7 @@ def test_a_crashed_owners_run_is_swept_by_the_next_one(tmp_path):
 
 
 def test_the_store_argument(tmp_path):
-    assert store_kind() == "shared" and store_kind("local") == "local" and store_kind(backend="local") == "local"
+    assert store_kind() == ("shared" if _platform.SHARED else "local") and store_kind("local") == "local" and store_kind(backend="local") == "local"
     for bad, words in [({"store": "tmpfs"}, "store must be one of auto, shared, local"),
                        ({"store": "local", "backend": "native"}, "leave it out"),
                        ({"store": "shared", "backend": "local"}, "leave one of them out")]:
