@@ -220,6 +220,11 @@ def install(platform: str) -> None:
         _put(os, "close", _close)
         for name in ("stat", "lstat", "fstat"):
             _put(os, name, _stat_for_package(name))
+        # Windows' shutil walks trees by path: it has no dir_fd functions (shutil decided that at its
+        # import, with Linux's os, before this hook)
+        import shutil
+
+        shutil._use_fd_functions = False  # type: ignore[attr-defined]
 
     # the package's own view of some modules (what `import X` in a package module gives)
     win_mmap, mac_mmap = _mmap_classes()
