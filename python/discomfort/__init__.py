@@ -9,10 +9,12 @@ from .errors import *  # noqa: F403
 _aliases.install()  # discomfort.cli_run, discomfort.workflow_format, ...: see _aliases.MOVED
 
 backend: str = _backend.name()
-"""Which store implementation is active: "native" (the C++ core) or "python"."""
+"""Which store implementation is active: "native" (the C++ core), "python", or "local" (Windows:
+the process-local store)."""
 
 # How runs are kept here: "shm" (Linux: /dev/shm), "portable" (macOS and other POSIX systems:
-# file-backed segments in a private temp directory) or "unsupported" (Windows: no local store).
+# file-backed segments in a private temp directory) or "local" (Windows: no shared store, runs are
+# kept in the process that creates them).
 from ._platform import MODE as store_mode  # noqa: E402
 
 Store = _backend.module().Store
