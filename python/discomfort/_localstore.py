@@ -27,8 +27,8 @@ from typing import Any, Iterator, Sequence
 
 from ._names import check_key, check_run_id, object_file_name
 from ._platform import PREFAULT_MIN
-from ._pystore.format import BUFDESC, EXT_HEAD, OBJ_MAGIC, PAGE, SMALL_OBJECT_BYTES
-from ._pystore.layout import layout, parse_extent
+from ._pystore.format import PAGE, SMALL_OBJECT_BYTES
+from ._pystore.layout import byte_views, layout, parse_extent, write_directory
 from ._pystore.memprobe import memory_allows
 from ._sweep import make_local_run, remove_local_run
 from ._types import LoadInfo, ObjectInfo, StoreStats
@@ -94,10 +94,7 @@ def _header(meta: bytes, sizes: Sequence[int]) -> tuple[bytearray, list[int], in
     """The extent's directory and meta (bytes up to the first buffer), offsets and length."""
     meta_off, offsets, length = layout(len(meta), sizes)
     head = bytearray(meta_off + len(meta))
-    EXT_HEAD.pack_into(head, 0, OBJ_MAGIC, len(sizes), meta_off, len(meta), 0)
-    for i, (o, n) in enumerate(zip(offsets, sizes)):
-        BUFDESC.pack_into(head, 32 + 16 * i, o, n)
-    head[meta_off:] = meta
+    write_directory(head, meta_off, meta, offsets, sizes)
     return head, offsets, length
 
 
@@ -376,7 +373,7 @@ class Store:
                 self._retire(file_id)
 
     def put(self, key: str, meta: bytes, buffers: Sequence[Any]) -> int:
-        views = [_bytes_view(b) for b in buffers]
+        views = byte_views(buffers)
         obj, head, offsets = self._new(key, meta, [v.nbytes for v in views])
         try:
             if obj.region is not None:
@@ -551,14 +548,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"<discomfort._localstore.Store run_id={self._run_id!r} {'closed' if self._closed else 'owner'}>"
-
-
-def _bytes_view(buffer: Any) -> memoryview:
-    """A flat byte view of a C-contiguous buffer (ValueError for any other)."""
-    view = memoryview(buffer)
-    if not view.c_contiguous:
-        raise ValueError("put() needs C-contiguous buffers")
-    return view.cast("B") if view.ndim != 1 or view.format != "B" else view
 
 
 def _views(data: memoryview, length: int, where: str, version: int, tier: Any,

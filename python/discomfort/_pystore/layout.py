@@ -36,6 +36,25 @@ def layout(meta_len: int, sizes: Sequence[int]) -> tuple[int, list[int], int]:
     return meta_off, offsets, (pos + PAGE - 1) // PAGE * PAGE
 
 
+def byte_views(buffers: Sequence[Any]) -> list[memoryview]:
+    """put()'s buffers as flat byte views (ValueError for one that is not C-contiguous)."""
+    views = []
+    for b in buffers:
+        v = memoryview(b)
+        if not v.c_contiguous:
+            raise ValueError("put() needs C-contiguous buffers")
+        views.append(v if v.ndim == 1 and v.format == "B" else v.cast("B"))
+    return views
+
+
+def write_directory(region: Any, meta_off: int, meta: bytes, offsets: Sequence[int], sizes: Sequence[int]) -> None:
+    """An extent's directory and meta, written at the start of ``region`` (layout()'s offsets)."""
+    EXT_HEAD.pack_into(region, 0, OBJ_MAGIC, len(sizes), meta_off, len(meta), 0)
+    for i, (o, n) in enumerate(zip(offsets, sizes)):
+        BUFDESC.pack_into(region, 32 + 16 * i, o, n)
+    region[meta_off : meta_off + len(meta)] = meta
+
+
 def parse_directory(view: Any, length: int, where: str) -> tuple[int, int, list[tuple[int, int]]]:
     """Validate an extent's directory; return (meta_off, meta_len, [(off, len)])."""
     if length < 32:

@@ -17,10 +17,10 @@ from ..errors import (
 )
 from .alloc import AllocStore
 from .format import (
-    BUFDESC, COPY_LOAD_BYTES, DISK, DISK_PIN_CHUNK, ENTRY, EXT_HEAD, FLAG_FINISHED, MAX_CHUNKS, OBJ_MAGIC,
+    COPY_LOAD_BYTES, DISK, DISK_PIN_CHUNK, ENTRY, EXT_HEAD, FLAG_FINISHED, MAX_CHUNKS,
     OBJ_OFF, PAGE, PIN_OFF, PIN_STRUCT, RAM, RESERVED, SEALED, SLOT_CAP, SMALL_OBJECT_BYTES, TIER_NAMES, TOTAL,
 )
-from .layout import fnv1a64, layout, parse_directory, parse_extent
+from .layout import byte_views, fnv1a64, layout, parse_directory, parse_extent, write_directory
 from .sys import killpoint, killpoints_armed, map_private, pwrite_all
 
 #: RAM puts up to this size reserve, copy and seal under one hold of the lock (_put_small).
@@ -194,10 +194,7 @@ class ObjectStore(AllocStore):
             else:
                 mapping = self._create_disk_object(file_id, length)
                 region = memoryview(mapping)
-            EXT_HEAD.pack_into(region, 0, OBJ_MAGIC, len(sizes), meta_off, len(meta), 0)
-            for i, (o, n) in enumerate(zip(offsets, sizes)):
-                BUFDESC.pack_into(region, 32 + 16 * i, o, n)
-            region[meta_off : meta_off + len(meta)] = meta
+            write_directory(region, meta_off, meta, offsets, sizes)
             if fd >= 0:
                 if tier == RAM:
                     pwrite_all(fd, region, off, f"run {self._run_id!r}, object {key!r}")
@@ -280,10 +277,7 @@ class ObjectStore(AllocStore):
                 index = self._insert(raw, (RAM, c.slot, file_id, chunk, off, length), key, bool(sealed), free)
             finally:
                 c.end()
-            EXT_HEAD.pack_into(region, 0, OBJ_MAGIC, len(sizes), meta_off, len(meta), 0)
-            for i, (o, n) in enumerate(zip(offsets, sizes)):
-                BUFDESC.pack_into(region, 32 + 16 * i, o, n)
-            region[meta_off : meta_off + len(meta)] = meta
+            write_directory(region, meta_off, meta, offsets, sizes)
             for o, n, src in zip(offsets, sizes, views):
                 region[o : o + n] = src
             return self._seal_locked(index, raw, sealed)
@@ -299,12 +293,7 @@ class ObjectStore(AllocStore):
         return self._put(key, meta, buffers, True)
 
     def _put(self, key: str, meta: bytes, buffers: Sequence[Any], guarded: bool) -> int:
-        views = []
-        for b in buffers:
-            v = memoryview(b)
-            if not v.c_contiguous:
-                raise ValueError("put() needs C-contiguous buffers")
-            views.append(v if v.ndim == 1 and v.format == "B" else v.cast("B"))
+        views = byte_views(buffers)
         sizes = [v.nbytes for v in views]
         if not guarded and not killpoints_armed() and len(sizes) <= 65536:
             raw = check_key(key)
