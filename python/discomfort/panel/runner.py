@@ -32,6 +32,7 @@ pickles), inputs are sized from their headers before any is decoded, requests ha
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -443,15 +444,10 @@ def _where_cut(exc: Any, entry: PanelRun) -> str:
             f"({name}) of iteration {exc.iteration + 1}/{entry.iterations}; its values were released")
 
 
-_server: PanelServer | None = None
-
-
+@functools.cache
 def panel_server() -> PanelServer:
     """The process-wide :class:`PanelServer`."""
-    global _server
-    if _server is None:
-        _server = PanelServer()
-    return _server
+    return PanelServer()
 
 
 def add_panel_routes(routes: Any) -> None:

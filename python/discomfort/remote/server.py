@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hmac
 import ipaddress
 import json
@@ -432,15 +433,10 @@ class RunServer:
             self._end(rid)
 
 
-_server: RunServer | None = None
-
-
+@functools.cache
 def run_server() -> RunServer:
     """The process-wide :class:`RunServer` (what the node pack's routes use)."""
-    global _server
-    if _server is None:
-        _server = RunServer()
-    return _server
+    return RunServer()
 
 
 def add_routes(routes: Any) -> None:
