@@ -321,10 +321,14 @@ def report(scopes: Iterable[str] = SCOPES, environ: Mapping[str, str] | None = N
     return [f"{n:<{name_w}}  {v:<{value_w}}  {src}" for n, v, src in rows]
 
 
-def problems(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The message of each setting the environment gives a value that is not valid."""
+def problems(environ: Mapping[str, str] | None = None, skip: Iterable[str] = ()) -> list[str]:
+    """The message of each setting (but those named in ``skip``) the environment gives a value
+    that is not valid."""
     out = []
+    skipped = set(skip)
     for s in SETTINGS.values():
+        if s.name in skipped:
+            continue
         try:
             s.value(environ)
         except ValueError as exc:

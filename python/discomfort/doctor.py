@@ -51,8 +51,8 @@ def collect(disk_root: str | None = None, shm_dir: str = sysinfo.SHM_DIR, meminf
         *some, last = _settings.TRANSPORTS
         problems.append(f"DISCOMFORT_TRANSPORT={_settings.raw('DISCOMFORT_TRANSPORT')!r} is not a transport, so runs "
                         f"on a server fail; set it to {', '.join(some)} or {last}, or unset it")
-    said = ("DISCOMFORT_RAM_BUDGET=", "DISCOMFORT_TRANSPORT=")  # said above, with what it breaks
-    problems += [p for p in _settings.problems() if not p.startswith(said)]  # every other setting
+    # every other setting (those two are said above, with what they break)
+    problems += _settings.problems(skip=("DISCOMFORT_RAM_BUDGET", "DISCOMFORT_TRANSPORT"))
     where = "--disk-dir" if disk_root is not None else (
         "DISCOMFORT_DISK_DIR" if _settings.is_set("DISCOMFORT_DISK_DIR") else "the default disk root")
     try:
