@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from _helpers import BACKENDS, load_backend
-from _simplatform import simulated_env
+from _simplatform import run_simulated, simulated_env
 from discomfort import _localstore, _platform, errors
 from discomfort._sweep import LOCAL_LOCK
 from discomfort.context import WorkflowContext, get_context, store_kind
@@ -334,9 +334,8 @@ ROUND_TRIPS = """
 
 
 def simulated_run(tmp_path, code: str, *args: str, **extra: str) -> subprocess.CompletedProcess:
-    env = simulated_env("win32", tmpdir=tmp_path, log=tmp_path / "refused.log", **extra)
-    return subprocess.run([sys.executable, "-c", f"MIB = {MiB}\n" + textwrap.dedent(code), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return run_simulated("win32", code, *args, tmpdir=tmp_path, log=tmp_path / "refused.log", prelude=f"MIB = {MiB}\n",
+                         **extra)
 
 
 def refused(tmp_path) -> list[str]:

@@ -12,7 +12,6 @@ fails for discomfort's own code, so a stray POSIX call fails the test.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import shutil
@@ -26,7 +25,7 @@ import pytest
 from discomfort import _platform
 from discomfort._pystore import lock as pslock, sys as pssys
 
-from _simplatform import simulated_env
+from _simplatform import last_json, run_simulated, simulated_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "_workers.py")
@@ -66,23 +65,21 @@ COMMON = textwrap.dedent("""
 """)
 
 
+def own_tmp(tmp_path):
+    """The simulated processes' TMPDIR (where the portable mode keeps its segments)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return tmp
+
+
 def simulated(platform: str, tmp_path) -> dict[str, str]:
     """The environment of a process that believes it runs on `platform` (the platform hook
     installed), with its own TMPDIR."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir(exist_ok=True)
-    return simulated_env(platform, tmpdir=tmp)
+    return simulated_env(platform, tmpdir=own_tmp(tmp_path))
 
 
 def run(platform: str, tmp_path, code: str, *args: str, **extra: str) -> subprocess.CompletedProcess:
-    env = {**simulated(platform, tmp_path), **extra}
-    return subprocess.run([sys.executable, "-c", COMMON + textwrap.dedent(code), *args], capture_output=True,
-                          text=True, env=env, timeout=300)
-
-
-def last_json(out: subprocess.CompletedProcess) -> dict:
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_simulated(platform, code, *args, tmpdir=own_tmp(tmp_path), prelude=COMMON, **extra)
 
 
 def segment_dir(tmp_path) -> str:

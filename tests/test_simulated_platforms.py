@@ -19,7 +19,7 @@ import textwrap
 
 import pytest
 
-from _simplatform import HOOK_DIR, simulated_env
+from _simplatform import HOOK_DIR, last_json, run_simulated as _run, simulated_env
 
 PROBE = '''
 import json, mmap, os, sys
@@ -95,15 +95,7 @@ SEES = {"win32": {"isdir /dev/shm": False, "has fork": False, "has register_at_f
 
 
 def run_simulated(platform: str, tmp_path, code: str, *args: str, path: tuple[str, ...] = ()):
-    env = simulated_env(platform, tmpdir=tmp_path, log=tmp_path / "refused.log")
-    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], *path])
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          env=env, timeout=120)
-
-
-def last_json(out: subprocess.CompletedProcess):
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run(platform, code, *args, tmpdir=tmp_path, log=tmp_path / "refused.log", path=path, timeout=120)
 
 
 @pytest.mark.parametrize("platform", ["win32", "darwin"])

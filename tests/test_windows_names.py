@@ -21,7 +21,7 @@ import textwrap
 
 import pytest
 
-from _simplatform import simulated_env
+from _simplatform import last_json, simulated_env
 from discomfort._names import safe_file_stem, unique_stem, windows_name_problem
 from discomfort._platform import PLATFORM
 
@@ -48,8 +48,7 @@ def simulated(tmp_path, code: str, platform: str | None = "win32", **env: str) -
     base.update(env)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env=base, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json(proc)
 
 
 # ---- the names themselves --------------------------------------------------------------------------

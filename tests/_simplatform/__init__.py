@@ -4,7 +4,11 @@ sees win32 or darwin (``DISCOMFORT_TEST_PLATFORM`` for the package, this folder'
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 HOOK_DIR = str(Path(__file__).resolve().parent)
@@ -30,3 +34,19 @@ def simulated_env(platform: str, base: dict | None = None, *, keep: tuple[str, .
         env["DISCOMFORT_SIM_LOG"] = str(log)
     env.update(extra)
     return env
+
+
+def run_simulated(platform: str, code: str, *args: str, tmpdir=None, log=None, prelude: str = "",
+                  path: tuple[str, ...] = (), timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
+    """``prelude`` + ``code`` (dedented) run by this Python in a fresh process on the simulated
+    ``platform`` (:func:`simulated_env`; ``path``: more PYTHONPATH entries after the hook's)."""
+    env = simulated_env(platform, tmpdir=tmpdir, log=log, **extra)
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], *path])
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code), *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def last_json(out: subprocess.CompletedProcess):
+    """The JSON value of the last line a simulated process printed (it must have exited 0)."""
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
