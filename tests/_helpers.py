@@ -107,12 +107,6 @@ def fnv1a64(data: bytes) -> int:
     return h
 
 
-def run_files(run_id: str) -> list[str]:
-    """The run's files in /dev/shm (by its own names only)."""
-    prefix = f"dcf-{run_id}"
-    return [n for n in os.listdir(SHM) if n == prefix or n.startswith(prefix + ".")]
-
-
 def control_path(run_id: str) -> str:
     return os.path.join(SHM, f"dcf-{run_id}")
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from _helpers import BACKENDS, SHM, leftovers, load_backend, run_files
+from _helpers import BACKENDS, SHM, leftovers, load_backend
 
 # A shell starts a background job (`cmd &`) with SIGINT ignored, and Python then keeps it ignored:
 # the Ctrl-C tests need what a Python at a terminal has, whoever launched the suite.
@@ -31,7 +31,7 @@ def store_mod(backend):
 def run_id():
     rid = "t" + secrets.token_hex(12)
     yield rid
-    for name in run_files(rid):  # a failed test must not leak shared memory
+    for name in leftovers(rid):  # a failed test must not leak shared memory
         os.unlink(os.path.join(SHM, name))
 
 

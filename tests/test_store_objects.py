@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from _helpers import BACKENDS, SHM, control_path, load_backend, run_files
+from _helpers import BACKENDS, SHM, control_path, leftovers, load_backend
 from _helpers import stripes as pattern
 from discomfort import errors
 
@@ -226,7 +226,7 @@ def test_views_of_each_tier_survive_close_and_destroy(store_mod, run_id, disk_ro
     views = {k: s.get(k)[1][0] for k in ("ram", "disk", "small")}
     s.destroy()
     assert s.closed and s.finished
-    assert run_files(run_id) == [] and not os.path.exists(os.path.join(disk_root, f"dcf-{run_id}"))
+    assert leftovers(run_id) == [] and not os.path.exists(os.path.join(disk_root, f"dcf-{run_id}"))
     assert views["ram"] == pattern(MiB, 1)
     assert views["disk"] == pattern(8 * MiB, 2)
     assert bytes(views["small"]) == b"tiny"
@@ -305,4 +305,4 @@ def test_context_manager_destroys_for_owner(store_mod, run_id):
         with store_mod.Store.attach(run_id) as a:
             assert a.keys() == ["k"]
         assert a.closed and not s.closed
-    assert s.closed and run_files(run_id) == []
+    assert s.closed and leftovers(run_id) == []

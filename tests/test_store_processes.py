@@ -12,8 +12,8 @@ import struct
 
 import pytest
 
-from _helpers import (BACKENDS, CONTROL_SIZE, control_path, kill_child, load_backend, park_child, read_header_u32,
-                      run_child, run_files)
+from _helpers import (BACKENDS, CONTROL_SIZE, control_path, kill_child, leftovers, load_backend, park_child,
+                      read_header_u32, run_child)
 from _helpers import stripes as pattern
 
 pytest.importorskip("numpy")
@@ -159,7 +159,7 @@ def test_parent_recovers_from_a_killed_child(store_mod, run_id, child, killpoint
         assert s.info("after")["offset"] == s.info("keep")["size"]
     finally:
         s.destroy()
-    assert run_files(run_id) == []
+    assert leftovers(run_id) == []
 
 
 # ---- two backends on one run -------------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_backends_interoperate(run_id, disk_root, creator, attacher):
         assert s.stats()["slots_used"] == 1
     finally:
         s.destroy()
-    assert run_files(run_id) == []
+    assert leftovers(run_id) == []
 
 
 def _snapshot(backend, run_id: str, disk_root: str):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from _helpers import run_child, run_files
+from _helpers import leftovers, run_child
 from _helpers import stripes as pattern
 from discomfort import errors
 
@@ -41,7 +41,7 @@ def test_spill_to_disk_when_budget_is_exhausted(store_mod, run_id, disk_root):
         assert st["objects_disk"] == 0 and st["objects_ram"] == 2 and st["ram_capacity"] == MiB
     finally:
         s.destroy()
-    assert run_files(run_id) == [] and not os.path.exists(os.path.join(disk_root, f"dcf-{run_id}"))
+    assert leftovers(run_id) == [] and not os.path.exists(os.path.join(disk_root, f"dcf-{run_id}"))
 
 
 def test_small_disk_object_is_copied(store_mod, run_id, disk_root):
@@ -95,4 +95,4 @@ def test_failed_fallocate_falls_back_to_disk(store_mod, backend, run_id, disk_ro
     out, err = child.communicate(timeout=60)
     assert child.returncode == 0, err
     assert out.split() == ["disk", "0", "OSError", "0", "1"]
-    assert run_files(run_id) == []
+    assert leftovers(run_id) == []
